@@ -1,0 +1,3 @@
+from mssd.cli import main
+
+main()

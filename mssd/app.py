@@ -1,0 +1,100 @@
+"""Wiring: builds the services from the settings and runs the listeners.
+
+One asyncio loop per process. Nothing here holds state that correctness
+depends on: a second mssd process on the same PostgreSQL serves the same data.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from mssd.auth import Authenticator, PscTokenVerifier
+from mssd.config import Settings
+from mssd.delivery import DeliveryPipeline
+from mssd.smtp.listeners import Listener, start_smtp
+from mssd.store.accounts import StoreAccounts
+from mssd.store.audit import AuditLog
+from mssd.store.delivery import GroupCommitter
+from mssd.store.engine import check_schema, create_engine
+from mssd.trust.tls import server_context
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Services:
+    settings: Settings
+    engine: AsyncEngine
+    accounts: StoreAccounts
+    audit: AuditLog
+    authenticator: Authenticator
+    committer: GroupCommitter
+    pipeline: DeliveryPipeline
+    tls: ssl.SSLContext
+
+    async def close(self) -> None:
+        await self.committer.stop()
+        await self.authenticator.close()
+        await self.engine.dispose()
+
+
+def tls_context(settings: Settings) -> ssl.SSLContext:
+    return server_context(
+        settings.tls.cert_file,
+        settings.tls.key_file,
+        client_ca_file=settings.tls.client_ca_file,
+        crl_file=settings.tls.crl_file,
+    )
+
+
+async def build_services(settings: Settings) -> Services:
+    tls = tls_context(settings)
+    engine = create_engine(settings.store.url, echo=settings.store.echo_sql)
+    try:
+        await check_schema(engine)
+    except Exception:
+        await engine.dispose()
+        raise
+    accounts = StoreAccounts(engine)
+    audit = AuditLog(engine)
+    psc = PscTokenVerifier(settings.auth) if settings.auth.psc_issuer else None
+    authenticator = Authenticator(settings.auth, accounts, audit, psc=psc)
+    writers = 1 if engine.dialect.name == "sqlite" else 4
+    committer = GroupCommitter(
+        engine, max_batch=settings.store.group_commit_max_batch, writers=writers
+    )
+    committer.start()
+    pipeline = DeliveryPipeline(accounts, committer, hostname=settings.server.hostname)
+    return Services(settings, engine, accounts, audit, authenticator, committer, pipeline, tls)
+
+
+async def serve(settings: Settings, *, announce: Callable[[str], None] = print) -> None:
+    """Run until SIGTERM or SIGINT, then stop accepting, finish commits, exit."""
+    services = await build_services(settings)
+    listeners: list[Listener] = []
+    try:
+        listeners = await start_smtp(
+            settings, services.pipeline, services.authenticator, services.tls
+        )
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        announce(
+            "mssd ready "
+            + json.dumps({f"smtp_{lst.name}": f"{lst.host}:{lst.port}" for lst in listeners})
+        )
+        await stop.wait()
+        log.info("stopping: no new connections; finishing queued commits")
+    finally:
+        for listener in listeners:
+            listener.server.close()
+        await services.close()

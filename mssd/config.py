@@ -1,0 +1,317 @@
+"""Settings: one TOML file plus ``MSSD_*`` environment overrides, validated at start.
+
+This module owns the list of every setting, its type, default and meaning. The
+rest of the code receives a validated :class:`Settings` object and never reads the
+environment or the file itself. ``config/mssd.example.toml`` documents every key;
+a test keeps the two in agreement.
+
+Environment overrides are named ``MSSD_<SECTION>_<KEY>`` in upper case, for example
+``MSSD_STORE_URL`` or ``MSSD_SMTP_MAX_MESSAGE_SIZE``; lists are comma-separated.
+Relative paths are taken from the directory mssd is started in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mssd.trust.idnat import IdNatError, check_idnat_struct
+
+
+class ConfigError(Exception):
+    """A setting is missing, misspelt or invalid; the message names the key."""
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    hostname: str = "localhost"
+    """Name announced in SMTP greetings and Received headers."""
+    var_dir: Path = Path("var")
+
+
+@dataclass(frozen=True)
+class StoreSettings:
+    url: str = "sqlite+aiosqlite:///var/mssd.db"
+    group_commit_max_batch: int = 128
+    """Most deliveries committed together in one transaction."""
+    echo_sql: bool = False
+
+
+@dataclass(frozen=True)
+class SmtpSettings:
+    mta_listen: str = "127.0.0.1:2525"
+    submission_listen: str = "127.0.0.1:5587"
+    submissions_listen: str = "127.0.0.1:5465"
+    max_message_size: int = 25 * 1024 * 1024
+    max_recipients: int = 100
+    timeout_seconds: float = 300.0
+    mta_require_tls: bool = True
+    trusted_networks: tuple[str, ...] = ()
+    """Networks from which plaintext authentication is allowed (TLS-terminating
+    proxies, local test tools), as Dovecot's ``login_trusted_networks``."""
+    proxy_protocol: bool = False
+
+
+@dataclass(frozen=True)
+class TlsSettings:
+    cert_file: Path = Path("var/pki/server.pem")
+    key_file: Path = Path("var/pki/server.key")
+    client_ca_file: Path = Path("var/pki/ca-bundle.pem")
+    crl_file: Path | None = Path("var/pki/crl.pem")
+
+
+@dataclass(frozen=True)
+class AuthSettings:
+    scrypt_n: int = 2**14
+    scrypt_r: int = 8
+    scrypt_p: int = 1
+    totp_window: int = 1
+    """Accepted clock drift for one-time codes, in 30-second steps either side."""
+    psc_issuer: str = ""
+    """Expected ``iss`` of Pro Santé Connect access tokens; empty disables XOAUTH2/OAUTHBEARER."""
+    psc_jwks_url: str = ""
+    psc_ca_file: Path | None = None
+    """CA bundle used to verify the JWKS server; empty means the system store."""
+    psc_audience: str = ""
+    psc_jwks_cache_seconds: int = 3600
+    psc_leeway_seconds: int = 5
+    psc_algorithms: tuple[str, ...] = ("RS256", "PS256", "ES256")
+    failure_limit_per_account: int = 5
+    failure_limit_per_address: int = 20
+    failure_window_seconds: int = 900
+
+
+@dataclass(frozen=True)
+class PkiSettings:
+    directory: Path = Path("var/pki")
+    operator_structure: str = "1750000000"
+    """idNat_Struct of the operator, written as ``OU`` of its server certificate."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    server: ServerSettings = field(default_factory=ServerSettings)
+    store: StoreSettings = field(default_factory=StoreSettings)
+    smtp: SmtpSettings = field(default_factory=SmtpSettings)
+    tls: TlsSettings = field(default_factory=TlsSettings)
+    auth: AuthSettings = field(default_factory=AuthSettings)
+    pki: PkiSettings = field(default_factory=PkiSettings)
+
+
+SECTIONS: dict[str, type[Any]] = {
+    f.name: f.default_factory  # type: ignore[misc]
+    for f in dataclasses.fields(Settings)
+}
+
+
+def _parse_bool(key: str, value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in {"1", "true", "yes", "on"}:
+        return True
+    if isinstance(value, str) and value.strip().lower() in {"0", "false", "no", "off"}:
+        return False
+    raise ConfigError(f"{key}: expected true or false, got {value!r}")
+
+
+def _parse_int(key: str, value: object) -> int:
+    if isinstance(value, bool):
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        try:
+            return int(value.strip().replace("_", ""))
+        except ValueError:
+            pass
+    raise ConfigError(f"{key}: expected an integer, got {value!r}")
+
+
+def _parse_float(key: str, value: object) -> float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value.strip())
+        except ValueError:
+            pass
+    raise ConfigError(f"{key}: expected a number, got {value!r}")
+
+
+def _parse_str(key: str, value: object) -> str:
+    if isinstance(value, str):
+        return value
+    raise ConfigError(f"{key}: expected a string, got {value!r}")
+
+
+def _parse_tuple(key: str, value: object) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return tuple(part.strip() for part in value.split(",") if part.strip())
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    raise ConfigError(f"{key}: expected a list of strings, got {value!r}")
+
+
+def _parse_path(key: str, value: object) -> Path:
+    return Path(_parse_str(key, value))
+
+
+def _parse_optional_path(key: str, value: object) -> Path | None:
+    text = _parse_str(key, value)
+    return Path(text) if text else None
+
+
+_PARSERS: dict[str, Callable[[str, object], Any]] = {
+    "bool": _parse_bool,
+    "int": _parse_int,
+    "float": _parse_float,
+    "str": _parse_str,
+    "tuple[str, ...]": _parse_tuple,
+    "Path": _parse_path,
+    "Path | None": _parse_optional_path,
+}
+
+
+def env_name(section: str, key: str) -> str:
+    return f"MSSD_{section}_{key}".upper()
+
+
+def all_keys() -> list[tuple[str, str]]:
+    """Every ``(section, key)`` pair mssd knows, in declaration order."""
+    return [
+        (section, f.name)
+        for section, cls in SECTIONS.items()
+        for f in dataclasses.fields(cls)
+    ]
+
+
+def _build_section(
+    section: str, cls: type[Any], table: Mapping[str, object], env: Mapping[str, str]
+) -> Any:
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    for key in table:
+        if key not in known:
+            raise ConfigError(
+                f"{section}.{key}: unknown setting (known: {', '.join(sorted(known))})"
+            )
+    values: dict[str, Any] = {}
+    for name, f in known.items():
+        full = f"{section}.{name}"
+        raw: object | None = table.get(name)
+        source = full
+        env_value = env.get(env_name(section, name))
+        if env_value is not None:
+            raw, source = env_value, f"{full} (from {env_name(section, name)})"
+        if raw is None:
+            continue
+        parser = _PARSERS[str(f.type)]
+        values[name] = parser(source, raw)
+    return cls(**values)
+
+
+def _check_listen(key: str, value: str) -> None:
+    if not value:
+        return
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ConfigError(f"{key}: expected HOST:PORT (port 0-65535; 0 picks a free port) or empty, got {value!r}")
+
+
+def validate(settings: Settings) -> Settings:
+    """Check values that types alone cannot; raise ConfigError naming the key."""
+    for key in ("mta_listen", "submission_listen", "submissions_listen"):
+        _check_listen(f"smtp.{key}", getattr(settings.smtp, key))
+    positive = {
+        "smtp.max_message_size": settings.smtp.max_message_size,
+        "smtp.max_recipients": settings.smtp.max_recipients,
+        "store.group_commit_max_batch": settings.store.group_commit_max_batch,
+        "auth.failure_limit_per_account": settings.auth.failure_limit_per_account,
+        "auth.failure_limit_per_address": settings.auth.failure_limit_per_address,
+        "auth.failure_window_seconds": settings.auth.failure_window_seconds,
+        "auth.psc_jwks_cache_seconds": settings.auth.psc_jwks_cache_seconds,
+        "auth.scrypt_r": settings.auth.scrypt_r,
+        "auth.scrypt_p": settings.auth.scrypt_p,
+    }
+    for key, number in positive.items():
+        if number <= 0:
+            raise ConfigError(f"{key}: must be greater than 0, got {number}")
+    if settings.smtp.timeout_seconds <= 0:
+        raise ConfigError(
+            f"smtp.timeout_seconds: must be greater than 0, got {settings.smtp.timeout_seconds}"
+        )
+    n = settings.auth.scrypt_n
+    if n < 2 or n & (n - 1):
+        raise ConfigError(f"auth.scrypt_n: must be a power of two above 1, got {n}")
+    if not 0 <= settings.auth.totp_window <= 10:
+        raise ConfigError(f"auth.totp_window: must be between 0 and 10, got {settings.auth.totp_window}")
+    if settings.auth.psc_leeway_seconds < 0:
+        raise ConfigError("auth.psc_leeway_seconds: must not be negative")
+    for network in settings.smtp.trusted_networks:
+        try:
+            ipaddress.ip_network(network, strict=False)
+        except ValueError:
+            raise ConfigError(
+                f"smtp.trusted_networks: {network!r} is not an IP network (e.g. 127.0.0.0/8)"
+            ) from None
+    if bool(settings.auth.psc_issuer) != bool(settings.auth.psc_jwks_url):
+        raise ConfigError(
+            "auth.psc_issuer and auth.psc_jwks_url: set both to enable Pro Santé Connect "
+            "tokens, or neither"
+        )
+    if settings.auth.psc_jwks_url and not settings.auth.psc_jwks_url.startswith("https://"):
+        raise ConfigError(
+            f"auth.psc_jwks_url: must be an https:// URL, got {settings.auth.psc_jwks_url!r}"
+        )
+    if not settings.store.url.startswith(("sqlite+aiosqlite://", "postgresql+asyncpg://")):
+        raise ConfigError(
+            "store.url: must start with sqlite+aiosqlite:// or postgresql+asyncpg://, "
+            f"got {settings.store.url!r}"
+        )
+    try:
+        check_idnat_struct(settings.pki.operator_structure)
+    except IdNatError as error:
+        raise ConfigError(f"pki.operator_structure: {error}") from None
+    if not settings.server.hostname or " " in settings.server.hostname:
+        raise ConfigError(f"server.hostname: invalid host name {settings.server.hostname!r}")
+    return settings
+
+
+def load(path: Path | None = None, env: Mapping[str, str] | None = None) -> Settings:
+    """Read the TOML file (if any), apply ``MSSD_*`` overrides, validate.
+
+    ``path`` defaults to ``$MSSD_CONFIG``; with neither, built-in defaults apply.
+    """
+    env = os.environ if env is None else env
+    if path is None and env.get("MSSD_CONFIG"):
+        path = Path(env["MSSD_CONFIG"])
+    document: dict[str, object] = {}
+    if path is not None:
+        try:
+            with path.open("rb") as handle:
+                document = tomllib.load(handle)
+        except FileNotFoundError:
+            raise ConfigError(f"configuration file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as error:
+            raise ConfigError(f"configuration file {path} is not valid TOML: {error}") from None
+    for section, table in document.items():
+        if section not in SECTIONS:
+            raise ConfigError(
+                f"{section}: unknown section (known: {', '.join(SECTIONS)})"
+            )
+        if not isinstance(table, dict):
+            raise ConfigError(f"{section}: expected a table [{section}]")
+    known_env = {env_name(s, k) for s, k in all_keys()} | {"MSSD_CONFIG", "MSSD_REQUIRE_ALL"}
+    for name in env:
+        if name.startswith("MSSD_") and not name.startswith("MSSD_TEST_") and name not in known_env:
+            raise ConfigError(f"{name}: unknown environment override")
+    sections = {
+        name: _build_section(name, cls, document.get(name, {}), env)  # type: ignore[arg-type]
+        for name, cls in SECTIONS.items()
+    }
+    return validate(Settings(**sections))

@@ -1,0 +1,203 @@
+"""Sender and recipient policy, and acceptance of a complete message."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import hashlib
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+from mssd.mime.headers import complete_submission, received_field
+from mssd.store.accounts import StoreAccounts
+from mssd.store.delivery import (
+    GroupCommitter,
+    NewMessage,
+    RecipientRecord,
+    StoredMessage,
+    new_envelope_id,
+)
+
+Source = Literal["submission", "mta"]
+
+# Work on messages larger than this leaves the event loop (hashing, header edits).
+_OFFLOAD_BYTES = 256 * 1024
+# How long the set of hosted domains may be served from memory.
+_DOMAINS_TTL = 5.0
+
+
+class PolicyRefusal(Exception):
+    """A refusal with its exact SMTP reply (RFC 5321 §4.2, RFC 3463 enhanced code)."""
+
+    def __init__(self, code: int, enhanced: str, text: str) -> None:
+        super().__init__(f"{code} {enhanced} {text}")
+        self.code = code
+        self.enhanced = enhanced
+        self.text = text
+
+    @property
+    def reply(self) -> str:
+        return f"{self.code} {self.enhanced} {self.text}"
+
+
+@dataclass(frozen=True)
+class SessionInfo:
+    """What policy needs to know about the connection."""
+
+    source: Source
+    remote_ip: str
+    helo: str
+    tls: str | None
+    """Protocol and cipher when encrypted (for trace fields), else None."""
+    account_id: int | None = None
+    login: str | None = None
+    peer_certificate: bytes | None = None
+    """DER of the verified TLS client certificate (the operator's, on port 25)."""
+
+
+@dataclass
+class Transaction:
+    """One MAIL transaction as policy sees it."""
+
+    session: SessionInfo
+    mail_from: str
+    smtputf8: bool = False
+    body: str | None = None
+    dsn_ret: str | None = None
+    dsn_envid: str | None = None
+    recipients: list[RecipientRecord] = field(default_factory=list)
+
+
+class PolicyCheck(Protocol):
+    """A hook consulted before acceptance (DESIGN.md: trust space on port 25,
+    patient conversation rules). Raise :class:`PolicyRefusal` to refuse."""
+
+    async def check_sender(self, transaction: Transaction) -> None: ...
+
+    async def check_recipient(self, transaction: Transaction, recipient: str) -> None: ...
+
+
+class DeliveryPipeline:
+    def __init__(
+        self,
+        accounts: StoreAccounts,
+        committer: GroupCommitter,
+        *,
+        hostname: str,
+        checks: Sequence[PolicyCheck] = (),
+    ) -> None:
+        self._accounts = accounts
+        self._committer = committer
+        self._hostname = hostname
+        self._checks = list(checks)
+        self._domains: frozenset[str] = frozenset()
+        self._domains_at = float("-inf")
+
+    def add_check(self, check: PolicyCheck) -> None:
+        self._checks.append(check)
+
+    async def local_domains(self) -> frozenset[str]:
+        if time.monotonic() - self._domains_at > _DOMAINS_TTL:
+            self._domains = await self._accounts.local_domains()
+            self._domains_at = time.monotonic()
+        return self._domains
+
+    async def check_sender(self, transaction: Transaction) -> None:
+        session = transaction.session
+        if session.source == "submission":
+            if session.account_id is None:
+                raise PolicyRefusal(530, "5.7.0", "Authentication required")
+            if not transaction.mail_from:
+                raise PolicyRefusal(
+                    550, "5.7.1", "A submitted message needs a sender address (MAIL FROM:<>)"
+                )
+            allowed = await self._accounts.sendable_addresses(session.account_id)
+            if transaction.mail_from.lower() not in allowed:
+                raise PolicyRefusal(
+                    550,
+                    "5.7.1",
+                    f"<{transaction.mail_from}>: {session.login} may not send as this address "
+                    "(only as its own mailboxes or an ORG mailbox it is delegated on)",
+                )
+        for check in self._checks:
+            await check.check_sender(transaction)
+
+    async def check_recipient(self, transaction: Transaction, address: str) -> RecipientRecord:
+        domain = address.rpartition("@")[2].lower()
+        if domain not in await self.local_domains():
+            raise PolicyRefusal(
+                550,
+                "5.7.1",
+                f"<{address}>: domain {domain} is not hosted here and relaying to other "
+                "operators is not enabled on this server",
+            )
+        mailbox = await self._accounts.local_mailbox(address)
+        if mailbox is None:
+            raise PolicyRefusal(550, "5.1.1", f"<{address}>: no such mailbox here")
+        if mailbox.status == "suspended":
+            raise PolicyRefusal(
+                450, "4.2.1", f"<{address}>: mailbox temporarily suspended, try again later"
+            )
+        if mailbox.status == "closed":
+            raise PolicyRefusal(550, "5.2.1", f"<{address}>: mailbox closed")
+        for check in self._checks:
+            await check.check_recipient(transaction, address)
+        return RecipientRecord(address=mailbox.address, mailbox_id=mailbox.id)
+
+    def _prepare(
+        self, transaction: Transaction, data: bytes, envelope_id: str, moment: dt.datetime
+    ) -> tuple[bytes, str]:
+        session = transaction.session
+        if session.source == "submission":
+            data = complete_submission(
+                data, envelope_id=envelope_id, hostname=self._hostname, moment=moment
+            )
+        protocol = "UTF8SMTP" if transaction.smtputf8 else "ESMTP"
+        if session.tls:
+            protocol += "S"
+        if session.account_id is not None:
+            protocol += "A"
+        single = transaction.recipients[0].address if len(transaction.recipients) == 1 else None
+        trace = received_field(
+            helo=session.helo,
+            remote_ip=session.remote_ip,
+            hostname=self._hostname,
+            protocol=protocol,
+            envelope_id=envelope_id,
+            tls=session.tls,
+            recipient=single,
+            moment=moment,
+        )
+        content = trace + data
+        return content, hashlib.sha256(content).hexdigest()
+
+    async def accept(self, transaction: Transaction, data: bytes) -> StoredMessage:
+        """Store the message for every recipient; returns after COMMIT."""
+        moment = dt.datetime.now(dt.UTC)
+        envelope_id = new_envelope_id()
+        if len(data) > _OFFLOAD_BYTES:
+            content, digest = await asyncio.to_thread(
+                self._prepare, transaction, data, envelope_id, moment
+            )
+        else:
+            content, digest = self._prepare(transaction, data, envelope_id, moment)
+        session = transaction.session
+        return await self._committer.store(
+            NewMessage(
+                envelope_id=envelope_id,
+                content=content,
+                sha256=digest,
+                mail_from=transaction.mail_from,
+                recipients=tuple(transaction.recipients),
+                source=session.source,
+                remote=session.remote_ip,
+                received_at=moment,
+                auth_login=session.login,
+                dsn_ret=transaction.dsn_ret,
+                dsn_envid=transaction.dsn_envid,
+                body=transaction.body,
+                smtputf8=transaction.smtputf8,
+            )
+        )

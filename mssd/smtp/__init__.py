@@ -1,0 +1,10 @@
+"""SMTP: the MTA listener (port 25, between operators) and submission (587
+STARTTLS, 465 implicit TLS) on aiosmtpd, and later the outbound relay client.
+
+Invariants:
+- TLS before any mail command: STARTTLS is required on 25 and 587 (except from
+  the configured trusted networks on 587); 465 is TLS from the first byte.
+- Policy is decided by ``mssd.delivery``; this package only translates between
+  SMTP and the pipeline. 250 after DATA means committed.
+- The protocol servers never import each other (``mssd.imap`` is a sibling).
+"""

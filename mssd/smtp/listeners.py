@@ -1,0 +1,126 @@
+"""Starting and stopping the SMTP listeners."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from mssd.auth import Authenticator
+from mssd.config import Settings
+from mssd.delivery import DeliveryPipeline
+from mssd.delivery.pipeline import Source
+from mssd.smtp.handler import Handler
+from mssd.smtp.server import MssdSMTP
+
+
+@dataclass(frozen=True)
+class Listener:
+    name: str
+    server: asyncio.Server
+    host: str
+    port: int
+
+
+def trusted_matcher(networks: tuple[str, ...]) -> Callable[[str], bool]:
+    parsed = [ipaddress.ip_network(n, strict=False) for n in networks]
+
+    def trusted(address: str) -> bool:
+        if not parsed or not address:
+            return False
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(ip in network for network in parsed)
+
+    return trusted
+
+
+class _SubmissionSMTP(MssdSMTP):
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        if self._trusted(self.remote_ip):
+            # A TLS-terminating proxy or local tool on a trusted network.
+            self.require_starttls = False
+
+
+async def start_smtp(
+    settings: Settings,
+    pipeline: DeliveryPipeline,
+    authenticator: Authenticator,
+    tls: ssl.SSLContext,
+) -> list[Listener]:
+    loop = asyncio.get_running_loop()
+    smtp = settings.smtp
+    trusted = trusted_matcher(smtp.trusted_networks)
+    common = {
+        "hostname": settings.server.hostname,
+        "ident": "mssd ESMTP",
+        "data_size_limit": smtp.max_message_size,
+        "timeout": smtp.timeout_seconds,
+        "trusted": trusted,
+        "max_recipients": smtp.max_recipients,
+        "auth_require_tls": True,
+        "proxy_protocol_timeout": 10.0 if smtp.proxy_protocol else None,
+    }
+    plans: list[tuple[str, str, Source, Callable[[], MssdSMTP], ssl.SSLContext | None]] = []
+
+    def mta() -> MssdSMTP:
+        return MssdSMTP(
+            Handler(pipeline, source="mta"),
+            authenticator=None,
+            implicit_tls=False,
+            tls_context=tls,
+            require_starttls=smtp.mta_require_tls,
+            loop=loop,
+            **common,
+        )
+
+    def submission() -> MssdSMTP:
+        return _SubmissionSMTP(
+            Handler(pipeline, source="submission"),
+            authenticator=authenticator,
+            implicit_tls=False,
+            tls_context=tls,
+            require_starttls=True,
+            auth_required=True,
+            loop=loop,
+            **common,
+        )
+
+    def submissions() -> MssdSMTP:
+        return MssdSMTP(
+            Handler(pipeline, source="submission"),
+            authenticator=authenticator,
+            implicit_tls=True,
+            tls_context=None,
+            auth_required=True,
+            loop=loop,
+            **common,
+        )
+
+    plans = [
+        ("mta", smtp.mta_listen, "mta", mta, None),
+        ("submission", smtp.submission_listen, "submission", submission, None),
+        ("submissions", smtp.submissions_listen, "submission", submissions, tls),
+    ]
+    listeners: list[Listener] = []
+    try:
+        for name, address, _, factory, implicit in plans:
+            if not address:
+                continue
+            host, _, port = address.rpartition(":")
+            host = host.strip("[]")
+            server = await loop.create_server(
+                factory, host, int(port), ssl=implicit, reuse_address=True, backlog=512
+            )
+            bound = server.sockets[0].getsockname()
+            listeners.append(Listener(name, server, host, int(bound[1])))
+    except OSError as error:
+        for listener in listeners:
+            listener.server.close()
+        raise OSError(f"cannot listen for smtp.{name}_listen on {address}: {error}") from error
+    return listeners

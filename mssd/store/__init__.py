@@ -1,0 +1,16 @@
+"""The store: the only code that writes SQL.
+
+SQLAlchemy 2 (async) over SQLite (embedded default, WAL + synchronous FULL) or
+PostgreSQL (asyncpg). Alembic migrations live in ``migrations/``.
+
+Invariants a newcomer would otherwise break:
+- Commit, then acknowledge: nothing above the store may answer a client before
+  the transaction that holds its change has committed (``delivery.py``).
+- Messages are immutable blobs keyed by SHA-256, stored once; mailboxes hold
+  placements (folder, UID, flags, modseq). Expunges are recorded before the
+  placement disappears.
+- Every administrative change writes its audit row in the same transaction;
+  audit rows are never updated or deleted (the schema enforces it).
+- On SQLite, a transaction that writes starts with BEGIN IMMEDIATE
+  (``engine.write_transaction``); never write inside a read transaction.
+"""

@@ -1,0 +1,106 @@
+"""Read side of accounts and mailboxes for authentication and delivery policy.
+
+Implements ``mssd.auth.AccountLookup``; the delivery pipeline asks here who may
+send as which address and where a recipient address lives.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import select, update
+from sqlalchemy.engine import Row
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from mssd.store.engine import write_transaction
+from mssd.store.records import Account, BalType, Status
+from mssd.store.schema import accounts, delegations, domains, mailboxes
+
+
+@dataclass(frozen=True)
+class LocalMailbox:
+    id: int
+    address: str
+    bal_type: BalType
+    status: Status
+
+
+def _account(row: Row[tuple[object, ...]]) -> Account:
+    m = row._mapping
+    return Account(
+        id=int(m["id"]),  # type: ignore[call-overload]
+        login=str(m["login"]),
+        status=m["status"],  # type: ignore[arg-type]
+        idnat_ps=m["idnat_ps"],  # type: ignore[arg-type]
+        cert_dn=m["cert_dn"],  # type: ignore[arg-type]
+        password_hash=m["password_hash"],  # type: ignore[arg-type]
+        totp_secret=m["totp_secret"],  # type: ignore[arg-type]
+    )
+
+
+class StoreAccounts:
+    """Account and mailbox look-ups backed by the database."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+
+    async def _one(self, column: object, value: str) -> Account | None:
+        async with self._engine.connect() as conn:
+            row = (await conn.execute(select(accounts).where(column == value))).one_or_none()  # type: ignore[arg-type]
+        return None if row is None else _account(row)
+
+    async def by_login(self, login: str) -> Account | None:
+        return await self._one(accounts.c.login, login.lower())
+
+    async def by_idnat_ps(self, idnat_ps: str) -> Account | None:
+        return await self._one(accounts.c.idnat_ps, idnat_ps)
+
+    async def by_cert_dn(self, normalised_dn: str) -> Account | None:
+        return await self._one(accounts.c.cert_dn, normalised_dn)
+
+    async def claim_totp_step(self, account_id: int, step: int) -> bool:
+        # RFC 6238 §5.2: a code is accepted once. The conditional UPDATE makes the
+        # claim atomic across sessions and processes.
+        async with write_transaction(self._engine) as conn:
+            result = await conn.execute(
+                update(accounts)
+                .where(accounts.c.id == account_id, accounts.c.totp_last_step < step)
+                .values(totp_last_step=step)
+            )
+            return result.rowcount == 1
+
+    async def sendable_addresses(self, account_id: int) -> frozenset[str]:
+        """Addresses the account may use as MAIL FROM: its own active mailboxes and
+        the ORG/CAB mailboxes it is delegated on with the right to send."""
+        async with self._engine.connect() as conn:
+            own = select(mailboxes.c.address).where(
+                mailboxes.c.account_id == account_id, mailboxes.c.status == "active"
+            )
+            delegated = (
+                select(mailboxes.c.address)
+                .join(delegations, delegations.c.mailbox_id == mailboxes.c.id)
+                .where(
+                    delegations.c.account_id == account_id,
+                    delegations.c.may_send.is_(True),
+                    mailboxes.c.status == "active",
+                )
+            )
+            rows = await conn.scalars(own.union(delegated))
+            return frozenset(str(address) for address in rows)
+
+    async def local_mailbox(self, address: str) -> LocalMailbox | None:
+        async with self._engine.connect() as conn:
+            row = (
+                await conn.execute(
+                    select(
+                        mailboxes.c.id, mailboxes.c.address, mailboxes.c.bal_type, mailboxes.c.status
+                    ).where(mailboxes.c.address == address.lower())
+                )
+            ).one_or_none()
+        if row is None:
+            return None
+        return LocalMailbox(id=row.id, address=row.address, bal_type=row.bal_type, status=row.status)
+
+    async def local_domains(self) -> frozenset[str]:
+        async with self._engine.connect() as conn:
+            return frozenset(str(name) for name in await conn.scalars(select(domains.c.name)))

@@ -1,0 +1,141 @@
+"""Database engines, transactions and schema versions.
+
+SQLite (the embedded default) runs in WAL mode with ``synchronous=FULL``: a
+commit is on disk when it returns. Write transactions on SQLite start with
+``BEGIN IMMEDIATE`` so two writers queue on the database lock instead of
+failing half-way when a reader upgrades to a writer. PostgreSQL runs at READ
+COMMITTED and writers lock the rows they change (``SELECT ... FOR UPDATE``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Connection, event
+from sqlalchemy.engine.interfaces import DBAPIConnection
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.pool import ConnectionPoolEntry
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+class SchemaError(Exception):
+    """The database schema is missing or unknown to this version of mssd."""
+
+
+def _sqlite_file(url: str) -> Path | None:
+    prefix = "sqlite+aiosqlite:///"
+    if url.startswith(prefix) and url[len(prefix):] not in ("", ":memory:"):
+        return Path(url[len(prefix):].split("?", 1)[0])
+    return None
+
+
+def create_engine(url: str, *, echo: bool = False) -> AsyncEngine:
+    """An engine configured for mssd's durability rules on either backend."""
+    if url.startswith("sqlite"):
+        path = _sqlite_file(url)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        engine = create_async_engine(
+            url, echo=echo, connect_args={"timeout": 30}, pool_size=8, max_overflow=8
+        )
+
+        @event.listens_for(engine.sync_engine, "connect")
+        def _on_connect(dbapi_connection: DBAPIConnection, _: ConnectionPoolEntry) -> None:
+            # The driver must not open transactions on its own: we emit BEGIN below.
+            dbapi_connection.isolation_level = None  # type: ignore[attr-defined]
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=FULL")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.execute("PRAGMA busy_timeout=30000")
+            cursor.close()
+
+        @event.listens_for(engine.sync_engine, "begin")
+        def _on_begin(conn: Connection) -> None:
+            immediate = conn.get_execution_options().get("mssd_write", False)
+            conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+        return engine
+    return create_async_engine(url, echo=echo, pool_size=10, max_overflow=10, pool_pre_ping=True)
+
+
+@asynccontextmanager
+async def write_transaction(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
+    """A transaction that will write: committed on success, rolled back on error."""
+    async with engine.connect() as conn:
+        await conn.execution_options(mssd_write=True)
+        async with conn.begin():
+            yield conn
+
+
+def _alembic_config(connection: Connection | None = None) -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    if connection is not None:
+        config.attributes["connection"] = connection
+    return config
+
+
+def head_revision() -> str:
+    head = ScriptDirectory.from_config(_alembic_config()).get_current_head()
+    assert head is not None
+    return head
+
+
+def _current_revision(connection: Connection) -> str | None:
+    return MigrationContext.configure(connection).get_current_revision()
+
+
+async def current_revision(engine: AsyncEngine) -> str | None:
+    async with engine.connect() as conn:
+        return await conn.run_sync(_current_revision)
+
+
+async def upgrade(engine: AsyncEngine) -> tuple[str | None, str]:
+    """Migrate the schema to the newest revision; return (before, after)."""
+
+    def run(connection: Connection) -> tuple[str | None, str]:
+        before = _current_revision(connection)
+        command.upgrade(_alembic_config(connection), "head")
+        return before, head_revision()
+
+    async with engine.begin() as conn:
+        return await conn.run_sync(run)
+
+
+async def check_schema(engine: AsyncEngine) -> None:
+    """Refuse to run on a schema this version does not know (DESIGN.md, Storage)."""
+    current = await current_revision(engine)
+    head = head_revision()
+    if current is None:
+        raise SchemaError("the database has no mssd schema yet: run `mssd db upgrade`")
+    if current != head:
+        known = {
+            script.revision
+            for script in ScriptDirectory.from_config(_alembic_config()).walk_revisions()
+        }
+        if current in known:
+            raise SchemaError(
+                f"the database schema is at revision {current}, this mssd needs {head}: "
+                "run `mssd db upgrade`"
+            )
+        raise SchemaError(
+            f"the database schema revision {current} is unknown to this mssd "
+            "(written by a newer version?); refusing to start"
+        )
+
+
+def describe(url: str) -> dict[str, Any]:
+    """What an administrator needs to know about where data lives (no password)."""
+    path = _sqlite_file(url)
+    if path is not None:
+        return {"backend": "sqlite", "path": str(path)}
+    return {"backend": url.split(":", 1)[0], "url": url.split("@")[-1]}

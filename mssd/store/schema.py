@@ -1,0 +1,179 @@
+"""The tables of the store (SQLAlchemy Core).
+
+Migrations under ``migrations/versions`` create these tables; a test checks that
+the migrated schema and this module agree. Change both in the same commit.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    Column,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "ck": "ck_%(table_name)s_%(constraint_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+Timestamp = DateTime(timezone=True)
+
+domains = Table(
+    "domains",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("name", String(253), nullable=False, unique=True),
+    Column("created_at", Timestamp, nullable=False),
+)
+
+accounts = Table(
+    "accounts",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("login", String(320), nullable=False, unique=True),
+    Column("status", String(16), nullable=False),
+    Column("idnat_ps", String(16), unique=True),
+    Column("cert_dn", String(1024), unique=True),
+    Column("password_hash", String(255)),
+    Column("totp_secret", String(64)),
+    Column("totp_last_step", BigInteger, nullable=False, server_default="0"),
+    Column("created_at", Timestamp, nullable=False),
+    CheckConstraint("status IN ('active', 'suspended', 'closed')", name="status"),
+)
+
+mailboxes = Table(
+    "mailboxes",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("address", String(320), nullable=False, unique=True),
+    Column("domain_id", Integer, ForeignKey("domains.id"), nullable=False),
+    Column("bal_type", String(3), nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("owner_idnat", String(16), nullable=False),
+    Column("account_id", Integer, ForeignKey("accounts.id"), nullable=False, index=True),
+    Column("display_name", String(255)),
+    Column("quota_bytes", BigInteger),
+    Column("created_at", Timestamp, nullable=False),
+    Column("updated_at", Timestamp, nullable=False),
+    CheckConstraint("bal_type IN ('PER', 'ORG', 'APP', 'CAB')", name="bal_type"),
+    CheckConstraint("status IN ('active', 'suspended', 'closed')", name="status"),
+)
+
+delegations = Table(
+    "delegations",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("mailbox_id", Integer, ForeignKey("mailboxes.id"), nullable=False),
+    Column("account_id", Integer, ForeignKey("accounts.id"), nullable=False, index=True),
+    Column("rights", String(32), nullable=False),
+    Column("may_send", Boolean, nullable=False),
+    Column("created_at", Timestamp, nullable=False),
+    UniqueConstraint("mailbox_id", "account_id"),
+)
+
+folders = Table(
+    "folders",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("mailbox_id", Integer, ForeignKey("mailboxes.id"), nullable=False),
+    Column("name", String(1024), nullable=False),
+    Column("uidvalidity", BigInteger, nullable=False),
+    Column("uidnext", BigInteger, nullable=False),
+    Column("highestmodseq", BigInteger, nullable=False),
+    Column("special_use", String(32)),
+    Column("subscribed", Boolean, nullable=False),
+    UniqueConstraint("mailbox_id", "name"),
+)
+
+blobs = Table(
+    "blobs",
+    metadata,
+    Column("sha256", String(64), primary_key=True),
+    Column("size", BigInteger, nullable=False),
+    Column("data", LargeBinary, nullable=False),
+    Column("created_at", Timestamp, nullable=False),
+)
+
+placements = Table(
+    "placements",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("folder_id", Integer, ForeignKey("folders.id"), nullable=False),
+    Column("uid", BigInteger, nullable=False),
+    Column("blob_sha256", String(64), ForeignKey("blobs.sha256"), nullable=False, index=True),
+    Column("flags", Text, nullable=False),
+    Column("modseq", BigInteger, nullable=False),
+    Column("internal_date", Timestamp, nullable=False),
+    Column("size", BigInteger, nullable=False),
+    UniqueConstraint("folder_id", "uid"),
+    Index("ix_placements_folder_modseq", "folder_id", "modseq"),
+)
+
+expunges = Table(
+    "expunges",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("folder_id", Integer, ForeignKey("folders.id"), nullable=False),
+    Column("uid", BigInteger, nullable=False),
+    Column("modseq", BigInteger, nullable=False),
+    Column("expunged_at", Timestamp, nullable=False),
+    Index("ix_expunges_folder_modseq", "folder_id", "modseq"),
+)
+
+envelopes = Table(
+    "envelopes",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("blob_sha256", String(64), ForeignKey("blobs.sha256"), nullable=False, index=True),
+    Column("mail_from", String(320), nullable=False),
+    Column("source", String(16), nullable=False),
+    Column("auth_login", String(320)),
+    Column("remote", String(64), nullable=False),
+    Column("dsn_ret", String(4)),
+    Column("dsn_envid", String(100)),
+    Column("body", String(16)),
+    Column("smtputf8", Boolean, nullable=False),
+    Column("received_at", Timestamp, nullable=False),
+)
+
+envelope_recipients = Table(
+    "envelope_recipients",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("envelope_id", String(32), ForeignKey("envelopes.id"), nullable=False, index=True),
+    Column("address", String(320), nullable=False),
+    Column("mailbox_id", Integer, ForeignKey("mailboxes.id")),
+    Column("dsn_notify", String(64)),
+    Column("dsn_orcpt", String(500)),
+    Column("status", String(16), nullable=False),
+)
+
+audit = Table(
+    "audit",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("at", Timestamp, nullable=False, index=True),
+    Column("actor", String(1024), nullable=False),
+    Column("action", String(64), nullable=False),
+    Column("target", String(1024), nullable=False),
+    Column("remote", String(64), nullable=False),
+    Column("result", String(64), nullable=False),
+    Column("details", Text, nullable=False),
+)
