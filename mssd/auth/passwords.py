@@ -1,0 +1,100 @@
+"""Password hashing with scrypt (RFC 7914), in a PHC-like string.
+
+This module owns the stored password format
+``$scrypt$ln=<log2 N>,r=<r>,p=<p>$<salt>$<key>`` (salt and key in standard
+base64 without padding) and the comparison of a password with it. It must never
+log or return a password, compare keys in variable time, or run scrypt on the
+event loop thread (use the ``*_async`` functions from async code).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hashlib
+import hmac
+import re
+import secrets
+import unicodedata
+
+from mssd.config import AuthSettings
+
+SALT_BYTES = 16
+KEY_BYTES = 32
+
+_FORMAT = re.compile(
+    r"\$scrypt\$ln=(?P<ln>\d{1,2}),r=(?P<r>\d{1,3}),p=(?P<p>\d{1,2})"
+    r"\$(?P<salt>[A-Za-z0-9+/]+)\$(?P<key>[A-Za-z0-9+/]+)"
+)
+# Bounds on parameters read back from storage, so a corrupted or hostile row
+# cannot make one login allocate gigabytes.
+_MAX_LN = 20
+_MAX_R = 16
+_MAX_P = 16
+
+
+class PasswordHashError(ValueError):
+    """A stored password hash is not in the format this module writes."""
+
+
+def _b64encode(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii").rstrip("=")
+
+
+def _b64decode(text: str) -> bytes:
+    try:
+        return base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
+    except binascii.Error:
+        raise PasswordHashError("stored password hash has invalid base64") from None
+
+
+def _scrypt(password: str, salt: bytes, n: int, r: int, p: int, length: int) -> bytes:
+    # RFC 8265 §4.2 (OpaqueString): compare passwords in Unicode NFC, so the same
+    # password typed on systems that decompose accents (macOS) still matches.
+    secret = unicodedata.normalize("NFC", password).encode("utf-8")
+    # RFC 7914 §2: scrypt needs 128·r·N bytes for V plus 256·r + 128·r·p for B and X;
+    # hashlib refuses by default above 32 MiB, so state the real need with headroom.
+    maxmem = 128 * r * (n + p + 2) + 1024 * 1024
+    return hashlib.scrypt(secret, salt=salt, n=n, r=r, p=p, maxmem=maxmem, dklen=length)
+
+
+def hash_password(password: str, settings: AuthSettings) -> str:
+    """Hash ``password`` with a fresh 16-byte salt and the parameters of ``settings``."""
+    n, r, p = settings.scrypt_n, settings.scrypt_r, settings.scrypt_p
+    if n < 2 or n & (n - 1):
+        raise ValueError(f"scrypt N must be a power of two above 1, got {n}")
+    salt = secrets.token_bytes(SALT_BYTES)
+    key = _scrypt(password, salt, n, r, p, KEY_BYTES)
+    ln = n.bit_length() - 1
+    return f"$scrypt$ln={ln},r={r},p={p}${_b64encode(salt)}${_b64encode(key)}"
+
+
+def verify_password(password: str, stored: str) -> bool:
+    """True if ``password`` matches ``stored``.
+
+    The scrypt parameters come from ``stored``, not from the settings, so hashes
+    written before a change of settings still verify. Raises
+    :class:`PasswordHashError` when ``stored`` is not a hash this module wrote.
+    """
+    match = _FORMAT.fullmatch(stored)
+    if match is None:
+        raise PasswordHashError("stored password hash is not in the $scrypt$ format")
+    ln, r, p = int(match["ln"]), int(match["r"]), int(match["p"])
+    if not (1 <= ln <= _MAX_LN and 1 <= r <= _MAX_R and 1 <= p <= _MAX_P):
+        raise PasswordHashError("stored password hash has out-of-range scrypt parameters")
+    salt, expected = _b64decode(match["salt"]), _b64decode(match["key"])
+    if len(salt) < 8 or not 16 <= len(expected) <= 64:
+        raise PasswordHashError("stored password hash has a bad salt or key length")
+    actual = _scrypt(password, salt, 1 << ln, r, p, len(expected))
+    return hmac.compare_digest(actual, expected)
+
+
+async def hash_password_async(password: str, settings: AuthSettings) -> str:
+    """:func:`hash_password` in a worker thread, so the event loop keeps running."""
+    return await asyncio.to_thread(hash_password, password, settings)
+
+
+async def verify_password_async(password: str, stored: str) -> bool:
+    """:func:`verify_password` in a worker thread, so the event loop keeps running."""
+    return await asyncio.to_thread(verify_password, password, stored)

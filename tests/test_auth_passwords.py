@@ -1,0 +1,348 @@
+"""PLAIN and LOGIN through the Authenticator: passwords, one-time codes, rate limits, audit."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from mssd.auth import (
+    AuthContext,
+    Authenticator,
+    Challenge,
+    EncryptionRequired,
+    ExchangeFinished,
+    Failure,
+    Success,
+    UnknownMechanism,
+    hash_password,
+    totp_code,
+)
+from mssd.auth.model import StepResult
+from mssd.config import AuthSettings
+from mssd.store.records import Account, AuditEvent
+
+SETTINGS = AuthSettings(scrypt_n=2**10, failure_limit_per_account=3, failure_limit_per_address=6)
+PASSWORD = "Tr0ub4dor&3"
+TOTP_SECRET = "JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP"
+TLS = AuthContext(protocol="smtp", remote_ip="192.0.2.10", tls=True)
+
+
+class Clock:
+    def __init__(self, now: float = 1_700_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class MemoryAccounts:
+    """An in-memory AccountLookup that records which lookups were made."""
+
+    def __init__(self, *accounts: Account) -> None:
+        self.accounts = list(accounts)
+        self.last_step: dict[int, int] = {}
+        self.lookups: list[str] = []
+
+    async def by_login(self, login: str) -> Account | None:
+        self.lookups.append(login)
+        return next((a for a in self.accounts if a.login.lower() == login.lower()), None)
+
+    async def by_idnat_ps(self, idnat_ps: str) -> Account | None:
+        return next((a for a in self.accounts if a.idnat_ps == idnat_ps), None)
+
+    async def by_cert_dn(self, normalised_dn: str) -> Account | None:
+        return next((a for a in self.accounts if a.cert_dn == normalised_dn), None)
+
+    async def claim_totp_step(self, account_id: int, step: int) -> bool:
+        if step <= self.last_step.get(account_id, -1):
+            return False
+        self.last_step[account_id] = step
+        return True
+
+
+class AuditList:
+    def __init__(self) -> None:
+        self.events: list[AuditEvent] = []
+
+    async def record(self, event: AuditEvent) -> None:
+        self.events.append(event)
+
+    @property
+    def results(self) -> list[str]:
+        return [e.result for e in self.events]
+
+
+STORED = hash_password(PASSWORD, SETTINGS)
+ALICE = Account(id=1, login="alice@example.mssante.fr", status="active", password_hash=STORED,
+                idnat_ps="810002345678")
+BOB = Account(id=2, login="bob@example.mssante.fr", status="active", password_hash=STORED,
+              totp_secret=TOTP_SECRET)
+CAROL = Account(id=3, login="carol@example.mssante.fr", status="suspended", password_hash=STORED)
+
+
+def make(clock: Clock | None = None) -> tuple[Authenticator, MemoryAccounts, AuditList]:
+    accounts = MemoryAccounts(ALICE, BOB, CAROL)
+    audit = AuditList()
+    auth = Authenticator(SETTINGS, accounts, audit, clock=clock or Clock())
+    return auth, accounts, audit
+
+
+async def plain(auth: Authenticator, login: str, secret: str, ctx: AuthContext = TLS,
+                authzid: str = "") -> StepResult:
+    exchange = auth.start("PLAIN", ctx)
+    return await exchange.step(f"{authzid}\x00{login}\x00{secret}".encode())
+
+
+async def test_plain_with_right_password_gives_principal() -> None:
+    auth, _, audit = make()
+    result = await plain(auth, "Alice@Example.MSSante.fr", PASSWORD)
+    assert isinstance(result, Success)
+    principal = result.principal
+    assert (principal.account_id, principal.login, principal.mechanism) == (
+        1, "alice@example.mssante.fr", "PLAIN")
+    assert principal.idnat_ps == "810002345678" and principal.expires_at is None
+    [event] = audit.events
+    assert (event.action, event.result, event.target, event.remote) == (
+        "auth.success", "ok", "alice@example.mssante.fr", "192.0.2.10")
+    assert event.details == {"mechanism": "PLAIN", "protocol": "smtp"}
+
+
+async def test_plain_without_initial_response_sends_empty_challenge() -> None:
+    auth, _, _ = make()
+    exchange = auth.start("plain", TLS)
+    assert await exchange.step(None) == Challenge(b"")
+    result = await exchange.step(f"\x00alice@example.mssante.fr\x00{PASSWORD}".encode())
+    assert isinstance(result, Success)
+    with pytest.raises(ExchangeFinished):
+        await exchange.step(b"")
+
+
+async def test_wrong_password_and_unknown_login_look_the_same_to_the_client() -> None:
+    auth, _, audit = make()
+    wrong = await plain(auth, "alice@example.mssante.fr", "guess")
+    unknown = await plain(auth, "nobody@example.mssante.fr", "guess")
+    again = await plain(auth, "nobody2@example.mssante.fr", "guess")
+    assert wrong == unknown == again == Failure(reason="authentication failed", temporary=False)
+    assert audit.results == ["bad-credentials", "unknown-account", "unknown-account"]
+    assert [e.action for e in audit.events] == ["auth.failure"] * 3
+    assert all("guess" not in repr(e) for e in audit.events)
+
+
+async def test_login_mechanism_asks_username_then_password() -> None:
+    auth, _, audit = make()
+    exchange = auth.start("LOGIN", TLS)
+    assert await exchange.step(None) == Challenge(b"Username:")
+    assert await exchange.step(b"alice@example.mssante.fr") == Challenge(b"Password:")
+    result = await exchange.step(PASSWORD.encode())
+    assert isinstance(result, Success) and result.principal.mechanism == "LOGIN"
+
+    exchange = auth.start("LOGIN", TLS)
+    assert await exchange.step(b"alice@example.mssante.fr") == Challenge(b"Password:")
+    assert await exchange.step(b"nope") == Failure("authentication failed", temporary=False)
+    assert audit.results == ["ok", "bad-credentials"]
+    assert PASSWORD not in repr(audit.events)
+
+
+async def test_plain_authzid_other_than_login_is_refused() -> None:
+    auth, _, audit = make()
+    refused = await plain(auth, "alice@example.mssante.fr", PASSWORD,
+                          authzid="bob@example.mssante.fr")
+    assert isinstance(refused, Failure) and not refused.temporary
+    assert audit.results == ["authzid-refused"]
+    same = await plain(auth, "alice@example.mssante.fr", PASSWORD,
+                       authzid="ALICE@example.mssante.fr")
+    assert isinstance(same, Success)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b"alice@example.mssante.fr\x00" + PASSWORD.encode(), b"\x00alice\x00\xff\xfe", b""],
+)
+async def test_malformed_plain_is_reported_as_malformed(raw: bytes) -> None:
+    auth, accounts, audit = make()
+    result = await auth.start("PLAIN", TLS).step(raw)
+    assert result == Failure(reason="malformed SASL response", temporary=False, malformed=True)
+    assert audit.results == ["malformed"] and accounts.lookups == []
+
+
+async def test_malformed_login_password_is_reported_as_malformed() -> None:
+    auth, _, audit = make()
+    exchange = auth.start("LOGIN", TLS)
+    await exchange.step(b"alice@example.mssante.fr")
+    result = await exchange.step(b"\xc3\x28")
+    assert isinstance(result, Failure) and result.malformed
+    assert audit.results == ["malformed"]
+
+
+async def test_plaintext_mechanisms_need_tls_or_a_trusted_network() -> None:
+    auth, _, _ = make()
+    clear = AuthContext(protocol="smtp", remote_ip="192.0.2.10", tls=False)
+    assert auth.mechanisms(clear) == []
+    with pytest.raises(EncryptionRequired) as raised:
+        auth.start("PLAIN", clear)
+    assert raised.value.smtp_reply == (538, "5.7.11")
+    with pytest.raises(EncryptionRequired):
+        auth.start("LOGIN", clear)
+    with pytest.raises(UnknownMechanism):
+        auth.start("CRAM-MD5", TLS)
+    with pytest.raises(UnknownMechanism):
+        auth.start("XOAUTH2", TLS)  # no PSC issuer configured
+    with pytest.raises(UnknownMechanism):
+        auth.start("EXTERNAL", TLS)  # no client certificate
+
+    proxied = AuthContext(protocol="imap", remote_ip="10.0.0.2", tls=False, trusted_network=True)
+    assert auth.mechanisms(proxied) == ["PLAIN", "LOGIN"]
+    assert isinstance(await plain(auth, "alice@example.mssante.fr", PASSWORD, proxied), Success)
+
+
+async def test_suspended_account_fails_like_a_bad_password_but_is_audited_as_suspended() -> None:
+    auth, _, audit = make()
+    result = await plain(auth, "carol@example.mssante.fr", PASSWORD)
+    assert result == Failure(reason="authentication failed", temporary=False)
+    assert audit.results == ["suspended"]
+    assert audit.events[0].target == "carol@example.mssante.fr"
+
+
+async def test_cancel_is_audited_as_failure() -> None:
+    auth, _, audit = make()
+    exchange = auth.start("LOGIN", TLS)
+    await exchange.step(None)
+    await exchange.step(b"alice@example.mssante.fr")
+    exchange.cancel()
+    await auth.close()
+    assert audit.results == ["cancelled"]
+    assert audit.events[0].actor == "alice@example.mssante.fr"
+    assert audit.events[0].action == "auth.failure"
+
+
+async def test_scrypt_does_not_block_the_event_loop() -> None:
+    slow = AuthSettings(scrypt_n=2**15)
+    account = Account(id=9, login="slow@example.fr", status="active",
+                      password_hash=hash_password("pw", slow))
+    auth = Authenticator(slow, MemoryAccounts(account), AuditList())
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.001)
+            ticks += 1
+
+    task = asyncio.create_task(ticker())
+    try:
+        result = await plain(auth, "slow@example.fr", "pw")
+    finally:
+        task.cancel()
+    assert isinstance(result, Success)
+    assert ticks > 3
+
+
+# --- one-time codes -----------------------------------------------------------------------------
+
+
+async def test_totp_account_needs_password_followed_by_current_code() -> None:
+    clock = Clock()
+    auth, _, audit = make(clock)
+    code = totp_code(TOTP_SECRET, clock.now)
+
+    assert isinstance(await plain(auth, "bob@example.mssante.fr", PASSWORD), Failure)
+    result = await plain(auth, "bob@example.mssante.fr", PASSWORD + code)
+    assert isinstance(result, Success)
+    assert audit.results == ["missing-code", "ok"]
+    assert code not in repr(audit.events)
+
+
+async def test_totp_code_is_usable_once() -> None:
+    clock = Clock()
+    auth, _, audit = make(clock)
+    code = totp_code(TOTP_SECRET, clock.now)
+    assert isinstance(await plain(auth, "bob@example.mssante.fr", PASSWORD + code), Success)
+    clock.now += 5  # same 30-second step
+    replay = await plain(auth, "bob@example.mssante.fr", PASSWORD + code)
+    assert replay == Failure(reason="authentication failed", temporary=False)
+    assert audit.results == ["ok", "code-replayed"]
+    clock.now += 30
+    fresh = totp_code(TOTP_SECRET, clock.now)
+    assert isinstance(await plain(auth, "bob@example.mssante.fr", PASSWORD + fresh), Success)
+
+
+async def test_wrong_or_stale_totp_code_is_refused() -> None:
+    clock = Clock()
+    auth, _, audit = make(clock)
+    stale = totp_code(TOTP_SECRET, clock.now - 120)
+    current = totp_code(TOTP_SECRET, clock.now)
+    wrong = f"{(int(current) + 1) % 1_000_000:06d}"
+    assert isinstance(await plain(auth, "bob@example.mssante.fr", PASSWORD + wrong), Failure)
+    assert isinstance(await plain(auth, "bob@example.mssante.fr", PASSWORD + stale), Failure)
+    assert audit.results == ["bad-code", "bad-code"]
+
+
+async def test_code_from_previous_step_is_accepted_within_window() -> None:
+    clock = Clock()
+    auth, _, _ = make(clock)
+    previous = totp_code(TOTP_SECRET, clock.now - 30)
+    assert isinstance(await plain(auth, "bob@example.mssante.fr", PASSWORD + previous), Success)
+
+
+async def test_right_code_with_wrong_password_does_not_burn_the_code() -> None:
+    clock = Clock()
+    auth, accounts, audit = make(clock)
+    code = totp_code(TOTP_SECRET, clock.now)
+    assert isinstance(await plain(auth, "bob@example.mssante.fr", "wrong" + code), Failure)
+    assert accounts.last_step == {}
+    assert isinstance(await plain(auth, "bob@example.mssante.fr", PASSWORD + code), Success)
+    assert audit.results == ["bad-credentials", "ok"]
+
+
+# --- rate limits --------------------------------------------------------------------------------
+
+
+async def test_account_limit_refuses_temporarily_without_checking_credentials() -> None:
+    clock = Clock()
+    auth, accounts, audit = make(clock)
+    for i in range(3):
+        ctx = AuthContext(protocol="imap", remote_ip=f"198.51.100.{i}", tls=True)
+        assert isinstance(await plain(auth, "alice@example.mssante.fr", "guess", ctx), Failure)
+    lookups = len(accounts.lookups)
+
+    limited = await plain(auth, "ALICE@example.mssante.fr", PASSWORD)
+    assert limited == Failure(reason="too many failed attempts, try again later", temporary=True)
+    assert len(accounts.lookups) == lookups  # the right password was not even looked at
+    assert audit.results[-1] == "rate-limited"
+    assert audit.events[-1].action == "auth.failure"
+
+    # Other accounts from the same address are unaffected.
+    assert isinstance(await plain(auth, "carol@example.mssante.fr", "x"), Failure)
+    assert not audit.events[-1].result == "rate-limited"
+
+    clock.now += SETTINGS.failure_window_seconds + 1
+    assert isinstance(await plain(auth, "alice@example.mssante.fr", PASSWORD), Success)
+
+
+async def test_address_limit_covers_every_login_from_that_address() -> None:
+    clock = Clock()
+    auth, accounts, audit = make(clock)
+    attacker = AuthContext(protocol="smtp", remote_ip="203.0.113.7", tls=True)
+    for i in range(6):
+        await plain(auth, f"user{i}@example.mssante.fr", "guess", attacker)
+    lookups = len(accounts.lookups)
+    result = await plain(auth, "alice@example.mssante.fr", PASSWORD, attacker)
+    assert isinstance(result, Failure) and result.temporary
+    assert len(accounts.lookups) == lookups
+    assert audit.results[-1] == "rate-limited"
+    # Another address can still log in to the same account.
+    assert isinstance(await plain(auth, "alice@example.mssante.fr", PASSWORD), Success)
+
+
+async def test_success_resets_the_account_count_but_not_the_address_count() -> None:
+    clock = Clock()
+    auth, _, _ = make(clock)
+    for _ in range(2):
+        await plain(auth, "alice@example.mssante.fr", "guess")
+    assert isinstance(await plain(auth, "alice@example.mssante.fr", PASSWORD), Success)
+    for _ in range(2):
+        await plain(auth, "alice@example.mssante.fr", "guess")
+    # 4 failures in total: above the account limit of 3 had success not reset it.
+    assert isinstance(await plain(auth, "alice@example.mssante.fr", PASSWORD), Success)
+    assert auth.limiter.addresses.count("192.0.2.10") == 4
