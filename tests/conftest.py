@@ -1,0 +1,381 @@
+"""Shared test fixtures: a development PKI, a store on each backend, and mssd
+started for real as a subprocess on ephemeral loopback ports.
+
+Tests that need something absent (PostgreSQL, swaks, smtp-source...) skip with
+the reason; with ``MSSD_REQUIRE_ALL=1`` (set by ``.ci/run``) they fail instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+import shutil
+import signal
+import smtplib
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mssd.auth.passwords import hash_password
+from mssd.config import AuthSettings
+from mssd.store import admin
+from mssd.store.engine import create_engine, upgrade
+from mssd.trust import pki
+from mssd.trust.identity import normalise_dn
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = ROOT.parent / "shared" / "fixtures"
+REQUIRE_ALL = os.environ.get("MSSD_REQUIRE_ALL") == "1"
+TEST_AUTH = AuthSettings(scrypt_n=1024)
+PASSWORD = "correct horse battery staple"
+
+
+def unavailable(reason: str) -> None:
+    """Skip, or fail when CI requires every test to run."""
+    if REQUIRE_ALL:
+        pytest.fail(f"required but unavailable (MSSD_REQUIRE_ALL=1): {reason}")
+    pytest.skip(reason)
+
+
+def require_program(name: str) -> str:
+    path = shutil.which(name) or (
+        f"/usr/sbin/{name}" if Path(f"/usr/sbin/{name}").exists() else None
+    )
+    if path is None:
+        unavailable(f"{name} is not installed")
+    assert path is not None
+    return path
+
+
+# -- PostgreSQL ----------------------------------------------------------------
+
+
+def _postgres_admin_url() -> str | None:
+    url = os.environ.get("MSSD_TEST_POSTGRES_URL")
+    if url:
+        return url
+    import socket
+
+    try:
+        with socket.create_connection(("127.0.0.1", 5432), timeout=1):
+            return "postgresql+asyncpg://postgres@127.0.0.1:5432/postgres"
+    except OSError:
+        return None
+
+
+def _asyncpg_dsn(url: str) -> str:
+    return url.replace("postgresql+asyncpg://", "postgresql://", 1)
+
+
+def create_postgres_database() -> tuple[str, str]:
+    """A fresh, empty database: returns (its URL, its name)."""
+    admin_url = _postgres_admin_url()
+    if admin_url is None:
+        unavailable("no PostgreSQL: set MSSD_TEST_POSTGRES_URL or run one on 127.0.0.1:5432")
+    assert admin_url is not None
+    import asyncpg
+
+    name = f"mssd_test_{secrets.token_hex(6)}"
+
+    async def create() -> None:
+        conn = await asyncpg.connect(_asyncpg_dsn(admin_url))
+        try:
+            await conn.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            await conn.close()
+
+    try:
+        asyncio.run(create())
+    except (OSError, asyncpg.PostgresError) as error:
+        unavailable(f"PostgreSQL at {admin_url} refused to create a database: {error}")
+    base, _, _ = admin_url.rpartition("/")
+    return f"{base}/{name}", name
+
+
+def drop_postgres_database(name: str) -> None:
+    admin_url = _postgres_admin_url()
+    assert admin_url is not None
+    import asyncpg
+
+    async def drop() -> None:
+        conn = await asyncpg.connect(_asyncpg_dsn(admin_url))
+        try:
+            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await conn.close()
+
+    asyncio.run(drop())
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """An empty store on each backend (function scope)."""
+    yield from _store_url(request.param, tmp_path)
+
+
+def _store_url(backend: str, directory: Path) -> Iterator[str]:
+    if backend == "sqlite":
+        yield f"sqlite+aiosqlite:///{directory / 'mssd.db'}"
+        return
+    url, name = create_postgres_database()
+    try:
+        yield url
+    finally:
+        drop_postgres_database(name)
+
+
+# -- PKI -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TestPki:
+    dev: pki.DevPki
+    personal: pki.IssuedCertificate
+    app: pki.IssuedCertificate
+    stranger: pki.IssuedCertificate
+    """A personal certificate whose idNat_PS has no account."""
+
+    def client_context(self, cert: pki.IssuedCertificate | None = None) -> ssl.SSLContext:
+        context = ssl.create_default_context(cafile=str(self.dev.ca_bundle))
+        if cert is not None:
+            context.load_cert_chain(str(cert.cert), str(cert.key))
+        return context
+
+
+@pytest.fixture(scope="session")
+def test_pki(tmp_path_factory: pytest.TempPathFactory) -> TestPki:
+    dev = pki.init_dev_pki(tmp_path_factory.mktemp("pki"), hostnames=["localhost"])
+    personal = pki.issue_personal_certificate(
+        dev,
+        idnat_ps=PER_IDNAT,
+        surname="DUPONT",
+        given_name="Jeanne",
+        profession="Médecin",
+        name="jeanne",
+    )
+    app = pki.issue_app_certificate(
+        dev,
+        common_name="labo.hopital.mssd.test",
+        idnat_struct=STRUCTURE,
+        organisation="Laboratoire de test",
+        name="labo",
+    )
+    stranger = pki.issue_personal_certificate(
+        dev,
+        idnat_ps="810009999999",
+        surname="INCONNU",
+        given_name="Pierre",
+        profession="Infirmier",
+        name="stranger",
+    )
+    return TestPki(dev, personal, app, stranger)
+
+
+# -- the standard test population ----------------------------------------------
+
+DOMAIN = "hopital.mssd.test"
+PER = f"jeanne.dupont@{DOMAIN}"
+PER_IDNAT = "810000000011"
+PER2 = f"paul.durand@{DOMAIN}"
+PER2_IDNAT = "810000000029"
+ORG = f"accueil@{DOMAIN}"
+APP = f"labo@{DOMAIN}"
+SUSPENDED = f"suspendu@{DOMAIN}"
+CLOSED = f"ferme@{DOMAIN}"
+STRUCTURE = "1750000000"
+
+
+async def seed(url: str, test_pki: TestPki) -> None:
+    """Create the schema and the standard population through the admin API."""
+    engine = create_engine(url)
+    try:
+        await upgrade(engine)
+        hashed = hash_password(PASSWORD, TEST_AUTH)
+        await admin.add_domain(engine, DOMAIN, actor="test")
+        await admin.create_mailbox(
+            engine,
+            address=PER,
+            bal_type="PER",
+            owner_idnat=PER_IDNAT,
+            idnat_ps=PER_IDNAT,
+            password_hash=hashed,
+            actor="test",
+        )
+        await admin.create_mailbox(
+            engine,
+            address=PER2,
+            bal_type="PER",
+            owner_idnat=PER2_IDNAT,
+            idnat_ps=PER2_IDNAT,
+            password_hash=hashed,
+            actor="test",
+        )
+        await admin.create_mailbox(
+            engine, address=ORG, bal_type="ORG", owner_idnat=STRUCTURE, actor="test"
+        )
+        await admin.create_mailbox(
+            engine,
+            address=APP,
+            bal_type="APP",
+            owner_idnat=STRUCTURE,
+            cert_dn=normalise_dn(test_pki.app.subject_dn),
+            actor="test",
+        )
+        for address, idnat, status in (
+            (SUSPENDED, "810000000037", "suspended"),
+            (CLOSED, "810000000045", "closed"),
+        ):
+            await admin.create_mailbox(
+                engine,
+                address=address,
+                bal_type="PER",
+                owner_idnat=idnat,
+                idnat_ps=idnat,
+                password_hash=hashed,
+                actor="test",
+            )
+            await admin.set_mailbox_status(engine, address, status, actor="test")  # type: ignore[arg-type]
+        await admin.grant(engine, ORG, PER, rights="lrswipte", may_send=True, actor="test")
+        await admin.grant(engine, ORG, PER2, rights="lr", may_send=False, actor="test")
+    finally:
+        await engine.dispose()
+
+
+# -- mssd as a real process ------------------------------------------------------
+
+
+@dataclass
+class MssdProcess:
+    """``mssd serve`` in a subprocess; ``ports`` comes from its ready line."""
+
+    url: str
+    pki: TestPki
+    workdir: Path
+    extra_env: dict[str, str] = field(default_factory=dict)
+    process: subprocess.Popen[str] | None = None
+    ports: dict[str, int] = field(default_factory=dict)
+    log: Path | None = None
+
+    def env(self) -> dict[str, str]:
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith("MSSD_") or k.startswith("MSSD_TEST_") or k == "MSSD_REQUIRE_ALL"
+        }
+        env.update(
+            {
+                "MSSD_STORE_URL": self.url,
+                "MSSD_SERVER_VAR_DIR": str(self.workdir),
+                "MSSD_SMTP_MTA_LISTEN": "127.0.0.1:0",
+                "MSSD_SMTP_SUBMISSION_LISTEN": "127.0.0.1:0",
+                "MSSD_SMTP_SUBMISSIONS_LISTEN": "127.0.0.1:0",
+                "MSSD_TLS_CERT_FILE": str(self.pki.dev.server_cert),
+                "MSSD_TLS_KEY_FILE": str(self.pki.dev.server_key),
+                "MSSD_TLS_CLIENT_CA_FILE": str(self.pki.dev.ca_bundle),
+                "MSSD_TLS_CRL_FILE": str(self.pki.dev.crl),
+                "MSSD_AUTH_SCRYPT_N": "1024",
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
+        env.update(self.extra_env)
+        return env
+
+    def start(self, timeout: float = 30.0) -> MssdProcess:
+        self.log = self.workdir / f"mssd-{time.monotonic_ns()}.log"
+        stderr = self.log.open("w")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "mssd", "serve"],
+            cwd=self.workdir,
+            env=self.env(),
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+        )
+        deadline = time.monotonic() + timeout
+        assert self.process.stdout is not None
+        while time.monotonic() < deadline:
+            line = self.process.stdout.readline()
+            if not line:
+                break
+            if line.startswith("mssd ready "):
+                addresses: dict[str, str] = json.loads(line[len("mssd ready ") :])
+                self.ports = {k: int(v.rpartition(":")[2]) for k, v in addresses.items()}
+                return self
+        self.stop()
+        raise RuntimeError(f"mssd did not start:\n{self.log.read_text()}")
+
+    def stop(self, sig: int = signal.SIGTERM) -> int | None:
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        code = self.process.returncode
+        if self.process.stdout is not None:
+            self.process.stdout.close()
+        self.process = None
+        return code
+
+    @property
+    def submission(self) -> int:
+        return self.ports["smtp_submission"]
+
+    @property
+    def submissions(self) -> int:
+        return self.ports["smtp_submissions"]
+
+    @property
+    def mta(self) -> int:
+        return self.ports["smtp_mta"]
+
+    def smtp(
+        self,
+        *,
+        login: str | None = PER,
+        password: str = PASSWORD,
+        cert: pki.IssuedCertificate | None = None,
+    ) -> smtplib.SMTP:
+        """A submission session on 587 after STARTTLS (and AUTH PLAIN if login)."""
+        client = smtplib.SMTP("127.0.0.1", self.submission, timeout=30)
+        client.starttls(context=self.pki.client_context(cert))
+        client.ehlo("client.mssd.test")
+        if login is not None:
+            client.login(login, password)
+        return client
+
+
+def start_mssd(url: str, test_pki: TestPki, workdir: Path, **extra_env: str) -> MssdProcess:
+    return MssdProcess(url, test_pki, workdir, extra_env=dict(extra_env)).start()
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def mssd(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, test_pki: TestPki
+) -> Iterator[MssdProcess]:
+    """mssd serving the standard population, once per module and backend."""
+    workdir = tmp_path_factory.mktemp(f"mssd-{request.param}")
+    for url in _store_url(request.param, workdir):
+        asyncio.run(seed(url, test_pki))
+        server = start_mssd(url, test_pki, workdir)
+        try:
+            yield server
+        finally:
+            server.stop()
+
+
+def run(coro: Any) -> Any:
+    """Run a coroutine from a synchronous test."""
+    return asyncio.run(coro)
