@@ -56,10 +56,10 @@ def tls_context(settings: Settings) -> ssl.SSLContext:
 
 
 async def build_services(settings: Settings) -> Services:
-    tls = tls_context(settings)
     engine = create_engine(settings.store.url, echo=settings.store.echo_sql)
     try:
         await check_schema(engine)
+        tls = tls_context(settings)
     except Exception:
         await engine.dispose()
         raise

@@ -30,6 +30,8 @@ from mssd.store.engine import SchemaError, create_engine, current_revision, head
 from mssd.store.errors import StoreError
 from mssd.store.messages import folder_states, list_messages, read_blob
 from mssd.trust.identity import DnError, normalise_dn, parse_dn
+from mssd.trust.pki import PkiError
+from mssd.trust.tls import TlsConfigError
 from mssd.trust.idnat import IdNatError, check_idnat_ps, check_idnat_struct
 
 BAL_TYPES = ("PER", "ORG", "APP", "CAB")
@@ -54,11 +56,9 @@ def actor() -> str:
 
 def check_address(address: str) -> str:
     try:
-        # check_deliverability: no DNS here; globally_deliverable=False allows
-        # private and test domains an operator may host (RFC 6761 names).
-        valid = validate_email(
-            address, check_deliverability=False, globally_deliverable=False
-        )
+        # No DNS look-up here; test_environment admits the RFC 6761 ".test"
+        # domains that development and test deployments use.
+        valid = validate_email(address, check_deliverability=False, test_environment=True)
     except EmailNotValidError as error:
         raise UsageError(f"{address!r} is not a valid mail address: {error}") from None
     return valid.normalized.lower()
@@ -212,8 +212,10 @@ async def cmd_mailbox(settings: Settings, args: argparse.Namespace) -> None:
                 may_send=not args.no_send,
                 actor=actor(),
             )
-            print(f"{args.account} may use {args.address} with rights {rights}"
-                  + ("" if args.no_send else " and send as it"))
+            print(
+                f"{args.account} may use {args.address} with rights {rights}"
+                + ("" if args.no_send else " and send as it")
+            )
         elif command == "revoke":
             await admin.revoke(engine, args.address, args.account, actor=actor())
             print(f"{args.account} no longer uses {args.address}")
@@ -458,6 +460,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     except UsageError as error:
         fail(str(error), 2)
     except (StoreError, SchemaError) as error:
+        fail(str(error), 1)
+    except TlsConfigError as error:
+        fail(f"TLS: {error} (`mssd pki init` creates a development PKI)", 1)
+    except PkiError as error:
+        fail(f"PKI: {error}", 1)
+    except OSError as error:
         fail(str(error), 1)
     except KeyboardInterrupt:
         fail("interrupted", 130)

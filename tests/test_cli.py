@@ -1,0 +1,196 @@
+"""The `mssd` command as an administrator uses it: real processes, real store."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import PkiBundle
+
+from mssd.trust.identity import normalise_dn
+
+
+class Cli:
+    def __init__(self, url: str, workdir: Path) -> None:
+        self.url = url
+        self.workdir = workdir
+
+    def __call__(
+        self, *args: str, stdin: str | None = None, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        environment = {
+            k: v for k, v in os.environ.items() if not k.startswith("MSSD_") or k == "MSSD_REQUIRE_ALL"
+        }
+        environment.update({"MSSD_STORE_URL": self.url, "MSSD_AUTH_SCRYPT_N": "1024"})
+        environment.update(env or {})
+        return subprocess.run(
+            [sys.executable, "-m", "mssd", *args],
+            cwd=self.workdir, env=environment, input=stdin, capture_output=True, text=True,
+            timeout=60, check=False,
+        )
+
+    def ok(self, *args: str, stdin: str | None = None) -> str:
+        result = self(*args, stdin=stdin)
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+
+@pytest.fixture
+def cli(store_url: str, tmp_path: Path) -> Cli:
+    tool = Cli(store_url, tmp_path)
+    tool.ok("db", "upgrade")
+    tool.ok("domain", "add", "clinique.mssd.test")
+    return tool
+
+
+def refused(result: subprocess.CompletedProcess[str], status: int, text: str) -> None:
+    assert result.returncode == status, (result.returncode, result.stdout, result.stderr)
+    assert result.stderr.startswith("mssd: "), result.stderr
+    assert text in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_serve_refuses_a_store_without_schema(tmp_path: Path) -> None:
+    tool = Cli(f"sqlite+aiosqlite:///{tmp_path / 'empty.db'}", tmp_path)
+    refused(tool("serve"), 1, "run `mssd db upgrade`")
+    assert "up to date" not in tool("db", "status").stdout
+
+
+def test_serve_stops_on_a_bad_setting(tmp_path: Path) -> None:
+    tool = Cli(f"sqlite+aiosqlite:///{tmp_path / 'x.db'}", tmp_path)
+    refused(tool("serve", env={"MSSD_SMTP_MAX_MESSAGE_SIZE": "lots"}), 2, "smtp.max_message_size")
+
+
+def test_domains(cli: Cli) -> None:
+    refused(cli("domain", "add", "clinique.mssd.test"), 1, "already exists")
+    refused(cli("domain", "add", "not a domain"), 2, "not a valid")
+    assert cli.ok("domain", "list").split() == ["clinique.mssd.test"]
+
+
+def test_create_each_mailbox_type(cli: Cli, test_pki: PkiBundle) -> None:
+    cli.ok("mailbox", "create", "--type", "PER", "--idnat", "810001234567",
+           "--address", "Marie.Curie@Clinique.mssd.test", "--password-stdin",
+           stdin="un mot de passe assez long\n")
+    cli.ok("mailbox", "create", "--type", "ORG", "--structure", "1750000000",
+           "--address", "secretariat@clinique.mssd.test")
+    cli.ok("mailbox", "create", "--type", "APP", "--cert-dn", test_pki.app.subject_dn,
+           "--address", "labo@clinique.mssd.test")
+    cli.ok("mailbox", "create", "--type", "CAB", "--structure", "312345678901234",
+           "--address", "cabinet@clinique.mssd.test")
+    listing = cli.ok("mailbox", "list")
+    lines = {line.split("\t")[0]: line for line in listing.splitlines()}
+    assert "\tPER\tactive\towner=810001234567\tlogin=marie.curie@clinique.mssd.test" in lines[
+        "marie.curie@clinique.mssd.test"
+    ]
+    # The APP mailbox's owner comes from the OU of its certificate DN.
+    assert "\tAPP\tactive\towner=1750000000" in lines["labo@clinique.mssd.test"]
+    assert "\tCAB\tactive\towner=312345678901234" in lines["cabinet@clinique.mssd.test"]
+    shown = cli.ok("mailbox", "show", "secretariat@clinique.mssd.test")
+    for folder in ("INBOX", "Sent", "Drafts", "Trash", "Junk", "Archive"):
+        assert f"folder {folder}: uidvalidity=" in shown
+    assert "0 message(s)" in shown
+
+
+BAD_MAILBOXES = (
+    [
+        (["--type", "PER", "--idnat", "12345", "--address", "a@clinique.mssd.test"], 2, "not an idNat_PS"),
+        (["--type", "PER", "--address", "a@clinique.mssd.test"], 2, "needs --idnat"),
+        (["--type", "ORG", "--address", "a@clinique.mssd.test"], 2, "needs --structure"),
+        (["--type", "ORG", "--structure", "2750000000", "--address", "a@clinique.mssd.test"], 2,
+         "not an idNat_Struct"),
+        (["--type", "APP", "--address", "a@clinique.mssd.test"], 2, "needs --cert-dn"),
+        (["--type", "APP", "--cert-dn", "CN=x,,=", "--address", "a@clinique.mssd.test"], 2, "--cert-dn"),
+        (["--type", "APP", "--cert-dn", "CN=logiciel,O=Sans OU,C=FR", "--address",
+          "a@clinique.mssd.test"], 2, "needs --structure"),
+        (["--type", "PER", "--idnat", "810001234567", "--address", "pas une adresse"], 2,
+         "not a valid mail address"),
+        (["--type", "PER", "--idnat", "810001234567", "--address", "a@ailleurs.mssd.test"], 1,
+         "domain ailleurs.mssd.test is not hosted here"),
+        (["--type", "XYZ", "--address", "a@clinique.mssd.test"], 2, "invalid choice"),
+    ]
+)
+
+
+def test_bad_mailbox_input_is_named(cli: Cli) -> None:
+    for args, status, text in BAD_MAILBOXES:
+        result = cli("mailbox", "create", *args)
+        assert result.returncode == status, (args, result.stderr)
+        assert text in result.stderr, (args, result.stderr)
+        assert "Traceback" not in result.stderr
+    assert cli.ok("mailbox", "list") == ""
+
+
+def test_duplicates_are_refused(cli: Cli, test_pki: PkiBundle) -> None:
+    cli.ok("mailbox", "create", "--type", "PER", "--idnat", "810001234567",
+           "--address", "marie@clinique.mssd.test")
+    refused(cli("mailbox", "create", "--type", "ORG", "--structure", "1750000000",
+                "--address", "MARIE@clinique.mssd.test"), 1, "already exists")
+    cli.ok("mailbox", "create", "--type", "APP", "--cert-dn", test_pki.app.subject_dn,
+           "--address", "labo@clinique.mssd.test")
+    # The same DN written differently is the same DN (RFC 4514 comparison).
+    respelled = normalise_dn(test_pki.app.subject_dn).upper().replace(",", " , ")
+    refused(cli("mailbox", "create", "--type", "APP", "--cert-dn", respelled,
+                "--address", "labo2@clinique.mssd.test"), 1, "already registered")
+
+
+def test_delegation_and_states(cli: Cli) -> None:
+    cli.ok("mailbox", "create", "--type", "PER", "--idnat", "810001234567",
+           "--address", "marie@clinique.mssd.test")
+    cli.ok("mailbox", "create", "--type", "ORG", "--structure", "1750000000",
+           "--address", "accueil@clinique.mssd.test")
+    refused(cli("mailbox", "grant", "marie@clinique.mssd.test", "accueil@clinique.mssd.test"),
+            1, "only ORG and CAB mailboxes")
+    refused(cli("mailbox", "grant", "accueil@clinique.mssd.test", "nobody@clinique.mssd.test"),
+            1, "no account with login")
+    refused(cli("mailbox", "grant", "accueil@clinique.mssd.test", "marie@clinique.mssd.test",
+                "--rights", "lrz"), 2, "RFC 4314 letters")
+    cli.ok("mailbox", "grant", "accueil@clinique.mssd.test", "marie@clinique.mssd.test",
+           "--rights", "lrs", "--no-send")
+    assert "delegates=marie@clinique.mssd.test:lrs" in cli.ok("mailbox", "list")
+    cli.ok("mailbox", "suspend", "accueil@clinique.mssd.test")
+    refused(cli("mailbox", "suspend", "accueil@clinique.mssd.test"), 1, "already suspended")
+    cli.ok("mailbox", "reactivate", "accueil@clinique.mssd.test")
+    cli.ok("mailbox", "close", "accueil@clinique.mssd.test")
+    refused(cli("mailbox", "reactivate", "accueil@clinique.mssd.test"), 1, "is closed")
+    refused(cli("mailbox", "suspend", "absent@clinique.mssd.test"), 1, "no mailbox")
+
+
+def test_passwords_and_one_time_codes(cli: Cli) -> None:
+    cli.ok("mailbox", "create", "--type", "PER", "--idnat", "810001234567",
+           "--address", "marie@clinique.mssd.test")
+    refused(cli("account", "passwd", "marie@clinique.mssd.test", "--password-stdin",
+                stdin="court\n"), 2, "at least 12 characters")
+    refused(cli("account", "passwd", "marie@clinique.mssd.test"), 2, "--password-stdin")
+    cli.ok("account", "passwd", "marie@clinique.mssd.test", "--password-stdin",
+           stdin="un mot de passe assez long\n")
+    out = cli.ok("account", "totp", "marie@clinique.mssd.test")
+    assert "otpauth://totp/" in out
+    refused(cli("account", "passwd", "nobody@clinique.mssd.test", "--password-stdin",
+                stdin="un mot de passe assez long\n"), 1, "no account")
+
+
+def test_every_change_is_audited(cli: Cli) -> None:
+    cli.ok("mailbox", "create", "--type", "PER", "--idnat", "810001234567",
+           "--address", "marie@clinique.mssd.test")
+    cli.ok("mailbox", "create", "--type", "ORG", "--structure", "1750000000",
+           "--address", "accueil@clinique.mssd.test")
+    cli.ok("mailbox", "grant", "accueil@clinique.mssd.test", "marie@clinique.mssd.test")
+    cli.ok("account", "passwd", "marie@clinique.mssd.test", "--password-stdin",
+           stdin="un mot de passe assez long\n")
+    cli.ok("mailbox", "suspend", "accueil@clinique.mssd.test")
+    actions = [line.split("\t")[1] for line in cli.ok("audit", "--limit", "20").splitlines()]
+    assert actions == [
+        "mailbox.suspended",
+        "account.passwd",
+        "mailbox.grant",
+        "mailbox.create",
+        "mailbox.create",
+        "domain.add",
+    ]
+    assert "un mot de passe" not in cli.ok("audit")
+    # A refused change leaves no audit line.
+    cli("mailbox", "suspend", "accueil@clinique.mssd.test")
+    assert len(cli.ok("audit", "--limit", "20").splitlines()) == 6

@@ -1,0 +1,86 @@
+"""Settings: the example file documents every key; bad values name the key."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+
+import pytest
+from conftest import ROOT
+
+from mssd.config import ConfigError, Settings, all_keys, env_name, load
+
+EXAMPLE = ROOT / "config" / "mssd.example.toml"
+
+
+def test_example_file_lists_every_key_with_a_comment() -> None:
+    document = tomllib.loads(EXAMPLE.read_text(encoding="utf-8"))
+    listed = {(section, key) for section, table in document.items() for key in table}
+    assert listed == set(all_keys())
+    lines = EXAMPLE.read_text(encoding="utf-8").splitlines()
+    key = re.compile(r"^[a-z_0-9]+ = ")
+    for index, line in enumerate(lines):
+        if key.match(line):
+            above = index - 1
+            while key.match(lines[above]):
+                above -= 1
+            assert lines[above].startswith("#"), f"{line!r} has no comment above it"
+
+
+def test_example_file_loads_to_the_defaults() -> None:
+    assert load(EXAMPLE, env={}) == Settings()
+
+
+def test_environment_overrides_the_file(tmp_path: Path) -> None:
+    config = tmp_path / "mssd.toml"
+    config.write_text('[smtp]\nmax_message_size = 1000\n[store]\nurl = "sqlite+aiosqlite:///x.db"\n')
+    settings = load(
+        config,
+        env={
+            env_name("smtp", "max_message_size"): "2000",
+            "MSSD_SMTP_TRUSTED_NETWORKS": "127.0.0.0/8, ::1/128",
+            "MSSD_SMTP_MTA_REQUIRE_TLS": "false",
+        },
+    )
+    assert settings.smtp.max_message_size == 2000
+    assert settings.smtp.trusted_networks == ("127.0.0.0/8", "::1/128")
+    assert settings.smtp.mta_require_tls is False
+    assert settings.store.url == "sqlite+aiosqlite:///x.db"
+
+
+@pytest.mark.parametrize(
+    ("content", "env", "message"),
+    [
+        ("[smtp]\nmax_message_size = 'big'\n", {}, "smtp.max_message_size: expected an integer"),
+        ("", {"MSSD_SMTP_MAX_MESSAGE_SIZE": "-1"}, "smtp.max_message_size: must be greater than 0"),
+        ("", {"MSSD_SMTP_MAX_MESSAGE_SIZE": "x"}, "(from MSSD_SMTP_MAX_MESSAGE_SIZE)"),
+        ("[smtp]\nsubmission_listen = '127.0.0.1'\n", {}, "smtp.submission_listen: expected HOST:PORT"),
+        ("[smtp]\nmax_mesage_size = 1\n", {}, "smtp.max_mesage_size: unknown setting"),
+        ("[smpt]\n", {}, "smpt: unknown section"),
+        ("", {"MSSD_SMTP_MAX_MESAGE_SIZE": "1"}, "MSSD_SMTP_MAX_MESAGE_SIZE: unknown environment"),
+        ("[store]\nurl = 'mysql://x'\n", {}, "store.url: must start with"),
+        ("[auth]\nscrypt_n = 1000\n", {}, "auth.scrypt_n: must be a power of two"),
+        ("[auth]\npsc_issuer = 'https://psc'\n", {}, "auth.psc_issuer and auth.psc_jwks_url"),
+        (
+            "[auth]\npsc_issuer = 'x'\npsc_jwks_url = 'http://idp/jwks'\n",
+            {},
+            "auth.psc_jwks_url: must be an https:// URL",
+        ),
+        ("[smtp]\ntrusted_networks = ['10.0.0.0/33']\n", {}, "smtp.trusted_networks: '10.0.0.0/33'"),
+        ("[pki]\noperator_structure = '42'\n", {}, "pki.operator_structure: '42' is not an idNat_Struct"),
+        ("[smtp]\nmta_require_tls = 'maybe'\n", {}, "smtp.mta_require_tls: expected true or false"),
+        ("[smtp\n", {}, "is not valid TOML"),
+    ],
+)
+def test_bad_values_name_the_key(tmp_path: Path, content: str, env: dict[str, str], message: str) -> None:
+    config = tmp_path / "mssd.toml"
+    config.write_text(content)
+    with pytest.raises(ConfigError) as error:
+        load(config, env=env)
+    assert message in str(error.value)
+
+
+def test_missing_file_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load(tmp_path / "absent.toml", env={})
