@@ -137,7 +137,7 @@ def _store_url(backend: str, directory: Path) -> Iterator[str]:
 
 
 @dataclass(frozen=True)
-class TestPki:
+class PkiBundle:
     dev: pki.DevPki
     personal: pki.IssuedCertificate
     app: pki.IssuedCertificate
@@ -152,7 +152,7 @@ class TestPki:
 
 
 @pytest.fixture(scope="session")
-def test_pki(tmp_path_factory: pytest.TempPathFactory) -> TestPki:
+def test_pki(tmp_path_factory: pytest.TempPathFactory) -> PkiBundle:
     dev = pki.init_dev_pki(tmp_path_factory.mktemp("pki"), hostnames=["localhost"])
     personal = pki.issue_personal_certificate(
         dev,
@@ -177,7 +177,7 @@ def test_pki(tmp_path_factory: pytest.TempPathFactory) -> TestPki:
         profession="Infirmier",
         name="stranger",
     )
-    return TestPki(dev, personal, app, stranger)
+    return PkiBundle(dev, personal, app, stranger)
 
 
 # -- the standard test population ----------------------------------------------
@@ -194,7 +194,7 @@ CLOSED = f"ferme@{DOMAIN}"
 STRUCTURE = "1750000000"
 
 
-async def seed(url: str, test_pki: TestPki) -> None:
+async def seed(url: str, test_pki: PkiBundle) -> None:
     """Create the schema and the standard population through the admin API."""
     engine = create_engine(url)
     try:
@@ -258,7 +258,7 @@ class MssdProcess:
     """``mssd serve`` in a subprocess; ``ports`` comes from its ready line."""
 
     url: str
-    pki: TestPki
+    pki: PkiBundle
     workdir: Path
     extra_env: dict[str, str] = field(default_factory=dict)
     process: subprocess.Popen[str] | None = None
@@ -357,13 +357,13 @@ class MssdProcess:
         return client
 
 
-def start_mssd(url: str, test_pki: TestPki, workdir: Path, **extra_env: str) -> MssdProcess:
+def start_mssd(url: str, test_pki: PkiBundle, workdir: Path, **extra_env: str) -> MssdProcess:
     return MssdProcess(url, test_pki, workdir, extra_env=dict(extra_env)).start()
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
 def mssd(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, test_pki: TestPki
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, test_pki: PkiBundle
 ) -> Iterator[MssdProcess]:
     """mssd serving the standard population, once per module and backend."""
     workdir = tmp_path_factory.mktemp(f"mssd-{request.param}")
