@@ -1,0 +1,159 @@
+"""The store on SQLite and PostgreSQL: schema, group commit, UIDs, audit."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import hashlib
+from collections.abc import AsyncIterator
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from conftest import ORG, PER, PER2, PkiBundle, seed
+from sqlalchemy import Connection, func, select, text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from mssd.store.accounts import StoreAccounts
+from mssd.store.delivery import GroupCommitter, NewMessage, RecipientRecord, new_envelope_id
+from mssd.store.engine import SchemaError, check_schema, create_engine
+from mssd.store.messages import folder_states, list_messages, read_blob
+from mssd.store.schema import audit, blobs, metadata
+
+
+@pytest.fixture
+async def engine(store_url: str, test_pki: PkiBundle) -> AsyncIterator[AsyncEngine]:
+    await seed(store_url, test_pki)
+    engine = create_engine(store_url)
+    yield engine
+    await engine.dispose()
+
+
+def new_message(body: bytes, recipients: list[RecipientRecord]) -> NewMessage:
+    return NewMessage(
+        envelope_id=new_envelope_id(),
+        content=body,
+        sha256=hashlib.sha256(body).hexdigest(),
+        mail_from=PER,
+        recipients=tuple(recipients),
+        source="submission",
+        remote="127.0.0.1",
+        received_at=dt.datetime.now(dt.UTC),
+        auth_login=PER,
+    )
+
+
+async def recipient(engine: AsyncEngine, address: str) -> RecipientRecord:
+    mailbox = await StoreAccounts(engine).local_mailbox(address)
+    assert mailbox is not None
+    return RecipientRecord(address=address, mailbox_id=mailbox.id)
+
+
+async def test_migrations_match_the_schema_module(engine: AsyncEngine) -> None:
+    await check_schema(engine)
+
+    def differences(connection: Connection) -> list[object]:
+        return list(compare_metadata(MigrationContext.configure(connection), metadata))
+
+    async with engine.connect() as conn:
+        assert await conn.run_sync(differences) == []
+
+
+async def test_unknown_schema_revision_is_refused(engine: AsyncEngine) -> None:
+    async with engine.begin() as conn:
+        await conn.execute(text("UPDATE alembic_version SET version_num = 'ffff'"))
+    with pytest.raises(SchemaError, match="unknown to this mssd"):
+        await check_schema(engine)
+
+
+async def test_audit_rows_cannot_be_changed_or_deleted(engine: AsyncEngine) -> None:
+    for statement in (audit.update().values(result="tampered"), audit.delete()):
+        with pytest.raises(Exception, match="append-only"):
+            async with engine.begin() as conn:
+                await conn.execute(statement)
+    async with engine.connect() as conn:
+        assert await conn.scalar(select(func.count()).select_from(audit)) > 0
+        assert await conn.scalar(select(func.count()).where(audit.c.result == "tampered")) == 0
+
+
+async def test_concurrent_deliveries_get_unique_consecutive_uids(engine: AsyncEngine) -> None:
+    committed: list[int] = []
+    committer = GroupCommitter(
+        engine, max_batch=16, on_commit=lambda results: committed.append(len(results))
+    )
+    committer.start()
+    try:
+        to_per2 = await recipient(engine, PER2)
+        to_org = await recipient(engine, ORG)
+        stored = await asyncio.gather(
+            *(
+                committer.store(new_message(f"Subject: {i}\r\n\r\n{i}\r\n".encode(), [to_per2, to_org]))
+                for i in range(100)
+            )
+        )
+    finally:
+        await committer.stop()
+    assert sum(committed) == 100
+    assert len(committed) < 100, "concurrent messages should share commits"
+    for address in (PER2, ORG):
+        uids = [m.uid for m in await list_messages(engine, address, folder="INBOX")]
+        assert uids == list(range(1, 101))
+        inbox = next(f for f in await folder_states(engine, address) if f.name == "INBOX")
+        assert inbox.uidnext == 101
+        assert inbox.highestmodseq == 101
+    placements = [p for s in stored for p in s.placements]
+    assert len({(p.folder_id, p.uid) for p in placements}) == 200
+
+
+async def test_identical_content_is_stored_once(engine: AsyncEngine) -> None:
+    committer = GroupCommitter(engine)
+    committer.start()
+    body = b"Subject: meme contenu\r\n\r\nidentique\r\n"
+    try:
+        await committer.store(new_message(body, [await recipient(engine, PER2)]))
+        await committer.store(new_message(body, [await recipient(engine, ORG)]))
+    finally:
+        await committer.stop()
+    digest = hashlib.sha256(body).hexdigest()
+    async with engine.connect() as conn:
+        assert await conn.scalar(select(func.count()).where(blobs.c.sha256 == digest)) == 1
+    assert await read_blob(engine, digest) == body
+
+
+async def test_one_failing_message_does_not_fail_its_batch(engine: AsyncEngine) -> None:
+    committer = GroupCommitter(engine)
+    committer.start()
+    good = await recipient(engine, PER2)
+    broken = RecipientRecord(address="ghost@hopital.mssd.test", mailbox_id=999999)
+    try:
+        results = await asyncio.gather(
+            committer.store(new_message(b"Subject: a\r\n\r\na\r\n", [good])),
+            committer.store(new_message(b"Subject: b\r\n\r\nb\r\n", [broken])),
+            committer.store(new_message(b"Subject: c\r\n\r\nc\r\n", [good])),
+            return_exceptions=True,
+        )
+    finally:
+        await committer.stop()
+    assert not isinstance(results[0], BaseException)
+    assert isinstance(results[1], LookupError)
+    assert not isinstance(results[2], BaseException)
+    assert len(await list_messages(engine, PER2, folder="INBOX")) == 2
+
+
+async def test_sender_rights(engine: AsyncEngine) -> None:
+    accounts = StoreAccounts(engine)
+    per = await accounts.by_login(PER.upper())
+    per2 = await accounts.by_idnat_ps("810000000029")
+    assert per is not None and per2 is not None
+    assert await accounts.sendable_addresses(per.id) == {PER, ORG}
+    assert await accounts.sendable_addresses(per2.id) == {PER2}
+
+
+async def test_one_time_code_step_is_claimed_once(engine: AsyncEngine) -> None:
+    accounts = StoreAccounts(engine)
+    per = await accounts.by_login(PER)
+    assert per is not None
+    claims = await asyncio.gather(*(accounts.claim_totp_step(per.id, 1000) for _ in range(5)))
+    assert sorted(claims) == [False, False, False, False, True]
+    assert not await accounts.claim_totp_step(per.id, 999)
+    assert await accounts.claim_totp_step(per.id, 1001)
