@@ -184,11 +184,7 @@ def env_name(section: str, key: str) -> str:
 
 def all_keys() -> list[tuple[str, str]]:
     """Every ``(section, key)`` pair mssd knows, in declaration order."""
-    return [
-        (section, f.name)
-        for section, cls in SECTIONS.items()
-        for f in dataclasses.fields(cls)
-    ]
+    return [(section, f.name) for section, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
 
 
 def _build_section(
@@ -220,7 +216,9 @@ def _check_listen(key: str, value: str) -> None:
         return
     host, sep, port = value.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
-        raise ConfigError(f"{key}: expected HOST:PORT (port 0-65535; 0 picks a free port) or empty, got {value!r}")
+        raise ConfigError(
+            f"{key}: expected HOST:PORT (port 0-65535; 0 picks a free port) or empty, got {value!r}"
+        )
 
 
 def validate(settings: Settings) -> Settings:
@@ -249,7 +247,9 @@ def validate(settings: Settings) -> Settings:
     if n < 2 or n & (n - 1):
         raise ConfigError(f"auth.scrypt_n: must be a power of two above 1, got {n}")
     if not 0 <= settings.auth.totp_window <= 10:
-        raise ConfigError(f"auth.totp_window: must be between 0 and 10, got {settings.auth.totp_window}")
+        raise ConfigError(
+            f"auth.totp_window: must be between 0 and 10, got {settings.auth.totp_window}"
+        )
     if settings.auth.psc_leeway_seconds < 0:
         raise ConfigError("auth.psc_leeway_seconds: must not be negative")
     for network in settings.smtp.trusted_networks:
@@ -301,9 +301,7 @@ def load(path: Path | None = None, env: Mapping[str, str] | None = None) -> Sett
             raise ConfigError(f"configuration file {path} is not valid TOML: {error}") from None
     for section, table in document.items():
         if section not in SECTIONS:
-            raise ConfigError(
-                f"{section}: unknown section (known: {', '.join(SECTIONS)})"
-            )
+            raise ConfigError(f"{section}: unknown section (known: {', '.join(SECTIONS)})")
         if not isinstance(table, dict):
             raise ConfigError(f"{section}: expected a table [{section}]")
     known_env = {env_name(s, k) for s, k in all_keys()} | {"MSSD_CONFIG", "MSSD_REQUIRE_ALL"}

@@ -45,7 +45,9 @@ async def setup_demo(settings: Settings) -> None:
     if "localhost" not in hostnames:
         hostnames.append("localhost")
     dev = pki.init_dev_pki(
-        settings.pki.directory, hostnames=hostnames, operator_structure=settings.pki.operator_structure
+        settings.pki.directory,
+        hostnames=hostnames,
+        operator_structure=settings.pki.operator_structure,
     )
     issued = dev.directory / "issued"
     if not (issued / "claire-martin.pem").exists():
@@ -82,12 +84,27 @@ async def setup_demo(settings: Settings) -> None:
             pass
         hashed = await asyncio.to_thread(hash_password, password, settings.auth)
         creations = [
-            dict(address=PER_ADDRESS, bal_type="PER", owner_idnat=PER_IDNAT, idnat_ps=PER_IDNAT,
-                 display_name="Dr Claire MARTIN", password_hash=hashed),
-            dict(address=ORG_ADDRESS, bal_type="ORG", owner_idnat=STRUCTURE,
-                 display_name="Secrétariat de cardiologie"),
-            dict(address=APP_ADDRESS, bal_type="APP", owner_idnat=STRUCTURE,
-                 cert_dn=normalise_dn(app_dn), display_name="Laboratoire (logiciel)"),
+            dict(
+                address=PER_ADDRESS,
+                bal_type="PER",
+                owner_idnat=PER_IDNAT,
+                idnat_ps=PER_IDNAT,
+                display_name="Dr Claire MARTIN",
+                password_hash=hashed,
+            ),
+            dict(
+                address=ORG_ADDRESS,
+                bal_type="ORG",
+                owner_idnat=STRUCTURE,
+                display_name="Secrétariat de cardiologie",
+            ),
+            dict(
+                address=APP_ADDRESS,
+                bal_type="APP",
+                owner_idnat=STRUCTURE,
+                cert_dn=normalise_dn(app_dn),
+                display_name="Laboratoire (logiciel)",
+            ),
         ]
         for values in creations:
             try:
@@ -95,8 +112,12 @@ async def setup_demo(settings: Settings) -> None:
             except Conflict:
                 pass
         await admin.grant(
-            engine, ORG_ADDRESS, PER_ADDRESS, rights=admin.DEFAULT_DELEGATE_RIGHTS,
-            may_send=True, actor=actor,
+            engine,
+            ORG_ADDRESS,
+            PER_ADDRESS,
+            rights=admin.DEFAULT_DELEGATE_RIGHTS,
+            may_send=True,
+            actor=actor,
         )
     finally:
         await engine.dispose()

@@ -74,10 +74,20 @@ class AuditList:
 
 
 STORED = hash_password(PASSWORD, SETTINGS)
-ALICE = Account(id=1, login="alice@example.mssante.fr", status="active", password_hash=STORED,
-                idnat_ps="810002345678")
-BOB = Account(id=2, login="bob@example.mssante.fr", status="active", password_hash=STORED,
-              totp_secret=TOTP_SECRET)
+ALICE = Account(
+    id=1,
+    login="alice@example.mssante.fr",
+    status="active",
+    password_hash=STORED,
+    idnat_ps="810002345678",
+)
+BOB = Account(
+    id=2,
+    login="bob@example.mssante.fr",
+    status="active",
+    password_hash=STORED,
+    totp_secret=TOTP_SECRET,
+)
 CAROL = Account(id=3, login="carol@example.mssante.fr", status="suspended", password_hash=STORED)
 
 
@@ -88,8 +98,9 @@ def make(clock: Clock | None = None) -> tuple[Authenticator, MemoryAccounts, Aud
     return auth, accounts, audit
 
 
-async def plain(auth: Authenticator, login: str, secret: str, ctx: AuthContext = TLS,
-                authzid: str = "") -> StepResult:
+async def plain(
+    auth: Authenticator, login: str, secret: str, ctx: AuthContext = TLS, authzid: str = ""
+) -> StepResult:
     exchange = auth.start("PLAIN", ctx)
     return await exchange.step(f"{authzid}\x00{login}\x00{secret}".encode())
 
@@ -100,11 +111,18 @@ async def test_plain_with_right_password_gives_principal() -> None:
     assert isinstance(result, Success)
     principal = result.principal
     assert (principal.account_id, principal.login, principal.mechanism) == (
-        1, "alice@example.mssante.fr", "PLAIN")
+        1,
+        "alice@example.mssante.fr",
+        "PLAIN",
+    )
     assert principal.idnat_ps == "810002345678" and principal.expires_at is None
     [event] = audit.events
     assert (event.action, event.result, event.target, event.remote) == (
-        "auth.success", "ok", "alice@example.mssante.fr", "192.0.2.10")
+        "auth.success",
+        "ok",
+        "alice@example.mssante.fr",
+        "192.0.2.10",
+    )
     assert event.details == {"mechanism": "PLAIN", "protocol": "smtp"}
 
 
@@ -146,12 +164,14 @@ async def test_login_mechanism_asks_username_then_password() -> None:
 
 async def test_plain_authzid_other_than_login_is_refused() -> None:
     auth, _, audit = make()
-    refused = await plain(auth, "alice@example.mssante.fr", PASSWORD,
-                          authzid="bob@example.mssante.fr")
+    refused = await plain(
+        auth, "alice@example.mssante.fr", PASSWORD, authzid="bob@example.mssante.fr"
+    )
     assert isinstance(refused, Failure) and not refused.temporary
     assert audit.results == ["authzid-refused"]
-    same = await plain(auth, "alice@example.mssante.fr", PASSWORD,
-                       authzid="ALICE@example.mssante.fr")
+    same = await plain(
+        auth, "alice@example.mssante.fr", PASSWORD, authzid="ALICE@example.mssante.fr"
+    )
     assert isinstance(same, Success)
 
 
@@ -218,8 +238,9 @@ async def test_cancel_is_audited_as_failure() -> None:
 
 async def test_scrypt_does_not_block_the_event_loop() -> None:
     slow = AuthSettings(scrypt_n=2**15)
-    account = Account(id=9, login="slow@example.fr", status="active",
-                      password_hash=hash_password("pw", slow))
+    account = Account(
+        id=9, login="slow@example.fr", status="active", password_hash=hash_password("pw", slow)
+    )
     auth = Authenticator(slow, MemoryAccounts(account), AuditList())
     ticks = 0
 

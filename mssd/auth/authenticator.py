@@ -201,9 +201,7 @@ class Authenticator:
         return Failure(reason=FAILED, temporary=False)
 
     async def malformed(self, ctx: AuthContext, mechanism: str, actor: str = "") -> Failure:
-        await self.audit_event(
-            ctx, mechanism, ok=False, actor=actor, target="", result="malformed"
-        )
+        await self.audit_event(ctx, mechanism, ok=False, actor=actor, target="", result="malformed")
         return Failure(reason=MALFORMED, temporary=False, malformed=True)
 
     async def accept(
@@ -262,13 +260,21 @@ class Authenticator:
         except PasswordHashError:
             log.error("account %d has an unreadable password hash", account.id)
             return await self.refuse(
-                ctx, mechanism, actor=login, target=account.login,
-                result="bad-stored-hash", login=login,
+                ctx,
+                mechanism,
+                actor=login,
+                target=account.login,
+                result="bad-stored-hash",
+                login=login,
             )
         if not good:
             return await self.refuse(
-                ctx, mechanism, actor=login, target=account.login,
-                result="bad-credentials", login=login,
+                ctx,
+                mechanism,
+                actor=login,
+                target=account.login,
+                result="bad-credentials",
+                login=login,
             )
         if account.totp_secret:
             result = await self._check_code(account, code)
@@ -278,12 +284,21 @@ class Authenticator:
                 )
         if account.status != "active":
             return await self.refuse(
-                ctx, mechanism, actor=login, target=account.login,
-                result=account.status, login=login,
+                ctx,
+                mechanism,
+                actor=login,
+                target=account.login,
+                result=account.status,
+                login=login,
             )
         return await self.accept(
-            ctx, mechanism, account, actor=login, typed_login=login,
-            idnat_ps=account.idnat_ps, expires_at=None,
+            ctx,
+            mechanism,
+            account,
+            actor=login,
+            typed_login=login,
+            idnat_ps=account.idnat_ps,
+            expires_at=None,
         )
 
     async def _check_code(self, account: Account, code: str | None) -> str | None:
@@ -292,9 +307,7 @@ class Authenticator:
         if code is None:
             return "missing-code"
         try:
-            step = matching_step(
-                account.totp_secret, code, self.clock(), self.settings.totp_window
-            )
+            step = matching_step(account.totp_secret, code, self.clock(), self.settings.totp_window)
         except ValueError:
             log.error("account %d has an unreadable TOTP secret", account.id)
             return "bad-stored-secret"
@@ -359,9 +372,7 @@ class SaslExchange(ABC):
         self._finished = True
         if not self._audited:
             self._audited = True
-            self.auth.audit_later(
-                self.ctx, self.mechanism, actor=self._actor, result="cancelled"
-            )
+            self.auth.audit_later(self.ctx, self.mechanism, actor=self._actor, result="cancelled")
 
     @abstractmethod
     async def _step(self, response: bytes | None) -> StepResult: ...
@@ -390,8 +401,12 @@ class _PlainExchange(SaslExchange):
             # RFC 4616 §2: the server decides whether authcid may act as authzid;
             # mssd allows only itself.
             return await self.auth.refuse(
-                self.ctx, self.mechanism, actor=message.authcid, target="",
-                result="authzid-refused", login=message.authcid,
+                self.ctx,
+                self.mechanism,
+                actor=message.authcid,
+                target="",
+                result="authzid-refused",
+                login=message.authcid,
             )
         return await self.auth.password_login(
             self.ctx, self.mechanism, message.authcid, message.password
@@ -462,7 +477,11 @@ class _BearerExchange(SaslExchange):
         except IdpUnavailable as error:
             log.warning("Pro Santé Connect JWKS unavailable: %s", error)
             await auth.audit_event(
-                ctx, self.mechanism, ok=False, actor=message.user, target="",
+                ctx,
+                self.mechanism,
+                ok=False,
+                actor=message.user,
+                target="",
                 result="idp-unavailable",
             )
             return Failure(reason=IDP_UNAVAILABLE, temporary=True)
@@ -478,8 +497,13 @@ class _BearerExchange(SaslExchange):
         if account.status != "active":
             return await self._fail(message, account.login, account.status, xoauth2=xoauth2)
         return await auth.accept(
-            ctx, self.mechanism, account, actor=self._actor, typed_login=message.user or None,
-            idnat_ps=claims.idnat_ps, expires_at=claims.expires_at,
+            ctx,
+            self.mechanism,
+            account,
+            actor=self._actor,
+            typed_login=message.user or None,
+            idnat_ps=claims.idnat_ps,
+            expires_at=claims.expires_at,
         )
 
     async def _fail(
@@ -488,7 +512,11 @@ class _BearerExchange(SaslExchange):
         """RFC 7628 §3.2.2: answer with the JSON error as a challenge; fail on the next step."""
         auth = self.auth
         self._pending = await auth.refuse(
-            self.ctx, self.mechanism, actor=self._actor, target=target, result=result,
+            self.ctx,
+            self.mechanism,
+            actor=self._actor,
+            target=target,
+            result=result,
             login=message.user or None,
         )
         self._audited = True
@@ -522,27 +550,48 @@ class _ExternalExchange(SaslExchange):
             match = await account_for_certificate(ctx.peer_certificate, auth.accounts)
         except CertificateUnreadable:
             return await auth.refuse(
-                ctx, self.mechanism, actor=authzid, target="", result="bad-certificate",
+                ctx,
+                self.mechanism,
+                actor=authzid,
+                target="",
+                result="bad-certificate",
                 login=None,
             )
         self._actor = match.actor
         account = match.account
         if account is None:
             return await auth.refuse(
-                ctx, self.mechanism, actor=match.actor, target="", result="unknown-account",
+                ctx,
+                self.mechanism,
+                actor=match.actor,
+                target="",
+                result="unknown-account",
                 login=None,
             )
         if authzid and authzid.lower() != account.login.lower():
             return await auth.refuse(
-                ctx, self.mechanism, actor=match.actor, target=account.login,
-                result="authzid-refused", login=None,
+                ctx,
+                self.mechanism,
+                actor=match.actor,
+                target=account.login,
+                result="authzid-refused",
+                login=None,
             )
         if account.status != "active":
             return await auth.refuse(
-                ctx, self.mechanism, actor=match.actor, target=account.login,
-                result=account.status, login=None,
+                ctx,
+                self.mechanism,
+                actor=match.actor,
+                target=account.login,
+                result=account.status,
+                login=None,
             )
         return await auth.accept(
-            ctx, self.mechanism, account, actor=match.actor, typed_login=None,
-            idnat_ps=match.idnat_ps or account.idnat_ps, expires_at=match.not_after,
+            ctx,
+            self.mechanism,
+            account,
+            actor=match.actor,
+            typed_login=None,
+            idnat_ps=match.idnat_ps or account.idnat_ps,
+            expires_at=match.not_after,
         )

@@ -7,6 +7,7 @@ import ipaddress
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from mssd.auth import Authenticator
 from mssd.config import Settings
@@ -56,7 +57,7 @@ async def start_smtp(
     loop = asyncio.get_running_loop()
     smtp = settings.smtp
     trusted = trusted_matcher(smtp.trusted_networks)
-    common = {
+    common: dict[str, Any] = {
         "hostname": settings.server.hostname,
         "ident": "mssd ESMTP",
         "data_size_limit": smtp.max_message_size,
@@ -66,7 +67,6 @@ async def start_smtp(
         "auth_require_tls": True,
         "proxy_protocol_timeout": 10.0 if smtp.proxy_protocol else None,
     }
-    plans: list[tuple[str, str, Source, Callable[[], MssdSMTP], ssl.SSLContext | None]] = []
 
     def mta() -> MssdSMTP:
         return MssdSMTP(
@@ -102,7 +102,7 @@ async def start_smtp(
             **common,
         )
 
-    plans = [
+    plans: list[tuple[str, str, Source, Callable[[], MssdSMTP], ssl.SSLContext | None]] = [
         ("mta", smtp.mta_listen, "mta", mta, None),
         ("submission", smtp.submission_listen, "submission", submission, None),
         ("submissions", smtp.submissions_listen, "submission", submissions, tls),

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlalchemy import select, update
+from sqlalchemy import Column, select, update
 from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -28,13 +28,13 @@ class LocalMailbox:
 def _account(row: Row[tuple[object, ...]]) -> Account:
     m = row._mapping
     return Account(
-        id=int(m["id"]),  # type: ignore[call-overload]
+        id=int(m["id"]),
         login=str(m["login"]),
-        status=m["status"],  # type: ignore[arg-type]
-        idnat_ps=m["idnat_ps"],  # type: ignore[arg-type]
-        cert_dn=m["cert_dn"],  # type: ignore[arg-type]
-        password_hash=m["password_hash"],  # type: ignore[arg-type]
-        totp_secret=m["totp_secret"],  # type: ignore[arg-type]
+        status=m["status"],
+        idnat_ps=m["idnat_ps"],
+        cert_dn=m["cert_dn"],
+        password_hash=m["password_hash"],
+        totp_secret=m["totp_secret"],
     )
 
 
@@ -44,9 +44,9 @@ class StoreAccounts:
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
 
-    async def _one(self, column: object, value: str) -> Account | None:
+    async def _one(self, column: Column[str], value: str) -> Account | None:
         async with self._engine.connect() as conn:
-            row = (await conn.execute(select(accounts).where(column == value))).one_or_none()  # type: ignore[arg-type]
+            row = (await conn.execute(select(accounts).where(column == value))).one_or_none()
         return None if row is None else _account(row)
 
     async def by_login(self, login: str) -> Account | None:
@@ -93,13 +93,18 @@ class StoreAccounts:
             row = (
                 await conn.execute(
                     select(
-                        mailboxes.c.id, mailboxes.c.address, mailboxes.c.bal_type, mailboxes.c.status
+                        mailboxes.c.id,
+                        mailboxes.c.address,
+                        mailboxes.c.bal_type,
+                        mailboxes.c.status,
                     ).where(mailboxes.c.address == address.lower())
                 )
             ).one_or_none()
         if row is None:
             return None
-        return LocalMailbox(id=row.id, address=row.address, bal_type=row.bal_type, status=row.status)
+        return LocalMailbox(
+            id=row.id, address=row.address, bal_type=row.bal_type, status=row.status
+        )
 
     async def local_domains(self) -> frozenset[str]:
         async with self._engine.connect() as conn:
