@@ -7,7 +7,7 @@ import dataclasses
 import logging
 from typing import Any
 
-from aiosmtpd.smtp import Session
+from aiosmtpd.smtp import Session, TLSSetupException
 
 from mssd.auth import Principal
 from mssd.delivery import DeliveryPipeline, PolicyRefusal, SessionInfo, Transaction
@@ -24,7 +24,9 @@ class Handler:
         self.pipeline = pipeline
         self.source = source
 
-    async def handle_PROXY(self, server: MssdSMTP, session: Session, envelope: Any, proxy: Any) -> bool:
+    async def handle_PROXY(
+        self, server: MssdSMTP, session: Session, envelope: Any, proxy: Any
+    ) -> bool:
         # PROXY protocol v2 from a TCP load balancer (DESIGN.md, Scale-out): the
         # client's address is the one the balancer saw.
         if proxy is None or not proxy.valid:
@@ -116,5 +118,10 @@ class Handler:
         return f"250 2.0.0 Ok: queued as {stored.envelope_id}"
 
     async def handle_exception(self, error: Exception) -> str:
+        if isinstance(error, TLSSetupException):
+            # The client broke off or botched the STARTTLS handshake (RFC 3207 §4):
+            # its failure, not ours. aiosmtpd closes the connection without a reply.
+            log.info("STARTTLS handshake failed: %r", error.__cause__)
+            return "454 4.7.0 TLS not available due to temporary reason"
         log.exception("SMTP session error", exc_info=error)
         return "451 4.3.0 Internal error; the command was not carried out"

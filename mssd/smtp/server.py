@@ -22,7 +22,7 @@ import logging
 import re
 from base64 import b64decode, b64encode
 from collections.abc import Callable
-from typing import Any
+from typing import Any, AnyStr
 
 from aiosmtpd.smtp import SMTP, Envelope, Session, syntax
 
@@ -69,7 +69,7 @@ _NOTIFY = {"SUCCESS", "FAILURE", "DELAY"}
 _MAX_PATH = 256
 
 
-class MssdEnvelope(Envelope):  # type: ignore[misc]
+class MssdEnvelope(Envelope):
     """aiosmtpd's envelope plus what mssd carries between commands."""
 
     def __init__(self) -> None:
@@ -97,7 +97,7 @@ def _xtext_ok(value: str) -> bool:
     return bool(_XTEXT.match(value))
 
 
-class MssdSMTP(SMTP):  # type: ignore[misc]
+class MssdSMTP(SMTP):
     line_length_limit = AUTH_LINE_LIMIT + 2
 
     def __init__(
@@ -120,6 +120,7 @@ class MssdSMTP(SMTP):  # type: ignore[misc]
         self._implicit_tls = implicit_tls
         self._max_recipients = max_recipients
         self._in_helo = False
+        self._receiving_data = False
         self.remote_ip = ""
 
     # -- helpers -------------------------------------------------------------
@@ -127,16 +128,45 @@ class MssdSMTP(SMTP):  # type: ignore[misc]
     def _create_envelope(self) -> MssdEnvelope:
         return MssdEnvelope()
 
+    def _envelope(self) -> MssdEnvelope:
+        assert isinstance(self.envelope, MssdEnvelope)
+        return self.envelope
+
+    def _session(self) -> Session:
+        assert self.session is not None
+        return self.session
+
+    def _reset_envelope(self) -> None:
+        self.envelope = self._create_envelope()
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         peer = transport.get_extra_info("peername")
         if peer and not self.remote_ip:
             self.remote_ip = str(peer[0])
 
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self._receiving_data:
+            # RFC 5321 §4.5.3.2.5: the DATA timeout applies to each block received,
+            # not to the whole transfer: a slow but active client is not cut off.
+            self._reset_timeout()
+
+    def _timeout_cb(self) -> None:
+        # RFC 5321 §4.5.3.2 (server timeouts) and §3.8: a server that gives up on
+        # an idle client says so with 421 before closing, rather than vanishing.
+        # Closing the transport makes aiosmtpd's connection_lost() clean up.
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        log.info("%s idle for %ss, closing", self.remote_ip, self._timeout_duration)
+        assert isinstance(transport, asyncio.WriteTransport)
+        transport.write(f"421 4.4.2 {self.hostname} Idle timeout, closing connection\r\n".encode())
+        transport.close()
+
     def is_tls(self) -> bool:
         return (
-            self.transport is not None
-            and self.transport.get_extra_info("ssl_object") is not None
+            self.transport is not None and self.transport.get_extra_info("ssl_object") is not None
         )
 
     def tls_description(self) -> str | None:
@@ -166,10 +196,11 @@ class MssdSMTP(SMTP):  # type: ignore[misc]
             trusted_network=self._trusted(self.remote_ip),
         )
 
-    async def push(self, status: str | bytes) -> None:
+    async def push(self, status: AnyStr) -> None:
         if isinstance(status, str) and not self._in_helo:
-            status = self._with_enhanced_code(status)
-        await super().push(status)
+            await super().push(self._with_enhanced_code(status))
+        else:
+            await super().push(status)
 
     def _with_enhanced_code(self, status: str) -> str:
         code, sep, text = status[:3], status[3:4], status[4:]
@@ -207,7 +238,8 @@ class MssdSMTP(SMTP):  # type: ignore[misc]
     async def smtp_AUTH(self, arg: str | None) -> None:
         if await self.check_helo_needed("EHLO"):
             return
-        session: Session = self.session
+        session = self.session
+        assert session is not None and self.envelope is not None
         if self.mssd_authenticator is None or not session.extended_smtp:
             await self.push("502 5.5.1 AUTH is not available on this port")
             return
@@ -244,9 +276,11 @@ class MssdSMTP(SMTP):  # type: ignore[misc]
         step = await exchange.step(initial)
         while isinstance(step, Challenge):
             await self.push(b"334 " + b64encode(step.data))
-            line = await self._reader.readline()
-            if len(line) > AUTH_LINE_LIMIT + 2 or not line.endswith(b"\n"):
+            line = await self._read_auth_line()
+            if line is None:
                 exchange.cancel()
+                # RFC 4954 §4: the server must accept lines of 12288 octets; longer
+                # ones are refused with 500 5.5.6 (RFC 4954 §6) once fully read.
                 await self.push("500 5.5.6 Authentication exchange line is too long")
                 return
             answer = line.strip()
@@ -263,7 +297,7 @@ class MssdSMTP(SMTP):  # type: ignore[misc]
             step = await exchange.step(decoded)
         if isinstance(step, Success):
             session.authenticated = True
-            session.auth_data = step.principal
+            session.auth_data = step.principal  # type: ignore[assignment]
             await self.push("235 2.7.0 Authentication successful")
             return
         assert isinstance(step, Failure)
@@ -274,13 +308,36 @@ class MssdSMTP(SMTP):  # type: ignore[misc]
         else:
             await self.push("535 5.7.8 Authentication credentials invalid")
 
+    async def _read_auth_line(self) -> bytes | None:
+        """One client line of an AUTH exchange; None (the whole line read and
+        discarded) when it exceeds :data:`AUTH_LINE_LIMIT`, so the rest of an
+        over-long line is never taken for the next command."""
+        too_long = False
+        while True:
+            try:
+                line = await self._reader.readuntil(b"\n")
+            except asyncio.LimitOverrunError as overrun:
+                await self._reader.read(overrun.consumed)
+                too_long = True
+                continue
+            except asyncio.IncompleteReadError:
+                # The client closed the connection during the exchange.
+                self._writer.close()
+                raise asyncio.CancelledError from None
+            # Each line the client sends is activity: RFC 5321 §4.5.3.2 timeouts
+            # are per command or per read, not per exchange.
+            self._reset_timeout()
+            if too_long or len(line) > AUTH_LINE_LIMIT + 2:
+                return None
+            return line
+
     # -- MAIL (RFC 5321 §4.1.1.2, RFC 1870, RFC 6152, RFC 6531, RFC 3461) ----
 
     def _split_path(self, arg: str | None, keyword: str) -> tuple[str, list[str]] | None:
         """Parse ``FROM:<path> params``; None on a syntax error."""
         if arg is None or arg[: len(keyword)].upper() != keyword:
             return None
-        rest = arg[len(keyword):].lstrip()
+        rest = arg[len(keyword) :].lstrip()
         if rest.startswith("<>"):
             return "", rest[2:].split()
         address, params = self._getaddr(rest)
@@ -318,7 +375,7 @@ class MssdSMTP(SMTP):  # type: ignore[misc]
             return
         if await self.check_auth_needed("MAIL"):
             return
-        envelope: MssdEnvelope = self.envelope
+        envelope = self._envelope()
         if envelope.mail_from is not None:
             await self.push("503 5.5.1 Nested MAIL command")
             return
@@ -327,7 +384,7 @@ class MssdSMTP(SMTP):  # type: ignore[misc]
             await self.push("501 5.5.4 Syntax: MAIL FROM:<address> [parameters]")
             return
         address, raw_params = parsed
-        if raw_params and not self.session.extended_smtp:
+        if raw_params and not self._session().extended_smtp:
             await self.push("501 5.5.4 Parameters need EHLO")
             return
         params: dict[str, str | None] = {}
@@ -366,9 +423,7 @@ class MssdSMTP(SMTP):  # type: ignore[misc]
             return
         params.pop("AUTH", None)  # RFC 4954 §5: accepted; the authenticated identity is used.
         if params:
-            await self.push(
-                f"555 5.5.4 Unsupported MAIL parameter {', '.join(sorted(params))}"
-            )
+            await self.push(f"555 5.5.4 Unsupported MAIL parameter {', '.join(sorted(params))}")
             return
         if address and await self._path_error(address, smtputf8, sender=True):
             return
@@ -390,7 +445,7 @@ class MssdSMTP(SMTP):  # type: ignore[misc]
             return
         if await self.check_auth_needed("RCPT"):
             return
-        envelope: MssdEnvelope = self.envelope
+        envelope = self._envelope()
         if envelope.mail_from is None:
             await self.push("503 5.5.1 Need MAIL command first")
             return
@@ -439,7 +494,7 @@ class MssdSMTP(SMTP):  # type: ignore[misc]
             return
         if await self.check_auth_needed("DATA"):
             return
-        envelope: MssdEnvelope = self.envelope
+        envelope = self._envelope()
         if not envelope.rcpt_tos:
             await self.push("503 5.5.1 Need RCPT command first")
             return
@@ -447,6 +502,29 @@ class MssdSMTP(SMTP):  # type: ignore[misc]
             await self.push("501 5.5.4 Syntax: DATA")
             return
         await self.push("354 End data with <CR><LF>.<CR><LF>")
+        self._receiving_data = True
+        try:
+            received = await self._read_data()
+        finally:
+            self._receiving_data = False
+        if received is None:
+            self._reset_envelope()
+            await self.push(
+                f"552 5.3.4 Message size exceeds the limit of {self.data_size_limit} octets; "
+                "nothing was stored"
+            )
+            return
+        if len(received) > _OFFLOAD_BYTES:
+            data = await asyncio.to_thread(unstuff, received)
+        else:
+            data = unstuff(received)
+        status = await self._call_handler_hook("DATA", data)
+        self._reset_envelope()
+        await self.push(status)
+
+    async def _read_data(self) -> bytearray | None:
+        """The message after 354, still dot-stuffed, without the terminating
+        ``.<CRLF>``; None once it has been read to its end if it was over the size limit."""
         limit = self.data_size_limit
         received = bytearray()
         total = 0
@@ -472,16 +550,6 @@ class MssdSMTP(SMTP):  # type: ignore[misc]
             if received == b".\r\n" or received.endswith(b"\r\n.\r\n"):
                 break
         if too_big:
-            self._set_post_data_state()
-            await self.push(
-                f"552 5.3.4 Message size exceeds the limit of {limit} octets; nothing was stored"
-            )
-            return
+            return None
         del received[-3:]  # the terminating ".\r\n"; the CRLF before it ends the last line
-        if len(received) > _OFFLOAD_BYTES:
-            data = await asyncio.to_thread(unstuff, received)
-        else:
-            data = unstuff(received)
-        status = await self._call_handler_hook("DATA", data)
-        self._set_post_data_state()
-        await self.push(status)
+        return received
