@@ -30,9 +30,9 @@ from mssd.store.engine import SchemaError, create_engine, current_revision, head
 from mssd.store.errors import StoreError
 from mssd.store.messages import folder_states, list_messages, read_blob
 from mssd.trust.identity import DnError, normalise_dn, parse_dn
+from mssd.trust.idnat import IdNatError, check_idnat_ps, check_idnat_struct
 from mssd.trust.pki import PkiError
 from mssd.trust.tls import TlsConfigError
-from mssd.trust.idnat import IdNatError, check_idnat_ps, check_idnat_struct
 
 BAL_TYPES = ("PER", "ORG", "APP", "CAB")
 

@@ -119,10 +119,10 @@ def drop_postgres_database(name: str) -> None:
 @pytest.fixture(params=["sqlite", "postgresql"])
 def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """An empty store on each backend (function scope)."""
-    yield from _store_url(request.param, tmp_path)
+    yield from store_url_for(request.param, tmp_path)
 
 
-def _store_url(backend: str, directory: Path) -> Iterator[str]:
+def store_url_for(backend: str, directory: Path) -> Iterator[str]:
     if backend == "sqlite":
         yield f"sqlite+aiosqlite:///{directory / 'mssd.db'}"
         return
@@ -264,6 +264,7 @@ class MssdProcess:
     process: subprocess.Popen[str] | None = None
     ports: dict[str, int] = field(default_factory=dict)
     log: Path | None = None
+    _stderr: Any = None
 
     def env(self) -> dict[str, str]:
         env = {
@@ -291,7 +292,7 @@ class MssdProcess:
 
     def start(self, timeout: float = 30.0) -> MssdProcess:
         self.log = self.workdir / f"mssd-{time.monotonic_ns()}.log"
-        stderr = self.log.open("w")
+        self._stderr = stderr = self.log.open("w")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "mssd", "serve"],
             cwd=self.workdir,
@@ -326,6 +327,9 @@ class MssdProcess:
         code = self.process.returncode
         if self.process.stdout is not None:
             self.process.stdout.close()
+        if self._stderr is not None:
+            self._stderr.close()
+            self._stderr = None
         self.process = None
         return code
 
@@ -367,7 +371,7 @@ def mssd(
 ) -> Iterator[MssdProcess]:
     """mssd serving the standard population, once per module and backend."""
     workdir = tmp_path_factory.mktemp(f"mssd-{request.param}")
-    for url in _store_url(request.param, workdir):
+    for url in store_url_for(request.param, workdir):
         asyncio.run(seed(url, test_pki))
         server = start_mssd(url, test_pki, workdir)
         try:

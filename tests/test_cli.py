@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import subprocess
 import sys
@@ -10,10 +12,14 @@ from pathlib import Path
 import pytest
 from conftest import PkiBundle
 
+from mssd.cli import main
 from mssd.trust.identity import normalise_dn
 
 
 class Cli:
+    """Runs ``mssd`` the way a shell does, in-process to keep the suite fast:
+    real argument parsing, real settings from the environment, real store."""
+
     def __init__(self, url: str, workdir: Path) -> None:
         self.url = url
         self.workdir = workdir
@@ -22,15 +28,31 @@ class Cli:
         self, *args: str, stdin: str | None = None, env: dict[str, str] | None = None
     ) -> subprocess.CompletedProcess[str]:
         environment = {
-            k: v for k, v in os.environ.items() if not k.startswith("MSSD_") or k == "MSSD_REQUIRE_ALL"
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith("MSSD_") or k == "MSSD_REQUIRE_ALL"
         }
         environment.update({"MSSD_STORE_URL": self.url, "MSSD_AUTH_SCRYPT_N": "1024"})
         environment.update(env or {})
-        return subprocess.run(
-            [sys.executable, "-m", "mssd", *args],
-            cwd=self.workdir, env=environment, input=stdin, capture_output=True, text=True,
-            timeout=60, check=False,
-        )
+        out, err = io.StringIO(), io.StringIO()
+        saved_env, saved_cwd, saved_stdin = dict(os.environ), os.getcwd(), sys.stdin
+        os.environ.clear()
+        os.environ.update(environment)
+        os.chdir(self.workdir)
+        sys.stdin = io.StringIO(stdin or "")
+        status = 0
+        try:
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                try:
+                    main(list(args))
+                except SystemExit as exit_:
+                    status = exit_.code if isinstance(exit_.code, int) else 1
+        finally:
+            os.environ.clear()
+            os.environ.update(saved_env)
+            os.chdir(saved_cwd)
+            sys.stdin = saved_stdin
+        return subprocess.CompletedProcess(["mssd", *args], status, out.getvalue(), err.getvalue())
 
     def ok(self, *args: str, stdin: str | None = None) -> str:
         result = self(*args, stdin=stdin)
@@ -56,6 +78,17 @@ def refused(result: subprocess.CompletedProcess[str], status: int, text: str) ->
 def test_serve_refuses_a_store_without_schema(tmp_path: Path) -> None:
     tool = Cli(f"sqlite+aiosqlite:///{tmp_path / 'empty.db'}", tmp_path)
     refused(tool("serve"), 1, "run `mssd db upgrade`")
+    # The same, as a separate process started from a shell.
+    result = subprocess.run(
+        [sys.executable, "-m", "mssd", "serve"],
+        cwd=tmp_path,
+        env={**os.environ, "MSSD_STORE_URL": f"sqlite+aiosqlite:///{tmp_path / 'empty.db'}"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    refused(result, 1, "run `mssd db upgrade`")
     assert "up to date" not in tool("db", "status").stdout
 
 
@@ -71,20 +104,54 @@ def test_domains(cli: Cli) -> None:
 
 
 def test_create_each_mailbox_type(cli: Cli, test_pki: PkiBundle) -> None:
-    cli.ok("mailbox", "create", "--type", "PER", "--idnat", "810001234567",
-           "--address", "Marie.Curie@Clinique.mssd.test", "--password-stdin",
-           stdin="un mot de passe assez long\n")
-    cli.ok("mailbox", "create", "--type", "ORG", "--structure", "1750000000",
-           "--address", "secretariat@clinique.mssd.test")
-    cli.ok("mailbox", "create", "--type", "APP", "--cert-dn", test_pki.app.subject_dn,
-           "--address", "labo@clinique.mssd.test")
-    cli.ok("mailbox", "create", "--type", "CAB", "--structure", "312345678901234",
-           "--address", "cabinet@clinique.mssd.test")
+    cli.ok(
+        "mailbox",
+        "create",
+        "--type",
+        "PER",
+        "--idnat",
+        "810001234567",
+        "--address",
+        "Marie.Curie@Clinique.mssd.test",
+        "--password-stdin",
+        stdin="un mot de passe assez long\n",
+    )
+    cli.ok(
+        "mailbox",
+        "create",
+        "--type",
+        "ORG",
+        "--structure",
+        "1750000000",
+        "--address",
+        "secretariat@clinique.mssd.test",
+    )
+    cli.ok(
+        "mailbox",
+        "create",
+        "--type",
+        "APP",
+        "--cert-dn",
+        test_pki.app.subject_dn,
+        "--address",
+        "labo@clinique.mssd.test",
+    )
+    cli.ok(
+        "mailbox",
+        "create",
+        "--type",
+        "CAB",
+        "--structure",
+        "312345678901234",
+        "--address",
+        "cabinet@clinique.mssd.test",
+    )
     listing = cli.ok("mailbox", "list")
     lines = {line.split("\t")[0]: line for line in listing.splitlines()}
-    assert "\tPER\tactive\towner=810001234567\tlogin=marie.curie@clinique.mssd.test" in lines[
-        "marie.curie@clinique.mssd.test"
-    ]
+    assert (
+        "\tPER\tactive\towner=810001234567\tlogin=marie.curie@clinique.mssd.test"
+        in lines["marie.curie@clinique.mssd.test"]
+    )
     # The APP mailbox's owner comes from the OU of its certificate DN.
     assert "\tAPP\tactive\towner=1750000000" in lines["labo@clinique.mssd.test"]
     assert "\tCAB\tactive\towner=312345678901234" in lines["cabinet@clinique.mssd.test"]
@@ -94,24 +161,49 @@ def test_create_each_mailbox_type(cli: Cli, test_pki: PkiBundle) -> None:
     assert "0 message(s)" in shown
 
 
-BAD_MAILBOXES = (
-    [
-        (["--type", "PER", "--idnat", "12345", "--address", "a@clinique.mssd.test"], 2, "not an idNat_PS"),
-        (["--type", "PER", "--address", "a@clinique.mssd.test"], 2, "needs --idnat"),
-        (["--type", "ORG", "--address", "a@clinique.mssd.test"], 2, "needs --structure"),
-        (["--type", "ORG", "--structure", "2750000000", "--address", "a@clinique.mssd.test"], 2,
-         "not an idNat_Struct"),
-        (["--type", "APP", "--address", "a@clinique.mssd.test"], 2, "needs --cert-dn"),
-        (["--type", "APP", "--cert-dn", "CN=x,,=", "--address", "a@clinique.mssd.test"], 2, "--cert-dn"),
-        (["--type", "APP", "--cert-dn", "CN=logiciel,O=Sans OU,C=FR", "--address",
-          "a@clinique.mssd.test"], 2, "needs --structure"),
-        (["--type", "PER", "--idnat", "810001234567", "--address", "pas une adresse"], 2,
-         "not a valid mail address"),
-        (["--type", "PER", "--idnat", "810001234567", "--address", "a@ailleurs.mssd.test"], 1,
-         "domain ailleurs.mssd.test is not hosted here"),
-        (["--type", "XYZ", "--address", "a@clinique.mssd.test"], 2, "invalid choice"),
-    ]
-)
+BAD_MAILBOXES = [
+    (
+        ["--type", "PER", "--idnat", "12345", "--address", "a@clinique.mssd.test"],
+        2,
+        "not an idNat_PS",
+    ),
+    (["--type", "PER", "--address", "a@clinique.mssd.test"], 2, "needs --idnat"),
+    (["--type", "ORG", "--address", "a@clinique.mssd.test"], 2, "needs --structure"),
+    (
+        ["--type", "ORG", "--structure", "2750000000", "--address", "a@clinique.mssd.test"],
+        2,
+        "not an idNat_Struct",
+    ),
+    (["--type", "APP", "--address", "a@clinique.mssd.test"], 2, "needs --cert-dn"),
+    (
+        ["--type", "APP", "--cert-dn", "CN=x,,=", "--address", "a@clinique.mssd.test"],
+        2,
+        "--cert-dn",
+    ),
+    (
+        [
+            "--type",
+            "APP",
+            "--cert-dn",
+            "CN=logiciel,O=Sans OU,C=FR",
+            "--address",
+            "a@clinique.mssd.test",
+        ],
+        2,
+        "needs --structure",
+    ),
+    (
+        ["--type", "PER", "--idnat", "810001234567", "--address", "pas une adresse"],
+        2,
+        "not a valid mail address",
+    ),
+    (
+        ["--type", "PER", "--idnat", "810001234567", "--address", "a@ailleurs.mssd.test"],
+        1,
+        "domain ailleurs.mssd.test is not hosted here",
+    ),
+    (["--type", "XYZ", "--address", "a@clinique.mssd.test"], 2, "invalid choice"),
+]
 
 
 def test_bad_mailbox_input_is_named(cli: Cli) -> None:
@@ -124,31 +216,110 @@ def test_bad_mailbox_input_is_named(cli: Cli) -> None:
 
 
 def test_duplicates_are_refused(cli: Cli, test_pki: PkiBundle) -> None:
-    cli.ok("mailbox", "create", "--type", "PER", "--idnat", "810001234567",
-           "--address", "marie@clinique.mssd.test")
-    refused(cli("mailbox", "create", "--type", "ORG", "--structure", "1750000000",
-                "--address", "MARIE@clinique.mssd.test"), 1, "already exists")
-    cli.ok("mailbox", "create", "--type", "APP", "--cert-dn", test_pki.app.subject_dn,
-           "--address", "labo@clinique.mssd.test")
+    cli.ok(
+        "mailbox",
+        "create",
+        "--type",
+        "PER",
+        "--idnat",
+        "810001234567",
+        "--address",
+        "marie@clinique.mssd.test",
+    )
+    refused(
+        cli(
+            "mailbox",
+            "create",
+            "--type",
+            "ORG",
+            "--structure",
+            "1750000000",
+            "--address",
+            "MARIE@clinique.mssd.test",
+        ),
+        1,
+        "already exists",
+    )
+    cli.ok(
+        "mailbox",
+        "create",
+        "--type",
+        "APP",
+        "--cert-dn",
+        test_pki.app.subject_dn,
+        "--address",
+        "labo@clinique.mssd.test",
+    )
     # The same DN written differently is the same DN (RFC 4514 comparison).
     respelled = normalise_dn(test_pki.app.subject_dn).upper().replace(",", " , ")
-    refused(cli("mailbox", "create", "--type", "APP", "--cert-dn", respelled,
-                "--address", "labo2@clinique.mssd.test"), 1, "already registered")
+    refused(
+        cli(
+            "mailbox",
+            "create",
+            "--type",
+            "APP",
+            "--cert-dn",
+            respelled,
+            "--address",
+            "labo2@clinique.mssd.test",
+        ),
+        1,
+        "already registered",
+    )
 
 
 def test_delegation_and_states(cli: Cli) -> None:
-    cli.ok("mailbox", "create", "--type", "PER", "--idnat", "810001234567",
-           "--address", "marie@clinique.mssd.test")
-    cli.ok("mailbox", "create", "--type", "ORG", "--structure", "1750000000",
-           "--address", "accueil@clinique.mssd.test")
-    refused(cli("mailbox", "grant", "marie@clinique.mssd.test", "accueil@clinique.mssd.test"),
-            1, "only ORG and CAB mailboxes")
-    refused(cli("mailbox", "grant", "accueil@clinique.mssd.test", "nobody@clinique.mssd.test"),
-            1, "no account with login")
-    refused(cli("mailbox", "grant", "accueil@clinique.mssd.test", "marie@clinique.mssd.test",
-                "--rights", "lrz"), 2, "RFC 4314 letters")
-    cli.ok("mailbox", "grant", "accueil@clinique.mssd.test", "marie@clinique.mssd.test",
-           "--rights", "lrs", "--no-send")
+    cli.ok(
+        "mailbox",
+        "create",
+        "--type",
+        "PER",
+        "--idnat",
+        "810001234567",
+        "--address",
+        "marie@clinique.mssd.test",
+    )
+    cli.ok(
+        "mailbox",
+        "create",
+        "--type",
+        "ORG",
+        "--structure",
+        "1750000000",
+        "--address",
+        "accueil@clinique.mssd.test",
+    )
+    refused(
+        cli("mailbox", "grant", "marie@clinique.mssd.test", "accueil@clinique.mssd.test"),
+        1,
+        "only ORG and CAB mailboxes",
+    )
+    refused(
+        cli("mailbox", "grant", "accueil@clinique.mssd.test", "nobody@clinique.mssd.test"),
+        1,
+        "no account with login",
+    )
+    refused(
+        cli(
+            "mailbox",
+            "grant",
+            "accueil@clinique.mssd.test",
+            "marie@clinique.mssd.test",
+            "--rights",
+            "lrz",
+        ),
+        2,
+        "RFC 4314 letters",
+    )
+    cli.ok(
+        "mailbox",
+        "grant",
+        "accueil@clinique.mssd.test",
+        "marie@clinique.mssd.test",
+        "--rights",
+        "lrs",
+        "--no-send",
+    )
     assert "delegates=marie@clinique.mssd.test:lrs" in cli.ok("mailbox", "list")
     cli.ok("mailbox", "suspend", "accueil@clinique.mssd.test")
     refused(cli("mailbox", "suspend", "accueil@clinique.mssd.test"), 1, "already suspended")
@@ -159,27 +330,73 @@ def test_delegation_and_states(cli: Cli) -> None:
 
 
 def test_passwords_and_one_time_codes(cli: Cli) -> None:
-    cli.ok("mailbox", "create", "--type", "PER", "--idnat", "810001234567",
-           "--address", "marie@clinique.mssd.test")
-    refused(cli("account", "passwd", "marie@clinique.mssd.test", "--password-stdin",
-                stdin="court\n"), 2, "at least 12 characters")
+    cli.ok(
+        "mailbox",
+        "create",
+        "--type",
+        "PER",
+        "--idnat",
+        "810001234567",
+        "--address",
+        "marie@clinique.mssd.test",
+    )
+    refused(
+        cli("account", "passwd", "marie@clinique.mssd.test", "--password-stdin", stdin="court\n"),
+        2,
+        "at least 12 characters",
+    )
     refused(cli("account", "passwd", "marie@clinique.mssd.test"), 2, "--password-stdin")
-    cli.ok("account", "passwd", "marie@clinique.mssd.test", "--password-stdin",
-           stdin="un mot de passe assez long\n")
+    cli.ok(
+        "account",
+        "passwd",
+        "marie@clinique.mssd.test",
+        "--password-stdin",
+        stdin="un mot de passe assez long\n",
+    )
     out = cli.ok("account", "totp", "marie@clinique.mssd.test")
     assert "otpauth://totp/" in out
-    refused(cli("account", "passwd", "nobody@clinique.mssd.test", "--password-stdin",
-                stdin="un mot de passe assez long\n"), 1, "no account")
+    refused(
+        cli(
+            "account",
+            "passwd",
+            "nobody@clinique.mssd.test",
+            "--password-stdin",
+            stdin="un mot de passe assez long\n",
+        ),
+        1,
+        "no account",
+    )
 
 
 def test_every_change_is_audited(cli: Cli) -> None:
-    cli.ok("mailbox", "create", "--type", "PER", "--idnat", "810001234567",
-           "--address", "marie@clinique.mssd.test")
-    cli.ok("mailbox", "create", "--type", "ORG", "--structure", "1750000000",
-           "--address", "accueil@clinique.mssd.test")
+    cli.ok(
+        "mailbox",
+        "create",
+        "--type",
+        "PER",
+        "--idnat",
+        "810001234567",
+        "--address",
+        "marie@clinique.mssd.test",
+    )
+    cli.ok(
+        "mailbox",
+        "create",
+        "--type",
+        "ORG",
+        "--structure",
+        "1750000000",
+        "--address",
+        "accueil@clinique.mssd.test",
+    )
     cli.ok("mailbox", "grant", "accueil@clinique.mssd.test", "marie@clinique.mssd.test")
-    cli.ok("account", "passwd", "marie@clinique.mssd.test", "--password-stdin",
-           stdin="un mot de passe assez long\n")
+    cli.ok(
+        "account",
+        "passwd",
+        "marie@clinique.mssd.test",
+        "--password-stdin",
+        stdin="un mot de passe assez long\n",
+    )
     cli.ok("mailbox", "suspend", "accueil@clinique.mssd.test")
     actions = [line.split("\t")[1] for line in cli.ok("audit", "--limit", "20").splitlines()]
     assert actions == [

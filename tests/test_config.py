@@ -34,7 +34,9 @@ def test_example_file_loads_to_the_defaults() -> None:
 
 def test_environment_overrides_the_file(tmp_path: Path) -> None:
     config = tmp_path / "mssd.toml"
-    config.write_text('[smtp]\nmax_message_size = 1000\n[store]\nurl = "sqlite+aiosqlite:///x.db"\n')
+    config.write_text(
+        '[smtp]\nmax_message_size = 1000\n[store]\nurl = "sqlite+aiosqlite:///x.db"\n'
+    )
     settings = load(
         config,
         env={
@@ -55,7 +57,11 @@ def test_environment_overrides_the_file(tmp_path: Path) -> None:
         ("[smtp]\nmax_message_size = 'big'\n", {}, "smtp.max_message_size: expected an integer"),
         ("", {"MSSD_SMTP_MAX_MESSAGE_SIZE": "-1"}, "smtp.max_message_size: must be greater than 0"),
         ("", {"MSSD_SMTP_MAX_MESSAGE_SIZE": "x"}, "(from MSSD_SMTP_MAX_MESSAGE_SIZE)"),
-        ("[smtp]\nsubmission_listen = '127.0.0.1'\n", {}, "smtp.submission_listen: expected HOST:PORT"),
+        (
+            "[smtp]\nsubmission_listen = '127.0.0.1'\n",
+            {},
+            "smtp.submission_listen: expected HOST:PORT",
+        ),
         ("[smtp]\nmax_mesage_size = 1\n", {}, "smtp.max_mesage_size: unknown setting"),
         ("[smpt]\n", {}, "smpt: unknown section"),
         ("", {"MSSD_SMTP_MAX_MESAGE_SIZE": "1"}, "MSSD_SMTP_MAX_MESAGE_SIZE: unknown environment"),
@@ -67,13 +73,23 @@ def test_environment_overrides_the_file(tmp_path: Path) -> None:
             {},
             "auth.psc_jwks_url: must be an https:// URL",
         ),
-        ("[smtp]\ntrusted_networks = ['10.0.0.0/33']\n", {}, "smtp.trusted_networks: '10.0.0.0/33'"),
-        ("[pki]\noperator_structure = '42'\n", {}, "pki.operator_structure: '42' is not an idNat_Struct"),
+        (
+            "[smtp]\ntrusted_networks = ['10.0.0.0/33']\n",
+            {},
+            "smtp.trusted_networks: '10.0.0.0/33'",
+        ),
+        (
+            "[pki]\noperator_structure = '42'\n",
+            {},
+            "pki.operator_structure: '42' is not an idNat_Struct",
+        ),
         ("[smtp]\nmta_require_tls = 'maybe'\n", {}, "smtp.mta_require_tls: expected true or false"),
         ("[smtp\n", {}, "is not valid TOML"),
     ],
 )
-def test_bad_values_name_the_key(tmp_path: Path, content: str, env: dict[str, str], message: str) -> None:
+def test_bad_values_name_the_key(
+    tmp_path: Path, content: str, env: dict[str, str], message: str
+) -> None:
     config = tmp_path / "mssd.toml"
     config.write_text(content)
     with pytest.raises(ConfigError) as error:

@@ -26,8 +26,13 @@ async def _add_totp_account(url: str, secret: str) -> None:
     engine = create_engine(url)
     try:
         await admin.create_mailbox(
-            engine, address=TOTP_USER, bal_type="PER", owner_idnat="810000000052",
-            idnat_ps="810000000052", password_hash=hash_password(PASSWORD, TEST_AUTH), actor="test",
+            engine,
+            address=TOTP_USER,
+            bal_type="PER",
+            owner_idnat="810000000052",
+            idnat_ps="810000000052",
+            password_hash=hash_password(PASSWORD, TEST_AUTH),
+            actor="test",
         )
         await admin.set_totp(engine, TOTP_USER, secret, actor="test")
     finally:

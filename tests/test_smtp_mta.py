@@ -42,7 +42,9 @@ def test_no_auth_on_the_mta_port(mssd: MssdProcess) -> None:
 def test_mail_for_a_local_mailbox_is_delivered(mssd: MssdProcess) -> None:
     with operator_session(mssd) as client:
         refused = client.sendmail(
-            "medecin@autre-operateur.mssd.test", [PER, ORG], message("de l'exterieur", "medecin@autre-operateur.mssd.test")
+            "medecin@autre-operateur.mssd.test",
+            [PER, ORG],
+            message("de l'exterieur", "medecin@autre-operateur.mssd.test"),
         )
     assert refused == {}
     for address in (PER, ORG):
@@ -93,9 +95,7 @@ async def _policy_hook_session(url: str, test_pki: PkiBundle, workdir: Path) -> 
 
     settings = Settings(
         store=StoreSettings(url=url),
-        smtp=SmtpSettings(
-            mta_listen="127.0.0.1:0", submission_listen="", submissions_listen=""
-        ),
+        smtp=SmtpSettings(mta_listen="127.0.0.1:0", submission_listen="", submissions_listen=""),
         tls=TlsSettings(
             cert_file=test_pki.dev.server_cert,
             key_file=test_pki.dev.server_key,

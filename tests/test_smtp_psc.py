@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import PER, PER2, PER_IDNAT, MssdProcess, PkiBundle, seed, start_mssd, run
+from conftest import PER, PER2, PER_IDNAT, MssdProcess, PkiBundle, run, seed, start_mssd
 from test_auth_psc import (  # noqa: F401  (fixtures)
     ISSUER,
     JwksServer,
@@ -25,7 +25,10 @@ from test_smtp_submission import inbox, message
 
 @pytest.fixture
 def psc_mssd(
-    store_url: str, test_pki: PkiBundle, tmp_path: Path, jwks_server: JwksServer
+    store_url: str,
+    test_pki: PkiBundle,
+    tmp_path: Path,
+    jwks_server: JwksServer,  # noqa: F811
 ) -> Iterator[MssdProcess]:
     run(seed(store_url, test_pki))
     server = start_mssd(
@@ -45,13 +48,18 @@ def psc_mssd(
 def fresh_token(**claims: object) -> str:
     now = int(time.time())
     values: dict[str, object] = {
-        "exp": now + 600, "iat": now - 5, "nbf": now - 5, "SubjectNameID": PER_IDNAT
+        "exp": now + 600,
+        "iat": now - 5,
+        "nbf": now - 5,
+        "SubjectNameID": PER_IDNAT,
     }
     values.update(claims)
     return token(**values)
 
 
-def authenticate(server: MssdProcess, mechanism: str, payload: bytes) -> tuple[smtplib.SMTP, int, bytes]:
+def authenticate(
+    server: MssdProcess, mechanism: str, payload: bytes
+) -> tuple[smtplib.SMTP, int, bytes]:
     client = server.smtp(login=None)
     code, text = client.docmd("AUTH", f"{mechanism} {base64.b64encode(payload).decode()}")
     if code == 334:  # RFC 7628 §3.2.3: the error challenge, answered with %x01

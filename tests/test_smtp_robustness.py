@@ -32,11 +32,11 @@ from conftest import (
     PER2,
     MssdProcess,
     PkiBundle,
-    _store_url,
     require_program,
     run,
     seed,
     start_mssd,
+    store_url_for,
 )
 from sqlalchemy import func
 from sqlalchemy import select as sql_select
@@ -55,7 +55,7 @@ def strict(
 ) -> Iterator[MssdProcess]:
     """mssd with a 2 s idle timeout and a 100 000-octet message limit."""
     workdir = tmp_path_factory.mktemp(f"strict-{request.param}")
-    for url in _store_url(request.param, workdir):
+    for url in store_url_for(request.param, workdir):
         run(seed(url, test_pki))
         server = start_mssd(
             url,

@@ -50,7 +50,9 @@ async def _audit(url: str, prefix: str) -> list[object]:
 
 def message(subject: str, sender: str = PER, extra: bytes = b"") -> bytes:
     return (
-        f"From: <{sender}>\r\nSubject: {subject}\r\n".encode() + extra + b"\r\nCorps du message.\r\n"
+        f"From: <{sender}>\r\nSubject: {subject}\r\n".encode()
+        + extra
+        + b"\r\nCorps du message.\r\n"
     )
 
 
@@ -116,7 +118,14 @@ def test_implicit_tls_port_465(mssd: MssdProcess) -> None:
 def test_ehlo_advertises_extensions(mssd: MssdProcess) -> None:
     with smtplib.SMTP("127.0.0.1", mssd.submission, timeout=30) as client:
         client.ehlo("client.mssd.test")
-        for extension in ("pipelining", "8bitmime", "smtputf8", "enhancedstatuscodes", "dsn", "starttls"):
+        for extension in (
+            "pipelining",
+            "8bitmime",
+            "smtputf8",
+            "enhancedstatuscodes",
+            "dsn",
+            "starttls",
+        ):
             assert client.has_extn(extension), extension
         assert client.esmtp_features["size"] == str(25 * 1024 * 1024)
         assert not client.has_extn("auth")  # no AUTH offered before TLS
@@ -344,12 +353,29 @@ def test_swaks_submits_over_starttls(mssd: MssdProcess) -> None:
     swaks = require_program("swaks")
     result = subprocess.run(
         [
-            swaks, "--server", f"127.0.0.1:{mssd.submission}", "--tls",
-            "--auth", "PLAIN", "--auth-user", PER, "--auth-password", PASSWORD,
-            "--from", PER, "--to", PER2, "--header", "Subject: envoye par swaks",
-            "--body", "Bonjour depuis swaks",
+            swaks,
+            "--server",
+            f"127.0.0.1:{mssd.submission}",
+            "--tls",
+            "--auth",
+            "PLAIN",
+            "--auth-user",
+            PER,
+            "--auth-password",
+            PASSWORD,
+            "--from",
+            PER,
+            "--to",
+            PER2,
+            "--header",
+            "Subject: envoye par swaks",
+            "--body",
+            "Bonjour depuis swaks",
         ],
-        capture_output=True, text=True, timeout=60, check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "250 2.0.0 Ok: queued as" in result.stdout

@@ -87,7 +87,9 @@ async def test_concurrent_deliveries_get_unique_consecutive_uids(engine: AsyncEn
         to_org = await recipient(engine, ORG)
         stored = await asyncio.gather(
             *(
-                committer.store(new_message(f"Subject: {i}\r\n\r\n{i}\r\n".encode(), [to_per2, to_org]))
+                committer.store(
+                    new_message(f"Subject: {i}\r\n\r\n{i}\r\n".encode(), [to_per2, to_org])
+                )
                 for i in range(100)
             )
         )
