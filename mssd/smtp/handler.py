@@ -115,6 +115,14 @@ class Handler:
         except Exception:
             log.exception("could not store a message from %s", server.remote_ip)
             return "451 4.3.0 The message could not be stored; nothing was kept, try again later"
+        log.info(
+            "%s accepted from=<%s> recipients=%d size=%d remote=%s",
+            stored.envelope_id,
+            transaction.mail_from,
+            len(transaction.recipients),
+            len(data),
+            server.remote_ip,
+        )
         return f"250 2.0.0 Ok: queued as {stored.envelope_id}"
 
     async def handle_exception(self, error: Exception) -> str:
