@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 
 import pytest
+from auth_fakes import AuditList, MemoryAccounts
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -12,41 +13,12 @@ from cryptography.x509.oid import NameOID
 
 from mssd.auth import AuthContext, Authenticator, Challenge, Failure, Success, UnknownMechanism
 from mssd.config import AuthSettings
-from mssd.store.records import Account, AuditEvent
+from mssd.store.records import Account
 from mssd.trust.identity import normalise_dn
 
 SETTINGS = AuthSettings(scrypt_n=2**10)
 IDNAT = "810002345678"
 NOT_AFTER = dt.datetime(2031, 1, 1, tzinfo=dt.UTC)
-
-
-class MemoryAccounts:
-    def __init__(self, *accounts: Account) -> None:
-        self.accounts = list(accounts)
-
-    async def by_login(self, login: str) -> Account | None:
-        return next((a for a in self.accounts if a.login.lower() == login.lower()), None)
-
-    async def by_idnat_ps(self, idnat_ps: str) -> Account | None:
-        return next((a for a in self.accounts if a.idnat_ps == idnat_ps), None)
-
-    async def by_cert_dn(self, normalised_dn: str) -> Account | None:
-        return next((a for a in self.accounts if a.cert_dn == normalised_dn), None)
-
-    async def claim_totp_step(self, account_id: int, step: int) -> bool:
-        return False
-
-
-class AuditList:
-    def __init__(self) -> None:
-        self.events: list[AuditEvent] = []
-
-    async def record(self, event: AuditEvent) -> None:
-        self.events.append(event)
-
-    @property
-    def results(self) -> list[str]:
-        return [e.result for e in self.events]
 
 
 def certificate(*attributes: tuple[x509.ObjectIdentifier, str]) -> bytes:

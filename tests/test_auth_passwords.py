@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from auth_fakes import AuditList, Clock, MemoryAccounts
 
 from mssd.auth import (
     AuthContext,
@@ -20,57 +21,12 @@ from mssd.auth import (
 )
 from mssd.auth.model import StepResult
 from mssd.config import AuthSettings
-from mssd.store.records import Account, AuditEvent
+from mssd.store.records import Account
 
 SETTINGS = AuthSettings(scrypt_n=2**10, failure_limit_per_account=3, failure_limit_per_address=6)
 PASSWORD = "Tr0ub4dor&3"
 TOTP_SECRET = "JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP"
 TLS = AuthContext(protocol="smtp", remote_ip="192.0.2.10", tls=True)
-
-
-class Clock:
-    def __init__(self, now: float = 1_700_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-class MemoryAccounts:
-    """An in-memory AccountLookup that records which lookups were made."""
-
-    def __init__(self, *accounts: Account) -> None:
-        self.accounts = list(accounts)
-        self.last_step: dict[int, int] = {}
-        self.lookups: list[str] = []
-
-    async def by_login(self, login: str) -> Account | None:
-        self.lookups.append(login)
-        return next((a for a in self.accounts if a.login.lower() == login.lower()), None)
-
-    async def by_idnat_ps(self, idnat_ps: str) -> Account | None:
-        return next((a for a in self.accounts if a.idnat_ps == idnat_ps), None)
-
-    async def by_cert_dn(self, normalised_dn: str) -> Account | None:
-        return next((a for a in self.accounts if a.cert_dn == normalised_dn), None)
-
-    async def claim_totp_step(self, account_id: int, step: int) -> bool:
-        if step <= self.last_step.get(account_id, -1):
-            return False
-        self.last_step[account_id] = step
-        return True
-
-
-class AuditList:
-    def __init__(self) -> None:
-        self.events: list[AuditEvent] = []
-
-    async def record(self, event: AuditEvent) -> None:
-        self.events.append(event)
-
-    @property
-    def results(self) -> list[str]:
-        return [e.result for e in self.events]
 
 
 STORED = hash_password(PASSWORD, SETTINGS)

@@ -16,6 +16,7 @@ from typing import Any
 
 import jwt
 import pytest
+from auth_fakes import AuditList, Clock, MemoryAccounts
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -30,50 +31,13 @@ from mssd.auth import (
     Success,
 )
 from mssd.config import AuthSettings
-from mssd.store.records import Account, AuditEvent
+from mssd.store.records import Account
 
 ISSUER = "https://auth.esw.esante.gouv.fr/auth/realms/esante-wallet"
 IDNAT = "810002345678"
 LOGIN = "dr.martin@example.mssante.fr"
 NOW = 1_700_000_000.0
 TLS = AuthContext(protocol="imap", remote_ip="192.0.2.20", tls=True)
-
-
-class Clock:
-    def __init__(self, now: float = NOW) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-class MemoryAccounts:
-    def __init__(self, *accounts: Account) -> None:
-        self.accounts = list(accounts)
-
-    async def by_login(self, login: str) -> Account | None:
-        return next((a for a in self.accounts if a.login.lower() == login.lower()), None)
-
-    async def by_idnat_ps(self, idnat_ps: str) -> Account | None:
-        return next((a for a in self.accounts if a.idnat_ps == idnat_ps), None)
-
-    async def by_cert_dn(self, normalised_dn: str) -> Account | None:
-        return next((a for a in self.accounts if a.cert_dn == normalised_dn), None)
-
-    async def claim_totp_step(self, account_id: int, step: int) -> bool:
-        return False
-
-
-class AuditList:
-    def __init__(self) -> None:
-        self.events: list[AuditEvent] = []
-
-    async def record(self, event: AuditEvent) -> None:
-        self.events.append(event)
-
-    @property
-    def results(self) -> list[str]:
-        return [e.result for e in self.events]
 
 
 # --- keys, certificates and the JWKS server -----------------------------------------------------

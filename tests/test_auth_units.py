@@ -7,6 +7,7 @@ import json
 import re
 
 import pytest
+from auth_fakes import Clock
 
 from mssd.auth.passwords import PasswordHashError, hash_password, verify_password
 from mssd.auth.ratelimit import AuthRateLimiter, FailureWindow, address_key
@@ -29,14 +30,6 @@ from mssd.auth.totp import (
 from mssd.config import AuthSettings
 
 FAST = AuthSettings(scrypt_n=2**10)
-
-
-class Clock:
-    def __init__(self, now: float = 1_700_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 # --- SASL messages ------------------------------------------------------------------------------

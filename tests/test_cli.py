@@ -54,6 +54,30 @@ class Cli:
             sys.stdin = saved_stdin
         return subprocess.CompletedProcess(["mssd", *args], status, out.getvalue(), err.getvalue())
 
+    def create_marie(self) -> None:
+        self.ok(
+            "mailbox",
+            "create",
+            "--type",
+            "PER",
+            "--idnat",
+            "810001234567",
+            "--address",
+            "marie@clinique.mssd.test",
+        )
+
+    def create_accueil(self) -> None:
+        self.ok(
+            "mailbox",
+            "create",
+            "--type",
+            "ORG",
+            "--structure",
+            "1750000000",
+            "--address",
+            "accueil@clinique.mssd.test",
+        )
+
     def ok(self, *args: str, stdin: str | None = None) -> str:
         result = self(*args, stdin=stdin)
         assert result.returncode == 0, result.stderr
@@ -216,16 +240,7 @@ def test_bad_mailbox_input_is_named(cli: Cli) -> None:
 
 
 def test_duplicates_are_refused(cli: Cli, test_pki: PkiBundle) -> None:
-    cli.ok(
-        "mailbox",
-        "create",
-        "--type",
-        "PER",
-        "--idnat",
-        "810001234567",
-        "--address",
-        "marie@clinique.mssd.test",
-    )
+    cli.create_marie()
     refused(
         cli(
             "mailbox",
@@ -269,26 +284,8 @@ def test_duplicates_are_refused(cli: Cli, test_pki: PkiBundle) -> None:
 
 
 def test_delegation_and_states(cli: Cli) -> None:
-    cli.ok(
-        "mailbox",
-        "create",
-        "--type",
-        "PER",
-        "--idnat",
-        "810001234567",
-        "--address",
-        "marie@clinique.mssd.test",
-    )
-    cli.ok(
-        "mailbox",
-        "create",
-        "--type",
-        "ORG",
-        "--structure",
-        "1750000000",
-        "--address",
-        "accueil@clinique.mssd.test",
-    )
+    cli.create_marie()
+    cli.create_accueil()
     refused(
         cli("mailbox", "grant", "marie@clinique.mssd.test", "accueil@clinique.mssd.test"),
         1,
@@ -330,16 +327,7 @@ def test_delegation_and_states(cli: Cli) -> None:
 
 
 def test_passwords_and_one_time_codes(cli: Cli) -> None:
-    cli.ok(
-        "mailbox",
-        "create",
-        "--type",
-        "PER",
-        "--idnat",
-        "810001234567",
-        "--address",
-        "marie@clinique.mssd.test",
-    )
+    cli.create_marie()
     refused(
         cli("account", "passwd", "marie@clinique.mssd.test", "--password-stdin", stdin="court\n"),
         2,
@@ -369,26 +357,8 @@ def test_passwords_and_one_time_codes(cli: Cli) -> None:
 
 
 def test_every_change_is_audited(cli: Cli) -> None:
-    cli.ok(
-        "mailbox",
-        "create",
-        "--type",
-        "PER",
-        "--idnat",
-        "810001234567",
-        "--address",
-        "marie@clinique.mssd.test",
-    )
-    cli.ok(
-        "mailbox",
-        "create",
-        "--type",
-        "ORG",
-        "--structure",
-        "1750000000",
-        "--address",
-        "accueil@clinique.mssd.test",
-    )
+    cli.create_marie()
+    cli.create_accueil()
     cli.ok("mailbox", "grant", "accueil@clinique.mssd.test", "marie@clinique.mssd.test")
     cli.ok(
         "account",

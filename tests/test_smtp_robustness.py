@@ -15,13 +15,11 @@ import select
 import smtplib
 import socket
 import ssl
-import subprocess
 import threading
 import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 from conftest import (
@@ -32,7 +30,6 @@ from conftest import (
     PER2,
     MssdProcess,
     PkiBundle,
-    require_program,
     run,
     seed,
     start_mssd,
@@ -584,43 +581,6 @@ def test_five_failures_lock_the_login_even_for_the_right_password(strict: MssdPr
         # Another login from the same address is not affected.
         wire.login(PER, PASSWORD)
         assert_delivered(wire)
-
-
-# -- real clients ------------------------------------------------------------------
-
-
-def test_swaks_submits_over_starttls_with_auth_plain(mssd: MssdProcess, tmp_path: Path) -> None:
-    swaks = require_program("swaks")
-    tag = token()
-    result = subprocess.run(
-        [
-            swaks,
-            "--server",
-            f"127.0.0.1:{mssd.submission}",
-            "--tls",
-            "--auth",
-            "PLAIN",
-            "--auth-user",
-            PER,
-            "--auth-password",
-            PASSWORD,
-            "--from",
-            PER,
-            "--to",
-            PER2,
-            "--header",
-            f"Subject: {tag}",
-            "--body",
-            "compte rendu via swaks",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "<~  250 2.0.0 Ok: queued as" in result.stdout
-    (stored,) = holding(mssd, tag)
-    assert b"compte rendu via swaks" in stored
 
 
 def test_server_survives_many_concurrent_bad_sessions(mssd: MssdProcess) -> None:
