@@ -68,54 +68,63 @@ async def start_smtp(
         "proxy_protocol_timeout": 10.0 if smtp.proxy_protocol else None,
     }
 
-    def mta() -> MssdSMTP:
-        return MssdSMTP(
-            Handler(pipeline, source="mta"),
-            authenticator=None,
-            implicit_tls=False,
-            tls_context=tls,
-            require_starttls=smtp.mta_require_tls,
-            loop=loop,
-            **common,
-        )
+    def factory(
+        cls: type[MssdSMTP],
+        source: Source,
+        tls_context: ssl.SSLContext | None,
+        **options: Any,
+    ) -> Callable[[], MssdSMTP]:
+        def make() -> MssdSMTP:
+            return cls(
+                Handler(pipeline, source=source),
+                tls_context=tls_context,
+                loop=loop,
+                **common,
+                **options,
+            )
 
-    def submission() -> MssdSMTP:
-        return _SubmissionSMTP(
-            Handler(pipeline, source="submission"),
-            authenticator=authenticator,
-            implicit_tls=False,
-            tls_context=tls,
-            require_starttls=True,
-            auth_required=True,
-            loop=loop,
-            **common,
-        )
+        return make
 
-    def submissions() -> MssdSMTP:
-        return MssdSMTP(
-            Handler(pipeline, source="submission"),
-            authenticator=authenticator,
-            implicit_tls=True,
-            tls_context=None,
-            auth_required=True,
-            loop=loop,
-            **common,
-        )
-
-    plans: list[tuple[str, str, Source, Callable[[], MssdSMTP], ssl.SSLContext | None]] = [
-        ("mta", smtp.mta_listen, "mta", mta, None),
-        ("submission", smtp.submission_listen, "submission", submission, None),
-        ("submissions", smtp.submissions_listen, "submission", submissions, tls),
+    # (name, address, protocol factory, TLS context of an implicit-TLS listener)
+    plans: list[tuple[str, str, Callable[[], MssdSMTP], ssl.SSLContext | None]] = [
+        (
+            "mta",
+            smtp.mta_listen,
+            factory(
+                MssdSMTP, "mta", tls, authenticator=None, require_starttls=smtp.mta_require_tls
+            ),
+            None,
+        ),
+        (
+            "submission",
+            smtp.submission_listen,
+            factory(
+                _SubmissionSMTP,
+                "submission",
+                tls,
+                authenticator=authenticator,
+                require_starttls=True,
+                auth_required=True,
+            ),
+            None,
+        ),
+        (
+            "submissions",
+            smtp.submissions_listen,
+            # RFC 8314 §3.3: TLS from the first byte, so no STARTTLS on this port.
+            factory(MssdSMTP, "submission", None, authenticator=authenticator, auth_required=True),
+            tls,
+        ),
     ]
     listeners: list[Listener] = []
     try:
-        for name, address, _, factory, implicit in plans:
+        for name, address, protocol, implicit in plans:
             if not address:
                 continue
             host, _, port = address.rpartition(":")
             host = host.strip("[]")
             server = await loop.create_server(
-                factory, host, int(port), ssl=implicit, reuse_address=True, backlog=512
+                protocol, host, int(port), ssl=implicit, reuse_address=True, backlog=512
             )
             bound = server.sockets[0].getsockname()
             listeners.append(Listener(name, server, host, int(bound[1])))

@@ -106,7 +106,6 @@ class MssdSMTP(SMTP):
         *,
         authenticator: Authenticator | None,
         trusted: Callable[[str], bool],
-        implicit_tls: bool,
         max_recipients: int,
         **kwargs: Any,
     ) -> None:
@@ -117,7 +116,6 @@ class MssdSMTP(SMTP):
         )
         self.mssd_authenticator = authenticator
         self._trusted = trusted
-        self._implicit_tls = implicit_tls
         self._max_recipients = max_recipients
         self._in_helo = False
         self._receiving_data = False
