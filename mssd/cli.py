@@ -25,7 +25,8 @@ from mssd.auth.passwords import hash_password
 from mssd.auth.totp import generate_totp_secret, provisioning_uri
 from mssd.config import ConfigError, Settings, load
 from mssd.store import admin
-from mssd.store.audit import read_audit
+from mssd.store.audit import AuditLog, read_audit
+from mssd.store.records import AuditEvent
 from mssd.store.engine import SchemaError, create_engine, current_revision, head_revision, upgrade
 from mssd.store.errors import StoreError
 from mssd.store.messages import folder_states, list_messages, read_blob
@@ -244,6 +245,15 @@ async def show_mailbox(engine: Any, address: str, folder: str | None) -> None:
     from mssd.mime.headers import header_block
 
     messages = await list_messages(engine, address, folder=folder)
+    # DESIGN.md, Storage: every access to a mailbox is audited, an administrator's too.
+    await AuditLog(engine).record(
+        AuditEvent(
+            actor=actor(),
+            action="mailbox.show",
+            target=address.lower(),
+            details={"folder": folder} if folder else {},
+        )
+    )
     for state in await folder_states(engine, address):
         if folder is None or state.name == folder:
             print(

@@ -180,6 +180,7 @@ def test_create_each_mailbox_type(cli: Cli, test_pki: PkiBundle) -> None:
     assert "\tAPP\tactive\towner=1750000000" in lines["labo@clinique.mssd.test"]
     assert "\tCAB\tactive\towner=312345678901234" in lines["cabinet@clinique.mssd.test"]
     shown = cli.ok("mailbox", "show", "secretariat@clinique.mssd.test")
+    assert "mailbox.show\tok\tactor=cli:" in cli.ok("audit", "--limit", "1")
     for folder in ("INBOX", "Sent", "Drafts", "Trash", "Junk", "Archive"):
         assert f"folder {folder}: uidvalidity=" in shown
     assert "0 message(s)" in shown
