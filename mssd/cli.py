@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from cryptography.x509.oid import NameOID
 from email_validator import EmailNotValidError, validate_email
 
 from mssd import __version__
@@ -36,6 +37,7 @@ from mssd.trust.pki import PkiError
 from mssd.trust.tls import TlsConfigError
 
 BAL_TYPES = ("PER", "ORG", "APP", "CAB")
+_OU = NameOID.ORGANIZATIONAL_UNIT_NAME
 
 
 class UsageError(Exception):
@@ -479,8 +481,3 @@ def main(argv: Sequence[str] | None = None) -> None:
         fail(str(error), 1)
     except KeyboardInterrupt:
         fail("interrupted", 130)
-
-
-from cryptography.x509.oid import NameOID  # noqa: E402
-
-_OU = NameOID.ORGANIZATIONAL_UNIT_NAME
