@@ -48,7 +48,15 @@ async def list_messages(
         )
         if folder is not None:
             query = query.where(folders.c.name == folder)
-        return [PlacedMessage(*row) for row in (await conn.execute(query)).tuples()]
+        return [
+            PlacedMessage(folder, uid, modseq, flags, as_utc(date), size, sha)
+            for folder, uid, modseq, flags, date, size, sha in await conn.execute(query)
+        ]
+
+
+def as_utc(moment: dt.datetime) -> dt.datetime:
+    """SQLite returns stored UTC times without their zone; PostgreSQL with it."""
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=dt.UTC)
 
 
 async def read_blob(engine: AsyncEngine, sha256: str) -> bytes:
