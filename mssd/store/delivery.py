@@ -21,6 +21,7 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import datetime as dt
 import logging
 import secrets
@@ -29,12 +30,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import bindparam, select, update
+from sqlalchemy import Connection, Engine, bindparam, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from mssd.store.audit import audit_row
-from mssd.store.engine import write_transaction
+from mssd.store.engine import sqlite_writer_engine, write_transaction
 from mssd.store.records import AuditEvent
 from mssd.store.schema import (
     audit,
@@ -95,18 +96,48 @@ def new_envelope_id() -> str:
     return f"{int(time.time() * 1000):011X}{secrets.token_hex(6).upper()}"
 
 
-def _insert_ignoring_duplicates(conn: AsyncConnection) -> Any:
-    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
-    return dialect.insert(blobs).on_conflict_do_nothing(index_elements=["sha256"])
+# Statements are built once: SQLAlchemy memoizes a statement object's cache key, so
+# reusing the objects skips rebuilding and re-keying them for every batch.
+_INSERT_BLOB: dict[str, Any] = {
+    "postgresql": postgresql.insert(blobs).on_conflict_do_nothing(index_elements=["sha256"]),
+    "sqlite": sqlite.insert(blobs).on_conflict_do_nothing(index_elements=["sha256"]),
+}
+_SELECT_INBOXES = (
+    select(folders.c.id, folders.c.mailbox_id, folders.c.uidnext, folders.c.highestmodseq)
+    .where(
+        folders.c.mailbox_id.in_(bindparam("mailbox_ids", expanding=True)),
+        folders.c.name == "INBOX",
+    )
+    .order_by(folders.c.id)
+)
+_SELECT_INBOXES_FOR_UPDATE = _SELECT_INBOXES.with_for_update()
+_ADVANCE_FOLDER = (
+    update(folders)
+    .where(folders.c.id == bindparam("folder"))
+    .values(uidnext=bindparam("next"), highestmodseq=bindparam("modseq"))
+)
+_INSERT_ENVELOPE = envelopes.insert()
+_INSERT_RECIPIENT = envelope_recipients.insert()
+_INSERT_PLACEMENT = placements.insert()
+_INSERT_AUDIT = audit.insert()
 
 
-async def write_messages(
-    conn: AsyncConnection, batch: Sequence[NewMessage]
-) -> list[StoredMessage]:
+async def write_messages(conn: AsyncConnection, batch: Sequence[NewMessage]) -> list[StoredMessage]:
     """Write a batch inside the caller's transaction."""
+    return await conn.run_sync(write_batch, batch)
+
+
+def write_batch(conn: Connection, batch: Sequence[NewMessage]) -> list[StoredMessage]:
+    """Write a batch inside the caller's transaction (synchronous form).
+
+    Seven statements per batch whatever its size: the blobs, the INBOX folders
+    (read and locked, then advanced), envelopes, recipients, placements and audit
+    rows, each as one executemany.
+    """
+    postgres = conn.dialect.name == "postgresql"
     unique_blobs: dict[str, NewMessage] = {m.sha256: m for m in batch}
-    await conn.execute(
-        _insert_ignoring_duplicates(conn),
+    conn.execute(
+        _INSERT_BLOB["postgresql" if postgres else "sqlite"],
         [
             {"sha256": sha, "size": len(m.content), "data": m.content, "created_at": m.received_at}
             for sha, m in unique_blobs.items()
@@ -117,14 +148,11 @@ async def write_messages(
     )
     inbox: dict[int, list[int]] = {}
     if mailbox_ids:
-        query = (
-            select(folders.c.id, folders.c.mailbox_id, folders.c.uidnext, folders.c.highestmodseq)
-            .where(folders.c.mailbox_id.in_(mailbox_ids), folders.c.name == "INBOX")
-            .order_by(folders.c.id)
-        )
-        if conn.dialect.name == "postgresql":
-            query = query.with_for_update()
-        for folder_id, mailbox_id, uidnext, modseq in (await conn.execute(query)).tuples():
+        # PostgreSQL: FOR UPDATE, in folder-id order; SQLite: BEGIN IMMEDIATE already
+        # holds the database's write lock.
+        query = _SELECT_INBOXES_FOR_UPDATE if postgres else _SELECT_INBOXES
+        rows = conn.execute(query, {"mailbox_ids": mailbox_ids}).tuples()
+        for folder_id, mailbox_id, uidnext, modseq in rows:
             inbox[mailbox_id] = [folder_id, uidnext, modseq]
     results: list[StoredMessage] = []
     envelope_rows: list[dict[str, Any]] = []
@@ -201,17 +229,15 @@ async def write_messages(
         )
         results.append(StoredMessage(envelope_id, tuple(placed)))
     if inbox:
-        await conn.execute(
-            update(folders)
-            .where(folders.c.id == bindparam("folder"))
-            .values(uidnext=bindparam("next"), highestmodseq=bindparam("modseq")),
+        conn.execute(
+            _ADVANCE_FOLDER,
             [{"folder": f, "next": u, "modseq": m} for f, u, m in inbox.values()],
         )
-    await conn.execute(envelopes.insert(), envelope_rows)
-    await conn.execute(envelope_recipients.insert(), recipient_rows)
+    conn.execute(_INSERT_ENVELOPE, envelope_rows)
+    conn.execute(_INSERT_RECIPIENT, recipient_rows)
     if placement_rows:
-        await conn.execute(placements.insert(), placement_rows)
-    await conn.execute(audit.insert(), audit_rows)
+        conn.execute(_INSERT_PLACEMENT, placement_rows)
+    conn.execute(_INSERT_AUDIT, audit_rows)
     return results
 
 
@@ -235,8 +261,18 @@ class GroupCommitter:
         self._on_commit = on_commit
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
         self._tasks: list[asyncio.Task[None]] = []
+        # SQLite: a whole batch (BEGIN IMMEDIATE .. COMMIT) runs in one call on a
+        # dedicated thread with a stdlib sqlite3 connection, instead of one event-loop
+        # round trip per statement through aiosqlite. SQLite has one writer at a time
+        # anyway, so one thread loses nothing.
+        self._sync_engine: Engine | None = sqlite_writer_engine(engine)
+        self._thread: concurrent.futures.ThreadPoolExecutor | None = None
 
     def start(self) -> None:
+        if self._sync_engine is not None and self._thread is None:
+            self._thread = concurrent.futures.ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="mssd-sqlite-writer"
+            )
         if not self._tasks:
             self._tasks = [
                 asyncio.create_task(self._run(), name=f"group-commit-{i}")
@@ -250,6 +286,13 @@ class GroupCommitter:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
+        if self._thread is not None:
+            if self._sync_engine is not None:
+                await asyncio.get_running_loop().run_in_executor(
+                    self._thread, self._sync_engine.dispose
+                )
+            self._thread.shutdown(wait=True)
+            self._thread = None
 
     async def store(self, message: NewMessage) -> StoredMessage:
         if not self._tasks:
@@ -258,9 +301,24 @@ class GroupCommitter:
         self._queue.put_nowait((message, future))
         return await future
 
+    def _commit_in_thread(self, messages: Sequence[NewMessage]) -> list[StoredMessage]:
+        assert self._sync_engine is not None
+        with self._sync_engine.connect() as conn:
+            conn = conn.execution_options(mssd_write=True)
+            with conn.begin():
+                results = write_batch(conn, messages)
+        # Leaving ``begin()`` without an exception means COMMIT returned: on disk.
+        return results
+
     async def _commit(self, batch: Sequence[_Pending]) -> None:
-        async with write_transaction(self._engine) as conn:
-            results = await write_messages(conn, [message for message, _ in batch])
+        messages = [message for message, _ in batch]
+        if self._thread is not None:
+            results = await asyncio.get_running_loop().run_in_executor(
+                self._thread, self._commit_in_thread, messages
+            )
+        else:
+            async with write_transaction(self._engine) as conn:
+                results = await write_messages(conn, messages)
         for (_, future), result in zip(batch, results, strict=True):
             if not future.done():
                 future.set_result(result)

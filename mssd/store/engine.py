@@ -18,7 +18,8 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Connection, event
+from sqlalchemy import Connection, Engine, event
+from sqlalchemy import create_engine as sa_create_engine
 from sqlalchemy.engine.interfaces import DBAPIConnection
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import ConnectionPoolEntry
@@ -32,9 +33,29 @@ class SchemaError(Exception):
 
 def _sqlite_file(url: str) -> Path | None:
     prefix = "sqlite+aiosqlite:///"
-    if url.startswith(prefix) and url[len(prefix):] not in ("", ":memory:"):
-        return Path(url[len(prefix):].split("?", 1)[0])
+    if url.startswith(prefix) and url[len(prefix) :] not in ("", ":memory:"):
+        return Path(url[len(prefix) :].split("?", 1)[0])
     return None
+
+
+def _configure_sqlite(sync_engine: Engine) -> None:
+    """The connection settings every SQLite connection of mssd runs with."""
+
+    @event.listens_for(sync_engine, "connect")
+    def _on_connect(dbapi_connection: DBAPIConnection, _: ConnectionPoolEntry) -> None:
+        # The driver must not open transactions on its own: we emit BEGIN below.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=FULL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.close()
+
+    @event.listens_for(sync_engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        immediate = conn.get_execution_options().get("mssd_write", False)
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
 
 def create_engine(url: str, *, echo: bool = False) -> AsyncEngine:
@@ -43,28 +64,43 @@ def create_engine(url: str, *, echo: bool = False) -> AsyncEngine:
         path = _sqlite_file(url)
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
+        # Every pooled aiosqlite connection is a thread; a pool smaller than the number
+        # of concurrent sessions makes the overflow connections (thread, open, PRAGMAs)
+        # be created and closed again for nearly every query under load.
         engine = create_async_engine(
-            url, echo=echo, connect_args={"timeout": 30}, pool_size=8, max_overflow=8
+            url, echo=echo, connect_args={"timeout": 30}, pool_size=32, max_overflow=32
         )
-
-        @event.listens_for(engine.sync_engine, "connect")
-        def _on_connect(dbapi_connection: DBAPIConnection, _: ConnectionPoolEntry) -> None:
-            # The driver must not open transactions on its own: we emit BEGIN below.
-            dbapi_connection.isolation_level = None  # type: ignore[attr-defined]
-            cursor = dbapi_connection.cursor()
-            cursor.execute("PRAGMA journal_mode=WAL")
-            cursor.execute("PRAGMA synchronous=FULL")
-            cursor.execute("PRAGMA foreign_keys=ON")
-            cursor.execute("PRAGMA busy_timeout=30000")
-            cursor.close()
-
-        @event.listens_for(engine.sync_engine, "begin")
-        def _on_begin(conn: Connection) -> None:
-            immediate = conn.get_execution_options().get("mssd_write", False)
-            conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
-
+        _configure_sqlite(engine.sync_engine)
         return engine
     return create_async_engine(url, echo=echo, pool_size=10, max_overflow=10, pool_pre_ping=True)
+
+
+def sqlite_writer_engine(engine: AsyncEngine) -> Engine | None:
+    """A synchronous (stdlib ``sqlite3``) engine on the same SQLite file as ``engine``.
+
+    For a writer that runs a whole transaction in one worker thread (the group
+    committer): with aiosqlite every statement, BEGIN and COMMIT is a round trip
+    between the event loop and the connection's thread, which under load costs
+    more than the statements themselves. Same file, same PRAGMAs (WAL,
+    ``synchronous=FULL``), same ``BEGIN IMMEDIATE``. None for other backends and
+    for in-memory databases (a second engine would open a different database).
+    """
+    url = engine.url
+    if url.get_backend_name() != "sqlite" or _sqlite_file(str(url)) is None:
+        return None
+    writer = sa_create_engine(
+        url.set(drivername="sqlite"),
+        echo=engine.echo,
+        connect_args={"timeout": 30, "check_same_thread": False},
+        pool_size=1,
+        max_overflow=0,
+    )
+    _configure_sqlite(writer)
+    # One multi-row INSERT per table and batch rather than one sqlite3_step per row:
+    # each step releases and re-takes the GIL, and re-taking it while the event loop
+    # is busy costs up to the interpreter's switch interval (5 ms).
+    writer.dialect.use_insertmanyvalues_wo_returning = True
+    return writer
 
 
 @asynccontextmanager
