@@ -466,7 +466,13 @@ def main(argv: Sequence[str] | None = None) -> None:
             logging.getLogger(name).setLevel(logging.WARNING)
     try:
         settings = load(Path(args.config) if args.config else None)
-        asyncio.run(args.run(settings, args))
+        loop_factory = None
+        if args.command == "serve":
+            from mssd.app import event_loop_factory
+
+            loop_factory = event_loop_factory(settings)
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            runner.run(args.run(settings, args))
     except ConfigError as error:
         fail(f"configuration: {error}", 2)
     except UsageError as error:

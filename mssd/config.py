@@ -33,6 +33,8 @@ class ServerSettings:
     hostname: str = "localhost"
     """Name announced in SMTP greetings and Received headers."""
     var_dir: Path = Path("var")
+    event_loop: str = "auto"
+    """"uvloop", "asyncio", or "auto" (uvloop when installed)."""
 
 
 @dataclass(frozen=True)
@@ -277,6 +279,11 @@ def validate(settings: Settings) -> Settings:
         check_idnat_struct(settings.pki.operator_structure)
     except IdNatError as error:
         raise ConfigError(f"pki.operator_structure: {error}") from None
+    if settings.server.event_loop not in ("auto", "asyncio", "uvloop"):
+        raise ConfigError(
+            "server.event_loop: expected auto, asyncio or uvloop, "
+            f"got {settings.server.event_loop!r}"
+        )
     if not settings.server.hostname or " " in settings.server.hostname:
         raise ConfigError(f"server.hostname: invalid host name {settings.server.hostname!r}")
     return settings
