@@ -21,7 +21,6 @@ from mssd.config import Settings
 from mssd.delivery import DeliveryPipeline
 from mssd.smtp.listeners import Listener, start_smtp
 from mssd.store.accounts import StoreAccounts
-from mssd.store.audit import AuditLog
 from mssd.store.delivery import GroupCommitter
 from mssd.store.engine import check_schema, create_engine
 from mssd.trust.tls import server_context
@@ -34,15 +33,14 @@ class Services:
     settings: Settings
     engine: AsyncEngine
     accounts: StoreAccounts
-    audit: AuditLog
     authenticator: Authenticator
     committer: GroupCommitter
     pipeline: DeliveryPipeline
     tls: ssl.SSLContext
 
     async def close(self) -> None:
+        await self.authenticator.close()  # its last audit events go through the committer
         await self.committer.stop()
-        await self.authenticator.close()
         await self.engine.dispose()
 
 
@@ -78,16 +76,16 @@ async def build_services(settings: Settings) -> Services:
         await engine.dispose()
         raise
     accounts = StoreAccounts(engine)
-    audit = AuditLog(engine)
-    psc = PscTokenVerifier(settings.auth) if settings.auth.psc_issuer else None
-    authenticator = Authenticator(settings.auth, accounts, audit, psc=psc)
     # One writer per process: concurrent writers would queue on the same INBOX row
     # locks and pay one commit each; one writer batches them (bench/README.md:
     # PostgreSQL 855 -> 1170 msg/s). Several processes still write concurrently.
     committer = GroupCommitter(engine, max_batch=settings.store.group_commit_max_batch)
     committer.start()
+    psc = PscTokenVerifier(settings.auth) if settings.auth.psc_issuer else None
+    # Authentication outcomes are audited through the committer (group commit).
+    authenticator = Authenticator(settings.auth, accounts, committer, psc=psc)
     pipeline = DeliveryPipeline(accounts, committer, hostname=settings.server.hostname)
-    return Services(settings, engine, accounts, audit, authenticator, committer, pipeline, tls)
+    return Services(settings, engine, accounts, authenticator, committer, pipeline, tls)
 
 
 async def serve(settings: Settings, *, announce: Callable[[str], None] = print) -> None:

@@ -18,6 +18,7 @@ from mssd.store.accounts import StoreAccounts
 from mssd.store.delivery import GroupCommitter, NewMessage, RecipientRecord, new_envelope_id
 from mssd.store.engine import SchemaError, check_schema, create_engine
 from mssd.store.messages import folder_states, list_messages, read_blob
+from mssd.store.records import AuditEvent
 from mssd.store.schema import audit, blobs, metadata
 
 
@@ -159,3 +160,28 @@ async def test_one_time_code_step_is_claimed_once(engine: AsyncEngine) -> None:
     assert sorted(claims) == [False, False, False, False, True]
     assert not await accounts.claim_totp_step(per.id, 999)
     assert await accounts.claim_totp_step(per.id, 1001)
+
+
+async def test_audit_events_ride_along_with_deliveries(engine: AsyncEngine) -> None:
+    commits: list[int] = []
+    committer = GroupCommitter(engine, on_commit=lambda results: commits.append(len(results)))
+    committer.start()
+    to_per2 = await recipient(engine, PER2)
+    try:
+        await asyncio.gather(
+            *(
+                committer.record(AuditEvent(actor=f"guess{i}", action="auth.failure"))
+                for i in range(50)
+            ),
+            committer.store(new_message(b"Subject: x\r\n\r\nx\r\n", [to_per2])),
+        )
+    finally:
+        await committer.stop()
+    async with engine.connect() as conn:
+        count = await conn.scalar(
+            select(func.count()).where(
+                audit.c.action == "auth.failure", audit.c.actor.like("guess%")
+            )
+        )
+    assert count == 50
+    assert sum(commits) == 1  # on_commit hears about messages only

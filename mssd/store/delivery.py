@@ -122,17 +122,33 @@ _INSERT_PLACEMENT = placements.insert()
 _INSERT_AUDIT = audit.insert()
 
 
-async def write_messages(conn: AsyncConnection, batch: Sequence[NewMessage]) -> list[StoredMessage]:
+Item = NewMessage | AuditEvent
+"""What the committer writes: a message with its delivery records, or an audit
+event that rides along in the same transaction (authentication outcomes)."""
+
+
+async def write_items(conn: AsyncConnection, items: Sequence[Item]) -> list[StoredMessage | None]:
     """Write a batch inside the caller's transaction."""
-    return await conn.run_sync(write_batch, batch)
+    return await conn.run_sync(write_batch, items)
 
 
-def write_batch(conn: Connection, batch: Sequence[NewMessage]) -> list[StoredMessage]:
-    """Write a batch inside the caller's transaction (synchronous form).
+def write_batch(conn: Connection, items: Sequence[Item]) -> list[StoredMessage | None]:
+    """Write a batch inside the caller's transaction (synchronous form); the
+    result for each item is its StoredMessage, or None for an audit event."""
+    messages = [item for item in items if isinstance(item, NewMessage)]
+    audit_rows = [audit_row(item) for item in items if isinstance(item, AuditEvent)]
+    stored = iter(_write_messages(conn, messages, audit_rows) if messages else [])
+    if audit_rows:
+        conn.execute(_INSERT_AUDIT, audit_rows)
+    return [next(stored) if isinstance(item, NewMessage) else None for item in items]
 
-    Seven statements per batch whatever its size: the blobs, the INBOX folders
-    (read and locked, then advanced), envelopes, recipients, placements and audit
-    rows, each as one executemany.
+
+def _write_messages(
+    conn: Connection, batch: Sequence[NewMessage], audit_rows: list[dict[str, Any]]
+) -> list[StoredMessage]:
+    """Six statements per batch whatever its size: the blobs, the INBOX folders
+    (read and locked, then advanced), envelopes, recipients and placements, each
+    as one executemany; the audit rows are added to ``audit_rows``.
     """
     postgres = conn.dialect.name == "postgresql"
     unique_blobs: dict[str, NewMessage] = {m.sha256: m for m in batch}
@@ -158,7 +174,6 @@ def write_batch(conn: Connection, batch: Sequence[NewMessage]) -> list[StoredMes
     envelope_rows: list[dict[str, Any]] = []
     recipient_rows: list[dict[str, Any]] = []
     placement_rows: list[dict[str, Any]] = []
-    audit_rows: list[dict[str, Any]] = []
     for message in batch:
         envelope_id = message.envelope_id
         envelope_rows.append(
@@ -237,15 +252,19 @@ def write_batch(conn: Connection, batch: Sequence[NewMessage]) -> list[StoredMes
     conn.execute(_INSERT_RECIPIENT, recipient_rows)
     if placement_rows:
         conn.execute(_INSERT_PLACEMENT, placement_rows)
-    conn.execute(_INSERT_AUDIT, audit_rows)
     return results
 
 
-_Pending = tuple[NewMessage, "asyncio.Future[StoredMessage]"]
+_Pending = tuple[Item, "asyncio.Future[StoredMessage | None]"]
 
 
 class GroupCommitter:
-    """Commits concurrent deliveries together; see the module docstring."""
+    """Commits concurrent deliveries together; see the module docstring.
+
+    It is also an ``AuditSink``: authentication outcomes share the deliveries'
+    transactions instead of paying a commit each (a password-guessing client
+    cannot make the server fsync once per attempt).
+    """
 
     def __init__(
         self,
@@ -294,37 +313,48 @@ class GroupCommitter:
             self._thread.shutdown(wait=True)
             self._thread = None
 
-    async def store(self, message: NewMessage) -> StoredMessage:
+    async def _submit(self, item: Item) -> StoredMessage | None:
         if not self._tasks:
             raise RuntimeError("the group committer is not running")
-        future: asyncio.Future[StoredMessage] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait((message, future))
+        future: asyncio.Future[StoredMessage | None] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait((item, future))
         return await future
 
-    def _commit_in_thread(self, messages: Sequence[NewMessage]) -> list[StoredMessage]:
+    async def store(self, message: NewMessage) -> StoredMessage:
+        """Returns once the message and its delivery records are committed."""
+        stored = await self._submit(message)
+        assert stored is not None
+        return stored
+
+    async def record(self, event: AuditEvent) -> None:
+        """Returns once the audit event is committed."""
+        await self._submit(event)
+
+    def _commit_in_thread(self, items: Sequence[Item]) -> list[StoredMessage | None]:
         assert self._sync_engine is not None
         with self._sync_engine.connect() as conn:
             conn = conn.execution_options(mssd_write=True)
             with conn.begin():
-                results = write_batch(conn, messages)
+                results = write_batch(conn, items)
         # Leaving ``begin()`` without an exception means COMMIT returned: on disk.
         return results
 
     async def _commit(self, batch: Sequence[_Pending]) -> None:
-        messages = [message for message, _ in batch]
+        items = [item for item, _ in batch]
         if self._thread is not None:
             results = await asyncio.get_running_loop().run_in_executor(
-                self._thread, self._commit_in_thread, messages
+                self._thread, self._commit_in_thread, items
             )
         else:
             async with write_transaction(self._engine) as conn:
-                results = await write_messages(conn, messages)
+                results = await write_items(conn, items)
         for (_, future), result in zip(batch, results, strict=True):
             if not future.done():
                 future.set_result(result)
-        if self._on_commit is not None:
+        stored = [result for result in results if result is not None]
+        if self._on_commit is not None and stored:
             try:
-                self._on_commit(results)
+                self._on_commit(stored)
             except Exception:
                 log.exception("change notification failed after commit")
 
