@@ -365,6 +365,34 @@ def start_mssd(url: str, test_pki: PkiBundle, workdir: Path, **extra_env: str) -
     return MssdProcess(url, test_pki, workdir, extra_env=dict(extra_env)).start()
 
 
+def serve_seeded(
+    url: str, test_pki: PkiBundle, workdir: Path, **extra_env: str
+) -> Iterator[MssdProcess]:
+    """For fixtures: the standard population, mssd started with extra settings."""
+    run(seed(url, test_pki))
+    server = start_mssd(url, test_pki, workdir, **extra_env)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+async def _inbox(url: str, address: str) -> list[tuple[int, bytes]]:
+    from mssd.store.messages import list_messages, read_blob
+
+    engine = create_engine(url)
+    try:
+        messages = await list_messages(engine, address, folder="INBOX")
+        return [(m.uid, await read_blob(engine, m.sha256)) for m in messages]
+    finally:
+        await engine.dispose()
+
+
+def inbox(server: MssdProcess, address: str) -> list[tuple[int, bytes]]:
+    """(UID, stored bytes) of every message in a mailbox's INBOX."""
+    return list(run(_inbox(server.url, address)))
+
+
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
 def mssd(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, test_pki: PkiBundle

@@ -78,6 +78,18 @@ class Cli:
             "accueil@clinique.mssd.test",
         )
 
+    def create_labo(self, test_pki: PkiBundle) -> None:
+        self.ok(
+            "mailbox",
+            "create",
+            "--type",
+            "APP",
+            "--cert-dn",
+            test_pki.app.subject_dn,
+            "--address",
+            "labo@clinique.mssd.test",
+        )
+
     def ok(self, *args: str, stdin: str | None = None) -> str:
         result = self(*args, stdin=stdin)
         assert result.returncode == 0, result.stderr
@@ -150,16 +162,7 @@ def test_create_each_mailbox_type(cli: Cli, test_pki: PkiBundle) -> None:
         "--address",
         "secretariat@clinique.mssd.test",
     )
-    cli.ok(
-        "mailbox",
-        "create",
-        "--type",
-        "APP",
-        "--cert-dn",
-        test_pki.app.subject_dn,
-        "--address",
-        "labo@clinique.mssd.test",
-    )
+    cli.create_labo(test_pki)
     cli.ok(
         "mailbox",
         "create",
@@ -256,16 +259,7 @@ def test_duplicates_are_refused(cli: Cli, test_pki: PkiBundle) -> None:
         1,
         "already exists",
     )
-    cli.ok(
-        "mailbox",
-        "create",
-        "--type",
-        "APP",
-        "--cert-dn",
-        test_pki.app.subject_dn,
-        "--address",
-        "labo@clinique.mssd.test",
-    )
+    cli.create_labo(test_pki)
     # The same DN written differently is the same DN (RFC 4514 comparison).
     respelled = normalise_dn(test_pki.app.subject_dn).upper().replace(",", " , ")
     refused(

@@ -11,8 +11,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import PASSWORD, PER, PER2, TEST_AUTH, MssdProcess, PkiBundle, run, seed, start_mssd
-from test_smtp_submission import inbox, message
+from conftest import (
+    PASSWORD,
+    PER,
+    PER2,
+    TEST_AUTH,
+    MssdProcess,
+    PkiBundle,
+    inbox,
+    run,
+    serve_seeded,
+)
+from test_smtp_submission import message
 
 from mssd.auth.passwords import hash_password
 from mssd.auth.totp import generate_totp_secret, totp_code
@@ -53,12 +63,7 @@ def test_password_followed_by_one_time_code(mssd: MssdProcess) -> None:
 
 @pytest.fixture
 def trusting_mssd(store_url: str, test_pki: PkiBundle, tmp_path: Path) -> Iterator[MssdProcess]:
-    run(seed(store_url, test_pki))
-    server = start_mssd(store_url, test_pki, tmp_path, MSSD_SMTP_TRUSTED_NETWORKS="127.0.0.0/8")
-    try:
-        yield server
-    finally:
-        server.stop()
+    yield from serve_seeded(store_url, test_pki, tmp_path, MSSD_SMTP_TRUSTED_NETWORKS="127.0.0.0/8")
 
 
 def test_plaintext_auth_from_a_trusted_network(trusting_mssd: MssdProcess) -> None:
@@ -100,12 +105,7 @@ def test_a_large_message_in_progress_does_not_hold_up_others(mssd: MssdProcess) 
 
 @pytest.fixture
 def proxied_mssd(store_url: str, test_pki: PkiBundle, tmp_path: Path) -> Iterator[MssdProcess]:
-    run(seed(store_url, test_pki))
-    server = start_mssd(store_url, test_pki, tmp_path, MSSD_SMTP_PROXY_PROTOCOL="true")
-    try:
-        yield server
-    finally:
-        server.stop()
+    yield from serve_seeded(store_url, test_pki, tmp_path, MSSD_SMTP_PROXY_PROTOCOL="true")
 
 
 def test_proxy_protocol_gives_the_client_address(proxied_mssd: MssdProcess) -> None:

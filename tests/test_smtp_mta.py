@@ -7,8 +7,8 @@ import smtplib
 from pathlib import Path
 
 import pytest
-from conftest import ORG, PER, PER2, MssdProcess, PkiBundle, run, seed
-from test_smtp_submission import inbox, message
+from conftest import ORG, PER, PER2, MssdProcess, PkiBundle, inbox, run, seed
+from test_smtp_submission import message
 
 from mssd.config import Settings, SmtpSettings, StoreSettings, TlsSettings
 from mssd.delivery import PolicyRefusal, Transaction

@@ -10,7 +10,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import PER, PER2, PER_IDNAT, MssdProcess, PkiBundle, run, seed, start_mssd
+from conftest import (
+    PER,
+    PER2,
+    PER_IDNAT,
+    MssdProcess,
+    PkiBundle,
+    inbox,
+    serve_seeded,
+)
 from test_auth_psc import (  # noqa: F401  (fixtures)
     ISSUER,
     JwksServer,
@@ -20,7 +28,7 @@ from test_auth_psc import (  # noqa: F401  (fixtures)
     token,
     xoauth2,
 )
-from test_smtp_submission import inbox, message
+from test_smtp_submission import message
 
 
 @pytest.fixture
@@ -30,8 +38,7 @@ def psc_mssd(
     tmp_path: Path,
     jwks_server: JwksServer,  # noqa: F811
 ) -> Iterator[MssdProcess]:
-    run(seed(store_url, test_pki))
-    server = start_mssd(
+    yield from serve_seeded(
         store_url,
         test_pki,
         tmp_path,
@@ -39,10 +46,6 @@ def psc_mssd(
         MSSD_AUTH_PSC_JWKS_URL=jwks_server.url,
         MSSD_AUTH_PSC_CA_FILE=str(jwks_server.ca_file),
     )
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def fresh_token(**claims: object) -> str:

@@ -35,11 +35,11 @@ from conftest import (
     start_mssd,
     store_url_for,
 )
+from conftest import inbox as shared_inbox
 from sqlalchemy import func
 from sqlalchemy import select as sql_select
 
 from mssd.store.engine import create_engine
-from mssd.store.messages import list_messages, read_blob
 from mssd.store.schema import blobs, envelopes
 
 STRICT_SIZE = 100_000
@@ -182,17 +182,8 @@ def assert_delivered(wire: Wire) -> str:
 # -- the store -----------------------------------------------------------------
 
 
-async def _inbox(url: str, address: str) -> list[tuple[int, bytes]]:
-    engine = create_engine(url)
-    try:
-        messages = await list_messages(engine, address, folder="INBOX")
-        return [(m.uid, await read_blob(engine, m.sha256)) for m in messages]
-    finally:
-        await engine.dispose()
-
-
 def inbox(server: MssdProcess, address: str = PER2) -> list[tuple[int, bytes]]:
-    return list(run(_inbox(server.url, address)))
+    return shared_inbox(server, address)
 
 
 def holding(server: MssdProcess, tag: str, address: str = PER2) -> list[bytes]:

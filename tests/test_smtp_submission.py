@@ -18,26 +18,13 @@ from conftest import (
     PER2,
     SUSPENDED,
     MssdProcess,
+    inbox,
     require_program,
     run,
 )
 
 from mssd.store.audit import read_audit
 from mssd.store.engine import create_engine
-from mssd.store.messages import list_messages, read_blob
-
-
-async def _inbox(url: str, address: str) -> list[tuple[int, bytes]]:
-    engine = create_engine(url)
-    try:
-        messages = await list_messages(engine, address, folder="INBOX")
-        return [(m.uid, await read_blob(engine, m.sha256)) for m in messages]
-    finally:
-        await engine.dispose()
-
-
-def inbox(server: MssdProcess, address: str) -> list[tuple[int, bytes]]:
-    return run(_inbox(server.url, address))
 
 
 async def _audit(url: str, prefix: str) -> list[object]:
