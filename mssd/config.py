@@ -35,6 +35,10 @@ class ServerSettings:
     var_dir: Path = Path("var")
     event_loop: str = "auto"
     """"uvloop", "asyncio", or "auto" (uvloop when installed)."""
+    trusted_networks: tuple[str, ...] = ()
+    """Networks from which plaintext authentication is allowed on SMTP submission
+    and IMAP (TLS-terminating proxies, local test tools), as Dovecot's
+    ``login_trusted_networks``."""
 
 
 @dataclass(frozen=True)
@@ -54,9 +58,6 @@ class SmtpSettings:
     max_recipients: int = 100
     timeout_seconds: float = 300.0
     mta_require_tls: bool = True
-    trusted_networks: tuple[str, ...] = ()
-    """Networks from which plaintext authentication is allowed (TLS-terminating
-    proxies, local test tools), as Dovecot's ``login_trusted_networks``."""
     proxy_protocol: bool = False
 
 
@@ -254,12 +255,12 @@ def validate(settings: Settings) -> Settings:
         )
     if settings.auth.psc_leeway_seconds < 0:
         raise ConfigError("auth.psc_leeway_seconds: must not be negative")
-    for network in settings.smtp.trusted_networks:
+    for network in settings.server.trusted_networks:
         try:
             ipaddress.ip_network(network, strict=False)
         except ValueError:
             raise ConfigError(
-                f"smtp.trusted_networks: {network!r} is not an IP network (e.g. 127.0.0.0/8)"
+                f"server.trusted_networks: {network!r} is not an IP network (e.g. 127.0.0.0/8)"
             ) from None
     if bool(settings.auth.psc_issuer) != bool(settings.auth.psc_jwks_url):
         raise ConfigError(

@@ -41,12 +41,12 @@ def test_environment_overrides_the_file(tmp_path: Path) -> None:
         config,
         env={
             env_name("smtp", "max_message_size"): "2000",
-            "MSSD_SMTP_TRUSTED_NETWORKS": "127.0.0.0/8, ::1/128",
+            "MSSD_SERVER_TRUSTED_NETWORKS": "127.0.0.0/8, ::1/128",
             "MSSD_SMTP_MTA_REQUIRE_TLS": "false",
         },
     )
     assert settings.smtp.max_message_size == 2000
-    assert settings.smtp.trusted_networks == ("127.0.0.0/8", "::1/128")
+    assert settings.server.trusted_networks == ("127.0.0.0/8", "::1/128")
     assert settings.smtp.mta_require_tls is False
     assert settings.store.url == "sqlite+aiosqlite:///x.db"
 
@@ -74,9 +74,9 @@ def test_environment_overrides_the_file(tmp_path: Path) -> None:
             "auth.psc_jwks_url: must be an https:// URL",
         ),
         (
-            "[smtp]\ntrusted_networks = ['10.0.0.0/33']\n",
+            "[server]\ntrusted_networks = ['10.0.0.0/33']\n",
             {},
-            "smtp.trusted_networks: '10.0.0.0/33'",
+            "server.trusted_networks: '10.0.0.0/33'",
         ),
         (
             "[pki]\noperator_structure = '42'\n",

@@ -63,7 +63,9 @@ def test_password_followed_by_one_time_code(mssd: MssdProcess) -> None:
 
 @pytest.fixture
 def trusting_mssd(store_url: str, test_pki: PkiBundle, tmp_path: Path) -> Iterator[MssdProcess]:
-    yield from serve_seeded(store_url, test_pki, tmp_path, MSSD_SMTP_TRUSTED_NETWORKS="127.0.0.0/8")
+    yield from serve_seeded(
+        store_url, test_pki, tmp_path, MSSD_SERVER_TRUSTED_NETWORKS="127.0.0.0/8"
+    )
 
 
 def test_plaintext_auth_from_a_trusted_network(trusting_mssd: MssdProcess) -> None:

@@ -56,7 +56,7 @@ async def start_smtp(
 ) -> list[Listener]:
     loop = asyncio.get_running_loop()
     smtp = settings.smtp
-    trusted = trusted_matcher(smtp.trusted_networks)
+    trusted = trusted_matcher(settings.server.trusted_networks)
     common: dict[str, Any] = {
         "hostname": settings.server.hostname,
         "ident": "mssd ESMTP",
