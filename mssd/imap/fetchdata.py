@@ -3,7 +3,7 @@ BODY[section], BINARY[section], RFC822.SIZE.
 
 This module owns the *values* (RFC 3501 §7.4.2, RFC 9051 §7.5.2) as a small tree
 of Python values (:data:`ImapValue`); the response encoder in
-``mssd.imap.protocol`` owns how they are written on the wire (quoted string or
+``mssd.imap.encode`` owns how they are written on the wire (quoted string or
 literal, NIL, parentheses). It must never write protocol bytes itself, do I/O,
 or raise on a malformed message: whatever the tree from
 :func:`mssd.mime.structure.parse` says is reported as faithfully as the grammar
