@@ -72,6 +72,8 @@ mailboxes = Table(
     Column("quota_bytes", BigInteger),
     Column("created_at", Timestamp, nullable=False),
     Column("updated_at", Timestamp, nullable=False),
+    # The lowest UIDVALIDITY a new folder of this mailbox may take (migration 0002).
+    Column("next_uidvalidity", BigInteger, nullable=False, server_default="0"),
     CheckConstraint("bal_type IN ('PER', 'ORG', 'APP', 'CAB')", name="bal_type"),
     CheckConstraint("status IN ('active', 'suspended', 'closed')", name="status"),
 )

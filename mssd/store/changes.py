@@ -1,0 +1,360 @@
+"""Change notifications: how an IMAP session in IDLE learns that its folder changed.
+
+A writer (the mail store, the group committer) publishes a :class:`FolderChange`
+after its transaction committed; every :class:`Subscription` on that folder in
+this process wakes up at once, and on PostgreSQL the change also travels to the
+other mssd processes over ``LISTEN/NOTIFY`` on the channel ``mssd_changes``
+(DESIGN.md, "One message", step 6; "Scale-out").
+
+Invariants:
+- publish after COMMIT, never before: a session woken by a change must find it
+  in the store;
+- a notification is a hint, never data: a woken session re-reads the store
+  (``MailStore.changes_since``). So a subscriber's queue is bounded by
+  coalescing (one pending change per kind, carrying the highest modseq seen),
+  and a lost notification is repaired by a synthetic ``resync`` change: after
+  the listening connection to PostgreSQL was lost and re-established, every
+  subscribed folder gets one;
+- no state here is needed for correctness: a process that restarts loses only
+  wake-ups, which sessions recover by re-reading the store;
+- payloads are ``folder_id:modseq:kind:origin``; ``origin`` names the sending
+  process so that it does not deliver its own changes twice (it delivered them
+  locally already). Payloads without an origin (``folder_id:modseq:kind``, e.g.
+  sent by hand from psql) are delivered everywhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Literal, get_args
+
+import asyncpg  # type: ignore[import-untyped]
+from sqlalchemy import text
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from mssd.store.delivery import StoredMessage
+
+log = logging.getLogger(__name__)
+
+CHANNEL = "mssd_changes"
+APPLICATION_NAME = "mssd-changes"
+"""``application_name`` of the listening connection (visible in pg_stat_activity)."""
+
+ChangeKind = Literal["exists", "flags", "expunge", "resync"]
+"""``exists``: messages were added; ``flags``: flags changed; ``expunge``: messages
+were removed; ``resync``: anything may have changed (folder deleted or renamed,
+notifications possibly lost); re-read everything."""
+
+_KINDS: frozenset[str] = frozenset(get_args(ChangeKind))
+_HEALTH_INTERVAL = 10.0
+_HEALTH_TIMEOUT = 5.0
+_BACKOFF_FIRST = 0.1
+_BACKOFF_MAX = 5.0
+
+
+@dataclass(frozen=True)
+class FolderChange:
+    folder_id: int
+    modseq: int
+    """The folder's HIGHESTMODSEQ after the change (0 when unknown: ``resync``)."""
+    kind: ChangeKind
+
+
+def changes_from_stored(results: Sequence[StoredMessage]) -> list[FolderChange]:
+    """What a group-committed batch of deliveries changed: one ``exists`` per
+    INBOX, at the highest modseq the batch gave it. For ``GroupCommitter(on_commit=...)``."""
+    latest: dict[int, int] = {}
+    for stored in results:
+        for placement in stored.placements:
+            latest[placement.folder_id] = max(latest.get(placement.folder_id, 0), placement.modseq)
+    return [FolderChange(folder, modseq, "exists") for folder, modseq in sorted(latest.items())]
+
+
+def encode_payload(change: FolderChange, origin: str) -> str:
+    return f"{change.folder_id}:{change.modseq}:{change.kind}:{origin}"
+
+
+def decode_payload(payload: str) -> tuple[FolderChange, str | None] | None:
+    """The change and its origin, or None for a payload that is not ours."""
+    parts = payload.split(":")
+    if len(parts) not in (3, 4) or parts[2] not in _KINDS:
+        return None
+    try:
+        folder_id, modseq = int(parts[0]), int(parts[1])
+    except ValueError:
+        return None
+    kind: ChangeKind = parts[2]  # type: ignore[assignment]
+    return FolderChange(folder_id, modseq, kind), parts[3] if len(parts) == 4 else None
+
+
+class SubscriptionClosed(Exception):
+    """The subscription was closed while a reader waited on it."""
+
+
+class Subscription:
+    """The changes of one folder, coalesced: at most one pending change per kind.
+
+    Use ``await sub.get()``, ``await sub.wait()`` (everything pending: the shape
+    an IDLE loop wants), or ``async for``.
+    Close it (or use it as a context manager) when the session leaves the folder.
+    """
+
+    def __init__(self, bus: ChangeBus, folder_id: int) -> None:
+        self.folder_id = folder_id
+        self._bus = bus
+        self._pending: dict[ChangeKind, FolderChange] = {}
+        self._ready = asyncio.Event()
+        self._closed = False
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def offer(self, change: FolderChange) -> None:
+        """Queue a change, merging it with a pending one of the same kind."""
+        if self._closed:
+            return
+        previous = self._pending.get(change.kind)
+        if previous is None or change.modseq > previous.modseq:
+            self._pending[change.kind] = change
+        self._ready.set()
+
+    def drain(self) -> list[FolderChange]:
+        """Everything pending, oldest kind first; leaves the queue empty."""
+        changes = list(self._pending.values())
+        self._pending.clear()
+        self._ready.clear()
+        return changes
+
+    def get_nowait(self) -> FolderChange | None:
+        if not self._pending:
+            return None
+        kind = next(iter(self._pending))
+        change = self._pending.pop(kind)
+        if not self._pending:
+            self._ready.clear()
+        return change
+
+    async def get(self) -> FolderChange:
+        while True:
+            change = self.get_nowait()
+            if change is not None:
+                return change
+            if self._closed:
+                raise SubscriptionClosed(f"subscription to folder {self.folder_id} is closed")
+            await self._ready.wait()
+
+    async def wait(self) -> list[FolderChange]:
+        """Everything pending, once something is (wrap in ``asyncio.timeout`` to
+        bound the wait); [] when the subscription is closed."""
+        while not self._pending and not self._closed:
+            await self._ready.wait()
+        return self.drain()
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._bus._unsubscribe(self)
+            self._ready.set()
+
+    def __enter__(self) -> Subscription:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __aiter__(self) -> Subscription:
+        return self
+
+    async def __anext__(self) -> FolderChange:
+        try:
+            return await self.get()
+        except SubscriptionClosed:
+            raise StopAsyncIteration from None
+
+
+class ChangeBus:
+    """Fans changes out to subscribers, across processes on PostgreSQL.
+
+    SQLite deployments are one process by design: only the local fan-out runs.
+    """
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+        self._postgres = engine.dialect.name == "postgresql"
+        self._subscribers: dict[int, set[Subscription]] = {}
+        self._origin = secrets.token_hex(8)
+        self._listener: Any = None
+        self._supervisor: asyncio.Task[None] | None = None
+        self._sender: asyncio.Task[None] | None = None
+        self._outbox: list[FolderChange] = []
+        self._outbox_ready = asyncio.Event()
+        self.reconnects = 0
+        """How many times the listening connection was re-established (for metrics, tests)."""
+
+    # -- subscribers -------------------------------------------------------------
+
+    def subscribe(self, folder_id: int) -> Subscription:
+        subscription = Subscription(self, folder_id)
+        self._subscribers.setdefault(folder_id, set()).add(subscription)
+        return subscription
+
+    def _unsubscribe(self, subscription: Subscription) -> None:
+        group = self._subscribers.get(subscription.folder_id)
+        if group is not None:
+            group.discard(subscription)
+            if not group:
+                del self._subscribers[subscription.folder_id]
+
+    def publish_local(self, change: FolderChange) -> None:
+        """Wake this process's subscribers on the folder (call after COMMIT)."""
+        for subscription in tuple(self._subscribers.get(change.folder_id, ())):
+            subscription.offer(change)
+
+    async def publish(self, changes: Sequence[FolderChange]) -> None:
+        """Local fan-out, then NOTIFY the other processes (call after COMMIT)."""
+        for change in changes:
+            self.publish_local(change)
+        if self._postgres and changes:
+            await self._notify(changes)
+
+    def notify(self, change: FolderChange) -> None:
+        """Synchronous :meth:`publish`, for callbacks that cannot await
+        (``MailStore(on_change=bus.notify)``): the local fan-out happens now, the
+        NOTIFY is sent by a background task, batched with its neighbours (only
+        between ``start`` and ``stop``: before, the change stays in this process)."""
+        self.publish_local(change)
+        if self._postgres and self._sender is not None:
+            self._outbox.append(change)
+            self._outbox_ready.set()
+
+    def notify_stored(self, results: Sequence[StoredMessage]) -> None:
+        """For ``GroupCommitter(on_commit=bus.notify_stored)``."""
+        for change in changes_from_stored(results):
+            self.notify(change)
+
+    async def _notify(self, changes: Sequence[FolderChange]) -> None:
+        payloads = [encode_payload(change, self._origin) for change in changes]
+        async with self._engine.connect() as conn:
+            # NOTIFY is delivered when this (tiny) transaction commits.
+            await conn.execute(
+                text("SELECT pg_notify(:channel, p) FROM unnest(CAST(:payloads AS text[])) AS p"),
+                {"channel": CHANNEL, "payloads": payloads},
+            )
+            await conn.commit()
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    async def start(self) -> None:
+        """On PostgreSQL, LISTEN before returning: changes published by other
+        processes after ``start`` returns are heard."""
+        if not self._postgres or self._supervisor is not None:
+            return
+        connection, lost = await self._connect()
+        self._supervisor = asyncio.create_task(self._supervise(connection, lost), name="changes")
+        self._sender = asyncio.create_task(self._send_outbox(), name="changes-notify")
+
+    async def stop(self) -> None:
+        for task in (self._supervisor, self._sender):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._supervisor = self._sender = None
+        if self._outbox:
+            pending, self._outbox = self._outbox, []
+            try:
+                await self._notify(pending)
+            except (OSError, SQLAlchemyError):
+                log.warning("could not send %d change notifications at stop", len(pending))
+        await self._close_listener()
+
+    async def _close_listener(self) -> None:
+        connection, self._listener = self._listener, None
+        if connection is not None and not connection.is_closed():
+            try:
+                await asyncio.wait_for(connection.close(), _HEALTH_TIMEOUT)
+            except (OSError, TimeoutError, asyncpg.PostgresError):
+                connection.terminate()
+
+    async def _connect(self) -> tuple[Any, asyncio.Event]:
+        url = self._engine.url.set(drivername="postgresql")
+        connection = await asyncpg.connect(
+            url.render_as_string(hide_password=False),
+            server_settings={"application_name": APPLICATION_NAME},
+        )
+        lost = asyncio.Event()
+        connection.add_termination_listener(lambda _: lost.set())
+        await connection.add_listener(CHANNEL, self._on_notification)
+        self._listener = connection
+        return connection, lost
+
+    def _on_notification(self, _connection: Any, _pid: int, _channel: str, payload: str) -> None:
+        decoded = decode_payload(payload)
+        if decoded is None:
+            log.warning("ignoring malformed change notification %r", payload)
+            return
+        change, origin = decoded
+        if origin != self._origin:
+            self.publish_local(change)
+
+    async def _supervise(self, connection: Any, lost: asyncio.Event) -> None:
+        """Keep LISTEN alive: detect a dropped or silent connection, reconnect
+        with backoff, then tell every subscriber to re-read its folder."""
+        while True:
+            await self._watch(connection, lost)
+            log.warning("change notification connection lost; reconnecting")
+            await self._close_listener()
+            delay = _BACKOFF_FIRST
+            while True:
+                try:
+                    connection, lost = await self._connect()
+                    break
+                except (OSError, asyncpg.PostgresError, TimeoutError) as error:
+                    log.warning("change notifications: reconnect failed (%s)", error)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, _BACKOFF_MAX)
+            self.reconnects += 1
+            # Notifications sent while we were away are gone: everyone re-checks.
+            for folder_id in tuple(self._subscribers):
+                self.publish_local(FolderChange(folder_id, 0, "resync"))
+
+    async def _watch(self, connection: Any, lost: asyncio.Event) -> None:
+        """Returns when the connection is gone (closed, or no answer to a ping)."""
+        while not lost.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(lost.wait(), _HEALTH_INTERVAL)
+                return
+            try:
+                await asyncio.wait_for(connection.fetchval("SELECT 1"), _HEALTH_TIMEOUT)
+            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                return
+
+    async def _send_outbox(self) -> None:
+        while True:
+            await self._outbox_ready.wait()
+            self._outbox_ready.clear()
+            pending, self._outbox = self._outbox, []
+            if not pending:
+                continue
+            try:
+                await self._notify(pending)
+            except (OSError, SQLAlchemyError) as error:
+                # Local subscribers were woken already; other processes' sessions
+                # will see the change at their next command or resync.
+                log.warning("could not send %d change notifications (%s)", len(pending), error)

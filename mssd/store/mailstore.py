@@ -1,0 +1,929 @@
+"""What an IMAP session needs from the store: folders, flags, UIDs, modseqs.
+
+Folders are named as stored ("INBOX", "Sent", "a/b"; "/" separates levels).
+An account sees the folders of its first own mailbox at the top of its
+namespace, and those of every other mailbox it may use (its other own mailboxes,
+ORG/CAB mailboxes it is delegated on with the RFC 4314 "l" right) under
+``Partagés/<mailbox address>/`` (:data:`SHARED_PREFIX`).
+
+Invariants:
+- every write runs in ``write_transaction`` and locks the folder rows it takes
+  UIDs or modseqs from: ``SELECT ... FOR UPDATE`` in folder-id order on
+  PostgreSQL (the group committer does the same, so writers cannot deadlock),
+  the database write lock of ``BEGIN IMMEDIATE`` on SQLite. Folder creation,
+  deletion and renaming also lock the mailbox row. Nothing is kept in memory:
+  several processes may share one PostgreSQL.
+- UIDs come from ``folders.uidnext``, strictly ascending, never reused:
+  ``uidnext`` never goes down, not even on expunge (RFC 9051 §2.3.1.1).
+- Modseq policy (RFC 7162 §3.1): each message whose state changes (new, flags
+  changed, expunged) takes its own new modseq, ``highestmodseq + 1``, ``+ 2``...
+  in ascending UID order, and the folder's ``highestmodseq`` ends at the last
+  one. So a folder's modseqs are strictly increasing and unique, and
+  ``highestmodseq`` is at least every placement's and expunge's modseq. A
+  STORE that does not change a message's flags leaves its modseq alone.
+- Expunges are recorded (``expunges``: uid, modseq) in the transaction that
+  removes the placement (QRESYNC VANISHED). A deleted folder takes its
+  placements and expunge records with it; blobs always stay (content-addressed,
+  possibly shared with other placements).
+- Changes are reported to ``on_change`` after COMMIT, never before.
+- Rights: the functions that take a name and an account check RFC 4314 rights
+  (create "k", delete "x", rename "x" and "k"); those that take a folder id
+  trust the caller, which checks :attr:`FolderInfo.rights` (the IMAP layer).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from sqlalchemy import bindparam, delete, func, insert, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from mssd.store.changes import FolderChange
+from mssd.store.engine import write_transaction
+from mssd.store.messages import as_utc
+from mssd.store.schema import blobs, delegations, expunges, folders, mailboxes, placements
+
+log = logging.getLogger(__name__)
+
+SEPARATOR = "/"
+SHARED_PREFIX = "Partagés"
+"""Root of the shared namespace (RFC 2342): ``Partagés/<address>/<folder>``."""
+OWNER_RIGHTS = "lrswipkxtea"
+"""RFC 4314 §2.1: everything, for an account on its own mailboxes."""
+MAX_NAME = 1024
+_CHUNK = 1000  # rows per IN (...) list: far below SQLite's and asyncpg's parameter limits
+
+_SYSTEM_FLAGS = {
+    f.lower(): f for f in ("\\Seen", "\\Answered", "\\Flagged", "\\Deleted", "\\Draft")
+}
+
+
+class MailStoreError(Exception):
+    """A refused operation; ``code`` is the IMAP response code (RFC 5530, RFC 9051 §7.1)."""
+
+    def __init__(self, code: str | None, text: str) -> None:
+        super().__init__(text)
+        self.code = code
+        self.text = text
+
+
+@dataclass(frozen=True)
+class FolderInfo:
+    id: int
+    mailbox_id: int
+    mailbox_address: str
+    name: str
+    """As the account sees it: "INBOX", "a/b", "Partagés/accueil@x/INBOX"."""
+    special_use: str | None
+    subscribed: bool
+    uidvalidity: int
+    uidnext: int
+    highestmodseq: int
+    rights: str
+    """RFC 4314 rights of the account on this folder."""
+
+
+@dataclass(frozen=True)
+class FolderSnapshot:
+    uidvalidity: int
+    uidnext: int
+    highestmodseq: int
+    messages: tuple[tuple[int, frozenset[str], int], ...]
+    """(uid, flags, modseq), ascending uid."""
+
+
+@dataclass(frozen=True)
+class MessageRow:
+    uid: int
+    flags: frozenset[str]
+    modseq: int
+    internal_date: dt.datetime
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class FlagState:
+    uid: int
+    flags: frozenset[str]
+    modseq: int
+
+
+@dataclass(frozen=True)
+class StoreResult:
+    updated: tuple[FlagState, ...]
+    """Messages whose flags changed, with their new modseq (ascending uid)."""
+    unchanged: tuple[FlagState, ...]
+    """Messages that passed UNCHANGEDSINCE but already had the requested flags."""
+    modified: tuple[int, ...]
+    """UIDs that failed UNCHANGEDSINCE (RFC 7162 §3.1.3 MODIFIED response code)."""
+
+
+def parse_flags(stored: str) -> frozenset[str]:
+    return frozenset(stored.split())
+
+
+def format_flags(flags: Iterable[str]) -> str:
+    """System flags in their canonical spelling (flags are case-insensitive,
+    RFC 9051 §2.3.2); \\Recent is never stored (session state, RFC 3501)."""
+    canonical = {_SYSTEM_FLAGS.get(flag.lower(), flag) for flag in flags}
+    canonical.discard("\\Recent")
+    return " ".join(sorted(canonical))
+
+
+def _chunks(values: Sequence[int]) -> Iterator[list[int]]:
+    unique = sorted(set(values))
+    for start in range(0, len(unique), _CHUNK):
+        yield unique[start : start + _CHUNK]
+
+
+@dataclass
+class _Counters:
+    """A locked folder's counters, advanced in memory and saved before COMMIT."""
+
+    uidnext: int
+    highestmodseq: int
+
+    def next_uid(self) -> int:
+        self.uidnext += 1
+        return self.uidnext - 1
+
+    def next_modseq(self) -> int:
+        self.highestmodseq += 1
+        return self.highestmodseq
+
+
+@dataclass(frozen=True)
+class _Namespace:
+    mailbox_id: int
+    address: str
+    rights: str
+    prefix: str
+    """"" for the account's first own mailbox, else "Partagés/<address>/"."""
+    owned: bool
+    """The account owns the mailbox (else it is a delegate)."""
+
+
+_ADVANCE = (
+    update(folders)
+    .where(folders.c.id == bindparam("b_id"))
+    .values(uidnext=bindparam("b_uidnext"), highestmodseq=bindparam("b_modseq"))
+)
+_SET_FLAGS = (
+    update(placements)
+    .where(placements.c.folder_id == bindparam("b_folder"), placements.c.uid == bindparam("b_uid"))
+    .values(flags=bindparam("b_flags"), modseq=bindparam("b_modseq"))
+)
+
+
+def _postgres(conn: AsyncConnection) -> bool:
+    return conn.dialect.name == "postgresql"
+
+
+async def _lock_folders(conn: AsyncConnection, ids: Iterable[int]) -> dict[int, _Counters]:
+    wanted = sorted(set(ids))
+    query = (
+        select(folders.c.id, folders.c.uidnext, folders.c.highestmodseq)
+        .where(folders.c.id.in_(wanted))
+        .order_by(folders.c.id)
+    )
+    if _postgres(conn):
+        query = query.with_for_update()
+    found = {row[0]: _Counters(row[1], row[2]) for row in await conn.execute(query)}
+    if len(found) != len(wanted):
+        raise MailStoreError("NONEXISTENT", "no such folder (deleted meanwhile?)")
+    return found
+
+
+async def _save(conn: AsyncConnection, counters: dict[int, _Counters]) -> None:
+    await conn.execute(
+        _ADVANCE,
+        [
+            {"b_id": folder_id, "b_uidnext": c.uidnext, "b_modseq": c.highestmodseq}
+            for folder_id, c in counters.items()
+        ],
+    )
+
+
+async def _lock_mailbox(conn: AsyncConnection, mailbox_id: int) -> int:
+    """Serialise changes to a mailbox's folder names; returns next_uidvalidity."""
+    query = select(mailboxes.c.next_uidvalidity).where(mailboxes.c.id == mailbox_id)
+    if _postgres(conn):
+        query = query.with_for_update()
+    return int(await conn.scalar(query) or 0)
+
+
+async def _allocate_uidvalidity(conn: AsyncConnection, mailbox_id: int, count: int) -> int:
+    """``count`` consecutive UIDVALIDITY values never used in this mailbox
+    (RFC 9051 §2.3.1.1): creation time in seconds, pushed past every value the
+    mailbox ever handed out. Call with the mailbox row locked."""
+    floor = await _lock_mailbox(conn, mailbox_id)
+    highest = await conn.scalar(
+        select(func.max(folders.c.uidvalidity)).where(folders.c.mailbox_id == mailbox_id)
+    )
+    first = max(int(time.time()), floor, int(highest or 0) + 1)
+    await conn.execute(
+        update(mailboxes).where(mailboxes.c.id == mailbox_id).values(next_uidvalidity=first + count)
+    )
+    return first
+
+
+def _normalise(name: str) -> str:
+    """INBOX is case-insensitive, also as the first level of a name (RFC 9051 §5.1)."""
+    head, sep, rest = name.partition(SEPARATOR)
+    return "INBOX" + sep + rest if head.upper() == "INBOX" else name
+
+
+def _check_name(name: str, *, top_level: bool) -> None:
+    if (
+        not name
+        or len(name) > MAX_NAME
+        or any(not part for part in name.split(SEPARATOR))
+        or any(c in "%*" or ord(c) < 0x20 or ord(c) == 0x7F for c in name)
+    ):
+        raise MailStoreError("CANNOT", f"invalid folder name {name!r}")
+    if top_level and name.split(SEPARATOR, 1)[0].casefold() == SHARED_PREFIX.casefold():
+        raise MailStoreError("CANNOT", f"{SHARED_PREFIX} is reserved for shared mailboxes")
+
+
+def _shared(address: str) -> str:
+    return f"{SHARED_PREFIX}{SEPARATOR}{address}{SEPARATOR}"
+
+
+def _parents(name: str) -> list[str]:
+    parts = name.split(SEPARATOR)
+    return [SEPARATOR.join(parts[:i]) for i in range(1, len(parts))]
+
+
+class MailStore:
+    """The store as IMAP sees it; see the module docstring for the invariants."""
+
+    def __init__(
+        self, engine: AsyncEngine, *, on_change: Callable[[FolderChange], None] | None = None
+    ) -> None:
+        self._engine = engine
+        self._on_change = on_change
+        self._postgres = engine.dialect.name == "postgresql"
+
+    def _emit(self, changes: Iterable[FolderChange]) -> None:
+        if self._on_change is None:
+            return
+        for change in changes:
+            try:
+                self._on_change(change)
+            except Exception:
+                log.exception("change notification failed after commit")
+
+    # -- namespaces -------------------------------------------------------------
+
+    async def _namespaces(self, conn: AsyncConnection, account_id: int) -> list[_Namespace]:
+        own = await conn.execute(
+            select(mailboxes.c.id, mailboxes.c.address)
+            .where(mailboxes.c.account_id == account_id, mailboxes.c.status == "active")
+            .order_by(mailboxes.c.id)
+        )
+        spaces = [
+            _Namespace(
+                mailbox_id, address, OWNER_RIGHTS, "" if index == 0 else _shared(address), True
+            )
+            for index, (mailbox_id, address) in enumerate(own)
+        ]
+        shared = await conn.execute(
+            select(mailboxes.c.id, mailboxes.c.address, delegations.c.rights)
+            .join(delegations, delegations.c.mailbox_id == mailboxes.c.id)
+            .where(
+                delegations.c.account_id == account_id,
+                mailboxes.c.status == "active",
+                mailboxes.c.bal_type.in_(("ORG", "CAB")),
+            )
+            .order_by(mailboxes.c.address)
+        )
+        for mailbox_id, address, rights in shared:
+            # RFC 4314 §4: without "l" the mailbox does not exist for this account.
+            if "l" in rights:
+                spaces.append(_Namespace(mailbox_id, address, rights, _shared(address), False))
+        return spaces
+
+    def _resolve(self, spaces: list[_Namespace], name: str) -> tuple[_Namespace, str]:
+        """The namespace a presented name lives in, and the name as stored."""
+        shared_root = SHARED_PREFIX + SEPARATOR
+        if name == SHARED_PREFIX or name.startswith(shared_root):
+            address, _, rest = name[len(shared_root) :].partition(SEPARATOR)
+            for space in spaces:
+                if space.prefix and space.address == address.lower():
+                    if not rest:
+                        raise MailStoreError("CANNOT", f"{name} is a shared namespace root")
+                    return space, _normalise(rest)
+            if not address:
+                raise MailStoreError("CANNOT", f"{name} is a shared namespace root")
+            raise MailStoreError("NONEXISTENT", f"no shared mailbox {address}")
+        primary = next((space for space in spaces if not space.prefix), None)
+        if primary is None:
+            raise MailStoreError("NONEXISTENT", "this account has no active mailbox")
+        return primary, _normalise(name)
+
+    def _info(self, space: _Namespace, row: Any) -> FolderInfo:
+        return FolderInfo(
+            id=row.id,
+            mailbox_id=space.mailbox_id,
+            mailbox_address=space.address,
+            name=space.prefix + row.name,
+            special_use=row.special_use,
+            # Subscriptions live on the folder row, i.e. belong to the mailbox's
+            # owner: a delegate's shared folders always show as subscribed.
+            subscribed=bool(row.subscribed) or not space.owned,
+            uidvalidity=row.uidvalidity,
+            uidnext=row.uidnext,
+            highestmodseq=row.highestmodseq,
+            rights=space.rights,
+        )
+
+    async def folders(self, account_id: int) -> list[FolderInfo]:
+        async with self._engine.connect() as conn:
+            spaces = await self._namespaces(conn, account_id)
+            if not spaces:
+                return []
+            by_mailbox = {space.mailbox_id: space for space in spaces}
+            rows = await conn.execute(
+                select(folders).where(folders.c.mailbox_id.in_(by_mailbox)).order_by(folders.c.name)
+            )
+            found = [self._info(by_mailbox[row.mailbox_id], row) for row in rows]
+        order = {space.mailbox_id: index for index, space in enumerate(spaces)}
+        # Each mailbox's INBOX first, then its folders by name.
+        found.sort(
+            key=lambda f: (
+                order[f.mailbox_id],
+                f.name != by_mailbox[f.mailbox_id].prefix + "INBOX",
+                f.name,
+            )
+        )
+        return found
+
+    async def folder(self, account_id: int, name: str) -> FolderInfo | None:
+        async with self._engine.connect() as conn:
+            try:
+                space, stored = self._resolve(await self._namespaces(conn, account_id), name)
+            except MailStoreError:
+                return None
+            row = (
+                await conn.execute(
+                    select(folders).where(
+                        folders.c.mailbox_id == space.mailbox_id, folders.c.name == stored
+                    )
+                )
+            ).one_or_none()
+        return None if row is None else self._info(space, row)
+
+    async def _resolve_for(
+        self, conn: AsyncConnection, account_id: int, name: str, right: str
+    ) -> tuple[_Namespace, str]:
+        space, stored = self._resolve(await self._namespaces(conn, account_id), name)
+        if right not in space.rights:
+            raise MailStoreError("NOPERM", f"right {right!r} missing on {space.address}")
+        return space, stored
+
+    # -- folder management --------------------------------------------------------
+
+    async def _insert_folders(
+        self,
+        conn: AsyncConnection,
+        mailbox_id: int,
+        names: Sequence[str],
+        *,
+        special_use: str | None = None,
+        last_counters: tuple[int, int] = (1, 1),
+    ) -> int:
+        """Create ``names`` (the last one gets ``special_use`` and
+        ``last_counters``: uidnext, highestmodseq); returns the last one's id."""
+        first = await _allocate_uidvalidity(conn, mailbox_id, len(names))
+        folder_id = 0
+        for index, name in enumerate(names):
+            last = index == len(names) - 1
+            result = await conn.execute(
+                insert(folders).values(
+                    mailbox_id=mailbox_id,
+                    name=name,
+                    uidvalidity=first + index,
+                    uidnext=last_counters[0] if last else 1,
+                    highestmodseq=last_counters[1] if last else 1,
+                    special_use=special_use if last else None,
+                    subscribed=True,
+                )
+            )
+            assert result.inserted_primary_key is not None
+            folder_id = int(result.inserted_primary_key[0])
+        return folder_id
+
+    async def _existing_names(self, conn: AsyncConnection, mailbox_id: int) -> dict[str, int]:
+        rows = await conn.execute(
+            select(folders.c.name, folders.c.id).where(folders.c.mailbox_id == mailbox_id)
+        )
+        return {name: folder_id for name, folder_id in rows}
+
+    async def create_folder(
+        self, account_id: int, name: str, *, special_use: str | None = None
+    ) -> FolderInfo:
+        # RFC 9051 §6.3.4: a trailing separator only declares the intent to create children.
+        if name.endswith(SEPARATOR):
+            name = name[:-1]
+        try:
+            async with write_transaction(self._engine) as conn:
+                space, stored = await self._resolve_for(conn, account_id, name, "k")
+                _check_name(stored, top_level=not space.prefix)
+                await _lock_mailbox(conn, space.mailbox_id)
+                existing = await self._existing_names(conn, space.mailbox_id)
+                if stored in existing:
+                    raise MailStoreError("ALREADYEXISTS", f"{name} already exists")
+                # RFC 9051 §6.3.4: create the superior names the new one needs.
+                missing = [p for p in _parents(stored) if p not in existing]
+                await self._insert_folders(
+                    conn, space.mailbox_id, [*missing, stored], special_use=special_use
+                )
+        except IntegrityError:
+            raise MailStoreError("ALREADYEXISTS", f"{name} was created concurrently") from None
+        info = await self.folder(account_id, name)
+        if info is None:
+            raise MailStoreError("NONEXISTENT", f"{name} was deleted concurrently")
+        return info
+
+    async def delete_folder(self, account_id: int, name: str) -> None:
+        async with write_transaction(self._engine) as conn:
+            space, stored = await self._resolve_for(conn, account_id, name, "x")
+            if stored == "INBOX":
+                raise MailStoreError("CANNOT", "INBOX cannot be deleted")  # RFC 9051 §6.3.5
+            floor = await _lock_mailbox(conn, space.mailbox_id)
+            existing = await self._existing_names(conn, space.mailbox_id)
+            folder_id = existing.get(stored)
+            if folder_id is None:
+                raise MailStoreError("NONEXISTENT", f"no folder {name}")
+            if any(other.startswith(stored + SEPARATOR) for other in existing):
+                # RFC 9051 §6.3.5: refusing is allowed; HASCHILDREN says why.
+                raise MailStoreError("HASCHILDREN", f"{name} has subfolders: delete them first")
+            await _lock_folders(conn, [folder_id])
+            uidvalidity = int(
+                await conn.scalar(select(folders.c.uidvalidity).where(folders.c.id == folder_id))
+                or 0
+            )
+            await conn.execute(delete(placements).where(placements.c.folder_id == folder_id))
+            await conn.execute(delete(expunges).where(expunges.c.folder_id == folder_id))
+            await conn.execute(delete(folders).where(folders.c.id == folder_id))
+            # A folder created again under this name must get a new UIDVALIDITY.
+            await conn.execute(
+                update(mailboxes)
+                .where(mailboxes.c.id == space.mailbox_id)
+                .values(next_uidvalidity=max(floor, uidvalidity + 1))
+            )
+        self._emit([FolderChange(folder_id, 0, "resync")])
+
+    async def rename_folder(self, account_id: int, old: str, new: str) -> None:
+        if new.endswith(SEPARATOR):
+            new = new[:-1]
+        changes: list[FolderChange] = []
+        try:
+            async with write_transaction(self._engine) as conn:
+                spaces = await self._namespaces(conn, account_id)
+                space, source = self._resolve(spaces, old)
+                target_space, target = self._resolve(spaces, new)
+                if target_space.mailbox_id != space.mailbox_id:
+                    raise MailStoreError("CANNOT", "folders cannot move between mailboxes")
+                for right in "xk":  # RFC 4314 §4: RENAME needs x on old, k on the new parent
+                    if right not in space.rights:
+                        raise MailStoreError(
+                            "NOPERM", f"right {right!r} missing on {space.address}"
+                        )
+                _check_name(target, top_level=not space.prefix)
+                if target == source or target.startswith(source + SEPARATOR):
+                    raise MailStoreError("CANNOT", f"cannot rename {old} into itself")
+                await _lock_mailbox(conn, space.mailbox_id)
+                existing = await self._existing_names(conn, space.mailbox_id)
+                if source not in existing:
+                    raise MailStoreError("NONEXISTENT", f"no folder {old}")
+                if target in existing:
+                    raise MailStoreError("ALREADYEXISTS", f"{new} already exists")
+                missing = [p for p in _parents(target) if p not in existing]
+                if source == "INBOX":
+                    changes = await self._rename_inbox(
+                        conn, space, existing["INBOX"], missing, target
+                    )
+                else:
+                    changes = await self._rename_tree(
+                        conn, space, existing, source, target, missing
+                    )
+        except IntegrityError:
+            raise MailStoreError("ALREADYEXISTS", f"{new} was created concurrently") from None
+        self._emit(changes)
+
+    async def _rename_inbox(
+        self,
+        conn: AsyncConnection,
+        space: _Namespace,
+        inbox_id: int,
+        missing: list[str],
+        target: str,
+    ) -> list[FolderChange]:
+        """RFC 9051 §6.3.6: renaming INBOX moves its messages to a new folder and
+        leaves INBOX, empty, in place; INBOX's subfolders stay where they are."""
+        counters = (await _lock_folders(conn, [inbox_id]))[inbox_id]
+        new_id = await self._insert_folders(
+            conn,
+            space.mailbox_id,
+            [*missing, target],
+            last_counters=(counters.uidnext, counters.highestmodseq),
+        )
+        uids = list(
+            await conn.scalars(
+                select(placements.c.uid)
+                .where(placements.c.folder_id == inbox_id)
+                .order_by(placements.c.uid)
+            )
+        )
+        # The messages keep their UIDs and modseqs in the new folder (new UIDVALIDITY).
+        await conn.execute(
+            update(placements).where(placements.c.folder_id == inbox_id).values(folder_id=new_id)
+        )
+        stamp = dt.datetime.now(dt.UTC)
+        if uids:
+            await conn.execute(
+                insert(expunges),
+                [
+                    {
+                        "folder_id": inbox_id,
+                        "uid": uid,
+                        "modseq": counters.next_modseq(),
+                        "expunged_at": stamp,
+                    }
+                    for uid in uids
+                ],
+            )
+        await _save(conn, {inbox_id: counters})
+        return [FolderChange(inbox_id, counters.highestmodseq, "expunge")]
+
+    async def _rename_tree(
+        self,
+        conn: AsyncConnection,
+        space: _Namespace,
+        existing: dict[str, int],
+        source: str,
+        target: str,
+        missing: list[str],
+    ) -> list[FolderChange]:
+        """RFC 9051 §6.3.6: the folder and its subfolders move; each gets a new
+        UIDVALIDITY (clients must not trust caches keyed by the old name)."""
+        moved = sorted(
+            (name, folder_id)
+            for name, folder_id in existing.items()
+            if name == source or name.startswith(source + SEPARATOR)
+        )
+        renamed = {name: target + name[len(source) :] for name, _ in moved}
+        if any(new_name in existing for new_name in renamed.values()):
+            raise MailStoreError("ALREADYEXISTS", f"a subfolder of {target} already exists")
+        if missing:
+            await self._insert_folders(conn, space.mailbox_id, missing)
+        first = await _allocate_uidvalidity(conn, space.mailbox_id, len(moved))
+        for index, (name, folder_id) in enumerate(moved):
+            await conn.execute(
+                update(folders)
+                .where(folders.c.id == folder_id)
+                .values(name=renamed[name], uidvalidity=first + index)
+            )
+        return [FolderChange(folder_id, 0, "resync") for _, folder_id in moved]
+
+    async def set_subscribed(self, account_id: int, name: str, subscribed: bool) -> None:
+        async with write_transaction(self._engine) as conn:
+            space, stored = self._resolve(await self._namespaces(conn, account_id), name)
+            where = (folders.c.mailbox_id == space.mailbox_id, folders.c.name == stored)
+            if await conn.scalar(select(folders.c.id).where(*where)) is None:
+                raise MailStoreError("NONEXISTENT", f"no folder {name}")
+            # Subscriptions live on the folder row, so they are the owner's: a
+            # delegate's (un)subscription is accepted and not stored.
+            if space.owned:
+                await conn.execute(update(folders).where(*where).values(subscribed=subscribed))
+
+    # -- reading ---------------------------------------------------------------------
+
+    async def snapshot(self, folder_id: int) -> FolderSnapshot:
+        """One statement, so one consistent view on either backend."""
+        query = (
+            select(
+                folders.c.uidvalidity,
+                folders.c.uidnext,
+                folders.c.highestmodseq,
+                placements.c.uid,
+                placements.c.flags,
+                placements.c.modseq,
+            )
+            .select_from(folders.outerjoin(placements, placements.c.folder_id == folders.c.id))
+            .where(folders.c.id == folder_id)
+            .order_by(placements.c.uid)
+        )
+        async with self._engine.connect() as conn:
+            rows = (await conn.execute(query)).all()
+        if not rows:
+            raise MailStoreError("NONEXISTENT", f"no folder {folder_id}")
+        uidvalidity, uidnext, highestmodseq = rows[0][0], rows[0][1], rows[0][2]
+        cache: dict[str, frozenset[str]] = {}
+        messages = tuple(
+            (row[3], cache.get(row[4]) or cache.setdefault(row[4], parse_flags(row[4])), row[5])
+            for row in rows
+            if row[3] is not None
+        )
+        return FolderSnapshot(uidvalidity, uidnext, highestmodseq, messages)
+
+    @staticmethod
+    def _message_query() -> Any:
+        return select(
+            placements.c.uid,
+            placements.c.flags,
+            placements.c.modseq,
+            placements.c.internal_date,
+            placements.c.size,
+            placements.c.blob_sha256,
+        )
+
+    @staticmethod
+    def _message_row(row: Any) -> MessageRow:
+        return MessageRow(row[0], parse_flags(row[1]), row[2], as_utc(row[3]), row[4], row[5])
+
+    async def messages(self, folder_id: int, uids: Sequence[int]) -> list[MessageRow]:
+        found: list[MessageRow] = []
+        async with self._engine.connect() as conn:
+            for chunk in _chunks(uids):
+                rows = await conn.execute(
+                    self._message_query()
+                    .where(placements.c.folder_id == folder_id, placements.c.uid.in_(chunk))
+                    .order_by(placements.c.uid)
+                )
+                found.extend(self._message_row(row) for row in rows)
+        return found
+
+    async def blob(self, sha256: str) -> bytes:
+        async with self._engine.connect() as conn:
+            data = await conn.scalar(select(blobs.c.data).where(blobs.c.sha256 == sha256))
+        if data is None:
+            raise MailStoreError("NONEXISTENT", f"no message blob {sha256}")
+        return bytes(data)
+
+    async def changes_since(
+        self, folder_id: int, modseq: int
+    ) -> tuple[list[MessageRow], list[int]]:
+        """RFC 7162 §3.1.4.1 CHANGEDSINCE and §3.2.5.2 VANISHED: messages whose
+        modseq is above ``modseq``, and UIDs expunged above it (ascending)."""
+        async with self._engine.connect() as conn:
+            if self._postgres:
+                # Both statements must see the same committed state.
+                await conn.execution_options(isolation_level="REPEATABLE READ")
+            rows = await conn.execute(
+                self._message_query()
+                .where(placements.c.folder_id == folder_id, placements.c.modseq > modseq)
+                .order_by(placements.c.uid)
+            )
+            changed = [self._message_row(row) for row in rows]
+            vanished = sorted(
+                set(
+                    await conn.scalars(
+                        select(expunges.c.uid).where(
+                            expunges.c.folder_id == folder_id, expunges.c.modseq > modseq
+                        )
+                    )
+                )
+            )
+        return changed, vanished
+
+    async def usage(self, mailbox_id: int) -> int:
+        """Octets stored in the mailbox's folders (RFC 9208 STORAGE counts KiB)."""
+        async with self._engine.connect() as conn:
+            total = await conn.scalar(
+                select(func.coalesce(func.sum(placements.c.size), 0))
+                .select_from(placements.join(folders, folders.c.id == placements.c.folder_id))
+                .where(folders.c.mailbox_id == mailbox_id)
+            )
+        return int(total or 0)
+
+    # -- writing messages ------------------------------------------------------------
+
+    async def store_flags(
+        self,
+        folder_id: int,
+        uids: Sequence[int],
+        *,
+        mode: Literal["set", "add", "remove"],
+        flags: frozenset[str],
+        unchanged_since: int | None = None,
+    ) -> StoreResult:
+        """RFC 9051 §6.4.6 STORE with RFC 7162 §3.1.3 UNCHANGEDSINCE. UIDs not in
+        the folder (expunged meanwhile) are ignored."""
+        requested = parse_flags(format_flags(flags))
+        updated: list[FlagState] = []
+        unchanged: list[FlagState] = []
+        modified: list[int] = []
+        async with write_transaction(self._engine) as conn:
+            counters = await _lock_folders(conn, [folder_id])
+            folder = counters[folder_id]
+            for chunk in _chunks(uids):
+                rows = await conn.execute(
+                    select(placements.c.uid, placements.c.flags, placements.c.modseq)
+                    .where(placements.c.folder_id == folder_id, placements.c.uid.in_(chunk))
+                    .order_by(placements.c.uid)
+                )
+                for uid, stored, modseq in rows:
+                    current = parse_flags(stored)
+                    if unchanged_since is not None and modseq > unchanged_since:
+                        modified.append(uid)
+                        continue
+                    if mode == "set":
+                        wanted = requested
+                    elif mode == "add":
+                        wanted = current | requested
+                    else:
+                        wanted = current - requested
+                    if wanted == current:
+                        unchanged.append(FlagState(uid, current, modseq))
+                    else:
+                        updated.append(FlagState(uid, wanted, folder.next_modseq()))
+            if updated:
+                await conn.execute(
+                    _SET_FLAGS,
+                    [
+                        {
+                            "b_folder": folder_id,
+                            "b_uid": s.uid,
+                            "b_flags": format_flags(s.flags),
+                            "b_modseq": s.modseq,
+                        }
+                        for s in updated
+                    ],
+                )
+                await _save(conn, counters)
+        if updated:
+            self._emit([FolderChange(folder_id, folder.highestmodseq, "flags")])
+        return StoreResult(tuple(updated), tuple(unchanged), tuple(modified))
+
+    async def _expunge_locked(
+        self, conn: AsyncConnection, folder_id: int, folder: _Counters, uids: Sequence[int]
+    ) -> None:
+        """Remove placements, recording each with a new modseq (ascending uid)."""
+        stamp = dt.datetime.now(dt.UTC)
+        ordered = sorted(set(uids))
+        if not ordered:
+            return
+        await conn.execute(
+            insert(expunges),
+            [
+                {
+                    "folder_id": folder_id,
+                    "uid": uid,
+                    "modseq": folder.next_modseq(),
+                    "expunged_at": stamp,
+                }
+                for uid in ordered
+            ],
+        )
+        for chunk in _chunks(ordered):
+            await conn.execute(
+                delete(placements).where(
+                    placements.c.folder_id == folder_id, placements.c.uid.in_(chunk)
+                )
+            )
+
+    async def expunge(self, folder_id: int, *, uids: Sequence[int] | None = None) -> list[int]:
+        """RFC 9051 §6.4.3 EXPUNGE, or RFC 4315 §2.1 UID EXPUNGE when ``uids`` is given."""
+        async with write_transaction(self._engine) as conn:
+            counters = await _lock_folders(conn, [folder_id])
+            query = select(placements.c.uid, placements.c.flags).where(
+                placements.c.folder_id == folder_id,
+                placements.c.flags.contains("\\Deleted", autoescape=True),
+            )
+            candidates: list[tuple[int, str]] = []
+            if uids is None:
+                candidates.extend((await conn.execute(query)).tuples())
+            else:
+                for chunk in _chunks(uids):
+                    rows = await conn.execute(query.where(placements.c.uid.in_(chunk)))
+                    candidates.extend(rows.tuples())
+            doomed = sorted(uid for uid, stored in candidates if "\\Deleted" in stored.split())
+            if doomed:
+                await self._expunge_locked(conn, folder_id, counters[folder_id], doomed)
+                await _save(conn, counters)
+        if doomed:
+            self._emit([FolderChange(folder_id, counters[folder_id].highestmodseq, "expunge")])
+        return doomed
+
+    async def copy(
+        self, src_folder_id: int, uids: Sequence[int], dst_folder_id: int
+    ) -> list[tuple[int, int]]:
+        """RFC 9051 §6.4.7 COPY; the pairs make RFC 4315 COPYUID (ascending source
+        UIDs, destination UIDs allocated in the same order)."""
+        return await self._transfer(src_folder_id, uids, dst_folder_id, move=False)
+
+    async def move(
+        self, src_folder_id: int, uids: Sequence[int], dst_folder_id: int
+    ) -> list[tuple[int, int]]:
+        """RFC 6851 MOVE: the copy and the expunge commit together or not at all."""
+        return await self._transfer(src_folder_id, uids, dst_folder_id, move=True)
+
+    async def _transfer(
+        self, src: int, uids: Sequence[int], dst: int, *, move: bool
+    ) -> list[tuple[int, int]]:
+        pairs: list[tuple[int, int]] = []
+        async with write_transaction(self._engine) as conn:
+            counters = await _lock_folders(conn, [src, dst])
+            target = counters[dst]
+            rows: list[Any] = []
+            for chunk in _chunks(uids):
+                result = await conn.execute(
+                    select(
+                        placements.c.uid,
+                        placements.c.blob_sha256,
+                        placements.c.flags,
+                        placements.c.internal_date,
+                        placements.c.size,
+                    )
+                    .where(placements.c.folder_id == src, placements.c.uid.in_(chunk))
+                    .order_by(placements.c.uid)
+                )
+                rows.extend(result.all())
+            if not rows:
+                return []
+            new_rows = []
+            for uid, sha, flags, internal_date, size in rows:
+                new_uid = target.next_uid()
+                pairs.append((uid, new_uid))
+                new_rows.append(
+                    {
+                        "folder_id": dst,
+                        "uid": new_uid,
+                        "blob_sha256": sha,
+                        "flags": flags,
+                        "modseq": target.next_modseq(),
+                        "internal_date": internal_date,
+                        "size": size,
+                    }
+                )
+            if move:
+                # Remove first: with src == dst the new rows must not be expunged.
+                await self._expunge_locked(conn, src, counters[src], [uid for uid, _ in pairs])
+            await conn.execute(insert(placements), new_rows)
+            await _save(conn, counters)
+        changes = [FolderChange(dst, counters[dst].highestmodseq, "exists")]
+        if move:
+            changes.append(FolderChange(src, counters[src].highestmodseq, "expunge"))
+        self._emit(changes)
+        return pairs
+
+    async def append(
+        self,
+        folder_id: int,
+        content: bytes,
+        *,
+        flags: frozenset[str],
+        internal_date: dt.datetime,
+    ) -> int:
+        """RFC 9051 §6.3.12 APPEND; returns the new UID (RFC 4315 APPENDUID)."""
+        if internal_date.tzinfo is None:
+            raise ValueError("internal_date must be timezone-aware")
+        sha256 = hashlib.sha256(content).hexdigest()
+        async with write_transaction(self._engine) as conn:
+            # The blob first, then the folder lock: the group committer's order.
+            blob = {
+                "sha256": sha256,
+                "size": len(content),
+                "data": content,
+                "created_at": dt.datetime.now(dt.UTC),
+            }
+            if self._postgres:
+                await conn.execute(
+                    postgresql.insert(blobs)
+                    .values(blob)
+                    .on_conflict_do_nothing(index_elements=["sha256"])
+                )
+            else:
+                await conn.execute(
+                    sqlite.insert(blobs)
+                    .values(blob)
+                    .on_conflict_do_nothing(index_elements=["sha256"])
+                )
+            counters = await _lock_folders(conn, [folder_id])
+            folder = counters[folder_id]
+            uid = folder.next_uid()
+            await conn.execute(
+                insert(placements).values(
+                    folder_id=folder_id,
+                    uid=uid,
+                    blob_sha256=sha256,
+                    flags=format_flags(flags),
+                    modseq=folder.next_modseq(),
+                    internal_date=internal_date.astimezone(dt.UTC),
+                    size=len(content),
+                )
+            )
+            await _save(conn, counters)
+        self._emit([FolderChange(folder_id, folder.highestmodseq, "exists")])
+        return uid
