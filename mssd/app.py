@@ -19,10 +19,14 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from mssd.auth import Authenticator, PscTokenVerifier
 from mssd.config import Settings
 from mssd.delivery import DeliveryPipeline
+from mssd.imap.server import ImapListener, start_imap
+from mssd.imap.session import Services as ImapServices
 from mssd.smtp.listeners import Listener, start_smtp
 from mssd.store.accounts import StoreAccounts
+from mssd.store.changes import ChangeBus
 from mssd.store.delivery import GroupCommitter
 from mssd.store.engine import check_schema, create_engine
+from mssd.store.mailstore import MailStore
 from mssd.trust.tls import server_context
 
 log = logging.getLogger(__name__)
@@ -37,10 +41,13 @@ class Services:
     committer: GroupCommitter
     pipeline: DeliveryPipeline
     tls: ssl.SSLContext
+    mailstore: MailStore
+    bus: ChangeBus
 
     async def close(self) -> None:
         await self.authenticator.close()  # its last audit events go through the committer
         await self.committer.stop()
+        await self.bus.stop()
         await self.engine.dispose()
 
 
@@ -79,34 +86,53 @@ async def build_services(settings: Settings) -> Services:
     # One writer per process: concurrent writers would queue on the same INBOX row
     # locks and pay one commit each; one writer batches them (bench/README.md:
     # PostgreSQL 855 -> 1170 msg/s). Several processes still write concurrently.
-    committer = GroupCommitter(engine, max_batch=settings.store.group_commit_max_batch)
+    bus = ChangeBus(engine)
+    await bus.start()
+    committer = GroupCommitter(
+        engine, max_batch=settings.store.group_commit_max_batch, on_commit=bus.notify_stored
+    )
     committer.start()
+    mailstore = MailStore(engine, on_change=bus.notify)
     psc = PscTokenVerifier(settings.auth) if settings.auth.psc_issuer else None
     # Authentication outcomes are audited through the committer (group commit).
     authenticator = Authenticator(settings.auth, accounts, committer, psc=psc)
     pipeline = DeliveryPipeline(accounts, committer, hostname=settings.server.hostname)
-    return Services(settings, engine, accounts, authenticator, committer, pipeline, tls)
+    return Services(
+        settings, engine, accounts, authenticator, committer, pipeline, tls, mailstore, bus
+    )
 
 
 async def serve(settings: Settings, *, announce: Callable[[str], None] = print) -> None:
     """Run until SIGTERM or SIGINT, then stop accepting, finish commits, exit."""
     services = await build_services(settings)
     listeners: list[Listener] = []
+    imap_listeners: list[ImapListener] = []
     try:
         listeners = await start_smtp(
             settings, services.pipeline, services.authenticator, services.tls
         )
+        imap_services = ImapServices(
+            authenticator=services.authenticator,
+            mailstore=services.mailstore,
+            bus=services.bus,
+            audit=services.committer,
+            append_limit=settings.imap.append_limit,
+        )
+        imap_listeners = await start_imap(settings, imap_services, services.tls)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         announce(
             "mssd ready "
-            + json.dumps({f"smtp_{lst.name}": f"{lst.host}:{lst.port}" for lst in listeners})
+            + json.dumps(
+                {f"smtp_{lst.name}": f"{lst.host}:{lst.port}" for lst in listeners}
+                | {lst.name: f"{lst.host}:{lst.port}" for lst in imap_listeners}
+            )
         )
         await stop.wait()
         log.info("stopping: no new connections; finishing queued commits")
     finally:
-        for listener in listeners:
-            listener.server.close()
+        for server in [lst.server for lst in listeners] + [lst.server for lst in imap_listeners]:
+            server.close()
         await services.close()

@@ -62,6 +62,16 @@ class SmtpSettings:
 
 
 @dataclass(frozen=True)
+class ImapSettings:
+    imap_listen: str = "127.0.0.1:1143"
+    imaps_listen: str = "127.0.0.1:1993"
+    login_timeout_seconds: float = 60.0
+    idle_timeout_seconds: float = 1860.0
+    """RFC 9051 §5.4: at least 30 minutes of inactivity before an autologout."""
+    append_limit: int = 25 * 1024 * 1024
+
+
+@dataclass(frozen=True)
 class TlsSettings:
     cert_file: Path = Path("var/pki/server.pem")
     key_file: Path = Path("var/pki/server.key")
@@ -102,6 +112,7 @@ class Settings:
     server: ServerSettings = field(default_factory=ServerSettings)
     store: StoreSettings = field(default_factory=StoreSettings)
     smtp: SmtpSettings = field(default_factory=SmtpSettings)
+    imap: ImapSettings = field(default_factory=ImapSettings)
     tls: TlsSettings = field(default_factory=TlsSettings)
     auth: AuthSettings = field(default_factory=AuthSettings)
     pki: PkiSettings = field(default_factory=PkiSettings)
@@ -228,9 +239,12 @@ def validate(settings: Settings) -> Settings:
     """Check values that types alone cannot; raise ConfigError naming the key."""
     for key in ("mta_listen", "submission_listen", "submissions_listen"):
         _check_listen(f"smtp.{key}", getattr(settings.smtp, key))
+    for key in ("imap_listen", "imaps_listen"):
+        _check_listen(f"imap.{key}", getattr(settings.imap, key))
     positive = {
         "smtp.max_message_size": settings.smtp.max_message_size,
         "smtp.max_recipients": settings.smtp.max_recipients,
+        "imap.append_limit": settings.imap.append_limit,
         "store.group_commit_max_batch": settings.store.group_commit_max_batch,
         "auth.failure_limit_per_account": settings.auth.failure_limit_per_account,
         "auth.failure_limit_per_address": settings.auth.failure_limit_per_address,
@@ -242,6 +256,9 @@ def validate(settings: Settings) -> Settings:
     for key, number in positive.items():
         if number <= 0:
             raise ConfigError(f"{key}: must be greater than 0, got {number}")
+    for key in ("login_timeout_seconds", "idle_timeout_seconds"):
+        if getattr(settings.imap, key) <= 0:
+            raise ConfigError(f"imap.{key}: must be greater than 0")
     if settings.smtp.timeout_seconds <= 0:
         raise ConfigError(
             f"smtp.timeout_seconds: must be greater than 0, got {settings.smtp.timeout_seconds}"

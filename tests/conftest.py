@@ -279,6 +279,8 @@ class MssdProcess:
                 "MSSD_SMTP_MTA_LISTEN": "127.0.0.1:0",
                 "MSSD_SMTP_SUBMISSION_LISTEN": "127.0.0.1:0",
                 "MSSD_SMTP_SUBMISSIONS_LISTEN": "127.0.0.1:0",
+                "MSSD_IMAP_IMAP_LISTEN": "127.0.0.1:0",
+                "MSSD_IMAP_IMAPS_LISTEN": "127.0.0.1:0",
                 "MSSD_TLS_CERT_FILE": str(self.pki.dev.server_cert),
                 "MSSD_TLS_KEY_FILE": str(self.pki.dev.server_key),
                 "MSSD_TLS_CLIENT_CA_FILE": str(self.pki.dev.ca_bundle),
@@ -344,6 +346,14 @@ class MssdProcess:
     @property
     def mta(self) -> int:
         return self.ports["smtp_mta"]
+
+    @property
+    def imap(self) -> int:
+        return self.ports["imap"]
+
+    @property
+    def imaps(self) -> int:
+        return self.ports["imaps"]
 
     def smtp(
         self,

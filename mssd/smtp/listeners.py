@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from mssd.auth import Authenticator
+from mssd.auth.networks import trusted_matcher
 from mssd.config import Settings
 from mssd.delivery import DeliveryPipeline
 from mssd.delivery.pipeline import Source
@@ -23,21 +23,6 @@ class Listener:
     server: asyncio.Server
     host: str
     port: int
-
-
-def trusted_matcher(networks: tuple[str, ...]) -> Callable[[str], bool]:
-    parsed = [ipaddress.ip_network(n, strict=False) for n in networks]
-
-    def trusted(address: str) -> bool:
-        if not parsed or not address:
-            return False
-        try:
-            ip = ipaddress.ip_address(address)
-        except ValueError:
-            return False
-        return any(ip in network for network in parsed)
-
-    return trusted
 
 
 class _SubmissionSMTP(MssdSMTP):

@@ -1,0 +1,271 @@
+"""Mailbox commands: SELECT, EXAMINE, CREATE, DELETE, RENAME, (UN)SUBSCRIBE,
+LIST, LSUB, NAMESPACE, STATUS (RFC 9051 §6.3, RFC 5258, RFC 5819, RFC 6154).
+
+Folder names reach this module decoded (``protocol``) and leave it encoded
+for the session (modified UTF-7, or UTF-8 once enabled)."""
+
+from __future__ import annotations
+
+import re
+
+from mssd.imap import encode
+from mssd.imap.encode import Atom, ImapValue
+from mssd.imap.protocol import (
+    Command,
+    CreateArgs,
+    ListArgs,
+    MailboxArgs,
+    RenameArgs,
+    SelectArgs,
+    StatusArgs,
+    encode_mailbox_name,
+)
+from mssd.imap.session import Session
+from mssd.imap.view import SelectedView
+from mssd.store.mailstore import SEPARATOR, SHARED_PREFIX, FolderInfo, MailStoreError
+
+# Rights that make a selected folder writable (RFC 4314 §4).
+_WRITE_RIGHTS = set("swte")
+
+
+def name_out(session: Session, name: str) -> str:
+    return encode_mailbox_name(name, session.utf8)
+
+
+async def refuse(session: Session, command: Command, error: MailStoreError) -> None:
+    await session.tagged(command, "NO", error.text, error.code)
+
+
+async def find_folder(session: Session, command: Command, name: str) -> FolderInfo | None:
+    assert session.principal is not None
+    folder = await session.services.mailstore.folder(session.principal.account_id, name)
+    if folder is None or "l" not in folder.rights:
+        await session.tagged(command, "NO", f"No mailbox {name}", "NONEXISTENT")
+        return None
+    return folder
+
+
+async def cmd_select(session: Session, command: Command) -> None:
+    assert isinstance(command.args, SelectArgs)
+    examine = command.name == "EXAMINE"
+    session.leave_folder()
+    folder = await find_folder(session, command, command.args.mailbox)
+    if folder is None:
+        return
+    if "r" not in folder.rights:
+        await session.tagged(command, "NO", "Not allowed to read this mailbox", "NOPERM")
+        return
+    snapshot = await session.services.mailstore.snapshot(folder.id)
+    readonly = examine or not (_WRITE_RIGHTS & set(folder.rights))
+    view = SelectedView.from_snapshot(folder, snapshot, readonly=readonly)
+    view.condstore = command.args.condstore or "CONDSTORE" in session.enabled
+    if command.args.condstore:
+        session.enabled.add("CONDSTORE")
+    flags = ["\\Answered", "\\Flagged", "\\Deleted", "\\Seen", "\\Draft"]
+    keywords = sorted({f for fl in view.flags.values() for f in fl if not f.startswith("\\")})
+    await session.untagged(Atom("FLAGS"), encode.flag_list(flags + keywords))
+    await session.send(b"* %d EXISTS\r\n" % view.exists)
+    await session.send(b"* 0 RECENT\r\n")
+    permanent = [] if readonly else [*flags, *keywords, "\\*"]
+    await session.send(
+        encode.untagged_status(
+            "OK",
+            "PERMANENTFLAGS " + encode.encode(encode.flag_list(permanent), utf8=False).decode(),
+            "Flags permitted",
+        )
+    )
+    await session.send(
+        encode.untagged_status("OK", f"UIDVALIDITY {view.uidvalidity}", "UIDs valid")
+    )
+    await session.send(
+        encode.untagged_status("OK", f"UIDNEXT {view.uidnext}", "Predicted next UID")
+    )
+    if view.condstore:
+        await session.send(
+            encode.untagged_status("OK", f"HIGHESTMODSEQ {view.highestmodseq}", "Highest")
+        )
+    unseen = next(
+        (i + 1 for i, uid in enumerate(view.uids) if "\\Seen" not in view.flags[uid]), None
+    )
+    if unseen is not None:
+        await session.send(encode.untagged_status("OK", f"UNSEEN {unseen}", "First unseen"))
+    session.view = view
+    session.state = "selected"
+    await session.audit(
+        "imap.select", folder.mailbox_address, folder=folder.name, readonly=readonly
+    )
+    mode = "READ-ONLY" if readonly else "READ-WRITE"
+    await session.tagged(command, "OK", f"{command.name} completed", mode)
+
+
+async def cmd_create(session: Session, command: Command) -> None:
+    assert isinstance(command.args, CreateArgs) and session.principal is not None
+    special = command.args.special_use[0] if command.args.special_use else None
+    try:
+        await session.services.mailstore.create_folder(
+            session.principal.account_id,
+            command.args.mailbox.rstrip(SEPARATOR),
+            special_use=special,
+        )
+    except MailStoreError as error:
+        await refuse(session, command, error)
+        return
+    await session.tagged(command, "OK", "CREATE completed")
+
+
+async def cmd_delete(session: Session, command: Command) -> None:
+    assert isinstance(command.args, MailboxArgs) and session.principal is not None
+    if session.view is not None and session.view.folder.name == command.args.mailbox:
+        session.leave_folder()
+    try:
+        await session.services.mailstore.delete_folder(
+            session.principal.account_id, command.args.mailbox
+        )
+    except MailStoreError as error:
+        await refuse(session, command, error)
+        return
+    await session.tagged(command, "OK", "DELETE completed")
+
+
+async def cmd_rename(session: Session, command: Command) -> None:
+    assert isinstance(command.args, RenameArgs) and session.principal is not None
+    try:
+        await session.services.mailstore.rename_folder(
+            session.principal.account_id, command.args.old, command.args.new
+        )
+    except MailStoreError as error:
+        await refuse(session, command, error)
+        return
+    await session.tagged(command, "OK", "RENAME completed")
+
+
+async def cmd_subscribe(session: Session, command: Command) -> None:
+    assert isinstance(command.args, MailboxArgs) and session.principal is not None
+    try:
+        await session.services.mailstore.set_subscribed(
+            session.principal.account_id, command.args.mailbox, command.name == "SUBSCRIBE"
+        )
+    except MailStoreError as error:
+        await refuse(session, command, error)
+        return
+    await session.tagged(command, "OK", f"{command.name} completed")
+
+
+def pattern_regex(reference: str, pattern: str) -> re.Pattern[str]:
+    """RFC 9051 §6.3.9: ``*`` matches anything, ``%`` anything but the separator."""
+    full = reference + pattern if not pattern.startswith(SEPARATOR) else pattern
+    parts = []
+    for char in full:
+        if char == "*":
+            parts.append(".*")
+        elif char == "%":
+            parts.append(f"[^{re.escape(SEPARATOR)}]*")
+        else:
+            parts.append(re.escape(char))
+    flags = 0
+    body = "".join(parts)
+    if full.upper().startswith("INBOX"):
+        body = "(?i:INBOX)" + "".join(parts[5:])
+    return re.compile(body, flags)
+
+
+async def cmd_list(session: Session, command: Command) -> None:
+    assert isinstance(command.args, ListArgs) and session.principal is not None
+    args = command.args
+    lsub = command.name == "LSUB"
+    if args.patterns == ("",):
+        # RFC 9051 §6.3.9: the hierarchy delimiter and root.
+        await session.untagged(Atom("LIST"), [Atom("\\Noselect")], SEPARATOR, "")
+        await session.tagged(command, "OK", "LIST completed")
+        return
+    folders = [
+        f
+        for f in await session.services.mailstore.folders(session.principal.account_id)
+        if "l" in f.rights
+    ]
+    by_name = {f.name: f for f in folders}
+    names = set(by_name)
+    # Levels that hold folders without being one (the shared namespace roots).
+    for name in list(names):
+        parts = name.split(SEPARATOR)
+        for depth in range(1, len(parts)):
+            names.add(SEPARATOR.join(parts[:depth]))
+    subscribed_only = lsub or "SUBSCRIBED" in args.select_options
+    special_only = "SPECIAL-USE" in args.select_options
+    regexes = [pattern_regex(args.reference, p) for p in args.patterns]
+    for name in sorted(names, key=lambda n: (n.upper() != "INBOX", n)):
+        if not any(r.fullmatch(name) for r in regexes):
+            continue
+        folder = by_name.get(name)
+        if subscribed_only and (folder is None or not folder.subscribed):
+            continue
+        if special_only and (folder is None or not folder.special_use):
+            continue
+        attributes: list[ImapValue] = []
+        if folder is None:
+            attributes.append(Atom("\\Noselect"))
+        has_children = any(n.startswith(name + SEPARATOR) for n in names)
+        attributes.append(Atom("\\HasChildren" if has_children else "\\HasNoChildren"))
+        if folder is not None and folder.special_use and not lsub:
+            attributes.append(Atom(folder.special_use))
+        if folder is not None and folder.subscribed and "SUBSCRIBED" in args.return_options:
+            attributes.append(Atom("\\Subscribed"))
+        await session.untagged(
+            Atom("LSUB" if lsub else "LIST"), attributes, SEPARATOR, name_out(session, name)
+        )
+        if folder is not None and args.status_items and "r" in folder.rights:
+            await send_status(session, folder, args.status_items)
+    await session.tagged(command, "OK", f"{command.name} completed")
+
+
+async def cmd_namespace(session: Session, command: Command) -> None:
+    # RFC 2342: personal namespace, no other users', shared ORG mailboxes.
+    personal: list[ImapValue] = [["", SEPARATOR]]
+    shared: list[ImapValue] = [[name_out(session, SHARED_PREFIX + SEPARATOR), SEPARATOR]]
+    await session.untagged(Atom("NAMESPACE"), personal, None, shared)
+    await session.tagged(command, "OK", "NAMESPACE completed")
+
+
+async def send_status(session: Session, folder: FolderInfo, items: tuple[str, ...]) -> None:
+    snapshot = await session.services.mailstore.snapshot(folder.id)
+    values: list[ImapValue] = []
+    for item in items:
+        name = item.upper()
+        value: int
+        if name == "MESSAGES":
+            value = len(snapshot.messages)
+        elif name == "UIDNEXT":
+            value = snapshot.uidnext
+        elif name == "UIDVALIDITY":
+            value = snapshot.uidvalidity
+        elif name == "UNSEEN":
+            value = sum(1 for _, flags, _ in snapshot.messages if "\\Seen" not in flags)
+        elif name == "DELETED":
+            value = sum(1 for _, flags, _ in snapshot.messages if "\\Deleted" in flags)
+        elif name == "RECENT":
+            value = 0
+        elif name == "HIGHESTMODSEQ":
+            value = snapshot.highestmodseq
+        elif name == "SIZE":
+            rows = await session.services.mailstore.messages(
+                folder.id, [uid for uid, _, _ in snapshot.messages]
+            )
+            value = sum(row.size for row in rows)
+        elif name == "APPENDLIMIT":
+            value = session.services.append_limit
+        else:
+            continue
+        values += [Atom(name), value]
+    await session.untagged(Atom("STATUS"), name_out(session, folder.name), values)
+
+
+async def cmd_status(session: Session, command: Command) -> None:
+    assert isinstance(command.args, StatusArgs)
+    folder = await find_folder(session, command, command.args.mailbox)
+    if folder is None:
+        return
+    if "r" not in folder.rights:
+        await session.tagged(command, "NO", "Not allowed to read this mailbox", "NOPERM")
+        return
+    await send_status(session, folder, command.args.items)
+    await session.tagged(command, "OK", "STATUS completed")

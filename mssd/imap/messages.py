@@ -1,0 +1,535 @@
+"""Commands on messages: FETCH, STORE, SEARCH, COPY, MOVE, EXPUNGE, APPEND,
+CLOSE, UNSELECT, CHECK (RFC 9051 §6.4, RFC 4315, RFC 6851, RFC 7162, RFC 4731).
+
+Message content comes from the immutable blob; the MIME tree is rebuilt for
+each fetch (worker thread for large messages) and never cached as truth.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import email.header
+import email.utils
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from mssd.imap import encode
+from mssd.imap.encode import ImapValue, Literal8
+from mssd.imap.fetchdata import (
+    SectionSpec,
+    binary,
+    binary_size,
+    bodystructure,
+    envelope,
+    partial,
+    section,
+)
+from mssd.imap.protocol import (
+    AppendArgs,
+    Command,
+    CopyArgs,
+    ExpungeArgs,
+    FetchArgs,
+    FetchAttr,
+    SearchAll,
+    SearchAnd,
+    SearchArgs,
+    SearchDate,
+    SearchFlag,
+    SearchHeader,
+    SearchKey,
+    SearchModSeq,
+    SearchNot,
+    SearchOr,
+    SearchSet,
+    SearchSize,
+    SearchText,
+    SequenceSet,
+    StoreArgs,
+)
+from mssd.imap.session import Session
+from mssd.imap.view import SelectedView
+from mssd.mime.structure import Part, header_value, parse
+from mssd.store.mailstore import MailStoreError, MessageRow
+
+_OFFLOAD_BYTES = 256 * 1024
+_CONTENT_ITEMS = {"BODY", "BINARY", "BINARY.SIZE", "RFC822", "RFC822.HEADER", "RFC822.TEXT"}
+_STRUCTURE_ITEMS = {"ENVELOPE", "BODYSTRUCTURE"}
+_SETS_SEEN = {"RFC822", "RFC822.TEXT"}
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+
+def selected(session: Session) -> SelectedView:
+    assert session.view is not None
+    return session.view
+
+
+def resolve(session: Session, sequence: SequenceSet, uid: bool) -> list[int]:
+    """The UIDs of the view a sequence set names, ascending (RFC 9051 §9 seq-set)."""
+    view = selected(session)
+    if not view.uids:
+        return []
+    if uid:
+        saved = view.saved
+        ranges = sequence.resolve(view.uids[-1], saved)
+        present = set(view.uids)
+        return sorted({u for r in ranges for u in r if u in present})
+    saved_seqs = [s for s in (view.seq_of(u) for u in view.saved) if s is not None]
+    ranges = sequence.resolve(view.exists, saved_seqs)
+    return [view.uid_at(s) for r in ranges for s in r if 1 <= s <= view.exists]
+
+
+def internal_date(moment: dt.datetime) -> str:
+    """RFC 9051 date-time: ``17-Jul-1996 02:44:25 -0700``."""
+    offset = moment.utcoffset() or dt.timedelta(0)
+    minutes = int(offset.total_seconds() // 60)
+    sign = "+" if minutes >= 0 else "-"
+    minutes = abs(minutes)
+    return (
+        f"{moment.day:02d}-{_MONTHS[moment.month - 1]}-{moment.year:04d} "
+        f"{moment:%H:%M:%S} {sign}{minutes // 60:02d}{minutes % 60:02d}"
+    )
+
+
+def section_name(attr: FetchAttr) -> str:
+    """How a section is named back in the response (RFC 9051 §7.5.2)."""
+    spec = attr.section or SectionSpec()
+    parts = [".".join(str(n) for n in spec.part)] if spec.part else []
+    if spec.text:
+        text = spec.text
+        if spec.fields:
+            text += " (" + " ".join(spec.fields) + ")"
+        parts.append(text)
+    name = "BODY" if attr.name == "BODY" else attr.name
+    out = f"{name}[{'.'.join(parts)}]"
+    if attr.partial is not None:
+        out += f"<{attr.partial[0]}>"
+    return out
+
+
+@dataclass
+class Loaded:
+    raw: bytes
+    root: Part
+
+
+async def load(session: Session, row: MessageRow) -> Loaded:
+    raw = await session.services.mailstore.blob(row.sha256)
+    root = await asyncio.to_thread(parse, raw) if len(raw) > _OFFLOAD_BYTES else parse(raw)
+    return Loaded(raw, root)
+
+
+def sets_seen(attrs: Sequence[FetchAttr]) -> bool:
+    for attr in attrs:
+        if attr.name in _SETS_SEEN or (
+            attr.name in ("BODY", "BINARY") and attr.section is not None and not attr.peek
+        ):
+            return True
+    return False
+
+
+def fetch_item(
+    attr: FetchAttr, row: MessageRow, loaded: Loaded | None, view: SelectedView
+) -> tuple[str, ImapValue] | None:
+    name = attr.name
+    if name == "UID":
+        return "UID", row.uid
+    if name == "FLAGS":
+        return "FLAGS", encode.flag_list(sorted(view.flags.get(row.uid, row.flags)))
+    if name == "INTERNALDATE":
+        return "INTERNALDATE", internal_date(row.internal_date)
+    if name == "RFC822.SIZE":
+        return "RFC822.SIZE", row.size
+    if name == "MODSEQ":
+        return "MODSEQ", [view.modseqs.get(row.uid, row.modseq)]
+    assert loaded is not None
+    raw, root = loaded.raw, loaded.root
+    if name == "ENVELOPE":
+        return "ENVELOPE", envelope(raw, root)
+    if name == "BODYSTRUCTURE":
+        return "BODYSTRUCTURE", bodystructure(raw, root, extensible=True)
+    if name == "BODY" and attr.section is None:
+        return "BODY", bodystructure(raw, root, extensible=False)
+    if name == "RFC822":
+        return "RFC822", raw
+    if name == "RFC822.HEADER":
+        return "RFC822.HEADER", section(raw, root, SectionSpec(text="HEADER")) or b""
+    if name == "RFC822.TEXT":
+        return "RFC822.TEXT", section(raw, root, SectionSpec(text="TEXT")) or b""
+    spec = attr.section or SectionSpec()
+    if name == "BODY":
+        data = section(raw, root, spec)
+        if data is None:
+            raise ValueError("invalid section")
+        if attr.partial is not None:
+            data = partial(data, *attr.partial)
+        return section_name(attr), data
+    if name == "BINARY":
+        decoded = binary(raw, root, spec.part)
+        if decoded is None:
+            raise LookupError("UNKNOWN-CTE")
+        if attr.partial is not None:
+            decoded = partial(decoded, *attr.partial)
+        return section_name(attr), Literal8(decoded)
+    if name == "BINARY.SIZE":
+        size = binary_size(raw, root, spec.part)
+        if size is None:
+            raise LookupError("UNKNOWN-CTE")
+        return f"BINARY.SIZE[{'.'.join(str(n) for n in spec.part)}]", size
+    return None
+
+
+async def cmd_fetch(session: Session, command: Command) -> None:
+    assert isinstance(command.args, FetchArgs)
+    view = selected(session)
+    args = command.args
+    attrs = list(args.attrs)
+    names = {a.name for a in attrs}
+    if command.uid and "UID" not in names:
+        attrs.insert(0, FetchAttr("UID"))
+    if args.changed_since is not None:
+        view.condstore = True
+        if "MODSEQ" not in names:
+            attrs.append(FetchAttr("MODSEQ"))
+    uids = resolve(session, args.sequence, command.uid)
+    needs_content = bool(names & (_CONTENT_ITEMS | _STRUCTURE_ITEMS))
+    rows = {r.uid: r for r in await session.services.mailstore.messages(view.folder.id, uids)}
+    if args.changed_since is not None:
+        uids = [u for u in uids if view.modseqs.get(u, 0) > args.changed_since]
+    mark_seen = sets_seen(attrs) and not view.readonly
+    if mark_seen:
+        unseen = [u for u in uids if u in rows and "\\Seen" not in view.flags.get(u, frozenset())]
+        if unseen and "s" in view.folder.rights:
+            result = await session.services.mailstore.store_flags(
+                view.folder.id,
+                unseen,
+                mode="add",
+                flags=frozenset({"\\Seen"}),
+                unchanged_since=None,
+            )
+            for state in result.updated:
+                view.flags[state.uid] = state.flags
+                view.modseqs[state.uid] = state.modseq
+            if result.updated:
+                view.highestmodseq = max(view.highestmodseq, *(s.modseq for s in result.updated))
+            if "FLAGS" not in names:
+                attrs.append(FetchAttr("FLAGS"))
+    content_uids: list[int] = []
+    for uid in uids:
+        row = rows.get(uid)
+        seq = view.seq_of(uid)
+        if row is None or seq is None:
+            continue  # expunged by another session; RFC 9051 §7.5.1 allows silence
+        loaded = await load(session, row) if needs_content else None
+        try:
+            items = [
+                item for attr in attrs if (item := fetch_item(attr, row, loaded, view)) is not None
+            ]
+        except ValueError as error:
+            await session.tagged(command, "BAD", f"FETCH: {error}")
+            return
+        except LookupError:
+            await session.tagged(command, "NO", "Unknown Content-Transfer-Encoding", "UNKNOWN-CTE")
+            return
+        if needs_content:
+            content_uids.append(uid)
+        await session.send(encode.fetch_response(seq, items, utf8=session.utf8))
+    if content_uids:
+        await session.audit(
+            "imap.fetch",
+            view.folder.mailbox_address,
+            folder=view.folder.name,
+            uids=encode.compress_uids(content_uids),
+        )
+    await session.sync(allow_expunge=False)
+    await session.tagged(command, "OK", "FETCH completed")
+
+
+def _rights_for(flags: frozenset[str]) -> set[str]:
+    needed = set()
+    for flag in flags:
+        needed.add({"\\Seen": "s", "\\Deleted": "t"}.get(flag, "w"))
+    return needed
+
+
+async def cmd_store(session: Session, command: Command) -> None:
+    assert isinstance(command.args, StoreArgs)
+    view = selected(session)
+    args = command.args
+    if view.readonly:
+        await session.tagged(command, "NO", "Mailbox is read-only", "READ-ONLY")
+        return
+    flags = frozenset(f for f in args.flags if f != "\\Recent")
+    if not _rights_for(flags) <= set(view.folder.rights):
+        await session.tagged(command, "NO", "Not allowed to change these flags", "NOPERM")
+        return
+    uids = resolve(session, args.sequence, command.uid)
+    modes: dict[str, Literal["set", "add", "remove"]] = {
+        "replace": "set",
+        "add": "add",
+        "remove": "remove",
+    }
+    mode = modes[args.action]
+    if args.unchanged_since is not None:
+        view.condstore = True
+    result = await session.services.mailstore.store_flags(
+        view.folder.id,
+        uids,
+        mode=mode,
+        flags=flags,
+        unchanged_since=args.unchanged_since,
+    )
+    for state in (*result.updated, *result.unchanged):
+        view.flags[state.uid] = state.flags
+        view.modseqs[state.uid] = state.modseq
+    if result.updated:
+        view.highestmodseq = max(view.highestmodseq, *(s.modseq for s in result.updated))
+    report = sorted(
+        result.updated if args.silent else (*result.updated, *result.unchanged), key=lambda s: s.uid
+    )
+    for state in report:
+        seq = view.seq_of(state.uid)
+        if seq is None:
+            continue
+        items: list[tuple[str, ImapValue]] = []
+        if not args.silent:
+            items.append(("FLAGS", encode.flag_list(sorted(state.flags))))
+        if command.uid:
+            items.insert(0, ("UID", state.uid))
+        if view.condstore:
+            items.append(("MODSEQ", [state.modseq]))
+        if items and (not args.silent or view.condstore):
+            await session.send(encode.fetch_response(seq, items, utf8=session.utf8))
+    await session.sync(allow_expunge=False)
+    if result.modified:
+        numbers = (
+            result.modified
+            if command.uid
+            else [s for s in (view.seq_of(u) for u in result.modified) if s]
+        )
+        code = "MODIFIED " + encode.compress_uids(sorted(numbers))
+        await session.tagged(command, "OK", "Conditional STORE failed for some messages", code)
+        return
+    await session.tagged(command, "OK", "STORE completed")
+
+
+# -- SEARCH --------------------------------------------------------------------------
+
+
+class _Candidate:
+    """One message under test; content is loaded only if a key needs it."""
+
+    def __init__(self, session: Session, row: MessageRow, seq: int) -> None:
+        self.session = session
+        self.row = row
+        self.seq = seq
+        self._loaded: Loaded | None = None
+
+    async def loaded(self) -> Loaded:
+        if self._loaded is None:
+            self._loaded = await load(self.session, self.row)
+        return self._loaded
+
+    async def header(self, name: str) -> str | None:
+        loaded = await self.loaded()
+        value = header_value(loaded.root, name)
+        if value is None:
+            return None
+        text = value.decode("utf-8", "replace")
+        try:
+            return str(email.header.make_header(email.header.decode_header(text)))
+        except (ValueError, LookupError, UnicodeError):
+            return text
+
+
+def _on_date(op: str, day: dt.date, target: dt.date) -> bool:
+    if op == "BEFORE":
+        return day < target
+    if op == "ON":
+        return day == target
+    return day >= target
+
+
+async def matches(key: SearchKey, c: _Candidate) -> bool:
+    view = selected(c.session)
+    if isinstance(key, SearchAll):
+        return True
+    if isinstance(key, SearchFlag):
+        if key.flag == "\\Recent":
+            return not key.present  # mssd does not track \Recent (RFC 9051 dropped it)
+        return (key.flag in view.flags.get(c.row.uid, c.row.flags)) == key.present
+    if isinstance(key, SearchSize):
+        return c.row.size > key.size if key.op == "LARGER" else c.row.size < key.size
+    if isinstance(key, SearchSet):
+        if key.uid:
+            return c.row.uid in resolve(c.session, key.sequence, True)
+        saved = [s for s in (view.seq_of(u) for u in view.saved) if s is not None]
+        return key.sequence.contains(c.seq, view.exists, saved)
+    if isinstance(key, SearchModSeq):
+        return view.modseqs.get(c.row.uid, c.row.modseq) >= key.modseq
+    if isinstance(key, SearchDate):
+        if key.field == "INTERNAL":
+            return _on_date(key.op, c.row.internal_date.date(), key.date)
+        sent = await c.header("Date")
+        if sent is None:
+            return False
+        try:
+            day = email.utils.parsedate_to_datetime(sent).date()
+        except (TypeError, ValueError, IndexError):
+            return False
+        return _on_date(key.op, day, key.date)
+    if isinstance(key, SearchHeader):
+        value = await c.header(key.field)
+        return value is not None and key.value.casefold() in value.casefold()
+    if isinstance(key, SearchText):
+        loaded = await c.loaded()
+        data = loaded.raw if key.scope == "TEXT" else loaded.raw[loaded.root.body_start :]
+        return key.value.casefold() in data.decode("utf-8", "replace").casefold()
+    if isinstance(key, SearchNot):
+        return not await matches(key.key, c)
+    if isinstance(key, SearchOr):
+        return await matches(key.left, c) or await matches(key.right, c)
+    if isinstance(key, SearchAnd):
+        for sub in key.keys:
+            if not await matches(sub, c):
+                return False
+        return True
+    return False
+
+
+async def cmd_search(session: Session, command: Command) -> None:
+    assert isinstance(command.args, SearchArgs)
+    view = selected(session)
+    rows = {
+        r.uid: r for r in await session.services.mailstore.messages(view.folder.id, list(view.uids))
+    }
+    found: list[int] = []
+    for seq, uid in enumerate(list(view.uids), start=1):
+        row = rows.get(uid)
+        if row is not None and await matches(command.args.key, _Candidate(session, row, seq)):
+            found.append(uid)
+    numbers = found if command.uid else [s for s in (view.seq_of(u) for u in found) if s]
+    options = command.args.return_options
+    if options is None:
+        await session.send(("* SEARCH" + "".join(f" {n}" for n in numbers) + "\r\n").encode())
+    else:
+        if "SAVE" in options:
+            view.saved = found
+        wanted = set(options) - {"SAVE"} or ({"ALL"} if "SAVE" not in options else set())
+        if wanted:
+            await session.send(
+                encode.esearch(
+                    tag=command.tag,
+                    uid=command.uid,
+                    min=min(numbers) if "MIN" in wanted and numbers else None,
+                    max=max(numbers) if "MAX" in wanted and numbers else None,
+                    count=len(numbers) if "COUNT" in wanted else None,
+                    all=numbers if "ALL" in wanted else None,
+                )
+            )
+    await session.sync(allow_expunge=False)
+    await session.tagged(command, "OK", "SEARCH completed")
+
+
+# -- COPY, MOVE, EXPUNGE, APPEND, CLOSE ----------------------------------------------
+
+
+async def cmd_copy(session: Session, command: Command) -> None:
+    assert isinstance(command.args, CopyArgs) and session.principal is not None
+    view = selected(session)
+    move = command.name == "MOVE"
+    target = await session.services.mailstore.folder(
+        session.principal.account_id, command.args.mailbox
+    )
+    if target is None:
+        await session.tagged(command, "NO", f"No mailbox {command.args.mailbox}", "TRYCREATE")
+        return
+    if "i" not in target.rights or (move and not {"t", "e"} <= set(view.folder.rights)):
+        await session.tagged(command, "NO", "Not allowed", "NOPERM")
+        return
+    if move and view.readonly:
+        await session.tagged(command, "NO", "Mailbox is read-only", "READ-ONLY")
+        return
+    uids = resolve(session, command.args.sequence, command.uid)
+    if not uids:
+        await session.tagged(command, "OK", f"{command.name} completed (nothing to do)")
+        return
+    operation = session.services.mailstore.move if move else session.services.mailstore.copy
+    try:
+        pairs = await operation(view.folder.id, uids, target.id)
+    except MailStoreError as error:
+        await session.tagged(command, "NO", error.text, error.code)
+        return
+    code = encode.copyuid(target.uidvalidity, [s for s, _ in pairs], [d for _, d in pairs])
+    if move:
+        # RFC 6851 §4.3: COPYUID in an untagged OK, then the EXPUNGEs, then the tagged OK.
+        await session.send(encode.untagged_status("OK", code, "Moved"))
+        await session.sync(allow_expunge=True)
+        await session.tagged(command, "OK", "MOVE completed")
+        return
+    await session.sync(allow_expunge=False)
+    await session.tagged(command, "OK", "COPY completed", code)
+
+
+async def cmd_expunge(session: Session, command: Command) -> None:
+    assert isinstance(command.args, ExpungeArgs)
+    view = selected(session)
+    if view.readonly:
+        await session.tagged(command, "NO", "Mailbox is read-only", "READ-ONLY")
+        return
+    if "e" not in view.folder.rights:
+        await session.tagged(command, "NO", "Not allowed to expunge", "NOPERM")
+        return
+    uids = None
+    if command.args.sequence is not None:
+        uids = resolve(session, command.args.sequence, True)
+    await session.services.mailstore.expunge(view.folder.id, uids=uids)
+    await session.sync(allow_expunge=True)
+    await session.tagged(command, "OK", "EXPUNGE completed")
+
+
+async def cmd_close(session: Session, command: Command) -> None:
+    view = selected(session)
+    if command.name == "CLOSE" and not view.readonly and "e" in view.folder.rights:
+        # RFC 9051 §6.4.1: expunge silently, no untagged EXPUNGE.
+        await session.services.mailstore.expunge(view.folder.id)
+    session.leave_folder()
+    await session.tagged(command, "OK", f"{command.name} completed")
+
+
+async def cmd_check(session: Session, command: Command) -> None:
+    await session.sync(allow_expunge=True)
+    await session.tagged(command, "OK", "CHECK completed")
+
+
+async def cmd_append(session: Session, command: Command) -> None:
+    assert isinstance(command.args, AppendArgs) and session.principal is not None
+    target = await session.services.mailstore.folder(
+        session.principal.account_id, command.args.mailbox
+    )
+    if target is None:
+        await session.tagged(command, "NO", f"No mailbox {command.args.mailbox}", "TRYCREATE")
+        return
+    if "i" not in target.rights:
+        await session.tagged(command, "NO", "Not allowed to append here", "NOPERM")
+        return
+    limit = session.services.append_limit
+    if any(len(m.data) > limit for m in command.args.messages):
+        await session.tagged(command, "NO", f"Message larger than {limit} octets", "TOOBIG")
+        return
+    uids = []
+    for message in command.args.messages:
+        moment = message.date_time or dt.datetime.now(dt.UTC)
+        flags = frozenset(f for f in message.flags if f != "\\Recent")
+        uids.append(
+            await session.services.mailstore.append(
+                target.id, message.data, flags=flags, internal_date=moment
+            )
+        )
+    if session.view is not None and session.view.folder.id == target.id:
+        await session.sync(allow_expunge=False)
+    await session.tagged(
+        command, "OK", "APPEND completed", encode.appenduid(target.uidvalidity, uids)
+    )

@@ -1,0 +1,343 @@
+"""The asyncio side of IMAP: listeners, the read loop, STARTTLS, AUTHENTICATE
+exchanges and IDLE. Protocol decisions are in ``protocol``, ``session``,
+``mailboxes`` and ``messages``; this module only moves bytes.
+
+Invariants:
+- Plaintext that arrives before the TLS handshake completes is discarded
+  (RFC 9051 §6.2.1): the command reader is replaced after STARTTLS.
+- Memory per connection is bounded by the reader's line and literal limits,
+  whatever the mailbox size.
+- An unexpected error in a command is logged and answered with a tagged NO;
+  the connection stays usable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from mssd.auth.networks import trusted_matcher
+from mssd.config import Settings
+from mssd.imap import encode, mailboxes, messages
+from mssd.imap.protocol import (
+    Command,
+    CommandReader,
+    IdleDone,
+    NeedContinuation,
+    ProtocolError,
+    SaslResponse,
+)
+from mssd.imap.session import Bye, Services, Session
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[Session, Command], Awaitable[None]]
+
+_ANY: dict[str, Handler] = {
+    "CAPABILITY": Session.cmd_capability,
+    "NOOP": Session.cmd_noop,
+    "LOGOUT": Session.cmd_logout,
+    "ID": Session.cmd_id,
+}
+_AUTHENTICATED: dict[str, Handler] = {
+    "ENABLE": Session.cmd_enable,
+    "SELECT": mailboxes.cmd_select,
+    "EXAMINE": mailboxes.cmd_select,
+    "CREATE": mailboxes.cmd_create,
+    "DELETE": mailboxes.cmd_delete,
+    "RENAME": mailboxes.cmd_rename,
+    "SUBSCRIBE": mailboxes.cmd_subscribe,
+    "UNSUBSCRIBE": mailboxes.cmd_subscribe,
+    "LIST": mailboxes.cmd_list,
+    "LSUB": mailboxes.cmd_list,
+    "NAMESPACE": mailboxes.cmd_namespace,
+    "STATUS": mailboxes.cmd_status,
+    "APPEND": messages.cmd_append,
+}
+_SELECTED: dict[str, Handler] = {
+    "CHECK": messages.cmd_check,
+    "CLOSE": messages.cmd_close,
+    "UNSELECT": messages.cmd_close,
+    "EXPUNGE": messages.cmd_expunge,
+    "SEARCH": messages.cmd_search,
+    "FETCH": messages.cmd_fetch,
+    "STORE": messages.cmd_store,
+    "COPY": messages.cmd_copy,
+    "MOVE": messages.cmd_copy,
+}
+_READ_SIZE = 65536
+
+
+@dataclass(frozen=True)
+class ImapListener:
+    name: str
+    server: asyncio.Server
+    host: str
+    port: int
+
+
+class Connection:
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        *,
+        services: Services,
+        settings: Settings,
+        tls: ssl.SSLContext,
+        implicit_tls: bool,
+        trusted: Callable[[str], bool],
+    ) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.settings = settings
+        self.tls_context = tls
+        peer = writer.get_extra_info("peername")
+        remote = str(peer[0]) if peer else ""
+        self.commands = self._new_reader(services)
+        self.session = Session(
+            services,
+            send=self.send,
+            remote_ip=remote,
+            tls=implicit_tls,
+            trusted=trusted(remote),
+            peer_certificate=self.peer_certificate,
+            starttls_available=not implicit_tls,
+        )
+
+    @staticmethod
+    def _new_reader(services: Services) -> CommandReader:
+        return CommandReader(max_literal=services.append_limit + 65536)
+
+    def peer_certificate(self) -> bytes | None:
+        ssl_object = self.writer.get_extra_info("ssl_object")
+        if ssl_object is None:
+            return None
+        der = ssl_object.getpeercert(binary_form=True)
+        return bytes(der) if der else None
+
+    async def send(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self.writer.drain()
+
+    def timeout(self) -> float:
+        imap = self.settings.imap
+        if self.session.state == "not-authenticated":
+            return imap.login_timeout_seconds
+        return imap.idle_timeout_seconds
+
+    async def receive(self) -> bool:
+        """Read more bytes into the command reader; False at end of stream."""
+        try:
+            data = await asyncio.wait_for(self.reader.read(_READ_SIZE), self.timeout())
+        except TimeoutError:
+            await self.send(b"* BYE Autologout: idle for too long\r\n")
+            return False
+        if not data:
+            return False
+        self.commands.feed(data)
+        return True
+
+    async def run(self) -> None:
+        caps = " ".join(self.session.capabilities())
+        await self.send(f"* OK [CAPABILITY {caps}] mssd IMAP ready\r\n".encode())
+        try:
+            while self.session.state != "logout":
+                event = self.commands.next()
+                if event is None:
+                    if not await self.receive():
+                        return
+                    continue
+                if isinstance(event, NeedContinuation):
+                    await self.send(b"+ Ready for literal data\r\n")
+                    continue
+                if isinstance(event, ProtocolError):
+                    await self.send(
+                        encode.tagged(event.tag or "*", event.status, event.code, event.message)
+                    )
+                    continue
+                await self.dispatch(event)
+        except Bye as bye:
+            await self.send(f"* BYE {bye}\r\n".encode())
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+
+    async def dispatch(self, command: Command) -> None:
+        session = self.session
+        session.check_expiry()
+        name = command.name
+        if name == "STARTTLS" and session.state == "not-authenticated":
+            await self.starttls(command)
+            return
+        if name == "AUTHENTICATE" and session.state == "not-authenticated":
+            await self.authenticate(command)
+            return
+        if name == "LOGIN" and session.state == "not-authenticated":
+            await session.cmd_login(command)
+            return
+        if name == "IDLE" and session.state in ("authenticated", "selected"):
+            await self.idle(command)
+            return
+        handler = _ANY.get(name)
+        if handler is None and session.state in ("authenticated", "selected"):
+            handler = _AUTHENTICATED.get(name)
+        if handler is None and session.state == "selected":
+            handler = _SELECTED.get(name)
+        if handler is None:
+            known = (
+                name in _AUTHENTICATED
+                or name in _SELECTED
+                or name in ("STARTTLS", "AUTHENTICATE", "LOGIN", "IDLE")
+            )
+            text = f"{name} not allowed now" if known else f"{name} is not supported"
+            await session.tagged(command, "BAD", text)
+            return
+        try:
+            await handler(session, command)
+        except (Bye, ConnectionError):
+            raise
+        except Exception:
+            log.exception("IMAP %s failed for %s", name, session.remote_ip)
+            await session.tagged(
+                command, "NO", "Internal error; nothing was changed", "UNAVAILABLE"
+            )
+
+    async def starttls(self, command: Command) -> None:
+        session = self.session
+        if session.tls:
+            await session.tagged(command, "BAD", "TLS is already active")
+            return
+        await session.tagged(command, "OK", "Begin TLS negotiation now")
+        await self.writer.start_tls(self.tls_context)
+        # RFC 9051 §6.2.1: anything sent before the handshake is discarded.
+        self.commands = self._new_reader(session.services)
+        session.tls = True
+
+    async def read_sasl(self) -> SaslResponse | ProtocolError:
+        while True:
+            response = self.commands.next_sasl_response()
+            if response is not None:
+                return response
+            if not await self.receive():
+                raise ConnectionError("client left during AUTHENTICATE")
+
+    async def authenticate(self, command: Command) -> None:
+        session = self.session
+        started = await session.start_authenticate(command)
+        if started is None:
+            return
+        exchange, step = started
+
+        async def respond(challenge: bytes) -> bytes | None:
+            await self.send(encode.continuation(challenge))
+            response = await self.read_sasl()
+            if isinstance(response, ProtocolError) or response.cancelled:
+                return None
+            return response.data
+
+        await session.finish_auth(command, exchange, step, respond)
+
+    async def idle(self, command: Command) -> None:
+        """RFC 2177: changes to the selected folder go out as they happen."""
+        session = self.session
+        view = session.view
+        subscription = session.services.bus.subscribe(view.folder.id) if view else None
+        await self.send(b"+ idling\r\n")
+        read_task: asyncio.Task[bytes] | None = None
+        try:
+            await session.sync(allow_expunge=True)
+            while True:
+                done = self.commands.next_idle_done()
+                if isinstance(done, IdleDone):
+                    await session.tagged(command, "OK", "IDLE terminated")
+                    return
+                if isinstance(done, ProtocolError):
+                    await session.tagged(command, "BAD", "Expected DONE")
+                    return
+                if read_task is None:
+                    read_task = asyncio.ensure_future(self.reader.read(_READ_SIZE))
+                waits: set[asyncio.Future[object]] = {read_task}  # type: ignore[arg-type]
+                change_task = None
+                if subscription is not None:
+                    change_task = asyncio.ensure_future(subscription.wait())
+                    waits.add(change_task)  # type: ignore[arg-type]
+                finished, _ = await asyncio.wait(
+                    waits, timeout=self.timeout(), return_when=asyncio.FIRST_COMPLETED
+                )
+                if change_task is not None and not change_task.done():
+                    change_task.cancel()
+                if not finished:
+                    raise Bye("Autologout: idle for too long")
+                if change_task is not None and change_task in finished:
+                    session.check_expiry()
+                    await session.sync(allow_expunge=True)
+                if read_task in finished:
+                    data = read_task.result()
+                    read_task = None
+                    if not data:
+                        raise ConnectionError("client left during IDLE")
+                    self.commands.feed(data)
+        finally:
+            if read_task is not None:
+                read_task.cancel()
+            if subscription is not None:
+                subscription.close()
+
+
+async def start_imap(
+    settings: Settings, services: Services, tls: ssl.SSLContext
+) -> list[ImapListener]:
+    trusted = trusted_matcher(settings.server.trusted_networks)
+    listeners: list[ImapListener] = []
+
+    def handler(
+        implicit: bool,
+    ) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            connection = Connection(
+                reader,
+                writer,
+                services=services,
+                settings=settings,
+                tls=tls,
+                implicit_tls=implicit,
+                trusted=trusted,
+            )
+            try:
+                await connection.run()
+            except Exception:
+                log.exception("IMAP connection failed")
+            finally:
+                writer.close()
+
+        return handle
+
+    plans = [
+        ("imap", settings.imap.imap_listen, False),
+        ("imaps", settings.imap.imaps_listen, True),
+    ]
+    for name, address, implicit in plans:
+        if not address:
+            continue
+        host, _, port = address.rpartition(":")
+        host = host.strip("[]")
+        try:
+            server = await asyncio.start_server(
+                handler(implicit),
+                host,
+                int(port),
+                ssl=tls if implicit else None,
+                reuse_address=True,
+                backlog=512,
+                limit=_READ_SIZE,
+            )
+        except OSError as error:
+            for listener in listeners:
+                listener.server.close()
+            raise OSError(f"cannot listen for imap.{name}_listen on {address}: {error}") from error
+        bound = server.sockets[0].getsockname()
+        listeners.append(ImapListener(name, server, host, int(bound[1])))
+    return listeners

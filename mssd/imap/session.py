@@ -1,0 +1,297 @@
+"""One IMAP session: its state (RFC 9051 §3), the command table per state,
+and the commands that do not touch messages.
+
+The asyncio layer (``server.py``) feeds commands in and writes what
+:attr:`Session.send` is given; commands on messages live in ``messages.py``,
+mailbox commands in ``mailboxes.py``. Everything a command answers goes
+through ``send``; a command's tagged reply is always the last thing it sends.
+
+Invariants:
+- Sequence numbers change only through :meth:`Session.sync` (``view.py``), and
+  EXPUNGE is not announced during FETCH, STORE or SEARCH (RFC 9051 §7.5.1).
+- A PSC token that expires ends the session at the next command with
+  ``* BYE`` (MSSanté client rules), never in the middle of a response.
+- Every login, selection and content fetch is audited.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Literal
+
+from mssd.auth import (
+    AuthContext,
+    Authenticator,
+    Challenge,
+    EncryptionRequired,
+    Failure,
+    Principal,
+    SaslExchange,
+    Success,
+    UnknownMechanism,
+)
+from mssd.imap import encode
+from mssd.imap.protocol import (
+    AuthenticateArgs,
+    Command,
+    EnableArgs,
+    IdArgs,
+    LoginArgs,
+)
+from mssd.imap.view import SelectedView, ViewUpdate
+from mssd.store.changes import ChangeBus
+from mssd.store.delivery import GroupCommitter
+from mssd.store.mailstore import MailStore
+from mssd.store.records import AuditEvent
+
+log = logging.getLogger(__name__)
+
+State = Literal["not-authenticated", "authenticated", "selected", "logout"]
+
+SERVER_ID = (("name", "mssd"), ("vendor", "mssd project"), ("support-url", None))
+
+
+class Bye(Exception):
+    """End the session after sending ``* BYE <text>``."""
+
+
+@dataclass
+class Services:
+    authenticator: Authenticator
+    mailstore: MailStore
+    bus: ChangeBus
+    audit: GroupCommitter
+    append_limit: int
+
+
+class Session:
+    def __init__(
+        self,
+        services: Services,
+        *,
+        send: Callable[[bytes], Awaitable[None]],
+        remote_ip: str,
+        tls: bool,
+        trusted: bool,
+        peer_certificate: Callable[[], bytes | None],
+        starttls_available: bool,
+    ) -> None:
+        self.services = services
+        self.send = send
+        self.remote_ip = remote_ip
+        self.tls = tls
+        self.trusted = trusted
+        self.peer_certificate = peer_certificate
+        self.starttls_available = starttls_available
+        self.state: State = "not-authenticated"
+        self.principal: Principal | None = None
+        self.view: SelectedView | None = None
+        self.enabled: set[str] = set()
+        self.utf8 = False
+
+    # -- helpers ---------------------------------------------------------------
+
+    async def tagged(
+        self, command: Command, status: str, text: str, code: str | None = None
+    ) -> None:
+        await self.send(encode.tagged(command.tag, status, code, text, utf8=self.utf8))
+
+    async def untagged(self, *parts: encode.ImapValue) -> None:
+        await self.send(encode.untagged(*parts, utf8=self.utf8))
+
+    async def audit(self, action: str, target: str, **details: object) -> None:
+        assert self.principal is not None
+        await self.services.audit.record(
+            AuditEvent(
+                actor=self.principal.login,
+                action=action,
+                target=target,
+                remote=self.remote_ip,
+                details=dict(details),
+            )
+        )
+
+    def auth_context(self) -> AuthContext:
+        return AuthContext(
+            protocol="imap",
+            remote_ip=self.remote_ip,
+            tls=self.tls,
+            peer_certificate=self.peer_certificate() if self.tls else None,
+            trusted_network=self.trusted,
+        )
+
+    def capabilities(self) -> list[str]:
+        caps = ["IMAP4rev1", "LITERAL+", "SASL-IR", "ID", "ENABLE", "IDLE", "NAMESPACE"]
+        caps += ["UIDPLUS", "MOVE", "UNSELECT", "CHILDREN", "SPECIAL-USE", "CONDSTORE"]
+        caps += ["ESEARCH", "SEARCHRES", "BINARY", "UTF8=ACCEPT", "LIST-EXTENDED", "LIST-STATUS"]
+        caps.append(f"APPENDLIMIT={self.services.append_limit}")
+        if self.state == "not-authenticated":
+            if self.starttls_available and not self.tls:
+                caps.append("STARTTLS")
+            mechanisms = self.services.authenticator.mechanisms(self.auth_context())
+            caps += [f"AUTH={m}" for m in mechanisms]
+            if not (self.tls or self.trusted):
+                # RFC 9051 §6.2.3: no LOGIN until the connection is protected.
+                caps.append("LOGINDISABLED")
+        return caps
+
+    def check_expiry(self) -> None:
+        """MSSanté client rules: a session lives no longer than its PSC token."""
+        principal = self.principal
+        if principal is not None and principal.expires_at is not None:
+            if time.time() >= principal.expires_at:
+                raise Bye("Authentication token expired, please log in again")
+
+    # -- state changes -----------------------------------------------------------
+
+    async def logged_in(self, principal: Principal) -> None:
+        self.principal = principal
+        self.state = "authenticated"
+
+    async def sync(self, *, allow_expunge: bool) -> None:
+        """Tell the client what changed in the selected folder since it last heard."""
+        view = self.view
+        if view is None:
+            return
+        changed, vanished = await self.services.mailstore.changes_since(
+            view.folder.id, view.highestmodseq
+        )
+        highest = max([view.highestmodseq, *(row.modseq for row in changed)])
+        update = view.apply(changed, vanished, highest, allow_expunge=allow_expunge)
+        await self.announce(update)
+
+    async def announce(self, update: ViewUpdate) -> None:
+        view = self.view
+        assert view is not None
+        for seq in update.expunged:
+            await self.send(b"* %d EXPUNGE\r\n" % seq)
+        if update.exists is not None:
+            await self.send(b"* %d EXISTS\r\n" % update.exists)
+        for seq in update.flags:
+            uid = view.uid_at(seq)
+            items: list[tuple[str, encode.ImapValue]] = [
+                ("UID", uid),
+                ("FLAGS", encode.flag_list(sorted(view.flags[uid]))),
+            ]
+            if view.condstore:
+                items.append(("MODSEQ", [view.modseqs[uid]]))
+            await self.send(encode.fetch_response(seq, items, utf8=self.utf8))
+
+    def leave_folder(self) -> None:
+        self.view = None
+        if self.state == "selected":
+            self.state = "authenticated"
+
+    # -- any state ---------------------------------------------------------------
+
+    async def cmd_capability(self, command: Command) -> None:
+        await self.send(("* CAPABILITY " + " ".join(self.capabilities()) + "\r\n").encode())
+        await self.tagged(command, "OK", "CAPABILITY completed")
+
+    async def cmd_noop(self, command: Command) -> None:
+        await self.sync(allow_expunge=True)
+        await self.tagged(command, "OK", "NOOP completed")
+
+    async def cmd_logout(self, command: Command) -> None:
+        await self.send(b"* BYE mssd logging out\r\n")
+        await self.tagged(command, "OK", "LOGOUT completed")
+        self.state = "logout"
+
+    async def cmd_id(self, command: Command) -> None:
+        assert isinstance(command.args, IdArgs)
+        if command.args.params:
+            client = dict(command.args.params)
+            log.info(
+                "%s IMAP client %s %s", self.remote_ip, client.get("name"), client.get("version")
+            )
+        values: list[encode.ImapValue] = []
+        for key, value in SERVER_ID:
+            values += [key, value]
+        await self.untagged(encode.Atom("ID"), values)
+        await self.tagged(command, "OK", "ID completed")
+
+    async def cmd_enable(self, command: Command) -> None:
+        assert isinstance(command.args, EnableArgs)
+        enabled = []
+        for capability in command.args.capabilities:
+            name = capability.upper()
+            if name in ("CONDSTORE", "UTF8=ACCEPT") and name not in self.enabled:
+                self.enabled.add(name)
+                enabled.append(name)
+                if name == "UTF8=ACCEPT":
+                    self.utf8 = True
+                if name == "CONDSTORE" and self.view is not None:
+                    self.view.condstore = True
+        await self.send(("* ENABLED" + "".join(" " + n for n in enabled) + "\r\n").encode())
+        await self.tagged(command, "OK", "ENABLE completed")
+
+    # -- not authenticated ---------------------------------------------------------
+
+    async def cmd_login(self, command: Command) -> None:
+        assert isinstance(command.args, LoginArgs)
+        if not (self.tls or self.trusted):
+            await self.tagged(
+                command, "NO", "LOGIN needs TLS: use STARTTLS first", "PRIVACYREQUIRED"
+            )
+            return
+        try:
+            exchange = self.services.authenticator.start("PLAIN", self.auth_context())
+        except (UnknownMechanism, EncryptionRequired):
+            await self.tagged(command, "NO", "LOGIN is not available", "PRIVACYREQUIRED")
+            return
+        userid, password = command.args.userid, command.args.password
+        message = b"\0" + userid.encode("utf-8", "surrogateescape") + b"\0"
+        message += password.encode("utf-8", "surrogateescape")
+        await self.finish_auth(command, exchange, await exchange.step(message), None)
+
+    async def finish_auth(
+        self,
+        command: Command,
+        exchange: SaslExchange,
+        step: Challenge | Success | Failure,
+        respond: Callable[[bytes], Awaitable[bytes | None]] | None,
+    ) -> None:
+        """Drive a SASL exchange to its end; ``respond`` sends a challenge and
+        returns the client's answer (None when it cancelled)."""
+        while isinstance(step, Challenge):
+            if respond is None:
+                exchange.cancel()
+                await self.tagged(command, "NO", "Authentication failed", "AUTHENTICATIONFAILED")
+                return
+            answer = await respond(step.data)
+            if answer is None:
+                exchange.cancel()
+                await self.tagged(command, "BAD", "Authentication cancelled")
+                return
+            step = await exchange.step(answer)
+        if isinstance(step, Success):
+            await self.logged_in(step.principal)
+            caps = " ".join(self.capabilities())
+            await self.tagged(command, "OK", "Logged in", f"CAPABILITY {caps}")
+            return
+        if step.temporary:
+            await self.tagged(command, "NO", step.reason, "UNAVAILABLE")
+        elif step.malformed:
+            await self.tagged(command, "BAD", step.reason)
+        else:
+            await self.tagged(command, "NO", "Authentication failed", "AUTHENTICATIONFAILED")
+
+    async def start_authenticate(
+        self, command: Command
+    ) -> tuple[SaslExchange, Challenge | Success | Failure] | None:
+        """AUTHENTICATE's first step; None when already answered."""
+        assert isinstance(command.args, AuthenticateArgs)
+        try:
+            exchange = self.services.authenticator.start(
+                command.args.mechanism, self.auth_context()
+            )
+        except EncryptionRequired:
+            await self.tagged(command, "NO", "Use STARTTLS first", "PRIVACYREQUIRED")
+            return None
+        except UnknownMechanism:
+            await self.tagged(command, "NO", "Unsupported authentication mechanism", "CANNOT")
+            return None
+        return exchange, await exchange.step(command.args.initial_response)
