@@ -1,0 +1,274 @@
+"""The IMAP server against real clients (imaplib, imapclient, raw sockets), on
+SQLite and PostgreSQL, with mail delivered over real SMTP."""
+
+from __future__ import annotations
+
+import base64
+import imaplib
+import re
+import socket
+import time
+from collections.abc import Iterator
+
+import pytest
+from conftest import ORG, PASSWORD, PER, PER2, MssdProcess, inbox, run
+from imapclient import IMAPClient
+from test_smtp_submission import _audit, message
+
+SHARED_ORG = f"Partag&AOk-s/{ORG}/INBOX"
+
+
+def deliver(mssd: MssdProcess, subject: str, to: str = PER2, body: bytes = b"") -> None:
+    with mssd.smtp() as client:
+        client.sendmail(PER, [to], message(subject, extra=body))
+
+
+def imap(mssd: MssdProcess, login: str | None = PER2) -> imaplib.IMAP4:
+    client = imaplib.IMAP4("127.0.0.1", mssd.imap, timeout=30)
+    client.starttls(ssl_context=mssd.pki.client_context())
+    if login is not None:
+        client.login(login, PASSWORD)
+    return client
+
+
+def imapclient_session(mssd: MssdProcess) -> IMAPClient:
+    return IMAPClient("127.0.0.1", port=mssd.imaps, ssl=True, ssl_context=mssd.pki.client_context())
+
+
+@pytest.fixture
+def session(mssd: MssdProcess) -> Iterator[imaplib.IMAP4]:
+    client = imap(mssd)
+    try:
+        yield client
+    finally:
+        try:
+            client.logout()
+        except (imaplib.IMAP4.error, OSError):
+            pass
+
+
+def test_login_is_disabled_before_tls(mssd: MssdProcess) -> None:
+    client = imaplib.IMAP4("127.0.0.1", mssd.imap, timeout=30)
+    try:
+        assert "LOGINDISABLED" in client.capabilities and "STARTTLS" in client.capabilities
+        with pytest.raises(imaplib.IMAP4.error, match="PRIVACYREQUIRED"):
+            client.login(PER2, PASSWORD)
+    finally:
+        client.shutdown()
+
+
+def test_starttls_then_login_and_capabilities(mssd: MssdProcess) -> None:
+    client = imap(mssd, login=None)
+    assert "LOGINDISABLED" not in client.capabilities
+    assert "AUTH=PLAIN" in client.capabilities
+    typ, data = client.login(PER2, PASSWORD)
+    assert typ == "OK" and b"CAPABILITY IMAP4rev1" in data[0]
+    client.logout()
+
+
+def test_implicit_tls_and_authenticate_plain_with_initial_response(mssd: MssdProcess) -> None:
+    client = imaplib.IMAP4_SSL(
+        "127.0.0.1", mssd.imaps, ssl_context=mssd.pki.client_context(), timeout=30
+    )
+    assert "STARTTLS" not in client.capabilities
+    token = base64.b64encode(f"\0{PER2}\0{PASSWORD}".encode()).decode()
+    tag = client._new_tag().decode()  # type: ignore[attr-defined]
+    client.send(f"{tag} AUTHENTICATE PLAIN {token}\r\n".encode())
+    reply = client.readline()
+    while not reply.startswith(tag.encode()):
+        reply = client.readline()
+    assert reply.startswith(f"{tag} OK".encode()), reply
+    client.shutdown()
+
+
+def test_wrong_password_is_refused(mssd: MssdProcess) -> None:
+    client = imap(mssd, login=None)
+    with pytest.raises(imaplib.IMAP4.error, match="AUTHENTICATIONFAILED"):
+        client.login(PER2, "not the password")
+    client.shutdown()
+
+
+def test_client_certificate_external(mssd: MssdProcess) -> None:
+    context = mssd.pki.client_context(mssd.pki.personal)
+    client = imaplib.IMAP4_SSL("127.0.0.1", mssd.imaps, ssl_context=context, timeout=30)
+    assert "AUTH=EXTERNAL" in client.capabilities
+    typ, _ = client.authenticate("EXTERNAL", lambda _: b"")
+    assert typ == "OK"
+    typ, _data = client.select("INBOX", readonly=True)
+    assert typ == "OK"
+    client.logout()
+
+
+def test_list_shows_special_use_and_the_shared_org_mailbox(session: imaplib.IMAP4) -> None:
+    typ, lines = session.list()
+    assert typ == "OK"
+    listing = b"\n".join(x for x in lines if isinstance(x, bytes))
+    for folder, use in (
+        (b'"Sent"', b"\\Sent"),
+        (b'"Drafts"', b"\\Drafts"),
+        (b'"Trash"', b"\\Trash"),
+        (b'"Junk"', b"\\Junk"),
+        (b'"Archive"', b"\\Archive"),
+    ):
+        line = next(x for x in lines if isinstance(x, bytes) and x.endswith(folder))
+        assert use in line
+    assert f'"{SHARED_ORG}"'.encode() in listing
+    typ, data = session.namespace()
+    assert data[0] == b'(("" "/")) NIL (("Partag&AOk-s/" "/"))'
+
+
+def test_select_fetch_and_seen(mssd: MssdProcess, session: imaplib.IMAP4) -> None:
+    deliver(mssd, "analyse de sang")
+    typ, data = session.select("INBOX")
+    count = int(data[0])
+    assert count == len(inbox(mssd, PER2))
+    typ, data = session.fetch(str(count), "(FLAGS BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
+    assert b"Subject: analyse de sang" in data[0][1]  # type: ignore[index]
+    assert b"\\Seen" not in data[0][0]  # type: ignore[index]
+    typ, data = session.fetch(str(count), "(BODY[TEXT])")
+    assert data[0][1] == b"Corps du message.\r\n"  # type: ignore[index]
+    typ, data = session.fetch(str(count), "(FLAGS)")
+    assert b"\\Seen" in data[0]  # type: ignore[operator]
+    _typ, data = session.fetch(str(count), "(RFC822.SIZE INTERNALDATE ENVELOPE BODYSTRUCTURE)")
+    assert b'"analyse de sang"' in data[0]  # type: ignore[operator]
+    assert b'("text" "plain" ("charset" "us-ascii")' in data[0]  # type: ignore[operator]
+
+
+def test_store_search_copy_move_expunge(mssd: MssdProcess, session: imaplib.IMAP4) -> None:
+    deliver(mssd, "a deplacer")
+    deliver(mssd, "a garder")
+    session.select("INBOX")
+    typ, data = session.uid("SEARCH", "SUBJECT", "deplacer")
+    (uid,) = data[0].split()
+    typ, data = session.uid("STORE", uid, "+FLAGS", "(\\Flagged $Urgent)")
+    assert b"\\Flagged" in data[0] and b"$Urgent" in data[0]
+    typ, data = session.search(None, "FLAGGED", "KEYWORD", "$Urgent")
+    assert len(data[0].split()) >= 1
+    typ, data = session.uid("COPY", uid, "Archive")
+    assert typ == "OK"
+    # RFC 4315 §3: COPYUID uidvalidity source-uids destination-uids
+    assert re.fullmatch(rb"\d+ " + uid + rb" \d+", session.untagged_responses["COPYUID"][-1])
+    typ, data = session.uid("MOVE", uid, "Trash")
+    assert typ == "OK"
+    typ, data = session.uid("SEARCH", "SUBJECT", "deplacer")
+    assert data[0] == b""
+    session.select("Trash")
+    typ, data = session.search(None, "SUBJECT", "deplacer")
+    assert data[0] != b""
+    session.store(data[0].split()[0].decode(), "+FLAGS", "(\\Deleted)")
+    typ, data = session.expunge()
+    assert typ == "OK" and data[0] is not None
+
+
+def test_append_gives_appenduid(session: imaplib.IMAP4) -> None:
+    typ, data = session.append("Drafts", "(\\Draft)", None, b"Subject: brouillon\r\n\r\ntexte\r\n")
+    assert typ == "OK" and b"APPENDUID" in data[0]
+    typ, data = session.status("Drafts", "(MESSAGES UIDNEXT UNSEEN)")
+    assert typ == "OK" and b"MESSAGES" in data[0]
+    typ, data = session.append("Nowhere", None, None, b"Subject: x\r\n\r\nx\r\n")
+    assert typ == "NO"
+
+
+def test_create_rename_delete(session: imaplib.IMAP4) -> None:
+    assert session.create("Patients/Dossiers")[0] == "OK"
+    assert session.create("Patients/Dossiers")[0] == "NO"
+    assert session.rename("Patients/Dossiers", "Patients/Archives")[0] == "OK"
+    _typ, lines = session.list('""', "Patients/*")
+    assert any(isinstance(x, bytes) and x.endswith(b'"Patients/Archives"') for x in lines)
+    assert session.delete("Patients/Archives")[0] == "OK"
+    assert session.delete("INBOX")[0] == "NO"
+
+
+def test_delegate_with_read_rights_gets_a_read_only_shared_mailbox(
+    mssd: MssdProcess, session: imaplib.IMAP4
+) -> None:
+    deliver(mssd, "pour l'accueil", to=ORG)
+    # The server answers SELECT with [READ-ONLY]; imaplib turns that into an error.
+    with pytest.raises(imaplib.IMAP4.readonly):
+        session.select(f'"{SHARED_ORG}"')
+    session.untagged_responses.pop("READ-ONLY")  # let imaplib send what follows
+    typ, data = session.store("1", "+FLAGS", "(\\Seen)")
+    assert typ == "NO" and b"read-only" in data[0]
+
+
+def test_shared_seen_flag_is_seen_by_every_delegate(mssd: MssdProcess) -> None:
+    deliver(mssd, "vu par tous", to=ORG)
+    writer = imap(mssd, login=PER)  # lrswipte on the ORG mailbox
+    reader = imap(mssd, login=PER2)
+    try:
+        writer.select(f'"{SHARED_ORG}"')
+        typ, data = writer.search(None, "SUBJECT", '"vu par tous"')
+        seq = data[0].split()[-1].decode()
+        writer.store(seq, "+FLAGS", "(\\Seen)")
+        reader.select(f'"{SHARED_ORG}"', readonly=True)
+        _typ, data = reader.search(None, "SEEN", "SUBJECT", '"vu par tous"')
+        assert data[0] != b""
+    finally:
+        writer.logout()
+        reader.logout()
+
+
+def test_content_fetch_and_selection_are_audited(mssd: MssdProcess, session: imaplib.IMAP4) -> None:
+    deliver(mssd, "audit de lecture")
+    session.select("INBOX")
+    _typ, data = session.search(None, "SUBJECT", '"audit de lecture"')
+    session.fetch(data[0].split()[-1].decode(), "(BODY.PEEK[])")
+    events = run(_audit(mssd.url, "imap."))
+    actions = {(e.action, e.actor) for e in events}  # type: ignore[attr-defined]
+    assert ("imap.select", PER2) in actions and ("imap.fetch", PER2) in actions
+
+
+def test_malformed_commands_get_bad_and_the_session_survives(mssd: MssdProcess) -> None:
+    context = mssd.pki.client_context()
+    with socket.create_connection(("127.0.0.1", mssd.imaps), timeout=30) as raw:
+        with context.wrap_socket(raw, server_hostname="localhost") as tls:
+            reader = tls.makefile("rb")
+            assert reader.readline().startswith(b"* OK")
+            for line in (
+                b"a1 FETCH\r\n",
+                b"\r\n",
+                b"a2 NOSUCHCOMMAND\r\n",
+                b"a3 LOGIN\r\n",
+                b"a4 SELECT INBOX\r\n",
+                b"a5 " + b"X" * 70000 + b"\r\n",
+            ):
+                tls.sendall(line)
+                reply = reader.readline()
+                assert b" BAD " in reply or reply.startswith(b"* BAD"), reply
+            tls.sendall(f'a6 LOGIN "{PER2}" "{PASSWORD}"\r\n'.encode())
+            assert reader.readline().startswith(b"a6 OK")
+
+
+def test_idle_hears_a_delivery_within_a_second(mssd: MssdProcess) -> None:
+    client = IMAPClient(
+        "127.0.0.1", port=mssd.imaps, ssl=True, ssl_context=mssd.pki.client_context()
+    )
+    try:
+        client.login(PER2, PASSWORD)
+        client.select_folder("INBOX")
+        client.idle()
+        started = time.monotonic()
+        deliver(mssd, "reveil IDLE")
+        responses = client.idle_check(timeout=5)
+        elapsed = time.monotonic() - started
+        client.idle_done()
+    finally:
+        client.logout()
+    assert any(r[1] == b"EXISTS" for r in responses), responses
+    assert elapsed < 5
+
+
+def test_imapclient_basic_flow(mssd: MssdProcess) -> None:
+    deliver(mssd, "via imapclient")
+    with IMAPClient(
+        "127.0.0.1", port=mssd.imaps, ssl=True, ssl_context=mssd.pki.client_context()
+    ) as c:
+        c.login(PER2, PASSWORD)
+        info = c.select_folder("INBOX")
+        assert info[b"EXISTS"] >= 1 and b"UIDVALIDITY" in info
+        uids = c.search(["SUBJECT", "via imapclient"])
+        fetched = c.fetch(uids, ["ENVELOPE", "RFC822.SIZE", "FLAGS"])
+        envelope = fetched[uids[0]][b"ENVELOPE"]
+        assert envelope.subject == b"via imapclient"
+        c.add_flags(uids, [b"\\Answered"])
+        assert b"\\Answered" in c.get_flags(uids)[uids[0]]
