@@ -94,7 +94,7 @@ def test_client_certificate_external(mssd: MssdProcess) -> None:
     assert "AUTH=EXTERNAL" in client.capabilities
     typ, _ = client.authenticate("EXTERNAL", lambda _: b"")
     assert typ == "OK"
-    typ, _data = client.select("INBOX", readonly=True)
+    typ, _ = client.select("INBOX", readonly=True)
     assert typ == "OK"
     client.logout()
 
@@ -127,9 +127,9 @@ def test_select_fetch_and_seen(mssd: MssdProcess, session: imaplib.IMAP4) -> Non
     assert b"\\Seen" not in data[0][0]  # type: ignore[index]
     typ, data = session.fetch(str(count), "(BODY[TEXT])")
     assert data[0][1] == b"Corps du message.\r\n"  # type: ignore[index]
-    typ, data = session.fetch(str(count), "(FLAGS)")
+    _, data = session.fetch(str(count), "(FLAGS)")
     assert b"\\Seen" in data[0]  # type: ignore[operator]
-    _typ, data = session.fetch(str(count), "(RFC822.SIZE INTERNALDATE ENVELOPE BODYSTRUCTURE)")
+    _, data = session.fetch(str(count), "(RFC822.SIZE INTERNALDATE ENVELOPE BODYSTRUCTURE)")
     assert b'"analyse de sang"' in data[0]  # type: ignore[operator]
     assert b'("text" "plain" ("charset" "us-ascii")' in data[0]  # type: ignore[operator]
 
@@ -173,7 +173,7 @@ def test_create_rename_delete(session: imaplib.IMAP4) -> None:
     assert session.create("Patients/Dossiers")[0] == "OK"
     assert session.create("Patients/Dossiers")[0] == "NO"
     assert session.rename("Patients/Dossiers", "Patients/Archives")[0] == "OK"
-    _typ, lines = session.list('""', "Patients/*")
+    _, lines = session.list('""', "Patients/*")
     assert any(isinstance(x, bytes) and x.endswith(b'"Patients/Archives"') for x in lines)
     assert session.delete("Patients/Archives")[0] == "OK"
     assert session.delete("INBOX")[0] == "NO"
@@ -197,11 +197,11 @@ def test_shared_seen_flag_is_seen_by_every_delegate(mssd: MssdProcess) -> None:
     reader = imap(mssd, login=PER2)
     try:
         writer.select(f'"{SHARED_ORG}"')
-        typ, data = writer.search(None, "SUBJECT", '"vu par tous"')
+        _, data = writer.search(None, "SUBJECT", '"vu par tous"')
         seq = data[0].split()[-1].decode()
         writer.store(seq, "+FLAGS", "(\\Seen)")
         reader.select(f'"{SHARED_ORG}"', readonly=True)
-        _typ, data = reader.search(None, "SEEN", "SUBJECT", '"vu par tous"')
+        _, data = reader.search(None, "SEEN", "SUBJECT", '"vu par tous"')
         assert data[0] != b""
     finally:
         writer.logout()
@@ -211,7 +211,7 @@ def test_shared_seen_flag_is_seen_by_every_delegate(mssd: MssdProcess) -> None:
 def test_content_fetch_and_selection_are_audited(mssd: MssdProcess, session: imaplib.IMAP4) -> None:
     deliver(mssd, "audit de lecture")
     session.select("INBOX")
-    _typ, data = session.search(None, "SUBJECT", '"audit de lecture"')
+    _, data = session.search(None, "SUBJECT", '"audit de lecture"')
     session.fetch(data[0].split()[-1].decode(), "(BODY.PEEK[])")
     events = run(_audit(mssd.url, "imap."))
     actions = {(e.action, e.actor) for e in events}  # type: ignore[attr-defined]
