@@ -125,7 +125,7 @@ def test_select_fetch_and_seen(mssd: MssdProcess, session: imaplib.IMAP4) -> Non
     typ, data = session.fetch(str(count), "(FLAGS BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
     assert b"Subject: analyse de sang" in data[0][1]  # type: ignore[index]
     assert b"\\Seen" not in data[0][0]  # type: ignore[index]
-    typ, data = session.fetch(str(count), "(BODY[TEXT])")
+    _, data = session.fetch(str(count), "(BODY[TEXT])")
     assert data[0][1] == b"Corps du message.\r\n"  # type: ignore[index]
     _, data = session.fetch(str(count), "(FLAGS)")
     assert b"\\Seen" in data[0]  # type: ignore[operator]
