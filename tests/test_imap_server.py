@@ -120,9 +120,10 @@ def test_list_shows_special_use_and_the_shared_org_mailbox(session: imaplib.IMAP
 def test_select_fetch_and_seen(mssd: MssdProcess, session: imaplib.IMAP4) -> None:
     deliver(mssd, "analyse de sang")
     typ, data = session.select("INBOX")
+    assert typ == "OK"
     count = int(data[0])
     assert count == len(inbox(mssd, PER2))
-    typ, data = session.fetch(str(count), "(FLAGS BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
+    _, data = session.fetch(str(count), "(FLAGS BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
     assert b"Subject: analyse de sang" in data[0][1]  # type: ignore[index]
     assert b"\\Seen" not in data[0][0]  # type: ignore[index]
     _, data = session.fetch(str(count), "(BODY[TEXT])")
