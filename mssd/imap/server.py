@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from mssd.auth.networks import trusted_matcher
 from mssd.config import Settings
-from mssd.imap import encode, mailboxes, messages
+from mssd.imap import acl, encode, mailboxes, messages, sort
 from mssd.imap.protocol import (
     Command,
     CommandReader,
@@ -56,6 +56,13 @@ _AUTHENTICATED: dict[str, Handler] = {
     "NAMESPACE": mailboxes.cmd_namespace,
     "STATUS": mailboxes.cmd_status,
     "APPEND": messages.cmd_append,
+    "MYRIGHTS": acl.cmd_myrights,
+    "GETACL": acl.cmd_getacl,
+    "LISTRIGHTS": acl.cmd_listrights,
+    "SETACL": acl.cmd_setacl,
+    "DELETEACL": acl.cmd_setacl,
+    "GETQUOTAROOT": acl.cmd_getquotaroot,
+    "GETQUOTA": acl.cmd_getquota,
 }
 _SELECTED: dict[str, Handler] = {
     "CHECK": messages.cmd_check,
@@ -67,6 +74,8 @@ _SELECTED: dict[str, Handler] = {
     "STORE": messages.cmd_store,
     "COPY": messages.cmd_copy,
     "MOVE": messages.cmd_copy,
+    "SORT": sort.cmd_sort,
+    "THREAD": sort.cmd_thread,
 }
 _READ_SIZE = 65536
 

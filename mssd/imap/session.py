@@ -127,6 +127,8 @@ class Session:
         caps = ["IMAP4rev1", "LITERAL+", "SASL-IR", "ID", "ENABLE", "IDLE", "NAMESPACE"]
         caps += ["UIDPLUS", "MOVE", "UNSELECT", "CHILDREN", "SPECIAL-USE", "CONDSTORE"]
         caps += ["ESEARCH", "SEARCHRES", "BINARY", "UTF8=ACCEPT", "LIST-EXTENDED", "LIST-STATUS"]
+        caps += ["SORT", "SORT=DISPLAY", "THREAD=REFERENCES", "THREAD=ORDEREDSUBJECT"]
+        caps += ["ACL", "RIGHTS=texk", "QUOTA", "QUOTA=RES-STORAGE"]
         caps.append(f"APPENDLIMIT={self.services.append_limit}")
         if self.state == "not-authenticated":
             if self.starttls_available and not self.tls:

@@ -46,10 +46,20 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from mssd.store.audit import insert_audit
 from mssd.store.changes import FolderChange
 from mssd.store.engine import write_transaction
 from mssd.store.messages import as_utc
-from mssd.store.schema import blobs, delegations, expunges, folders, mailboxes, placements
+from mssd.store.records import AuditEvent
+from mssd.store.schema import (
+    accounts,
+    blobs,
+    delegations,
+    expunges,
+    folders,
+    mailboxes,
+    placements,
+)
 
 log = logging.getLogger(__name__)
 
@@ -927,3 +937,142 @@ class MailStore:
             await _save(conn, counters)
         self._emit([FolderChange(folder_id, folder.highestmodseq, "exists")])
         return uid
+
+    # -- access control lists (RFC 4314) and quotas (RFC 9208) ------------------------
+
+    async def acl(self, mailbox_id: int) -> list[tuple[str, str]]:
+        """RFC 4314 §3.3 GETACL: (login, rights) of the owning account, which holds
+        every right, then of each delegate by login. Identifiers are account logins."""
+        async with self._engine.connect() as conn:
+            owner = await conn.scalar(
+                select(accounts.c.login)
+                .select_from(mailboxes.join(accounts, accounts.c.id == mailboxes.c.account_id))
+                .where(mailboxes.c.id == mailbox_id)
+            )
+            rows = await conn.execute(
+                select(accounts.c.login, delegations.c.rights)
+                .join(accounts, accounts.c.id == delegations.c.account_id)
+                .where(delegations.c.mailbox_id == mailbox_id)
+                .order_by(accounts.c.login)
+            )
+            entries = [(str(login), str(rights)) for login, rights in rows]
+        if owner is None:
+            raise MailStoreError("NONEXISTENT", f"no mailbox {mailbox_id}")
+        return [(str(owner), OWNER_RIGHTS), *entries]
+
+    async def set_acl(
+        self,
+        account_id: int,
+        name: str,
+        identifier: str,
+        *,
+        mode: Literal["replace", "add", "remove", "delete"],
+        rights: str,
+        actor: str,
+        remote: str,
+    ) -> str:
+        """RFC 4314 §3.1 SETACL and §3.2 DELETEACL on the mailbox that holds folder
+        ``name``: the rights of one delegate (an account login) on the whole mailbox,
+        which must be an ORG or CAB mailbox. Needs the "a" right; the owner's rights
+        never change. Empty resulting rights remove the delegation. The change and
+        its audit record ("acl.set" / "acl.delete") commit together. Returns the
+        delegate's rights afterwards ("" when none)."""
+        async with write_transaction(self._engine) as conn:
+            space, stored = await self._resolve_for(conn, account_id, name, "a")
+            if not await conn.scalar(
+                select(folders.c.id).where(
+                    folders.c.mailbox_id == space.mailbox_id, folders.c.name == stored
+                )
+            ):
+                raise MailStoreError("NONEXISTENT", f"no folder {name}")
+            await _lock_mailbox(conn, space.mailbox_id)
+            mailbox = (
+                await conn.execute(
+                    select(mailboxes.c.bal_type, mailboxes.c.account_id).where(
+                        mailboxes.c.id == space.mailbox_id
+                    )
+                )
+            ).one()
+            login = identifier.lower()
+            target = await conn.scalar(select(accounts.c.id).where(accounts.c.login == login))
+            if target is None:
+                raise MailStoreError("NONEXISTENT", f"no account {identifier}")
+            if target == mailbox.account_id:
+                raise MailStoreError("CANNOT", "the owner's rights on its mailbox cannot change")
+            if mailbox.bal_type not in ("ORG", "CAB"):
+                raise MailStoreError("CANNOT", "only ORG and CAB mailboxes are shared")
+            where = (
+                delegations.c.mailbox_id == space.mailbox_id,
+                delegations.c.account_id == target,
+            )
+            previous = await conn.scalar(select(delegations.c.rights).where(*where))
+            current = set(previous or "")
+            if mode == "replace":
+                wanted = set(rights)
+            elif mode == "add":
+                wanted = current | set(rights)
+            elif mode == "remove":
+                wanted = current - set(rights)
+            else:
+                wanted = set()
+            result = "".join(r for r in OWNER_RIGHTS if r in wanted)
+            if not result:
+                await conn.execute(delete(delegations).where(*where))
+            elif previous is None:
+                await conn.execute(
+                    insert(delegations).values(
+                        mailbox_id=space.mailbox_id,
+                        account_id=target,
+                        rights=result,
+                        may_send=False,  # sending as the mailbox is granted by an administrator
+                        created_at=dt.datetime.now(dt.UTC),
+                    )
+                )
+            else:
+                await conn.execute(update(delegations).where(*where).values(rights=result))
+            await insert_audit(
+                conn,
+                AuditEvent(
+                    actor=actor,
+                    action="acl.delete" if mode == "delete" else "acl.set",
+                    target=space.address,
+                    remote=remote,
+                    details={"account": login, "rights": result, "previous": previous or ""},
+                ),
+            )
+        return result
+
+    async def quota(self, account_id: int, root: str) -> QuotaInfo | None:
+        """RFC 9208 §4.2: the quota root of one mailbox (BAL) the account may see,
+        named by the mailbox's address; None when it has no such root."""
+        async with self._engine.connect() as conn:
+            spaces = await self._namespaces(conn, account_id)
+            space = next((s for s in spaces if s.address == root.lower()), None)
+            if space is None:
+                return None
+            limit = await conn.scalar(
+                select(mailboxes.c.quota_bytes).where(mailboxes.c.id == space.mailbox_id)
+            )
+        used = await self.usage(space.mailbox_id)
+        return QuotaInfo(space.address, used, None if limit is None else int(limit))
+
+    async def blob_head(self, sha256: str, limit: int) -> bytes:
+        """The first ``limit`` octets of a message (its header, for SORT and
+        THREAD) without reading the rest from the database."""
+        async with self._engine.connect() as conn:
+            data = await conn.scalar(
+                select(func.substr(blobs.c.data, 1, limit)).where(blobs.c.sha256 == sha256)
+            )
+        if data is None:
+            raise MailStoreError("NONEXISTENT", f"no message blob {sha256}")
+        return bytes(data)
+
+
+@dataclass(frozen=True)
+class QuotaInfo:
+    """One quota root (RFC 9208 §3): a whole mailbox (BAL), in octets."""
+
+    root: str
+    used: int
+    limit: int | None
+    """None: no limit, so no resource is reported."""
