@@ -9,7 +9,10 @@ or raise on a malformed message: whatever the tree from
 :func:`mssd.mime.structure.parse` says is reported as faithfully as the grammar
 allows.
 
-Dovecot compatibility (a differential test compares our output with Dovecot's):
+Dovecot compatibility (``tests/test_imap_dovecot.py`` compares our answers with
+a real Dovecot 2.3 and lists, with the RFC clause, where they differ on purpose:
+the CRLF before an outer boundary after an embedded message's close delimiter,
+a garbage Content-Type, folded envelope strings, lenient base64):
 - type, subtype, parameter names and values, disposition and encoding are
   reported with the case written in the message; nothing is upper-cased;
 - a missing or unparsable Content-Type is reported ``"text" "plain"
@@ -47,6 +50,7 @@ __all__ = [
     "SectionSpec",
     "binary",
     "binary_size",
+    "body_text",
     "bodystructure",
     "envelope",
     "partial",
@@ -249,6 +253,12 @@ def envelope(raw: bytes, part: Part) -> list[ImapValue]:
 _EMPTY_BODY: list[ImapValue] = ["text", "plain", ["charset", "us-ascii"], None, None, "7bit", 0, 0]
 
 
+def _empty_body(extensible: bool) -> list[ImapValue]:
+    """The stand-in for a missing body; in BODYSTRUCTURE it carries the four
+    extension fields NIL like any other text part (as Dovecot writes it)."""
+    return [*_EMPTY_BODY, None, None, None, None] if extensible else list(_EMPTY_BODY)
+
+
 def text_lines(raw: bytes, part: Part) -> int:
     """Lines of the encoded body as stored: the number of LF (see module docstring)."""
     return raw.count(b"\n", part.body_start, part.end)
@@ -297,7 +307,7 @@ def bodystructure(raw: bytes, part: Part, *, extensible: bool) -> list[ImapValue
     if part.is_multipart:
         children: list[ImapValue] = [
             bodystructure(raw, child, extensible=extensible) for child in part.children
-        ] or [list(_EMPTY_BODY)]
+        ] or [_empty_body(extensible)]
         written = parse_content_type(header_value(part, "Content-Type") or b"")
         subtype, params = (written[1], written[2]) if written else (part.subtype, [])
         out = [*children, subtype]
@@ -330,7 +340,7 @@ def bodystructure(raw: bytes, part: Part, *, extensible: bool) -> list[ImapValue
             out.append(bodystructure(raw, part.message, extensible=extensible))
         else:  # left opaque by the parser (encoded, or past the depth limit)
             out.append([None] * 10)
-            out.append(list(_EMPTY_BODY))
+            out.append(_empty_body(extensible))
         out.append(text_lines(raw, part))
     elif is_text:
         out.append(text_lines(raw, part))
@@ -380,7 +390,10 @@ def resolve_part(root: Part, numbers: tuple[int, ...]) -> Part | None:
 
 def _header_fields(raw: bytes, message: Part, names: tuple[str, ...], *, keep: bool) -> bytes:
     """The fields named (or, with keep=False, not named), as written, in message order,
-    then the empty line (RFC 3501 §6.4.5 HEADER.FIELDS)."""
+    then the empty line (RFC 3501 §6.4.5 HEADER.FIELDS).
+
+    RFC 9051 §6.4.5: the blank line is included in all header fetches "except in
+    the case of a message which has no body and no blank line"."""
     wanted = {name.lower() for name in names}
     out = bytearray()
     for field in iter_fields(raw, message.start, message.end):
@@ -389,7 +402,10 @@ def _header_fields(raw: bytes, message: Part, names: tuple[str, ...], *, keep: b
             out += chunk
             if not chunk.endswith(b"\n"):
                 out += b"\r\n"
-    out += b"\r\n"
+    header = raw[message.start : message.body_start]
+    has_blank_line = header.endswith((b"\n\n", b"\n\r\n")) or header in (b"\n", b"\r\n")
+    if has_blank_line or message.body_start < message.end:
+        out += b"\r\n"
     return bytes(out)
 
 
@@ -476,6 +492,24 @@ def binary(raw: bytes, root: Part, part_numbers: tuple[int, ...]) -> bytes | Non
     value = header_value(node, "Content-Transfer-Encoding")
     encoding = content_params(value)[0] if value else b""
     return _decode(raw[node.body_start : node.end], encoding)
+
+
+def body_text(raw: bytes, part: Part) -> str:
+    """The body of a leaf part as text, for SEARCH BODY and TEXT (RFC 9051 §6.4.4):
+    transfer encoding removed (an unknown one leaves the bytes as stored), then
+    decoded from the part's charset (UTF-8 when absent or unknown; undecodable
+    bytes become U+FFFD)."""
+    value = header_value(part, "Content-Transfer-Encoding")
+    encoding = content_params(value)[0] if value else b""
+    body = raw[part.body_start : part.end]
+    data = _decode(body, encoding)
+    if data is None:
+        data = body
+    charset = dict(part.params).get("charset", "utf-8") or "utf-8"
+    try:
+        return data.decode(charset, "replace")
+    except LookupError:
+        return data.decode("utf-8", "replace")
 
 
 def binary_size(raw: bytes, root: Part, part_numbers: tuple[int, ...]) -> int | None:
