@@ -410,59 +410,6 @@ def crlf(data: bytes) -> bytes:
     return data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
 
 
-def _outside_strings(data: bytes) -> Iterator[tuple[int, int, bool]]:
-    """(start, end, is protocol syntax) spans of a response: quoted strings and
-    literal contents are not syntax."""
-    pos = start = 0
-    while pos < len(data):
-        c = data[pos : pos + 1]
-        if c == b'"':
-            yield start, pos, True
-            end = pos + 1
-            while data[end : end + 1] != b'"':
-                end += 2 if data[end : end + 1] == b"\\" else 1
-            yield pos, end + 1, False
-            pos = start = end + 1
-        elif c == b"{" and data.find(b"}\r\n", pos) > pos:
-            close = data.index(b"}\r\n", pos)
-            size = data[pos + 1 : close].rstrip(b"+")
-            if not size.isdigit():
-                pos += 1
-                continue
-            yield start, close + 3, True
-            end = close + 3 + int(size)
-            yield close + 3, end, False
-            pos = start = end
-        else:
-            pos += 1
-    yield start, len(data), True
-
-
-def normalise(answer: bytes) -> bytes:
-    """Differences of form only, owned by the response encoder (mssd.imap.encode),
-    not by the values this test is about:
-
-    - Dovecot writes the members of ``1*address`` and ``1*body`` without a space,
-      ``)(``, as the RFC 9051 §9 grammar has it; mssd writes ``) (``. Both sides are
-      rewritten to ``) (`` outside strings.
-    - mssd always answers BINARY[] with literal8 ``~{n}``; Dovecot uses ``{n}`` when
-      the data has no NUL. Both are allowed (RFC 9051 §7.5.2 BINARY: nstring /
-      literal8); a ``~{n}`` without NUL is rewritten ``{n}``.
-    """
-    out = bytearray()
-    for start, end, syntax in _outside_strings(answer):
-        piece = answer[start:end]
-        if syntax:
-            piece = piece.replace(b")(", b") (")
-            if piece.endswith(b"}\r\n") and b"~{" in piece:
-                tilde = piece.rindex(b"~{")
-                size = int(piece[tilde + 2 : -3].rstrip(b"+"))
-                if b"\0" not in answer[end : end + size]:
-                    piece = piece[:tilde] + piece[tilde + 1 :]
-        out += piece
-    return bytes(out)
-
-
 def collect(client: RawImap) -> dict[tuple[str, str], bytes]:
     """APPEND the corpus to a fresh folder and record every answer."""
     client.ok(b"CREATE " + FOLDER.encode())
@@ -478,7 +425,7 @@ def collect(client: RawImap) -> dict[tuple[str, str], bytes]:
         structure = response[1]
         for item in fetch_items(structure):
             untagged, tagged = client.command(b"FETCH %d (%s)" % (seq, item.encode()))
-            answers[(path.stem, item)] = normalise(_outcome(untagged, tagged))
+            answers[(path.stem, item)] = _outcome(untagged, tagged)
     for path in MESSAGES:
         if path.stem in KEYWORD_MESSAGES:
             seq = MESSAGES.index(path) + 1

@@ -18,6 +18,7 @@ from collections.abc import Iterable, Sequence
 from mssd.imap.fetchdata import Atom as Atom
 from mssd.imap.fetchdata import ImapValue as ImapValue
 from mssd.imap.fetchdata import Literal8 as Literal8
+from mssd.imap.fetchdata import Run as Run
 
 CRLF = b"\r\n"
 _MAX_QUOTED = 1024  # longer strings go as literals: cheaper for clients to read
@@ -63,6 +64,9 @@ def _encode_into(out: bytearray, value: ImapValue, utf8: bool) -> None:
     elif isinstance(value, Literal8):
         out += b"~{%d}\r\n" % len(value.data)  # RFC 3516 §4.2
         out += value.data
+    elif isinstance(value, Run):
+        for item in value.items:
+            _encode_into(out, item, utf8)
     elif isinstance(value, list):
         out += b"("
         for i, item in enumerate(value):

@@ -75,10 +75,19 @@ class Literal8:
     data: bytes
 
 
+@dataclass(frozen=True)
+class Run:
+    """Values written one after the other with no separator: the ``1*address``
+    of an address list and the ``1*body`` of a multipart (RFC 9051 §9 has no SP
+    there, so ``((...)(...))``, not ``((...) (...))``)."""
+
+    items: tuple[ImapValue, ...]
+
+
 # None -> NIL; int -> number; str -> quoted string or literal (the encoder decides,
 # e.g. for CR, LF, quote, backslash or 8-bit text); bytes -> literal;
-# Atom -> bare atom; Literal8 -> ~{n}; list -> parenthesized list.
-ImapValue = None | int | str | bytes | Atom | Literal8 | list["ImapValue"]
+# Atom -> bare atom; Literal8 -> ~{n}; list -> parenthesized list; Run -> juxtaposed.
+ImapValue = None | int | str | bytes | Atom | Literal8 | Run | list["ImapValue"]
 
 
 def _nstring(value: bytes | None) -> ImapValue:
@@ -521,3 +530,38 @@ def binary_size(raw: bytes, root: Part, part_numbers: tuple[int, ...]) -> int | 
 def rfc822_size(raw: bytes) -> int:
     """RFC822.SIZE (RFC 3501 §7.4.2): the message size in octets as stored."""
     return len(raw)
+
+
+# -- wire form ---------------------------------------------------------------------
+# ``envelope`` and ``bodystructure`` return plain nested lists (easy to inspect and
+# test); these two functions mark where the grammar juxtaposes list members.
+
+_ADDRESS_FIELDS = range(2, 8)  # from, sender, reply-to, to, cc, bcc
+
+
+def wire_envelope(value: list[ImapValue]) -> list[ImapValue]:
+    """ENVELOPE as written: each address list's members juxtaposed."""
+    out = list(value)
+    for index in _ADDRESS_FIELDS:
+        addresses = out[index] if index < len(out) else None
+        if isinstance(addresses, list):
+            out[index] = [Run(tuple(addresses))]
+    return out
+
+
+def wire_body(value: list[ImapValue]) -> list[ImapValue]:
+    """BODY/BODYSTRUCTURE as written: a multipart's parts juxtaposed, recursively,
+    and the envelope and body of a message/rfc822 part in wire form too."""
+    if value and isinstance(value[0], list):
+        count = 0
+        while count < len(value) and isinstance(value[count], list):
+            count += 1
+        children = tuple(wire_body(child) for child in value[:count])  # type: ignore[arg-type]
+        return [Run(children), *value[count:]]
+    out = list(value)
+    kind = [item.lower() if isinstance(item, str) else "" for item in out[:2]]
+    if kind == ["message", "rfc822"] or kind == ["message", "global"]:
+        if len(out) > 8 and isinstance(out[7], list) and isinstance(out[8], list):
+            out[7] = wire_envelope(out[7])
+            out[8] = wire_body(out[8])
+    return out

@@ -169,6 +169,16 @@ def pattern_regex(reference: str, pattern: str) -> re.Pattern[str]:
     return re.compile(body, flags)
 
 
+def special_use(folder: FolderInfo | None) -> str | None:
+    """The special use to advertise: only the account's own folders have one.
+
+    RFC 6154 §2: special uses are user-specific; a delegate's \\Sent is not the
+    ORG mailbox's Sent folder (Thunderbird would file its own sent mail there)."""
+    if folder is None or folder.name.startswith(SHARED_PREFIX + SEPARATOR):
+        return None
+    return folder.special_use
+
+
 async def cmd_list(session: Session, command: Command) -> None:
     assert isinstance(command.args, ListArgs) and session.principal is not None
     args = command.args
@@ -199,15 +209,16 @@ async def cmd_list(session: Session, command: Command) -> None:
         folder = by_name.get(name)
         if subscribed_only and (folder is None or not folder.subscribed):
             continue
-        if special_only and (folder is None or not folder.special_use):
+        use = special_use(folder)
+        if special_only and use is None:
             continue
         attributes: list[ImapValue] = []
         if folder is None:
             attributes.append(Atom("\\Noselect"))
         has_children = any(n.startswith(name + SEPARATOR) for n in names)
         attributes.append(Atom("\\HasChildren" if has_children else "\\HasNoChildren"))
-        if folder is not None and folder.special_use and not lsub:
-            attributes.append(Atom(folder.special_use))
+        if use is not None and not lsub:
+            attributes.append(Atom(use))
         if folder is not None and folder.subscribed and "SUBSCRIBED" in args.return_options:
             attributes.append(Atom("\\Subscribed"))
         await session.untagged(

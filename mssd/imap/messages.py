@@ -21,10 +21,14 @@ from mssd.imap.fetchdata import (
     SectionSpec,
     binary,
     binary_size,
+    body_text,
     bodystructure,
     envelope,
     partial,
+    resolve_part,
     section,
+    wire_body,
+    wire_envelope,
 )
 from mssd.imap.protocol import (
     AppendArgs,
@@ -51,7 +55,7 @@ from mssd.imap.protocol import (
 )
 from mssd.imap.session import Session
 from mssd.imap.view import SelectedView
-from mssd.mime.structure import Part, header_value, parse
+from mssd.mime.structure import Part, header_value, parse, unfold
 from mssd.store.mailstore import MailStoreError, MessageRow
 
 _OFFLOAD_BYTES = 256 * 1024
@@ -147,11 +151,11 @@ def fetch_item(
     assert loaded is not None
     raw, root = loaded.raw, loaded.root
     if name == "ENVELOPE":
-        return "ENVELOPE", envelope(raw, root)
+        return "ENVELOPE", wire_envelope(envelope(raw, root))
     if name == "BODYSTRUCTURE":
-        return "BODYSTRUCTURE", bodystructure(raw, root, extensible=True)
+        return "BODYSTRUCTURE", wire_body(bodystructure(raw, root, extensible=True))
     if name == "BODY" and attr.section is None:
-        return "BODY", bodystructure(raw, root, extensible=False)
+        return "BODY", wire_body(bodystructure(raw, root, extensible=False))
     if name == "RFC822":
         return "RFC822", raw
     if name == "RFC822.HEADER":
@@ -172,7 +176,14 @@ def fetch_item(
             raise LookupError("UNKNOWN-CTE")
         if attr.partial is not None:
             decoded = partial(decoded, *attr.partial)
-        return section_name(attr), Literal8(decoded)
+        # RFC 3516 §4.2: literal8 for content this server decoded (base64 or
+        # quoted-printable) or that holds NUL; the part's own bytes otherwise, as
+        # Dovecot does.
+        target = resolve_part(root, spec.part) if spec.part else root
+        encoding = header_value(target, "Content-Transfer-Encoding") if target else None
+        decoded_here = (encoding or b"").strip().lower() in (b"base64", b"quoted-printable")
+        wrap = decoded_here or b"\x00" in decoded
+        return section_name(attr), Literal8(decoded) if wrap else decoded
     if name == "BINARY.SIZE":
         size = binary_size(raw, root, spec.part)
         if size is None:
@@ -209,11 +220,11 @@ async def cmd_fetch(session: Session, command: Command) -> None:
                 flags=frozenset({"\\Seen"}),
                 unchanged_since=None,
             )
+            # The view's HIGHESTMODSEQ is left to Session.sync: moving it past
+            # expunges not yet announced would lose them (RFC 9051 §7.5.1).
             for state in result.updated:
                 view.flags[state.uid] = state.flags
                 view.modseqs[state.uid] = state.modseq
-            if result.updated:
-                view.highestmodseq = max(view.highestmodseq, *(s.modseq for s in result.updated))
             if "FLAGS" not in names:
                 attrs.append(FetchAttr("FLAGS"))
     content_uids: list[int] = []
@@ -281,11 +292,11 @@ async def cmd_store(session: Session, command: Command) -> None:
         flags=flags,
         unchanged_since=args.unchanged_since,
     )
+    # Not view.highestmodseq: only Session.sync moves it, once every change
+    # below it, expunges included, has been told (RFC 9051 §7.5.1).
     for state in (*result.updated, *result.unchanged):
         view.flags[state.uid] = state.flags
         view.modseqs[state.uid] = state.modseq
-    if result.updated:
-        view.highestmodseq = max(view.highestmodseq, *(s.modseq for s in result.updated))
     report = sorted(
         result.updated if args.silent else (*result.updated, *result.unchanged), key=lambda s: s.uid
     )
@@ -335,13 +346,38 @@ class _Candidate:
     async def header(self, name: str) -> str | None:
         loaded = await self.loaded()
         value = header_value(loaded.root, name)
-        if value is None:
-            return None
-        text = value.decode("utf-8", "replace")
-        try:
-            return str(email.header.make_header(email.header.decode_header(text)))
-        except (ValueError, LookupError, UnicodeError):
-            return text
+        return None if value is None else _decoded_header(value)
+
+    async def text(self, *, headers: bool) -> str:
+        """What BODY (``headers=False``) or TEXT searches (RFC 9051 §6.4.4): the
+        text parts with transfer encoding and charset removed, the header fields
+        of embedded messages, and for TEXT the message's own header fields, with
+        RFC 2047 encoded words decoded."""
+        loaded = await self.loaded()
+        pieces: list[str] = []
+
+        def walk(part: Part, top: bool) -> None:
+            if headers or not top:
+                pieces.extend(f"{n}: {_decoded_header(unfold(v))}" for n, v in part.headers)
+            if part.is_multipart:
+                for child in part.children:
+                    walk(child, False)
+            elif part.is_message and part.message is not None:
+                walk(part.message, False)
+            elif part.maintype in ("text", "message"):
+                pieces.append(body_text(loaded.raw, part))
+
+        walk(loaded.root, True)
+        return "\n".join(pieces)
+
+
+def _decoded_header(value: bytes) -> str:
+    """An unfolded header value as text, RFC 2047 encoded words decoded."""
+    text = value.decode("utf-8", "replace")
+    try:
+        return str(email.header.make_header(email.header.decode_header(text)))
+    except (ValueError, LookupError, UnicodeError):
+        return text
 
 
 def _on_date(op: str, day: dt.date, target: dt.date) -> bool:
@@ -384,9 +420,8 @@ async def matches(key: SearchKey, c: _Candidate) -> bool:
         value = await c.header(key.field)
         return value is not None and key.value.casefold() in value.casefold()
     if isinstance(key, SearchText):
-        loaded = await c.loaded()
-        data = loaded.raw if key.scope == "TEXT" else loaded.raw[loaded.root.body_start :]
-        return key.value.casefold() in data.decode("utf-8", "replace").casefold()
+        text = await c.text(headers=key.scope == "TEXT")
+        return key.value.casefold() in text.casefold()
     if isinstance(key, SearchNot):
         return not await matches(key.key, c)
     if isinstance(key, SearchOr):
