@@ -273,3 +273,53 @@ def test_imapclient_basic_flow(mssd: MssdProcess) -> None:
         assert envelope.subject == b"via imapclient"
         c.add_flags(uids, [b"\\Answered"])
         assert b"\\Answered" in c.get_flags(uids)[uids[0]]
+
+
+def test_qresync_reports_vanished_and_changed_messages(mssd: MssdProcess) -> None:
+    """RFC 7162 §3.2: a client that knows (UIDVALIDITY, MODSEQ) learns what was
+    expunged (VANISHED) and what changed, on SELECT, on UID FETCH and live."""
+    first = imap(mssd)
+    other = imap(mssd)
+    try:
+        assert first._simple_command("ENABLE", "QRESYNC")[0] == "OK"  # type: ignore[attr-defined]
+        first.select("INBOX")
+        uidvalidity = int(first.untagged_responses["UIDVALIDITY"][-1])
+        modseq = int(first.untagged_responses["HIGHESTMODSEQ"][-1])
+        for subject in ("qresync un", "qresync deux", "qresync trois"):
+            deliver(mssd, subject)
+        first.noop()  # the first session now knows the three messages
+        other.select("INBOX")
+        _, data = other.uid("SEARCH", "SUBJECT", "qresync")
+        one, two, _three = data[0].split()
+        other.uid("STORE", one, "+FLAGS", "(\\Deleted)")
+        other.uid("STORE", two, "+FLAGS", "(\\Flagged)")
+        other.expunge()
+        # Live: with QRESYNC enabled, NOOP announces VANISHED, not EXPUNGE.
+        first.noop()
+        assert "EXPUNGE" not in first.untagged_responses
+        assert first.untagged_responses["VANISHED"][-1] == one
+        # A new session resynchronises from the old (UIDVALIDITY, MODSEQ).
+        fresh = imap(mssd)
+        try:
+            fresh._simple_command("ENABLE", "QRESYNC")  # type: ignore[attr-defined]
+            typ, _ = fresh._simple_command(  # type: ignore[attr-defined]
+                "SELECT", "INBOX", f"(QRESYNC ({uidvalidity} {modseq}))"
+            )
+            assert typ == "OK"
+            fresh.state = "SELECTED"  # imaplib tracks state only through select()
+            assert fresh.untagged_responses["VANISHED"][-1] == b"(EARLIER) " + one
+            changed = b" ".join(
+                x for x in fresh.untagged_responses["FETCH"] if isinstance(x, bytes)
+            )
+            assert b"UID " + two in changed and b"\\Flagged" in changed and b"MODSEQ" in changed
+            fresh.untagged_responses.clear()
+            typ, _ = fresh._simple_command(  # type: ignore[attr-defined]
+                "UID", "FETCH", "1:*", "(FLAGS)", f"(CHANGEDSINCE {modseq} VANISHED)"
+            )
+            assert typ == "OK"
+            assert fresh.untagged_responses["VANISHED"][-1] == b"(EARLIER) " + one
+        finally:
+            fresh.logout()
+    finally:
+        first.logout()
+        other.logout()

@@ -58,7 +58,9 @@ async def cmd_select(session: Session, command: Command) -> None:
     snapshot = await session.services.mailstore.snapshot(folder.id)
     readonly = examine or not (_WRITE_RIGHTS & set(folder.rights))
     view = SelectedView.from_snapshot(folder, snapshot, readonly=readonly)
-    view.condstore = command.args.condstore or "CONDSTORE" in session.enabled
+    view.condstore = (
+        command.args.condstore or command.args.qresync is not None or "CONDSTORE" in session.enabled
+    )
     if command.args.condstore:
         session.enabled.add("CONDSTORE")
     flags = ["\\Answered", "\\Flagged", "\\Deleted", "\\Seen", "\\Draft"]
@@ -91,11 +93,44 @@ async def cmd_select(session: Session, command: Command) -> None:
         await session.send(encode.untagged_status("OK", f"UNSEEN {unseen}", "First unseen"))
     session.view = view
     session.state = "selected"
+    if command.args.qresync is not None:
+        await resynchronise(session, command)
     await session.audit(
         "imap.select", folder.mailbox_address, folder=folder.name, readonly=readonly
     )
     mode = "READ-ONLY" if readonly else "READ-WRITE"
     await session.tagged(command, "OK", f"{command.name} completed", mode)
+
+
+async def resynchronise(session: Session, command: Command) -> None:
+    """SELECT ... (QRESYNC (uidvalidity modseq [known-uids])) (RFC 7162 §3.2.5):
+    what was expunged and what changed since the client's modseq, in one go."""
+    assert isinstance(command.args, SelectArgs) and command.args.qresync is not None
+    view = session.view
+    assert view is not None
+    params = command.args.qresync
+    if params.uidvalidity != view.uidvalidity:
+        return  # §3.2.5.2: the client's cache is invalid; it must resynchronise fully
+    changed, vanished = await session.services.mailstore.changes_since(
+        view.folder.id, params.modseq
+    )
+    if params.known_uids is not None:
+        top = max([view.uidnext - 1, *vanished, 1])
+        known = {u for r in params.known_uids.resolve(top) for u in r}
+        vanished = [u for u in vanished if u in known]
+    if vanished:
+        uids = encode.compress_uids(sorted(vanished))
+        await session.send(f"* VANISHED (EARLIER) {uids}\r\n".encode())
+    for row in changed:
+        seq = view.seq_of(row.uid)
+        if seq is None:
+            continue
+        items: list[tuple[str, ImapValue]] = [
+            ("UID", row.uid),
+            ("FLAGS", encode.flag_list(sorted(view.flags[row.uid]))),
+            ("MODSEQ", [view.modseqs[row.uid]]),
+        ]
+        await session.send(encode.fetch_response(seq, items, utf8=session.utf8))
 
 
 async def cmd_create(session: Session, command: Command) -> None:

@@ -205,6 +205,8 @@ async def cmd_fetch(session: Session, command: Command) -> None:
         if "MODSEQ" not in names:
             attrs.append(FetchAttr("MODSEQ"))
     uids = resolve(session, args.sequence, command.uid)
+    if args.vanished and command.uid and args.changed_since is not None:
+        await send_vanished_earlier(session, args.sequence, args.changed_since)
     needs_content = bool(names & (_CONTENT_ITEMS | _STRUCTURE_ITEMS))
     rows = {r.uid: r for r in await session.services.mailstore.messages(view.folder.id, uids)}
     if args.changed_since is not None:
@@ -256,6 +258,18 @@ async def cmd_fetch(session: Session, command: Command) -> None:
         )
     await session.sync(allow_expunge=False)
     await session.tagged(command, "OK", "FETCH completed")
+
+
+async def send_vanished_earlier(session: Session, sequence: SequenceSet, modseq: int) -> None:
+    """UID FETCH ... (CHANGEDSINCE n VANISHED) (RFC 7162 §3.2.6): the UIDs of the
+    set expunged since ``n``."""
+    view = selected(session)
+    _, vanished = await session.services.mailstore.changes_since(view.folder.id, modseq)
+    top = max([view.uidnext - 1, *vanished, 1])
+    wanted = {u for r in sequence.resolve(top) for u in r}
+    gone = sorted(u for u in vanished if u in wanted)
+    if gone:
+        await session.send(f"* VANISHED (EARLIER) {encode.compress_uids(gone)}\r\n".encode())
 
 
 def _rights_for(flags: frozenset[str]) -> set[str]:

@@ -125,7 +125,7 @@ class Session:
 
     def capabilities(self) -> list[str]:
         caps = ["IMAP4rev1", "LITERAL+", "SASL-IR", "ID", "ENABLE", "IDLE", "NAMESPACE"]
-        caps += ["UIDPLUS", "MOVE", "UNSELECT", "CHILDREN", "SPECIAL-USE", "CONDSTORE"]
+        caps += ["UIDPLUS", "MOVE", "UNSELECT", "CHILDREN", "SPECIAL-USE", "CONDSTORE", "QRESYNC"]
         caps += ["ESEARCH", "SEARCHRES", "BINARY", "UTF8=ACCEPT", "LIST-EXTENDED", "LIST-STATUS"]
         caps += ["SORT", "SORT=DISPLAY", "THREAD=REFERENCES", "THREAD=ORDEREDSUBJECT"]
         caps += ["ACL", "RIGHTS=texk", "QUOTA", "QUOTA=RES-STORAGE"]
@@ -168,8 +168,13 @@ class Session:
     async def announce(self, update: ViewUpdate) -> None:
         view = self.view
         assert view is not None
-        for seq in update.expunged:
-            await self.send(b"* %d EXPUNGE\r\n" % seq)
+        if "QRESYNC" in self.enabled and update.expunged_uids:
+            # RFC 7162 §3.2.10: with QRESYNC, VANISHED replaces EXPUNGE.
+            uids = encode.compress_uids(update.expunged_uids)
+            await self.send(f"* VANISHED {uids}\r\n".encode())
+        else:
+            for seq in update.expunged:
+                await self.send(b"* %d EXPUNGE\r\n" % seq)
         if update.exists is not None:
             await self.send(b"* %d EXISTS\r\n" % update.exists)
         for seq in update.flags:
@@ -220,12 +225,15 @@ class Session:
         enabled = []
         for capability in command.args.capabilities:
             name = capability.upper()
-            if name in ("CONDSTORE", "UTF8=ACCEPT") and name not in self.enabled:
+            if name in ("CONDSTORE", "QRESYNC", "UTF8=ACCEPT") and name not in self.enabled:
                 self.enabled.add(name)
                 enabled.append(name)
                 if name == "UTF8=ACCEPT":
                     self.utf8 = True
-                if name == "CONDSTORE" and self.view is not None:
+                if name == "QRESYNC" and "CONDSTORE" not in self.enabled:
+                    # RFC 7162 §3.2.3: enabling QRESYNC enables CONDSTORE.
+                    self.enabled.add("CONDSTORE")
+                if name in ("CONDSTORE", "QRESYNC") and self.view is not None:
                     self.view.condstore = True
         await self.send(("* ENABLED" + "".join(" " + n for n in enabled) + "\r\n").encode())
         await self.tagged(command, "OK", "ENABLE completed")

@@ -22,6 +22,8 @@ class ViewUpdate:
     sequence numbers whose flags changed."""
 
     expunged: tuple[int, ...] = ()
+    expunged_uids: tuple[int, ...] = ()
+    """The same messages by UID, for ``* VANISHED`` (RFC 7162 §3.2.10)."""
     exists: int | None = None
     flags: tuple[int, ...] = ()
 
@@ -84,6 +86,7 @@ class SelectedView:
         what is known.
         """
         expunged: list[int] = []
+        expunged_uids: list[int] = []
         if allow_expunge:
             # Announced from the highest sequence number down, so each number is
             # valid at the moment it is sent.
@@ -92,6 +95,7 @@ class SelectedView:
                 if seq is None:
                     continue
                 expunged.append(seq)
+                expunged_uids.append(uid)
                 del self.uids[seq - 1]
                 self.flags.pop(uid, None)
                 self.modseqs.pop(uid, None)
@@ -116,6 +120,7 @@ class SelectedView:
             self.uidnext = max(self.uidnext, self.uids[-1] + 1)
         return ViewUpdate(
             expunged=tuple(expunged),
+            expunged_uids=tuple(sorted(expunged_uids)),
             exists=len(self.uids) if len(self.uids) != before or expunged else None,
             flags=tuple(flag_changes),
         )
