@@ -7,6 +7,7 @@ for the session (modified UTF-7, or UTF-8 once enabled)."""
 from __future__ import annotations
 
 import re
+from collections.abc import Awaitable
 
 from mssd.imap import encode
 from mssd.imap.encode import Atom, ImapValue
@@ -133,57 +134,62 @@ async def resynchronise(session: Session, command: Command) -> None:
         await session.send(encode.fetch_response(seq, items, utf8=session.utf8))
 
 
-async def cmd_create(session: Session, command: Command) -> None:
-    assert isinstance(command.args, CreateArgs) and session.principal is not None
-    special = command.args.special_use[0] if command.args.special_use else None
+async def carry_out(session: Session, command: Command, operation: Awaitable[object]) -> None:
+    """Run a folder operation: tagged OK, or NO with the store's response code."""
     try:
-        await session.services.mailstore.create_folder(
-            session.principal.account_id,
-            command.args.mailbox.rstrip(SEPARATOR),
-            special_use=special,
-        )
+        await operation
     except MailStoreError as error:
         await refuse(session, command, error)
         return
-    await session.tagged(command, "OK", "CREATE completed")
+    await session.tagged(command, "OK", f"{command.name} completed")
+
+
+async def cmd_create(session: Session, command: Command) -> None:
+    assert isinstance(command.args, CreateArgs) and session.principal is not None
+    special = command.args.special_use[0] if command.args.special_use else None
+    name = command.args.mailbox.rstrip(SEPARATOR)
+    await carry_out(
+        session,
+        command,
+        session.services.mailstore.create_folder(
+            session.principal.account_id, name, special_use=special
+        ),
+    )
 
 
 async def cmd_delete(session: Session, command: Command) -> None:
     assert isinstance(command.args, MailboxArgs) and session.principal is not None
     if session.view is not None and session.view.folder.name == command.args.mailbox:
         session.leave_folder()
-    try:
-        await session.services.mailstore.delete_folder(
+    await carry_out(
+        session,
+        command,
+        session.services.mailstore.delete_folder(
             session.principal.account_id, command.args.mailbox
-        )
-    except MailStoreError as error:
-        await refuse(session, command, error)
-        return
-    await session.tagged(command, "OK", "DELETE completed")
+        ),
+    )
 
 
 async def cmd_rename(session: Session, command: Command) -> None:
     assert isinstance(command.args, RenameArgs) and session.principal is not None
-    try:
-        await session.services.mailstore.rename_folder(
+    await carry_out(
+        session,
+        command,
+        session.services.mailstore.rename_folder(
             session.principal.account_id, command.args.old, command.args.new
-        )
-    except MailStoreError as error:
-        await refuse(session, command, error)
-        return
-    await session.tagged(command, "OK", "RENAME completed")
+        ),
+    )
 
 
 async def cmd_subscribe(session: Session, command: Command) -> None:
     assert isinstance(command.args, MailboxArgs) and session.principal is not None
-    try:
-        await session.services.mailstore.set_subscribed(
+    await carry_out(
+        session,
+        command,
+        session.services.mailstore.set_subscribed(
             session.principal.account_id, command.args.mailbox, command.name == "SUBSCRIBE"
-        )
-    except MailStoreError as error:
-        await refuse(session, command, error)
-        return
-    await session.tagged(command, "OK", f"{command.name} completed")
+        ),
+    )
 
 
 def pattern_regex(reference: str, pattern: str) -> re.Pattern[str]:
