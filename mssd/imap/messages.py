@@ -568,15 +568,15 @@ async def cmd_append(session: Session, command: Command) -> None:
     if any(len(m.data) > limit for m in command.args.messages):
         await session.tagged(command, "NO", f"Message larger than {limit} octets", "TOOBIG")
         return
-    uids = []
-    for message in command.args.messages:
-        moment = message.date_time or dt.datetime.now(dt.UTC)
-        flags = frozenset(f for f in message.flags if f != "\\Recent")
-        uids.append(
-            await session.services.mailstore.append(
-                target.id, message.data, flags=flags, internal_date=moment
-            )
-        )
+    now = dt.datetime.now(dt.UTC)
+    # RFC 3502 §6.3.11: all the messages of a MULTIAPPEND, or none.
+    uids = await session.services.mailstore.append_many(
+        target.id,
+        [
+            (m.data, frozenset(f for f in m.flags if f != "\\Recent"), m.date_time or now)
+            for m in command.args.messages
+        ],
+    )
     if session.view is not None and session.view.folder.id == target.id:
         await session.sync(allow_expunge=False)
     await session.tagged(

@@ -98,7 +98,7 @@ def new_envelope_id() -> str:
 
 # Statements are built once: SQLAlchemy memoizes a statement object's cache key, so
 # reusing the objects skips rebuilding and re-keying them for every batch.
-_INSERT_BLOB: dict[str, Any] = {
+INSERT_BLOB: dict[str, Any] = {
     "postgresql": postgresql.insert(blobs).on_conflict_do_nothing(index_elements=["sha256"]),
     "sqlite": sqlite.insert(blobs).on_conflict_do_nothing(index_elements=["sha256"]),
 }
@@ -153,7 +153,7 @@ def _write_messages(
     postgres = conn.dialect.name == "postgresql"
     unique_blobs: dict[str, NewMessage] = {m.sha256: m for m in batch}
     conn.execute(
-        _INSERT_BLOB["postgresql" if postgres else "sqlite"],
+        INSERT_BLOB["postgresql" if postgres else "sqlite"],
         [
             {"sha256": sha, "size": len(m.content), "data": m.content, "created_at": m.received_at}
             for sha, m in unique_blobs.items()

@@ -42,12 +42,12 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from sqlalchemy import bindparam, delete, func, insert, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from mssd.store.audit import insert_audit
 from mssd.store.changes import FolderChange
+from mssd.store.delivery import INSERT_BLOB
 from mssd.store.engine import write_transaction
 from mssd.store.messages import as_utc
 from mssd.store.records import AuditEvent
@@ -897,46 +897,48 @@ class MailStore:
         internal_date: dt.datetime,
     ) -> int:
         """RFC 9051 §6.3.12 APPEND; returns the new UID (RFC 4315 APPENDUID)."""
-        if internal_date.tzinfo is None:
+        (uid,) = await self.append_many(folder_id, [(content, flags, internal_date)])
+        return uid
+
+    async def append_many(
+        self,
+        folder_id: int,
+        messages: Sequence[tuple[bytes, frozenset[str], dt.datetime]],
+    ) -> list[int]:
+        """MULTIAPPEND (RFC 3502 §6.3.11): every message or none, in one
+        transaction; returns the new UIDs in order."""
+        if any(moment.tzinfo is None for _, _, moment in messages):
             raise ValueError("internal_date must be timezone-aware")
-        sha256 = hashlib.sha256(content).hexdigest()
+        now = dt.datetime.now(dt.UTC)
+        digests = [hashlib.sha256(content).hexdigest() for content, _, _ in messages]
         async with write_transaction(self._engine) as conn:
-            # The blob first, then the folder lock: the group committer's order.
-            blob = {
-                "sha256": sha256,
-                "size": len(content),
-                "data": content,
-                "created_at": dt.datetime.now(dt.UTC),
-            }
-            if self._postgres:
-                await conn.execute(
-                    postgresql.insert(blobs)
-                    .values(blob)
-                    .on_conflict_do_nothing(index_elements=["sha256"])
-                )
-            else:
-                await conn.execute(
-                    sqlite.insert(blobs)
-                    .values(blob)
-                    .on_conflict_do_nothing(index_elements=["sha256"])
-                )
+            # The blobs first, then the folder lock: the group committer's order.
+            await conn.execute(
+                INSERT_BLOB["postgresql" if self._postgres else "sqlite"],
+                [
+                    {"sha256": sha, "size": len(content), "data": content, "created_at": now}
+                    for sha, (content, _, _) in dict(zip(digests, messages, strict=True)).items()
+                ],
+            )
             counters = await _lock_folders(conn, [folder_id])
             folder = counters[folder_id]
-            uid = folder.next_uid()
-            await conn.execute(
-                insert(placements).values(
-                    folder_id=folder_id,
-                    uid=uid,
-                    blob_sha256=sha256,
-                    flags=format_flags(flags),
-                    modseq=folder.next_modseq(),
-                    internal_date=internal_date.astimezone(dt.UTC),
-                    size=len(content),
-                )
-            )
+            uids = [folder.next_uid() for _ in messages]
+            rows = [
+                {
+                    "folder_id": folder_id,
+                    "uid": uid,
+                    "blob_sha256": sha,
+                    "flags": format_flags(flags),
+                    "modseq": folder.next_modseq(),
+                    "internal_date": moment.astimezone(dt.UTC),
+                    "size": len(content),
+                }
+                for uid, sha, (content, flags, moment) in zip(uids, digests, messages, strict=True)
+            ]
+            await conn.execute(insert(placements), rows)
             await _save(conn, counters)
         self._emit([FolderChange(folder_id, folder.highestmodseq, "exists")])
-        return uid
+        return uids
 
     # -- access control lists (RFC 4314) and quotas (RFC 9208) ------------------------
 
