@@ -59,6 +59,7 @@ from mssd.mime.structure import Part, header_value, parse, unfold
 from mssd.store.mailstore import MailStoreError, MessageRow
 
 _OFFLOAD_BYTES = 256 * 1024
+_FETCH_BATCH = 50
 _CONTENT_ITEMS = {"BODY", "BINARY", "BINARY.SIZE", "RFC822", "RFC822.HEADER", "RFC822.TEXT"}
 _STRUCTURE_ITEMS = {"ENVELOPE", "BODYSTRUCTURE"}
 _SETS_SEEN = {"RFC822", "RFC822.TEXT"}
@@ -119,10 +120,13 @@ class Loaded:
     root: Part
 
 
-async def load(session: Session, row: MessageRow) -> Loaded:
-    raw = await session.services.mailstore.blob(row.sha256)
+async def parsed(raw: bytes) -> Loaded:
     root = await asyncio.to_thread(parse, raw) if len(raw) > _OFFLOAD_BYTES else parse(raw)
     return Loaded(raw, root)
+
+
+async def load(session: Session, row: MessageRow) -> Loaded:
+    return await parsed(await session.services.mailstore.blob(row.sha256))
 
 
 def sets_seen(attrs: Sequence[FetchAttr]) -> bool:
@@ -229,13 +233,29 @@ async def cmd_fetch(session: Session, command: Command) -> None:
                 view.modseqs[state.uid] = state.modseq
             if "FLAGS" not in names:
                 attrs.append(FetchAttr("FLAGS"))
-    content_uids: list[int] = []
-    for uid in uids:
+    if needs_content:
+        # Who read which message is on record before the content leaves.
+        readable = [u for u in uids if u in rows]
+        if readable:
+            await session.audit(
+                "imap.fetch",
+                view.folder.mailbox_address,
+                folder=view.folder.name,
+                uids=encode.compress_uids(readable),
+            )
+    contents: dict[str, bytes] = {}
+    for index, uid in enumerate(uids):
         row = rows.get(uid)
         seq = view.seq_of(uid)
         if row is None or seq is None:
             continue  # expunged by another session; RFC 9051 §7.5.1 allows silence
-        loaded = await load(session, row) if needs_content else None
+        loaded = None
+        if needs_content:
+            if row.sha256 not in contents:
+                # Bodies are read a batch at a time: one query, bounded memory.
+                batch = [rows[u].sha256 for u in uids[index : index + _FETCH_BATCH] if u in rows]
+                contents = await session.services.mailstore.blobs(batch)
+            loaded = await parsed(contents[row.sha256])
         try:
             items = [
                 item for attr in attrs if (item := fetch_item(attr, row, loaded, view)) is not None
@@ -246,16 +266,7 @@ async def cmd_fetch(session: Session, command: Command) -> None:
         except LookupError:
             await session.tagged(command, "NO", "Unknown Content-Transfer-Encoding", "UNKNOWN-CTE")
             return
-        if needs_content:
-            content_uids.append(uid)
         await session.send(encode.fetch_response(seq, items, utf8=session.utf8))
-    if content_uids:
-        await session.audit(
-            "imap.fetch",
-            view.folder.mailbox_address,
-            folder=view.folder.name,
-            uids=encode.compress_uids(content_uids),
-        )
     await session.sync(allow_expunge=False)
     await session.tagged(command, "OK", "FETCH completed")
 
@@ -448,12 +459,34 @@ async def matches(key: SearchKey, c: _Candidate) -> bool:
     return False
 
 
+def _needs_rows(key: SearchKey) -> bool:
+    """Whether a search needs more than the view (size, dates, headers, text)."""
+    if isinstance(key, SearchNot):
+        return _needs_rows(key.key)
+    if isinstance(key, SearchOr):
+        return _needs_rows(key.left) or _needs_rows(key.right)
+    if isinstance(key, SearchAnd):
+        return any(_needs_rows(k) for k in key.keys)
+    return not isinstance(key, (SearchAll, SearchFlag, SearchSet, SearchModSeq))
+
+
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+
+
+def _view_row(view: SelectedView, uid: int) -> MessageRow:
+    """What the view knows of a message, for searches that need nothing else."""
+    return MessageRow(uid, view.flags[uid], view.modseqs[uid], _EPOCH, 0, "")
+
+
 async def cmd_search(session: Session, command: Command) -> None:
     assert isinstance(command.args, SearchArgs)
     view = selected(session)
-    rows = {
-        r.uid: r for r in await session.services.mailstore.messages(view.folder.id, list(view.uids))
-    }
+    if _needs_rows(command.args.key):
+        stored = await session.services.mailstore.messages(view.folder.id, list(view.uids))
+        rows = {r.uid: r for r in stored}
+    else:
+        # Flags, sets and modseqs are in the view: no database round trip.
+        rows = {uid: _view_row(view, uid) for uid in view.uids}
     found: list[int] = []
     for seq, uid in enumerate(list(view.uids), start=1):
         row = rows.get(uid)

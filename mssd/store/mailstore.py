@@ -674,6 +674,20 @@ class MailStore:
                 found.extend(self._message_row(row) for row in rows)
         return found
 
+    async def blobs(self, digests: Sequence[str]) -> dict[str, bytes]:
+        """Several messages' bytes in one query (a FETCH of many bodies)."""
+        found: dict[str, bytes] = {}
+        wanted = sorted(set(digests))
+        async with self._engine.connect() as conn:
+            for start in range(0, len(wanted), _CHUNK):
+                rows = await conn.execute(
+                    select(blobs.c.sha256, blobs.c.data).where(
+                        blobs.c.sha256.in_(wanted[start : start + _CHUNK])
+                    )
+                )
+                found.update((sha, bytes(data)) for sha, data in rows)
+        return found
+
     async def blob(self, sha256: str) -> bytes:
         async with self._engine.connect() as conn:
             data = await conn.scalar(select(blobs.c.data).where(blobs.c.sha256 == sha256))
