@@ -35,7 +35,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from mssd.store.audit import audit_row
-from mssd.store.engine import sqlite_writer_engine, write_transaction
+from mssd.store.engine import sqlite_writer_engine, write_transaction, writer_lock
 from mssd.store.records import AuditEvent
 from mssd.store.schema import (
     audit,
@@ -342,9 +342,10 @@ class GroupCommitter:
     async def _commit(self, batch: Sequence[_Pending]) -> None:
         items = [item for item, _ in batch]
         if self._thread is not None:
-            results = await asyncio.get_running_loop().run_in_executor(
-                self._thread, self._commit_in_thread, items
-            )
+            async with writer_lock(self._engine):
+                results = await asyncio.get_running_loop().run_in_executor(
+                    self._thread, self._commit_in_thread, items
+                )
         else:
             async with write_transaction(self._engine) as conn:
                 results = await write_items(conn, items)

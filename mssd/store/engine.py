@@ -9,6 +9,8 @@ COMMITTED and writers lock the rows they change (``SELECT ... FOR UPDATE``).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -103,10 +105,28 @@ def sqlite_writer_engine(engine: AsyncEngine) -> Engine | None:
     return writer
 
 
+def writer_lock(engine: AsyncEngine) -> asyncio.Lock | contextlib.nullcontext[None]:
+    """On SQLite, this process's writers take turns here rather than in SQLite's
+    busy handler, which sleeps up to 100 ms between tries while the database is
+    free again. PostgreSQL writers lock rows instead: no lock. (Another process
+    writing the same SQLite file still meets the busy handler, as it should.)"""
+    if engine.dialect.name != "sqlite":
+        return contextlib.nullcontext()
+    loop = asyncio.get_running_loop()
+    held: tuple[asyncio.AbstractEventLoop, asyncio.Lock] | None = getattr(
+        engine.sync_engine, "_mssd_writer_lock", None
+    )
+    if held is None or held[0] is not loop:
+        # A lock belongs to one event loop; an engine may outlive a loop in tests.
+        held = (loop, asyncio.Lock())
+        engine.sync_engine._mssd_writer_lock = held  # type: ignore[attr-defined]
+    return held[1]
+
+
 @asynccontextmanager
 async def write_transaction(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
     """A transaction that will write: committed on success, rolled back on error."""
-    async with engine.connect() as conn:
+    async with writer_lock(engine), engine.connect() as conn:
         await conn.execution_options(mssd_write=True)
         async with conn.begin():
             yield conn
