@@ -65,11 +65,8 @@ async def cmd_myrights(session: Session, command: Command) -> None:
 async def cmd_getacl(session: Session, command: Command) -> None:
     """RFC 4314 §3.3; §4: needs the "a" right."""
     assert isinstance(command.args, MailboxArgs)
-    folder = await find_folder(session, command, command.args.mailbox)
+    folder = await find_folder(session, command, command.args.mailbox, needs="a")
     if folder is None:
-        return
-    if "a" not in folder.rights:
-        await session.tagged(command, "NO", "The a right is needed to read the ACL", "NOPERM")
         return
     values: list[ImapValue] = []
     for login, rights in await session.services.mailstore.acl(folder.mailbox_id):
@@ -82,11 +79,8 @@ async def cmd_listrights(session: Session, command: Command) -> None:
     """RFC 4314 §3.4: the owner holds every right, tied together; anyone else
     may be given each right on its own. §4: needs the "a" right."""
     assert isinstance(command.args, AclArgs)
-    folder = await find_folder(session, command, command.args.mailbox)
+    folder = await find_folder(session, command, command.args.mailbox, needs="a")
     if folder is None:
-        return
-    if "a" not in folder.rights:
-        await session.tagged(command, "NO", "The a right is needed to list rights", "NOPERM")
         return
     acl = await session.services.mailstore.acl(folder.mailbox_id)
     owner = acl[0][0]

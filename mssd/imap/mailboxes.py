@@ -37,11 +37,19 @@ async def refuse(session: Session, command: Command, error: MailStoreError) -> N
     await session.tagged(command, "NO", error.text, error.code)
 
 
-async def find_folder(session: Session, command: Command, name: str) -> FolderInfo | None:
+async def find_folder(
+    session: Session, command: Command, name: str, *, needs: str = ""
+) -> FolderInfo | None:
+    """The folder, or None once the command is answered: NO [NONEXISTENT] when
+    the account cannot see it, NO [NOPERM] when it lacks the ``needs`` right
+    (RFC 4314 §4 lists which command needs which right)."""
     assert session.principal is not None
     folder = await session.services.mailstore.folder(session.principal.account_id, name)
     if folder is None or "l" not in folder.rights:
         await session.tagged(command, "NO", f"No mailbox {name}", "NONEXISTENT")
+        return None
+    if needs and needs not in folder.rights:
+        await session.tagged(command, "NO", f"The {needs} right is needed on {name}", "NOPERM")
         return None
     return folder
 
@@ -50,11 +58,8 @@ async def cmd_select(session: Session, command: Command) -> None:
     assert isinstance(command.args, SelectArgs)
     examine = command.name == "EXAMINE"
     session.leave_folder()
-    folder = await find_folder(session, command, command.args.mailbox)
+    folder = await find_folder(session, command, command.args.mailbox, needs="r")
     if folder is None:
-        return
-    if "r" not in folder.rights:
-        await session.tagged(command, "NO", "Not allowed to read this mailbox", "NOPERM")
         return
     snapshot = await session.services.mailstore.snapshot(folder.id)
     readonly = examine or not (_WRITE_RIGHTS & set(folder.rights))
@@ -313,11 +318,8 @@ async def send_status(session: Session, folder: FolderInfo, items: tuple[str, ..
 
 async def cmd_status(session: Session, command: Command) -> None:
     assert isinstance(command.args, StatusArgs)
-    folder = await find_folder(session, command, command.args.mailbox)
+    folder = await find_folder(session, command, command.args.mailbox, needs="r")
     if folder is None:
-        return
-    if "r" not in folder.rights:
-        await session.tagged(command, "NO", "Not allowed to read this mailbox", "NOPERM")
         return
     await send_status(session, folder, command.args.items)
     await session.tagged(command, "OK", "STATUS completed")
