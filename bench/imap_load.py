@@ -485,23 +485,14 @@ def drive_load(
         "grace": 60.0,
         "run": run,
     }
-    workers = [
-        context.Process(
-            target=_load_process, args=(port, ca_file, share, options, barrier, queue), daemon=True
-        )
-        for share in shares
-    ]
-    for worker in workers:
-        worker.start()
+    arguments = [(port, ca_file, share, options, barrier, queue) for share in shares]
+    workers = _start(context, _load_process, arguments)
     reports = []
     try:
         for _ in workers:
             reports.append(queue.get(timeout=args.duration + 300))
     finally:
-        for worker in workers:
-            worker.join(timeout=10)
-            if worker.is_alive():
-                worker.kill()
+        _stop(workers, 10)
     latencies: dict[str, list[float]] = {name: [] for name in COMMANDS}
     for report in reports:
         for name, values in report["latencies"].items():
@@ -570,14 +561,8 @@ def idle_memory(
     queue = context.Queue()
     before = rss_kib(pid)
     began = time.monotonic()
-    workers = [
-        context.Process(
-            target=_idle_process, args=(port, ca_file, share, None, release, queue), daemon=True
-        )
-        for share in shares
-    ]
-    for worker in workers:
-        worker.start()
+    arguments = [(port, ca_file, share, None, release, queue) for share in shares]
+    workers = _start(context, _idle_process, arguments)
     reports = []
     try:
         for _ in workers:
@@ -588,10 +573,7 @@ def idle_memory(
         after = rss_kib(pid)
     finally:
         release.set()
-        for worker in workers:
-            worker.join(timeout=30)
-            if worker.is_alive():
-                worker.kill()
+        _stop(workers, 30)
     return {
         "connections": count,
         "opened": opened,
@@ -823,6 +805,21 @@ def raise_fd_limit(needed: int) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
     if want < needed:
         raise SystemExit(f"file descriptor limit {hard} is below the {needed} needed")
+
+
+def _start(context: Any, target: Any, argument_lists: list[tuple[Any, ...]]) -> list[Any]:
+    """One load-generator process per argument tuple, started."""
+    workers = [context.Process(target=target, args=args, daemon=True) for args in argument_lists]
+    for worker in workers:
+        worker.start()
+    return workers
+
+
+def _stop(workers: list[Any], timeout: float) -> None:
+    for worker in workers:
+        worker.join(timeout=timeout)
+        if worker.is_alive():
+            worker.kill()
 
 
 def main(argv: list[str] | None = None) -> int:
