@@ -62,6 +62,7 @@ _OFFLOAD_BYTES = 256 * 1024
 _FETCH_BATCH = 50
 _CONTENT_ITEMS = {"BODY", "BINARY", "BINARY.SIZE", "RFC822", "RFC822.HEADER", "RFC822.TEXT"}
 _STRUCTURE_ITEMS = {"ENVELOPE", "BODYSTRUCTURE"}
+_VIEW_ITEMS = {"UID", "FLAGS", "MODSEQ"}
 _SETS_SEEN = {"RFC822", "RFC822.TEXT"}
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 
@@ -212,7 +213,13 @@ async def cmd_fetch(session: Session, command: Command) -> None:
     if args.vanished and command.uid and args.changed_since is not None:
         await send_vanished_earlier(session, args.sequence, args.changed_since)
     needs_content = bool(names & (_CONTENT_ITEMS | _STRUCTURE_ITEMS))
-    rows = {r.uid: r for r in await session.services.mailstore.messages(view.folder.id, uids)}
+    if names <= _VIEW_ITEMS:
+        # FLAGS, UID and MODSEQ are in the view (UID FETCH 1:* (FLAGS) is how many
+        # clients poll): no database round trip.
+        rows = {uid: _view_row(view, uid) for uid in uids}
+    else:
+        stored = await session.services.mailstore.messages(view.folder.id, uids)
+        rows = {r.uid: r for r in stored}
     if args.changed_since is not None:
         uids = [u for u in uids if view.modseqs.get(u, 0) > args.changed_since]
     mark_seen = sets_seen(attrs) and not view.readonly
