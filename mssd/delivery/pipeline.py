@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, Literal, Protocol, TypeVar
 
+from mssd.mime import OFFLOAD_BYTES
 from mssd.mime.headers import complete_submission, received_field
 from mssd.store.accounts import LocalMailbox, StoreAccounts
 from mssd.store.delivery import (
@@ -22,8 +23,6 @@ from mssd.store.delivery import (
 
 Source = Literal["submission", "mta"]
 
-# Work on messages larger than this leaves the event loop (hashing, header edits).
-_OFFLOAD_BYTES = 256 * 1024
 # How long look-ups may be served from memory: a new domain, or a mailbox
 # suspended, closed or delegated, takes effect within this many seconds in every
 # process. Nothing stored depends on it; it spares a database round trip per
@@ -205,7 +204,7 @@ class DeliveryPipeline:
         """Store the message for every recipient; returns after COMMIT."""
         moment = dt.datetime.now(dt.UTC)
         envelope_id = new_envelope_id()
-        if len(data) > _OFFLOAD_BYTES:
+        if len(data) > OFFLOAD_BYTES:
             content, digest = await asyncio.to_thread(
                 self._prepare, transaction, data, envelope_id, moment
             )

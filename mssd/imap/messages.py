@@ -55,10 +55,10 @@ from mssd.imap.protocol import (
 )
 from mssd.imap.session import Session
 from mssd.imap.view import SelectedView
+from mssd.mime import OFFLOAD_BYTES
 from mssd.mime.structure import Part, header_value, parse, unfold
 from mssd.store.mailstore import MailStoreError, MessageRow
 
-_OFFLOAD_BYTES = 256 * 1024
 _FETCH_BATCH = 50
 _CONTENT_ITEMS = {"BODY", "BINARY", "BINARY.SIZE", "RFC822", "RFC822.HEADER", "RFC822.TEXT"}
 _STRUCTURE_ITEMS = {"ENVELOPE", "BODYSTRUCTURE"}
@@ -122,7 +122,7 @@ class Loaded:
 
 
 async def parsed(raw: bytes) -> Loaded:
-    root = await asyncio.to_thread(parse, raw) if len(raw) > _OFFLOAD_BYTES else parse(raw)
+    root = await asyncio.to_thread(parse, raw) if len(raw) > OFFLOAD_BYTES else parse(raw)
     return Loaded(raw, root)
 
 

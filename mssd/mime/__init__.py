@@ -6,3 +6,7 @@ Invariants:
 - Nothing here parses a whole message on the event loop; callers hand large
   messages to a worker thread.
 """
+
+OFFLOAD_BYTES = 256 * 1024
+"""Messages larger than this are parsed, hashed or unstuffed in a worker thread,
+never on the event loop."""

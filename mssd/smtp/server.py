@@ -35,6 +35,7 @@ from mssd.auth import (
     Success,
     UnknownMechanism,
 )
+from mssd.mime import OFFLOAD_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -83,9 +84,6 @@ class MssdEnvelope(Envelope):
         self.dsn_envid: str | None = None
         self.recipients: list[Any] = []
         self.transaction: Any = None
-
-
-_OFFLOAD_BYTES = 256 * 1024
 
 
 def unstuff(received: bytes | bytearray) -> bytes:
@@ -521,7 +519,7 @@ class MssdSMTP(SMTP):
                 "nothing was stored"
             )
             return
-        if len(received) > _OFFLOAD_BYTES:
+        if len(received) > OFFLOAD_BYTES:
             data = await asyncio.to_thread(unstuff, received)
         else:
             data = unstuff(received)
