@@ -156,9 +156,12 @@ def test_store_search_copy_move_expunge(mssd: MssdProcess, session: imaplib.IMAP
     session.select("Trash")
     typ, data = session.search(None, "SUBJECT", "deplacer")
     assert data[0] != b""
-    session.store(data[0].split()[0].decode(), "+FLAGS", "(\\Deleted)")
+    seq = data[0].split()[0]
+    session.store(seq.decode(), "+FLAGS", "(\\Deleted)")
     typ, data = session.expunge()
-    assert typ == "OK" and data[0] is not None
+    assert typ == "OK" and data == [seq]  # * <seq> EXPUNGE for exactly that message
+    typ, data = session.search(None, "SUBJECT", "deplacer")
+    assert data[0] == b""
 
 
 def test_append_gives_appenduid(session: imaplib.IMAP4) -> None:
