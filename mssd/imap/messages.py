@@ -11,7 +11,7 @@ import asyncio
 import datetime as dt
 import email.header
 import email.utils
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -364,10 +364,14 @@ async def cmd_store(session: Session, command: Command) -> None:
 class _Candidate:
     """One message under test; content is loaded only if a key needs it."""
 
-    def __init__(self, session: Session, row: MessageRow, seq: int) -> None:
+    def __init__(
+        self, session: Session, row: MessageRow, seq: int, predicates: dict[int, Predicate]
+    ) -> None:
         self.session = session
         self.row = row
         self.seq = seq
+        self.predicates = predicates
+        """View-only sub-keys compiled once per search (:func:`view_predicate`)."""
         self._loaded: Loaded | None = None
 
     async def loaded(self) -> Loaded:
@@ -420,23 +424,54 @@ def _on_date(op: str, day: dt.date, target: dt.date) -> bool:
     return day >= target
 
 
-async def matches(key: SearchKey, c: _Candidate) -> bool:
-    view = selected(c.session)
+Predicate = Callable[[int, int], bool]
+"""A test on what the session's view holds of a message: (uid, sequence number)."""
+
+
+def view_predicate(session: Session, key: SearchKey) -> Predicate:
+    """A synchronous test for a key the view answers alone (flags, sets, modseqs;
+    see :func:`_needs_rows`), with its sequence sets resolved once for the whole
+    search rather than once per message."""
+    view = selected(session)
     if isinstance(key, SearchAll):
-        return True
+        return lambda uid, seq: True
     if isinstance(key, SearchFlag):
         if key.flag == "\\Recent":
-            return not key.present  # mssd does not track \Recent (RFC 9051 dropped it)
-        return (key.flag in view.flags.get(c.row.uid, c.row.flags)) == key.present
-    if isinstance(key, SearchSize):
-        return c.row.size > key.size if key.op == "LARGER" else c.row.size < key.size
+            # mssd does not track \Recent (RFC 9051 dropped it).
+            absent = not key.present
+            return lambda uid, seq: absent
+        flags, flag, present = view.flags, key.flag, key.present
+        return lambda uid, seq: (flag in flags[uid]) is present
     if isinstance(key, SearchSet):
         if key.uid:
-            return c.row.uid in resolve(c.session, key.sequence, True)
+            uids = frozenset(resolve(session, key.sequence, True))
+            return lambda uid, seq: uid in uids
         saved = [s for s in (view.seq_of(u) for u in view.saved) if s is not None]
-        return key.sequence.contains(c.seq, view.exists, saved)
+        seqs = frozenset(n for r in key.sequence.resolve(view.exists, saved) for n in r)
+        return lambda uid, seq: seq in seqs
     if isinstance(key, SearchModSeq):
-        return view.modseqs.get(c.row.uid, c.row.modseq) >= key.modseq
+        modseqs, floor = view.modseqs, key.modseq
+        return lambda uid, seq: modseqs[uid] >= floor
+    if isinstance(key, SearchNot):
+        inner = view_predicate(session, key.key)
+        return lambda uid, seq: not inner(uid, seq)
+    if isinstance(key, SearchOr):
+        left, right = view_predicate(session, key.left), view_predicate(session, key.right)
+        return lambda uid, seq: left(uid, seq) or right(uid, seq)
+    if isinstance(key, SearchAnd):
+        tests = [view_predicate(session, k) for k in key.keys]
+        return lambda uid, seq: all(test(uid, seq) for test in tests)
+    raise ValueError(f"search key {key!r} needs more than the view")
+
+
+async def matches(key: SearchKey, c: _Candidate) -> bool:
+    if not _needs_rows(key):
+        test = c.predicates.get(id(key))
+        if test is None:
+            test = c.predicates[id(key)] = view_predicate(c.session, key)
+        return test(c.row.uid, c.seq)
+    if isinstance(key, SearchSize):
+        return c.row.size > key.size if key.op == "LARGER" else c.row.size < key.size
     if isinstance(key, SearchDate):
         if key.field == "INTERNAL":
             return _on_date(key.op, c.row.internal_date.date(), key.date)
@@ -485,20 +520,32 @@ def _view_row(view: SelectedView, uid: int) -> MessageRow:
     return MessageRow(uid, view.flags[uid], view.modseqs[uid], _EPOCH, 0, "")
 
 
+async def matching(session: Session, key: SearchKey) -> list[tuple[int, MessageRow]]:
+    """(sequence number, stored row) of every message of the view ``key`` matches."""
+    view = selected(session)
+    uids = list(view.uids)
+    rows = {r.uid: r for r in await session.services.mailstore.messages(view.folder.id, uids)}
+    predicates: dict[int, Predicate] = {}
+    found: list[tuple[int, MessageRow]] = []
+    for seq, uid in enumerate(uids, start=1):
+        row = rows.get(uid)
+        if row is not None and await matches(key, _Candidate(session, row, seq, predicates)):
+            found.append((seq, row))
+    return found
+
+
 async def cmd_search(session: Session, command: Command) -> None:
     assert isinstance(command.args, SearchArgs)
     view = selected(session)
-    if _needs_rows(command.args.key):
-        stored = await session.services.mailstore.messages(view.folder.id, list(view.uids))
-        rows = {r.uid: r for r in stored}
-    else:
-        # Flags, sets and modseqs are in the view: no database round trip.
-        rows = {uid: _view_row(view, uid) for uid in view.uids}
+    key = command.args.key
     found: list[int] = []
-    for seq, uid in enumerate(list(view.uids), start=1):
-        row = rows.get(uid)
-        if row is not None and await matches(command.args.key, _Candidate(session, row, seq)):
-            found.append(uid)
+    if _needs_rows(key):
+        found = [row.uid for _, row in await matching(session, key)]
+    else:
+        # Flags, sets and modseqs are in the view: no database round trip, and
+        # one synchronous test per message.
+        test = view_predicate(session, key)
+        found = [uid for seq, uid in enumerate(view.uids, start=1) if test(uid, seq)]
     numbers = found if command.uid else [s for s in (view.seq_of(u) for u in found) if s]
     options = command.args.return_options
     if options is None:

@@ -1,7 +1,7 @@
 """SORT and THREAD (RFC 5256), with the DISPLAYFROM and DISPLAYTO sort keys of
 RFC 5957.
 
-Messages are chosen with the SEARCH machinery (``messages.matches``), then only
+Messages are chosen with the SEARCH machinery (``messages.matching``), then only
 their header block is read from the blob and parsed (``mime.structure``), on a
 worker thread for big folders. The ordering rules (base subject, sent date,
 the REFERENCES algorithm) are pure functions over :class:`Headers`, so they can
@@ -23,7 +23,7 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from mssd.imap.messages import _Candidate, matches, selected
+from mssd.imap.messages import matching
 from mssd.imap.protocol import Command, SearchKey, SortArgs, ThreadArgs
 from mssd.imap.session import Session
 from mssd.mime.structure import iter_fields, unfold
@@ -364,18 +364,6 @@ def format_threads(roots: Sequence[Node], uid: bool) -> str:
 # -- commands ------------------------------------------------------------------------
 
 
-async def _chosen(session: Session, key: SearchKey) -> list[tuple[int, MessageRow]]:
-    view = selected(session)
-    uids = list(view.uids)
-    rows = {r.uid: r for r in await session.services.mailstore.messages(view.folder.id, uids)}
-    found: list[tuple[int, MessageRow]] = []
-    for seq, uid in enumerate(uids, start=1):
-        row = rows.get(uid)
-        if row is not None and await matches(key, _Candidate(session, row, seq)):
-            found.append((seq, row))
-    return found
-
-
 def _header_block(raw: bytes) -> bytes | None:
     """Only the header (None when it does not end within ``raw``)."""
     for separator in (b"\r\n\r\n", b"\n\n"):
@@ -398,7 +386,7 @@ async def _read_header(session: Session, row: MessageRow) -> bytes:
 
 
 async def load_headers(session: Session, key: SearchKey) -> list[Headers]:
-    chosen = await _chosen(session, key)
+    chosen = await matching(session, key)
     blocks = [await _read_header(session, row) for _, row in chosen]
 
     def parse_all() -> list[dict[str, str]]:
