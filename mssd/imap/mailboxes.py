@@ -97,8 +97,7 @@ async def cmd_select(session: Session, command: Command) -> None:
     )
     if unseen is not None:
         await session.send(encode.untagged_status("OK", f"UNSEEN {unseen}", "First unseen"))
-    session.view = view
-    session.state = "selected"
+    session.select(view)
     if command.args.qresync is not None:
         await resynchronise(session, command)
     await session.audit(

@@ -252,8 +252,7 @@ class Connection:
     async def idle(self, command: Command) -> None:
         """RFC 2177: changes to the selected folder go out as they happen."""
         session = self.session
-        view = session.view
-        subscription = session.services.bus.subscribe(view.folder.id) if view else None
+        subscription = session.subscription
         await self.send(b"+ idling\r\n")
         read_task: asyncio.Task[bytes] | None = None
         try:
@@ -282,7 +281,7 @@ class Connection:
                     raise Bye("Autologout: idle for too long")
                 if change_task is not None and change_task in finished:
                     session.check_expiry()
-                    await session.sync(allow_expunge=True)
+                    await session.sync(allow_expunge=True, force=True)
                 if read_task in finished:
                     data = read_task.result()
                     read_task = None
@@ -292,8 +291,6 @@ class Connection:
         finally:
             if read_task is not None:
                 read_task.cancel()
-            if subscription is not None:
-                subscription.close()
 
 
 async def start_imap(
@@ -320,6 +317,7 @@ async def start_imap(
             except Exception:
                 log.exception("IMAP connection failed")
             finally:
+                connection.session.leave_folder()
                 writer.close()
 
         return handle

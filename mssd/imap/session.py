@@ -42,7 +42,7 @@ from mssd.imap.protocol import (
     LoginArgs,
 )
 from mssd.imap.view import SelectedView, ViewUpdate
-from mssd.store.changes import ChangeBus
+from mssd.store.changes import ChangeBus, Subscription
 from mssd.store.delivery import GroupCommitter
 from mssd.store.mailstore import MailStore
 from mssd.store.records import AuditEvent
@@ -50,6 +50,11 @@ from mssd.store.records import AuditEvent
 log = logging.getLogger(__name__)
 
 State = Literal["not-authenticated", "authenticated", "selected", "logout"]
+
+_NOTIFY_TRUST_SECONDS = 1.0
+"""With several processes (PostgreSQL), how long a session trusts the absence
+of a notification before reading the store anyway: a NOTIFY that could not be
+sent is then noticed within this time."""
 
 SERVER_ID = (("name", "mssd"), ("vendor", "mssd project"), ("support-url", None))
 
@@ -89,6 +94,9 @@ class Session:
         self.state: State = "not-authenticated"
         self.principal: Principal | None = None
         self.view: SelectedView | None = None
+        self.subscription: Subscription | None = None
+        """Changes to the selected folder (:meth:`sync` reads the store only after one)."""
+        self.last_read = 0.0
         self.enabled: set[str] = set()
         self.utf8 = False
 
@@ -153,11 +161,37 @@ class Session:
         self.principal = principal
         self.state = "authenticated"
 
-    async def sync(self, *, allow_expunge: bool) -> None:
+    def select(self, view: SelectedView) -> None:
+        self.leave_folder()
+        self.view = view
+        self.state = "selected"
+        self.subscription = self.services.bus.subscribe(view.folder.id)
+        self.last_read = time.monotonic()
+
+    def up_to_date(self, view: SelectedView) -> bool:
+        """Whether the store can hold nothing new for the view: no change was
+        published for the folder since the last read, and the change bus misses
+        none (a lost PostgreSQL notification is bounded by
+        :data:`_NOTIFY_TRUST_SECONDS`, after which the store is read anyway)."""
+        subscription = self.subscription
+        bus = self.services.bus
+        return (
+            subscription is not None
+            and not subscription.pending()
+            and not view.expunges_withheld
+            and bus.reliable
+            and (not bus.distributed or time.monotonic() - self.last_read < _NOTIFY_TRUST_SECONDS)
+        )
+
+    async def sync(self, *, allow_expunge: bool, force: bool = False) -> None:
         """Tell the client what changed in the selected folder since it last heard."""
         view = self.view
-        if view is None:
+        if view is None or (not force and self.up_to_date(view)):
             return
+        if self.subscription is not None:
+            # Before the read: a change committed during it stays pending.
+            self.subscription.drain()
+        self.last_read = time.monotonic()
         changed, vanished = await self.services.mailstore.changes_since(
             view.folder.id, view.highestmodseq
         )
@@ -189,6 +223,9 @@ class Session:
 
     def leave_folder(self) -> None:
         self.view = None
+        if self.subscription is not None:
+            self.subscription.close()
+            self.subscription = None
         if self.state == "selected":
             self.state = "authenticated"
 

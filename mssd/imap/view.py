@@ -41,6 +41,8 @@ class SelectedView:
     condstore: bool = False
     saved: list[int] = field(default_factory=list)
     """The SEARCHRES ``$`` set (RFC 5182), as UIDs."""
+    expunges_withheld: bool = False
+    """The last :meth:`apply` kept expunged messages it was not allowed to announce."""
 
     @classmethod
     def from_snapshot(
@@ -116,6 +118,7 @@ class SelectedView:
                 self.modseqs[row.uid] = row.modseq
         if allow_expunge or not vanished:
             self.highestmodseq = max(self.highestmodseq, highestmodseq)
+        self.expunges_withheld = bool(vanished) and not allow_expunge
         if self.uids:
             self.uidnext = max(self.uidnext, self.uids[-1] + 1)
         return ViewUpdate(

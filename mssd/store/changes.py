@@ -207,6 +207,20 @@ class ChangeBus:
         self.reconnects = 0
         """How many times the listening connection was re-established (for metrics, tests)."""
 
+    @property
+    def distributed(self) -> bool:
+        """Whether other processes may change the store (PostgreSQL)."""
+        return self._postgres
+
+    @property
+    def reliable(self) -> bool:
+        """Whether every committed change reaches this process's subscribers:
+        always with SQLite (one process), with PostgreSQL only while the LISTEN
+        connection is up (after it comes back, every subscriber gets ``resync``)."""
+        if not self._postgres:
+            return True
+        return self._listener is not None and not self._listener.is_closed()
+
     # -- subscribers -------------------------------------------------------------
 
     def subscribe(self, folder_id: int) -> Subscription:
