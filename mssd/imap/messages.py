@@ -8,6 +8,7 @@ each fetch (worker thread for large messages) and never cached as truth.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import datetime as dt
 import email.header
 import email.utils
@@ -78,13 +79,16 @@ def resolve(session: Session, sequence: SequenceSet, uid: bool) -> list[int]:
     if not view.uids:
         return []
     if uid:
-        saved = view.saved
-        ranges = sequence.resolve(view.uids[-1], saved)
-        present = set(view.uids)
-        return sorted({u for r in ranges for u in r if u in present})
+        # The ranges are sorted and disjoint, the view's UIDs ascending: the
+        # answer is a slice of the view per range.
+        found: list[int] = []
+        for r in sequence.resolve(view.uids[-1], view.saved):
+            start = bisect.bisect_left(view.uids, r.start)
+            found += view.uids[start : bisect.bisect_left(view.uids, r.stop, start)]
+        return found
     saved_seqs = [s for s in (view.seq_of(u) for u in view.saved) if s is not None]
     ranges = sequence.resolve(view.exists, saved_seqs)
-    return [view.uid_at(s) for r in ranges for s in r if 1 <= s <= view.exists]
+    return [uid for r in ranges for uid in view.uids[r.start - 1 : r.stop - 1]]
 
 
 def internal_date(moment: dt.datetime) -> str:
