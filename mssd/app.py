@@ -19,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from mssd.auth import Authenticator, PscTokenVerifier
 from mssd.config import Settings
 from mssd.delivery import DeliveryPipeline
+from mssd.imap.heads import HeadCache
 from mssd.imap.server import ImapListener, start_imap
 from mssd.imap.session import Services as ImapServices
 from mssd.smtp.listeners import Listener, start_smtp
@@ -117,6 +118,7 @@ async def serve(settings: Settings, *, announce: Callable[[str], None] = print) 
             bus=services.bus,
             audit=services.committer,
             append_limit=settings.imap.append_limit,
+            heads=HeadCache(settings.imap.header_cache_bytes),
         )
         imap_listeners = await start_imap(settings, imap_services, services.tls)
         stop = asyncio.Event()

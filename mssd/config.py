@@ -69,6 +69,8 @@ class ImapSettings:
     idle_timeout_seconds: float = 1860.0
     """RFC 9051 §5.4: at least 30 minutes of inactivity before an autologout."""
     append_limit: int = 25 * 1024 * 1024
+    header_cache_bytes: int = 64 * 1024 * 1024
+    """Message header blocks kept parsed in memory (0: none), shared by all sessions."""
 
 
 @dataclass(frozen=True)
@@ -256,6 +258,10 @@ def validate(settings: Settings) -> Settings:
     for key, number in positive.items():
         if number <= 0:
             raise ConfigError(f"{key}: must be greater than 0, got {number}")
+    if settings.imap.header_cache_bytes < 0:
+        raise ConfigError(
+            f"imap.header_cache_bytes: must be 0 or more, got {settings.imap.header_cache_bytes}"
+        )
     for key in ("login_timeout_seconds", "idle_timeout_seconds"):
         if getattr(settings.imap, key) <= 0:
             raise ConfigError(f"imap.{key}: must be greater than 0")

@@ -31,6 +31,7 @@ from mssd.imap.fetchdata import (
     wire_body,
     wire_envelope,
 )
+from mssd.imap.heads import Head
 from mssd.imap.protocol import (
     AppendArgs,
     Command,
@@ -132,6 +133,34 @@ async def parsed(raw: bytes) -> Loaded:
 
 async def load(session: Session, row: MessageRow) -> Loaded:
     return await parsed(await session.services.mailstore.blob(row.sha256))
+
+
+_HEADER_TEXTS = ("HEADER", "HEADER.FIELDS", "HEADER.FIELDS.NOT")
+
+
+def _head_only(attr: FetchAttr) -> bool:
+    """Whether an item needs nothing but the message's own header block."""
+    if attr.name in ("ENVELOPE", "RFC822.HEADER", *_VIEW_ITEMS, "RFC822.SIZE", "INTERNALDATE"):
+        return True
+    spec = attr.section
+    return (
+        attr.name == "BODY"
+        and spec is not None
+        and not spec.part
+        and spec.text in _HEADER_TEXTS[1:]
+    )
+
+
+async def _contents(
+    session: Session, rows: Sequence[MessageRow], *, heads_only: bool
+) -> dict[str, bytes] | dict[str, Loaded]:
+    """The messages' bytes by digest, or their parsed header blocks when
+    ``heads_only`` (from the shared cache, :mod:`mssd.imap.heads`)."""
+    store = session.services.mailstore
+    if heads_only:
+        heads = await session.services.heads.heads(store, rows)
+        return {digest: Loaded(head.raw, head.root) for digest, head in heads.items()}
+    return await store.blobs([row.sha256 for row in rows])
 
 
 def sets_seen(attrs: Sequence[FetchAttr]) -> bool:
@@ -254,7 +283,8 @@ async def cmd_fetch(session: Session, command: Command) -> None:
                 folder=view.folder.name,
                 uids=encode.compress_uids(readable),
             )
-    contents: dict[str, bytes] = {}
+    heads_only = all(_head_only(a) for a in attrs if a.name in _CONTENT_ITEMS | _STRUCTURE_ITEMS)
+    contents: dict[str, bytes | Loaded] = {}
     for index, uid in enumerate(uids):
         row = rows.get(uid)
         seq = view.seq_of(uid)
@@ -263,10 +293,11 @@ async def cmd_fetch(session: Session, command: Command) -> None:
         loaded = None
         if needs_content:
             if row.sha256 not in contents:
-                # Bodies are read a batch at a time: one query, bounded memory.
-                batch = [rows[u].sha256 for u in uids[index : index + _FETCH_BATCH] if u in rows]
-                contents = await session.services.mailstore.blobs(batch)
-            loaded = await parsed(contents[row.sha256])
+                # Read a batch at a time: one query, bounded memory.
+                batch = [rows[u] for u in uids[index : index + _FETCH_BATCH] if u in rows]
+                contents = dict(await _contents(session, batch, heads_only=heads_only))
+            content = contents[row.sha256]
+            loaded = content if isinstance(content, Loaded) else await parsed(content)
         try:
             items = [
                 item for attr in attrs if (item := fetch_item(attr, row, loaded, view)) is not None
@@ -366,26 +397,40 @@ async def cmd_store(session: Session, command: Command) -> None:
 
 
 class _Candidate:
-    """One message under test; content is loaded only if a key needs it."""
+    """One message under test, with what :func:`matching` read ahead for it
+    (its header block, or its bytes) when the key needs them."""
 
     def __init__(
-        self, session: Session, row: MessageRow, seq: int, predicates: dict[int, Predicate]
+        self,
+        session: Session,
+        row: MessageRow,
+        seq: int,
+        predicates: dict[int, Predicate],
+        content: bytes | Head | None = None,
     ) -> None:
         self.session = session
         self.row = row
         self.seq = seq
         self.predicates = predicates
         """View-only sub-keys compiled once per search (:func:`view_predicate`)."""
+        self._content = content
         self._loaded: Loaded | None = None
 
     async def loaded(self) -> Loaded:
         if self._loaded is None:
-            self._loaded = await load(self.session, self.row)
+            content = self._content
+            if isinstance(content, bytes):
+                self._loaded = await parsed(content)
+            else:
+                self._loaded = await load(self.session, self.row)
         return self._loaded
 
     async def header(self, name: str) -> str | None:
-        loaded = await self.loaded()
-        value = header_value(loaded.root, name)
+        if isinstance(self._content, Head):
+            root = self._content.root
+        else:
+            root = (await self.loaded()).root
+        value = header_value(root, name)
         return None if value is None else _decoded_header(value)
 
     async def text(self, *, headers: bool) -> str:
@@ -524,18 +569,56 @@ def _view_row(view: SelectedView, uid: int) -> MessageRow:
     return MessageRow(uid, view.flags[uid], view.modseqs[uid], _EPOCH, 0, "")
 
 
+_SEARCH_HEADS = 500
+"""Messages whose header blocks a header SEARCH reads per query."""
+
+
 async def matching(session: Session, key: SearchKey) -> list[tuple[int, MessageRow]]:
-    """(sequence number, stored row) of every message of the view ``key`` matches."""
+    """(sequence number, stored row) of every message of the view ``key`` matches.
+    Header blocks or whole messages, when the key needs them, are read a batch
+    at a time: one query per batch, memory bounded by the batch."""
     view = selected(session)
     uids = list(view.uids)
-    rows = {r.uid: r for r in await session.services.mailstore.messages(view.folder.id, uids)}
+    services = session.services
+    rows = {r.uid: r for r in await services.mailstore.messages(view.folder.id, uids)}
+    needs = _needs_content(key)
+    step = _SEARCH_HEADS if needs == "head" else _FETCH_BATCH
     predicates: dict[int, Predicate] = {}
     found: list[tuple[int, MessageRow]] = []
-    for seq, uid in enumerate(uids, start=1):
-        row = rows.get(uid)
-        if row is not None and await matches(key, _Candidate(session, row, seq, predicates)):
-            found.append((seq, row))
+    for start in range(0, len(uids), step):
+        batch = [
+            (seq, rows[uid])
+            for seq, uid in enumerate(uids[start : start + step], start=start + 1)
+            if uid in rows
+        ]
+        contents: dict[str, bytes] | dict[str, Head] = {}
+        if needs == "head":
+            contents = await services.heads.heads(services.mailstore, [r for _, r in batch])
+        elif needs == "whole":
+            contents = await services.mailstore.blobs([r.sha256 for _, r in batch])
+        for seq, row in batch:
+            candidate = _Candidate(session, row, seq, predicates, contents.get(row.sha256))
+            if await matches(key, candidate):
+                found.append((seq, row))
     return found
+
+
+def _needs_content(key: SearchKey) -> Literal["head", "whole"] | None:
+    """What of the messages a search key reads: their header blocks, all of
+    them (BODY, TEXT), or nothing (the view and the stored rows answer)."""
+    if isinstance(key, SearchText):
+        return "whole"
+    if isinstance(key, SearchHeader) or (isinstance(key, SearchDate) and key.field == "SENT"):
+        return "head"
+    subkeys: tuple[SearchKey, ...] = ()
+    if isinstance(key, SearchNot):
+        subkeys = (key.key,)
+    elif isinstance(key, SearchOr):
+        subkeys = (key.left, key.right)
+    elif isinstance(key, SearchAnd):
+        subkeys = key.keys
+    needs = {_needs_content(k) for k in subkeys}
+    return "whole" if "whole" in needs else "head" if "head" in needs else None
 
 
 async def cmd_search(session: Session, command: Command) -> None:

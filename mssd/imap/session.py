@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from mssd.auth import (
@@ -34,6 +34,7 @@ from mssd.auth import (
     UnknownMechanism,
 )
 from mssd.imap import encode
+from mssd.imap.heads import HeadCache
 from mssd.imap.protocol import (
     AuthenticateArgs,
     Command,
@@ -70,6 +71,7 @@ class Services:
     bus: ChangeBus
     audit: GroupCommitter
     append_limit: int
+    heads: HeadCache = field(default_factory=lambda: HeadCache(64 * 1024 * 1024))
 
 
 class Session:

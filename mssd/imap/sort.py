@@ -27,10 +27,8 @@ from mssd.imap.messages import matching
 from mssd.imap.protocol import Command, SearchKey, SortArgs, ThreadArgs
 from mssd.imap.session import Session
 from mssd.mime.structure import iter_fields, unfold
-from mssd.store.mailstore import MessageRow
 
 _OFFLOAD_COUNT = 200  # parse on a worker thread past this many messages
-_HEAD_BYTES = 16384  # read this much of a bigger message to find its header
 _WANTED = ("subject", "from", "to", "cc", "date", "message-id", "in-reply-to", "references")
 _MSG_ID = re.compile(r"<([^<>\s]+)>")
 _WSP = re.compile(r"[ \t\r\n]+")
@@ -364,30 +362,11 @@ def format_threads(roots: Sequence[Node], uid: bool) -> str:
 # -- commands ------------------------------------------------------------------------
 
 
-def _header_block(raw: bytes) -> bytes | None:
-    """Only the header (None when it does not end within ``raw``)."""
-    for separator in (b"\r\n\r\n", b"\n\n"):
-        end = raw.find(separator)
-        if end >= 0:
-            return raw[: end + len(separator)]
-    return None
-
-
-async def _read_header(session: Session, row: MessageRow) -> bytes:
-    """The header block, read from the start of the blob; the whole blob only
-    for a header longer than _HEAD_BYTES (or a message without a body)."""
-    store = session.services.mailstore
-    if row.size > _HEAD_BYTES:
-        block = _header_block(await store.blob_head(row.sha256, _HEAD_BYTES))
-        if block is not None:
-            return block
-    raw = await store.blob(row.sha256)
-    return _header_block(raw) or raw
-
-
 async def load_headers(session: Session, key: SearchKey) -> list[Headers]:
     chosen = await matching(session, key)
-    blocks = [await _read_header(session, row) for _, row in chosen]
+    services = session.services
+    heads = await services.heads.heads(services.mailstore, [row for _, row in chosen])
+    blocks = [heads[row.sha256].raw for _, row in chosen]
 
     def parse_all() -> list[dict[str, str]]:
         return [parse_headers(block) for block in blocks]

@@ -148,6 +148,21 @@ def _header_end(raw: bytes, start: int, end: int, last_field_end: int) -> int:
     return pos
 
 
+def header_end(raw: bytes) -> int | None:
+    """Where the body starts when ``raw`` (possibly only the beginning of a
+    message) holds the whole header block ended by its empty line; None when
+    the header may go on past ``raw``, or ends without an empty line (the first
+    non-field line then starts the body, and only the whole message tells)."""
+    fields = list(iter_fields(raw, 0, len(raw)))
+    last = fields[-1].end if fields else 0
+    if last >= len(raw):
+        return None
+    content_end, next_pos = _line_end(raw, last, len(raw))
+    if content_end == last and next_pos > last:
+        return next_pos
+    return None
+
+
 def unfold(value: bytes) -> bytes:
     """RFC 5322 §2.2.3 unfolding: remove each CRLF (or bare LF) that precedes WSP,
     then trim the surrounding WSP of the whole value."""

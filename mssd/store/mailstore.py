@@ -688,6 +688,21 @@ class MailStore:
                 found.update((sha, bytes(data)) for sha, data in rows)
         return found
 
+    async def blob_heads(self, digests: Sequence[str], limit: int) -> dict[str, bytes]:
+        """The first ``limit`` octets of several messages in one query each
+        :data:`_CHUNK` (their headers, without the bodies)."""
+        found: dict[str, bytes] = {}
+        wanted = sorted(set(digests))
+        async with self._engine.connect() as conn:
+            for start in range(0, len(wanted), _CHUNK):
+                rows = await conn.execute(
+                    select(blobs.c.sha256, func.substr(blobs.c.data, 1, limit)).where(
+                        blobs.c.sha256.in_(wanted[start : start + _CHUNK])
+                    )
+                )
+                found.update((sha, bytes(data)) for sha, data in rows)
+        return found
+
     async def blob(self, sha256: str) -> bytes:
         async with self._engine.connect() as conn:
             data = await conn.scalar(select(blobs.c.data).where(blobs.c.sha256 == sha256))
@@ -1071,17 +1086,6 @@ class MailStore:
             )
         used = await self.usage(space.mailbox_id)
         return QuotaInfo(space.address, used, None if limit is None else int(limit))
-
-    async def blob_head(self, sha256: str, limit: int) -> bytes:
-        """The first ``limit`` octets of a message (its header, for SORT and
-        THREAD) without reading the rest from the database."""
-        async with self._engine.connect() as conn:
-            data = await conn.scalar(
-                select(func.substr(blobs.c.data, 1, limit)).where(blobs.c.sha256 == sha256)
-            )
-        if data is None:
-            raise MailStoreError("NONEXISTENT", f"no message blob {sha256}")
-        return bytes(data)
 
 
 @dataclass(frozen=True)
