@@ -326,3 +326,42 @@ def test_qresync_reports_vanished_and_changed_messages(mssd: MssdProcess) -> Non
     finally:
         first.logout()
         other.logout()
+
+
+def test_own_writes_never_hide_another_sessions_changes(mssd: MssdProcess) -> None:
+    """A session applies its own STORE, EXPUNGE and APPEND to its view without
+    reading the store only when nobody else wrote meanwhile: another session's
+    change in between still reaches it, once (RFC 9051 §7)."""
+    for n in range(3):
+        deliver(mssd, f"entrelace {n}")
+    a, b = imap(mssd), imap(mssd)
+    try:
+        a.select("INBOX")
+        b.select("INBOX")
+        _, data = a.uid("SEARCH", None, "SUBJECT", '"entrelace"')
+        first, second, third = data[0].split()[-3:]
+        # Alone: the answer names only the message stored, and nothing is left to tell.
+        _, answer = a.uid("STORE", first, "+FLAGS", "(\\Seen)")
+        assert len(answer) == 1 and b"UID " + first in answer[0]
+        a.untagged_responses.clear()
+        a.noop()
+        assert "FETCH" not in a.untagged_responses
+        # b flags a message, then a stores another: a hears both.
+        b.uid("STORE", second, "+FLAGS", "(\\Flagged)")
+        _, answer = a.uid("STORE", third, "+FLAGS", "(\\Seen)")
+        told = b" ".join(item for item in answer if isinstance(item, bytes))
+        assert b"UID " + second in told and b"\\Flagged" in told
+        assert b"UID " + third in told
+        # b appends while a expunges: a's EXPUNGE also announces b's message.
+        _, data = a.select("INBOX")
+        count = int(data[0])
+        a.uid("STORE", third, "+FLAGS.SILENT", "(\\Deleted)")
+        b.append("INBOX", None, None, message("ajout de b"))
+        a.untagged_responses.clear()
+        a.uid("EXPUNGE", third)
+        # The last message (sequence number = count) goes, b's comes after it.
+        assert a.untagged_responses.get("EXPUNGE") == [str(count).encode()]
+        assert a.untagged_responses.get("EXISTS") == [str(count).encode()]
+    finally:
+        a.logout()
+        b.logout()

@@ -59,7 +59,13 @@ from mssd.imap.session import Session
 from mssd.imap.view import SelectedView
 from mssd.mime import OFFLOAD_BYTES
 from mssd.mime.structure import Part, header_value, parse, unfold
-from mssd.store.mailstore import MailStoreError, MessageRow
+from mssd.store.mailstore import (
+    FolderInfo,
+    MailStoreError,
+    MessageRow,
+    format_flags,
+    parse_flags,
+)
 
 _FETCH_BATCH = 50
 _CONTENT_ITEMS = {"BODY", "BINARY", "BINARY.SIZE", "RFC822", "RFC822.HEADER", "RFC822.TEXT"}
@@ -359,11 +365,15 @@ async def cmd_store(session: Session, command: Command) -> None:
         flags=flags,
         unchanged_since=args.unchanged_since,
     )
-    # Not view.highestmodseq: only Session.sync moves it, once every change
-    # below it, expunges included, has been told (RFC 9051 §7.5.1).
     for state in (*result.updated, *result.unchanged):
         view.flags[state.uid] = state.flags
         view.modseqs[state.uid] = state.modseq
+    # view.highestmodseq moves only once every change below it, expunges
+    # included, has been told (RFC 9051 §7.5.1): here if this STORE was the
+    # only change, else in Session.sync.
+    highest = session.own_change(len(result.updated))
+    if highest is not None:
+        view.highestmodseq = highest
     report = sorted(
         result.updated if args.silent else (*result.updated, *result.unchanged), key=lambda s: s.uid
     )
@@ -708,8 +718,12 @@ async def cmd_expunge(session: Session, command: Command) -> None:
     uids = None
     if command.args.sequence is not None:
         uids = resolve(session, command.args.sequence, True)
-    await session.services.mailstore.expunge(view.folder.id, uids=uids)
-    await session.sync(allow_expunge=True)
+    doomed = await session.services.mailstore.expunge(view.folder.id, uids=uids)
+    highest = session.own_change(len(doomed))
+    if highest is None:
+        await session.sync(allow_expunge=True)
+    else:
+        await session.announce(view.apply([], doomed, highest, allow_expunge=True))
     await session.tagged(command, "OK", "EXPUNGE completed")
 
 
@@ -729,9 +743,13 @@ async def cmd_check(session: Session, command: Command) -> None:
 
 async def cmd_append(session: Session, command: Command) -> None:
     assert isinstance(command.args, AppendArgs) and session.principal is not None
-    target = await session.services.mailstore.folder(
-        session.principal.account_id, command.args.mailbox
-    )
+    name, view = command.args.mailbox, session.view
+    if view is not None and (
+        name == view.folder.name or (name.upper() == "INBOX" == view.folder.name)
+    ):
+        target: FolderInfo | None = view.folder  # as SELECT found it, rights included
+    else:
+        target = await session.services.mailstore.folder(session.principal.account_id, name)
     if target is None:
         await session.tagged(command, "NO", f"No mailbox {command.args.mailbox}", "TRYCREATE")
         return
@@ -744,15 +762,22 @@ async def cmd_append(session: Session, command: Command) -> None:
         return
     now = dt.datetime.now(dt.UTC)
     # RFC 3502 §6.3.11: all the messages of a MULTIAPPEND, or none.
-    uids = await session.services.mailstore.append_many(
-        target.id,
-        [
-            (m.data, frozenset(f for f in m.flags if f != "\\Recent"), m.date_time or now)
-            for m in command.args.messages
-        ],
-    )
-    if session.view is not None and session.view.folder.id == target.id:
-        await session.sync(allow_expunge=False)
+    messages = [
+        (m.data, frozenset(f for f in m.flags if f != "\\Recent"), m.date_time or now)
+        for m in command.args.messages
+    ]
+    uids = await session.services.mailstore.append_many(target.id, messages)
+    if view is not None and view.folder.id == target.id:
+        highest = session.own_change(len(uids))
+        if highest is None:
+            await session.sync(allow_expunge=False)
+        else:
+            first = highest - len(uids) + 1
+            rows = [
+                MessageRow(uid, parse_flags(format_flags(flags)), first + i, moment, len(data), "")
+                for i, (uid, (data, flags, moment)) in enumerate(zip(uids, messages, strict=True))
+            ]
+            await session.announce(view.apply(rows, [], highest, allow_expunge=False))
     await session.tagged(
         command, "OK", "APPEND completed", encode.appenduid(target.uidvalidity, uids)
     )

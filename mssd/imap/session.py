@@ -185,6 +185,29 @@ class Session:
             and (not bus.distributed or time.monotonic() - self.last_read < _NOTIFY_TRUST_SECONDS)
         )
 
+    def own_change(self, count: int) -> int | None:
+        """After a write of this session that gave ``count`` messages of the
+        selected folder new modseqs: the folder's new HIGHESTMODSEQ when that
+        write is provably the only change since the view was last brought up to
+        date, so the caller can apply it to the view without reading the store;
+        else None, and :meth:`sync` reads.
+
+        The proof rests on the store's modseq policy (``mailstore``: each changed
+        message takes the next modseq, under the folder lock) and on the store
+        publishing each change, with the folder's new HIGHESTMODSEQ, before the
+        write returns: the write's ``count`` modseqs end at ``view.highestmodseq
+        + count`` only if it started right after the view, and no pending change
+        above that means nobody wrote since."""
+        view, subscription = self.view, self.subscription
+        if view is None or subscription is None or count <= 0 or view.expunges_withheld:
+            return None
+        target = view.highestmodseq + count
+        pending = [change.modseq for change in subscription.peek()]
+        if not pending or max(pending) != target or 0 in pending:
+            return None  # 0: a "resync", anything may have changed
+        subscription.drain()
+        return target
+
     async def sync(self, *, allow_expunge: bool, force: bool = False) -> None:
         """Tell the client what changed in the selected folder since it last heard."""
         view = self.view

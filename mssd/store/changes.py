@@ -129,6 +129,10 @@ class Subscription:
             self._pending[change.kind] = change
         self._ready.set()
 
+    def peek(self) -> list[FolderChange]:
+        """What is pending, left pending."""
+        return list(self._pending.values())
+
     def drain(self) -> list[FolderChange]:
         """Everything pending, oldest kind first; leaves the queue empty."""
         changes = list(self._pending.values())
