@@ -93,7 +93,7 @@ async def cmd_select(session: Session, command: Command) -> None:
             encode.untagged_status("OK", f"HIGHESTMODSEQ {view.highestmodseq}", "Highest")
         )
     unseen = next(
-        (i + 1 for i, uid in enumerate(view.uids) if "\\Seen" not in view.flags[uid]), None
+        (seq for seq in range(1, view.exists + 1) if "\\Seen" not in view.flags.at(seq)), None
     )
     if unseen is not None:
         await session.send(encode.untagged_status("OK", f"UNSEEN {unseen}", "First unseen"))

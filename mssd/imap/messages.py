@@ -275,8 +275,8 @@ async def cmd_fetch(session: Session, command: Command) -> None:
             # The view's HIGHESTMODSEQ is left to Session.sync: moving it past
             # expunges not yet announced would lose them (RFC 9051 §7.5.1).
             for state in result.updated:
-                view.flags[state.uid] = state.flags
-                view.modseqs[state.uid] = state.modseq
+                if state.uid in view.flags:
+                    view.set_state(state.uid, state.flags, state.modseq)
             if "FLAGS" not in names:
                 attrs.append(FetchAttr("FLAGS"))
     if needs_content:
@@ -366,8 +366,8 @@ async def cmd_store(session: Session, command: Command) -> None:
         unchanged_since=args.unchanged_since,
     )
     for state in (*result.updated, *result.unchanged):
-        view.flags[state.uid] = state.flags
-        view.modseqs[state.uid] = state.modseq
+        if state.uid in view.flags:
+            view.set_state(state.uid, state.flags, state.modseq)
     # view.highestmodseq moves only once every change below it, expunges
     # included, has been told (RFC 9051 §7.5.1): here if this STORE was the
     # only change, else in Session.sync.
@@ -500,7 +500,7 @@ def view_predicate(session: Session, key: SearchKey) -> Predicate:
             absent = not key.present
             return lambda uid, seq: absent
         flags, flag, present = view.flags, key.flag, key.present
-        return lambda uid, seq: (flag in flags[uid]) is present
+        return lambda uid, seq: (flag in flags.at(seq)) is present
     if isinstance(key, SearchSet):
         if key.uid:
             uids = frozenset(resolve(session, key.sequence, True))
@@ -510,7 +510,7 @@ def view_predicate(session: Session, key: SearchKey) -> Predicate:
         return lambda uid, seq: seq in seqs
     if isinstance(key, SearchModSeq):
         modseqs, floor = view.modseqs, key.modseq
-        return lambda uid, seq: modseqs[uid] >= floor
+        return lambda uid, seq: modseqs.at(seq) >= floor
     if isinstance(key, SearchNot):
         inner = view_predicate(session, key.key)
         return lambda uid, seq: not inner(uid, seq)

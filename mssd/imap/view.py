@@ -10,9 +10,14 @@ session must send, in order, before any further sequence number is used.
 from __future__ import annotations
 
 import bisect
-from dataclasses import dataclass, field
+from array import array
+from collections.abc import Iterable, Iterator, MutableSequence
+from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 from mssd.store.mailstore import FolderInfo, FolderSnapshot, MessageRow
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -28,32 +33,105 @@ class ViewUpdate:
     flags: tuple[int, ...] = ()
 
 
-@dataclass
+_FLAG_SETS: dict[frozenset[str], frozenset[str]] = {}
+"""One frozenset object per distinct set of flags, shared by every view."""
+
+
+def shared_flags(flags: frozenset[str]) -> frozenset[str]:
+    found = _FLAG_SETS.get(flags)
+    if found is None:
+        if len(_FLAG_SETS) >= 65536:
+            _FLAG_SETS.clear()  # only sharing is lost, never a value
+        found = _FLAG_SETS[flags] = flags
+    return found
+
+
+class ByUid(Generic[T]):
+    """One column of a view (flags or modseqs), read and written by UID like a
+    dict, stored as a sequence aligned with the view's UIDs."""
+
+    def __init__(self, uids: array[int], values: MutableSequence[T]) -> None:
+        self._uids = uids
+        self._values = values
+
+    def _index(self, uid: int) -> int | None:
+        index = bisect.bisect_left(self._uids, uid)
+        if index < len(self._uids) and self._uids[index] == uid:
+            return index
+        return None
+
+    def __contains__(self, uid: object) -> bool:
+        return isinstance(uid, int) and self._index(uid) is not None
+
+    def __getitem__(self, uid: int) -> T:
+        index = self._index(uid)
+        if index is None:
+            raise KeyError(uid)
+        return self._values[index]
+
+    def get(self, uid: int, default: T) -> T:
+        index = self._index(uid)
+        return default if index is None else self._values[index]
+
+    def __setitem__(self, uid: int, value: T) -> None:
+        index = self._index(uid)
+        if index is None:
+            raise KeyError(uid)
+        self._values[index] = value
+
+    def at(self, seq: int) -> T:
+        """By sequence number (1-based), without a search."""
+        return self._values[seq - 1]
+
+    def values(self) -> Iterator[T]:
+        return iter(self._values)
+
+
 class SelectedView:
-    folder: FolderInfo
-    readonly: bool
-    uids: list[int]
-    flags: dict[int, frozenset[str]]
-    modseqs: dict[int, int]
-    highestmodseq: int
-    uidnext: int
-    uidvalidity: int
-    condstore: bool = False
-    saved: list[int] = field(default_factory=list)
-    """The SEARCHRES ``$`` set (RFC 5182), as UIDs."""
-    expunges_withheld: bool = False
-    """The last :meth:`apply` kept expunged messages it was not allowed to announce."""
+    """The sequence-number map and per-message state of one selected folder.
+
+    Memory: three machine-word arrays aligned by sequence number (UIDs,
+    modseqs, and references to shared flag sets), about 24 octets a message.
+    """
+
+    def __init__(
+        self,
+        folder: FolderInfo,
+        readonly: bool,
+        messages: Iterable[tuple[int, frozenset[str], int]],
+        *,
+        highestmodseq: int,
+        uidnext: int,
+        uidvalidity: int,
+    ) -> None:
+        self.folder = folder
+        self.readonly = readonly
+        self.uids: array[int] = array("Q")
+        self._modseqs: array[int] = array("Q")
+        self._flags: list[frozenset[str]] = []
+        for uid, flags, modseq in messages:
+            self.uids.append(uid)
+            self._flags.append(shared_flags(flags))
+            self._modseqs.append(modseq)
+        self.flags: ByUid[frozenset[str]] = ByUid(self.uids, self._flags)
+        self.modseqs: ByUid[int] = ByUid(self.uids, self._modseqs)
+        self.highestmodseq = highestmodseq
+        self.uidnext = uidnext
+        self.uidvalidity = uidvalidity
+        self.condstore = False
+        self.saved: list[int] = []
+        """The SEARCHRES ``$`` set (RFC 5182), as UIDs."""
+        self.expunges_withheld = False
+        """The last :meth:`apply` kept expunged messages it was not allowed to announce."""
 
     @classmethod
     def from_snapshot(
         cls, folder: FolderInfo, snapshot: FolderSnapshot, *, readonly: bool
     ) -> SelectedView:
         return cls(
-            folder=folder,
-            readonly=readonly,
-            uids=[uid for uid, _, _ in snapshot.messages],
-            flags={uid: flags for uid, flags, _ in snapshot.messages},
-            modseqs={uid: modseq for uid, _, modseq in snapshot.messages},
+            folder,
+            readonly,
+            snapshot.messages,
             highestmodseq=snapshot.highestmodseq,
             uidnext=snapshot.uidnext,
             uidvalidity=snapshot.uidvalidity,
@@ -71,6 +149,11 @@ class SelectedView:
 
     def uid_at(self, seq: int) -> int:
         return self.uids[seq - 1]
+
+    def set_state(self, uid: int, flags: frozenset[str], modseq: int) -> None:
+        """New flags and modseq of a message in the view (KeyError if it is not)."""
+        self.flags[uid] = shared_flags(flags)
+        self.modseqs[uid] = modseq
 
     def apply(
         self,
@@ -99,23 +182,22 @@ class SelectedView:
                 expunged.append(seq)
                 expunged_uids.append(uid)
                 del self.uids[seq - 1]
-                self.flags.pop(uid, None)
-                self.modseqs.pop(uid, None)
+                del self._flags[seq - 1]
+                del self._modseqs[seq - 1]
         before = len(self.uids)
         flag_changes: list[int] = []
         for row in sorted(changed, key=lambda r: r.uid):
-            if row.uid in self.flags:
-                if self.flags[row.uid] != row.flags or self.modseqs[row.uid] != row.modseq:
-                    self.flags[row.uid] = row.flags
-                    self.modseqs[row.uid] = row.modseq
-                    seq = self.seq_of(row.uid)
-                    if seq is not None:
-                        flag_changes.append(seq)
+            seq = self.seq_of(row.uid)
+            if seq is not None:
+                if self._flags[seq - 1] != row.flags or self._modseqs[seq - 1] != row.modseq:
+                    self._flags[seq - 1] = shared_flags(row.flags)
+                    self._modseqs[seq - 1] = row.modseq
+                    flag_changes.append(seq)
             elif not self.uids or row.uid > self.uids[-1]:
                 # New UIDs are always above every UID already in the folder.
                 self.uids.append(row.uid)
-                self.flags[row.uid] = row.flags
-                self.modseqs[row.uid] = row.modseq
+                self._flags.append(shared_flags(row.flags))
+                self._modseqs.append(row.modseq)
         if allow_expunge or not vanished:
             self.highestmodseq = max(self.highestmodseq, highestmodseq)
         self.expunges_withheld = bool(vanished) and not allow_expunge
