@@ -100,6 +100,8 @@ class AuthSettings:
     failure_limit_per_account: int = 5
     failure_limit_per_address: int = 20
     failure_window_seconds: int = 900
+    verified_cache_seconds: int = 300
+    """How long a verified password skips scrypt on the next logins (0: never)."""
 
 
 @dataclass(frozen=True)
@@ -258,6 +260,11 @@ def validate(settings: Settings) -> Settings:
     for key, number in positive.items():
         if number <= 0:
             raise ConfigError(f"{key}: must be greater than 0, got {number}")
+    if settings.auth.verified_cache_seconds < 0:
+        raise ConfigError(
+            "auth.verified_cache_seconds: must be 0 or more, "
+            f"got {settings.auth.verified_cache_seconds}"
+        )
     if settings.imap.header_cache_bytes < 0:
         raise ConfigError(
             f"imap.header_cache_bytes: must be 0 or more, got {settings.imap.header_cache_bytes}"

@@ -323,3 +323,41 @@ async def test_success_resets_the_account_count_but_not_the_address_count() -> N
     # 4 failures in total: above the account limit of 3 had success not reset it.
     assert isinstance(await plain(auth, "alice@example.mssante.fr", PASSWORD), Success)
     assert auth.limiter.addresses.count("192.0.2.10") == 4
+
+
+async def test_a_verified_password_skips_scrypt_until_it_expires_or_changes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import mssd.auth.passwords as passwords
+
+    runs: list[str] = []
+    real = passwords.verify_password_async
+
+    async def counted(password: str, stored: str) -> bool:
+        runs.append(password)
+        return await real(password, stored)
+
+    monkeypatch.setattr(passwords, "verify_password_async", counted)
+    now = [1000.0]
+    cache = passwords.VerifiedPasswords(300, clock=lambda: now[0])
+    assert await cache.verify(PASSWORD, STORED)
+    assert await cache.verify(PASSWORD, STORED)
+    assert runs == [PASSWORD]  # the second login ran no scrypt
+    # A wrong password is never remembered, and always pays scrypt.
+    assert not await cache.verify("wrong", STORED)
+    assert not await cache.verify("wrong", STORED)
+    assert runs == [PASSWORD, "wrong", "wrong"]
+    # A new stored hash (password changed or reset) misses at once.
+    renewed = hash_password(PASSWORD, SETTINGS)
+    assert await cache.verify(PASSWORD, renewed)
+    assert runs[-1] == PASSWORD and len(runs) == 4
+    # Past the period, scrypt runs again.
+    now[0] += 301
+    assert await cache.verify(PASSWORD, STORED)
+    assert len(runs) == 5
+    # The cache keeps digests, never the password.
+    assert all(PASSWORD.encode() not in key for key in cache._entries)
+    # 0 keeps nothing.
+    off = passwords.VerifiedPasswords(0)
+    assert await off.verify(PASSWORD, STORED) and await off.verify(PASSWORD, STORED)
+    assert len(runs) == 7

@@ -32,7 +32,12 @@ from mssd.auth.model import (
     Success,
     UnknownMechanism,
 )
-from mssd.auth.passwords import PasswordHashError, hash_password_async, verify_password_async
+from mssd.auth.passwords import (
+    PasswordHashError,
+    VerifiedPasswords,
+    hash_password_async,
+    verify_password_async,
+)
 from mssd.auth.psc import IdpUnavailable, PscTokenError, PscTokenVerifier
 from mssd.auth.ratelimit import AuthRateLimiter
 from mssd.auth.sasl import (
@@ -88,6 +93,7 @@ class Authenticator:
             psc = PscTokenVerifier(settings, clock=clock)
         self.psc = psc
         self.limiter = AuthRateLimiter(settings, clock=clock)
+        self.verified = VerifiedPasswords(settings.verified_cache_seconds)
         self._dummy_hash: str | None = None
         self._background: set[asyncio.Task[None]] = set()
 
@@ -256,7 +262,7 @@ class Authenticator:
             if split is not None:
                 password, code = split
         try:
-            good = await verify_password_async(password, account.password_hash)
+            good = await self.verified.verify(password, account.password_hash)
         except PasswordHashError:
             log.error("account %d has an unreadable password hash", account.id)
             return await self.refuse(

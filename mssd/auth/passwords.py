@@ -16,7 +16,10 @@ import hashlib
 import hmac
 import re
 import secrets
+import time
 import unicodedata
+from collections import OrderedDict
+from collections.abc import Callable
 
 from mssd.config import AuthSettings
 
@@ -98,3 +101,60 @@ async def hash_password_async(password: str, settings: AuthSettings) -> str:
 async def verify_password_async(password: str, stored: str) -> bool:
     """:func:`verify_password` in a worker thread, so the event loop keeps running."""
     return await asyncio.to_thread(verify_password, password, stored)
+
+
+class VerifiedPasswords:
+    """Passwords recently found to match a stored hash, so that software which
+    logs in again and again (a lab system polling its mailbox, a phone's
+    short-lived connections) pays one scrypt per ``ttl`` seconds rather than one
+    per login, as Dovecot's ``auth_cache`` does.
+
+    Only successes are kept: a wrong password always costs the full scrypt. An
+    entry is the HMAC-SHA-256, under a random key that never leaves this
+    process, of the stored hash and the password: no password is kept, and a
+    password change (a new stored hash, new salt) misses at once. ``ttl`` 0
+    keeps nothing."""
+
+    def __init__(
+        self, ttl: float, *, max_entries: int = 10_000, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.ttl = ttl
+        self.max_entries = max_entries
+        self._clock = clock
+        self._key = secrets.token_bytes(32)
+        self._entries: OrderedDict[bytes, float] = OrderedDict()
+
+    def _digest(self, password: str, stored: str) -> bytes:
+        secret = unicodedata.normalize("NFC", password).encode("utf-8")
+        message = stored.encode("ascii", "replace") + b"\0" + secret
+        return hmac.new(self._key, message, hashlib.sha256).digest()
+
+    def known(self, password: str, stored: str) -> bool:
+        if self.ttl <= 0:
+            return False
+        digest = self._digest(password, stored)
+        expires = self._entries.get(digest)
+        if expires is None:
+            return False
+        if expires <= self._clock():
+            del self._entries[digest]
+            return False
+        return True
+
+    def remember(self, password: str, stored: str) -> None:
+        if self.ttl <= 0:
+            return
+        digest = self._digest(password, stored)
+        self._entries[digest] = self._clock() + self.ttl
+        self._entries.move_to_end(digest)
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+
+    async def verify(self, password: str, stored: str) -> bool:
+        """:func:`verify_password_async`, skipped for a pair verified within ``ttl``."""
+        if self.known(password, stored):
+            return True
+        good = await verify_password_async(password, stored)
+        if good:
+            self.remember(password, stored)
+        return good
