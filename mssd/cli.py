@@ -358,6 +358,14 @@ async def cmd_pki(settings: Settings, args: argparse.Namespace) -> None:
             organisation=args.organisation,
             name=args.name,
         )
+    elif args.pki_command == "issue-server":
+        issued = pki.issue_server_certificate(
+            dev,
+            common_name=args.cn,
+            idnat_struct=args.structure,
+            organisation=args.organisation,
+            name=args.name,
+        )
     else:
         pki.revoke(dev, Path(args.cert))
         print(f"{args.cert} revoked; CRL {dev.crl} updated")
@@ -515,9 +523,14 @@ def parser() -> argparse.ArgumentParser:
     app_cert = psub.add_parser("issue-app", help="an organisation certificate for software")
     for option in ("--cn", "--structure", "--organisation", "--name"):
         app_cert.add_argument(option, required=True)
+    server_cert = psub.add_parser(
+        "issue-server", help="an operator server certificate (another operator, for tests)"
+    )
+    for option in ("--cn", "--structure", "--organisation", "--name"):
+        server_cert.add_argument(option, required=True)
     revoke_cert = psub.add_parser("revoke")
     revoke_cert.add_argument("cert")
-    for p in (init, personal, app_cert, revoke_cert):
+    for p in (init, personal, app_cert, server_cert, revoke_cert):
         p.add_argument("--dir", help="PKI directory (default: pki.directory)")
     pki_parser.set_defaults(run=cmd_pki)
 
