@@ -382,6 +382,8 @@ async def cmd_whitelist(settings: Settings, args: argparse.Namespace) -> None:
 
     async def work(engine: Any) -> None:
         if args.whitelist_command == "refresh":
+            if args.max_shrink is not None and not 0.0 <= args.max_shrink <= 1.0:
+                raise UsageError(f"--max-shrink: a fraction between 0 and 1, got {args.max_shrink}")
             keeper = WhitelistKeeper(
                 engine, settings.whitelist, whitelist_cache_file(settings), actor=actor()
             )

@@ -6,6 +6,8 @@ import hashlib
 
 import pytest
 from conftest import FIXTURES
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mssd.trust.whitelist import (
     Whitelist,
@@ -231,3 +233,28 @@ def test_update_rules(full: Whitelist, partial: Whitelist) -> None:
     with pytest.raises(WhitelistRefused) as caught:
         accept_update(full, b"<garbage", checksum_file=None, max_shrink=0.1)
     assert caught.value.kind == "parse"
+
+
+_SAMPLE = document(("a.mssante.fr", [MIPIH]), ("b.mssante.fr", [APICRYPT, MIPIH]))
+
+
+@given(st.binary(max_size=2048))
+@settings(max_examples=300, deadline=None)
+def test_arbitrary_bytes_are_a_whitelist_error_or_a_list(data: bytes) -> None:
+    try:
+        parse_whitelist(data)
+    except WhitelistError:
+        pass
+
+
+@given(st.integers(min_value=0, max_value=len(_SAMPLE) - 1), st.binary(max_size=8))
+@settings(max_examples=300, deadline=None)
+def test_truncated_or_corrupted_lists_never_pass_for_complete_ones(cut: int, junk: bytes) -> None:
+    """A list cut short (a failed download) is refused unless only the root end tag
+    is missing, in which case it is complete; junk appended is never accepted silently."""
+    data = _SAMPLE[:cut]
+    try:
+        listed = parse_whitelist(data + junk)
+    except WhitelistError:
+        return
+    assert listed == parse_whitelist(_SAMPLE)

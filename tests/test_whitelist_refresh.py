@@ -17,7 +17,7 @@ from conftest import PkiBundle, write_whitelist
 from sqlalchemy.ext.asyncio import AsyncEngine
 from test_trust_whitelist import FULL, PARTIAL, PARTIAL_CHECKSUM
 
-from mssd.config import WhitelistSettings
+from mssd.config import ConfigError, WhitelistSettings, load
 from mssd.delivery.whitelist import REFUSED, WhitelistKeeper
 from mssd.store.engine import create_engine, upgrade
 from mssd.store.whitelist import latest_whitelist, refusals
@@ -257,3 +257,17 @@ def test_whitelist_commands(tmp_path: Path) -> None:
         "CN=smtp-1.mssante.adista.fr, OU=1750000000, O=ADISTA, ST=Meurthe-et-Moselle (54), C=FR",
     )
     assert other_ou.returncode == 1 and "is not listed for zenidoc.mssante.fr" in other_ou.stderr
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"MSSD_WHITELIST_SOURCE": "http://example.test/l.xml"}, "whitelist.source: a URL must"),
+        ({"MSSD_WHITELIST_MAX_SHRINK": "1.5"}, "whitelist.max_shrink: must be a fraction"),
+        ({"MSSD_WHITELIST_CHECKSUM_SOURCE": "/tmp/checksum"}, "set whitelist.source too"),
+        ({"MSSD_WHITELIST_REFRESH_SECONDS": "0"}, "whitelist.refresh_seconds"),
+    ],
+)
+def test_whitelist_settings_are_validated(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load(None, env=env)
