@@ -17,6 +17,7 @@ from conftest import PkiBundle, write_whitelist
 from sqlalchemy.ext.asyncio import AsyncEngine
 from test_trust_whitelist import FULL, PARTIAL, PARTIAL_CHECKSUM
 
+from mssd import metrics
 from mssd.config import ConfigError, WhitelistSettings, load
 from mssd.delivery.whitelist import REFUSED, WhitelistKeeper
 from mssd.store.engine import create_engine, upgrade
@@ -64,6 +65,7 @@ async def test_partial_list_over_the_full_one_is_refused_with_an_alert(
     assert outcome.status == "refused"
     assert "shrink the current one by 91%" in outcome.message
     assert REFUSED.value("shrink") == before + 1
+    assert 'mssd_whitelist_refused_total{reason="shrink"}' in metrics.render()
     assert any("ALERT whitelist update" in r.message for r in caplog.records)
     current = keep.current
     assert current is not None and len(current.domains) == 5001
