@@ -354,6 +354,9 @@ def mssd_env(url: str, workdir: Path, pki_dir: Path, plain: bool) -> dict[str, s
             "MSSD_SMTP_SUBMISSION_LISTEN": "127.0.0.1:0",
             "MSSD_SMTP_SUBMISSIONS_LISTEN": "127.0.0.1:0",
             "MSSD_SMTP_MTA_REQUIRE_TLS": "false" if plain else "true",
+            # The load clients present no operator certificate: measure delivery, not the
+            # trust-space check (tests/test_smtp_inbound.py covers it).
+            "MSSD_SMTP_MTA_REQUIRE_CLIENT_CERT": "false",
             "MSSD_TLS_CERT_FILE": str(pki_dir / "server.pem"),
             "MSSD_TLS_KEY_FILE": str(pki_dir / "server.key"),
             "MSSD_TLS_CLIENT_CA_FILE": str(pki_dir / "ca-bundle.pem"),

@@ -17,18 +17,21 @@ from dataclasses import dataclass
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from mssd.auth import Authenticator, PscTokenVerifier
-from mssd.config import Settings
+from mssd.config import Settings, whitelist_cache_file
 from mssd.delivery import DeliveryPipeline
+from mssd.delivery.whitelist import WhitelistKeeper
 from mssd.imap.heads import HeadCache
 from mssd.imap.server import ImapListener, start_imap
 from mssd.imap.session import Services as ImapServices
+from mssd.smtp.inbound import InboundTrustCheck, own_certificate_dn
 from mssd.smtp.listeners import Listener, start_smtp
 from mssd.store.accounts import StoreAccounts
 from mssd.store.changes import ChangeBus
 from mssd.store.delivery import GroupCommitter
 from mssd.store.engine import check_schema, create_engine
 from mssd.store.mailstore import MailStore
-from mssd.trust.tls import server_context
+from mssd.trust.tls import TlsConfigError, server_context
+from mssd.trust.verify import TrustFiles
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +47,12 @@ class Services:
     tls: ssl.SSLContext
     mailstore: MailStore
     bus: ChangeBus
+    whitelist: WhitelistKeeper | None = None
+    mta_tls: ssl.SSLContext | None = None
 
     async def close(self) -> None:
+        if self.whitelist is not None:
+            await self.whitelist.stop()
         await self.authenticator.close()  # its last audit events go through the committer
         await self.committer.stop()
         await self.bus.stop()
@@ -75,6 +82,47 @@ def tls_context(settings: Settings) -> ssl.SSLContext:
     )
 
 
+def mta_tls_context(settings: Settings) -> ssl.SSLContext:
+    """Port 25: the handshake checks the chain only; revocation and the issuing CA are
+    checked at MAIL (``mssd.smtp.inbound``), where the refusal can say why. Nothing but
+    EHLO, NOOP, RSET and a non-disclosing VRFY is possible before MAIL on this port."""
+    return server_context(
+        settings.tls.cert_file, settings.tls.key_file, client_ca_file=settings.tls.client_ca_file
+    )
+
+
+async def add_trust_space(
+    settings: Settings, engine: AsyncEngine, pipeline: DeliveryPipeline
+) -> WhitelistKeeper:
+    """Load the whitelist and put the port 25 trust-space policy in the pipeline."""
+    keeper = WhitelistKeeper(engine, settings.whitelist, whitelist_cache_file(settings))
+    await keeper.load()
+    if keeper.current is None and settings.whitelist.source:
+        # No list was ever kept: fetch one before accepting operators, not an hour later.
+        await keeper.refresh()
+    trust = await asyncio.to_thread(
+        TrustFiles,
+        settings.smtp.mta_client_ca_file or settings.tls.client_ca_file,
+        settings.tls.crl_file,
+    )
+    try:
+        own_dn = own_certificate_dn(settings.tls.cert_file)
+    except (OSError, ValueError) as error:
+        raise TlsConfigError(
+            f"cannot read the server certificate {settings.tls.cert_file}: {error}"
+        ) from None
+    pipeline.add_check(
+        InboundTrustCheck(
+            whitelist=lambda: keeper.current,
+            trust=trust,
+            local_domains=pipeline.local_domains,
+            own_dn=own_dn,
+            require_certificate=settings.smtp.mta_require_client_cert,
+        )
+    )
+    return keeper
+
+
 async def build_services(settings: Settings) -> Services:
     engine = create_engine(settings.store.url, echo=settings.store.echo_sql)
     try:
@@ -98,9 +146,16 @@ async def build_services(settings: Settings) -> Services:
     # Authentication outcomes are audited through the committer (group commit).
     authenticator = Authenticator(settings.auth, accounts, committer, psc=psc)
     pipeline = DeliveryPipeline(accounts, committer, hostname=settings.server.hostname)
-    return Services(
+    services = Services(
         settings, engine, accounts, authenticator, committer, pipeline, tls, mailstore, bus
     )
+    try:
+        services.mta_tls = mta_tls_context(settings)
+        services.whitelist = await add_trust_space(settings, engine, pipeline)
+    except BaseException:
+        await services.close()
+        raise
+    return services
 
 
 async def serve(settings: Settings, *, announce: Callable[[str], None] = print) -> None:
@@ -110,8 +165,14 @@ async def serve(settings: Settings, *, announce: Callable[[str], None] = print) 
     imap_listeners: list[ImapListener] = []
     try:
         listeners = await start_smtp(
-            settings, services.pipeline, services.authenticator, services.tls
+            settings,
+            services.pipeline,
+            services.authenticator,
+            services.tls,
+            mta_tls=services.mta_tls,
         )
+        if services.whitelist is not None:
+            services.whitelist.start()
         imap_services = ImapServices(
             authenticator=services.authenticator,
             mailstore=services.mailstore,

@@ -1,4 +1,4 @@
-"""The ``mssd`` command: serve, db, domain, mailbox, account, pki, audit, demo.
+"""The ``mssd`` command: serve, db, domain, mailbox, account, pki, whitelist, audit, demo.
 
 Each sub-command validates its input, calls the store or the trust package,
 and prints a one-line result. Errors are printed as ``mssd: <what went wrong>``
@@ -358,12 +358,97 @@ async def cmd_pki(settings: Settings, args: argparse.Namespace) -> None:
             organisation=args.organisation,
             name=args.name,
         )
+    elif args.pki_command == "issue-server":
+        issued = pki.issue_server_certificate(
+            dev,
+            common_name=args.cn,
+            idnat_struct=args.structure,
+            organisation=args.organisation,
+            name=args.name,
+        )
     else:
         pki.revoke(dev, Path(args.cert))
         print(f"{args.cert} revoked; CRL {dev.crl} updated")
         return
     print(f"certificate {issued.cert} key {issued.key}")
     print(f"subject: {issued.subject_dn}")
+
+
+async def cmd_whitelist(settings: Settings, args: argparse.Namespace) -> None:
+    from mssd.config import whitelist_cache_file
+    from mssd.delivery.whitelist import WhitelistKeeper
+    from mssd.store.whitelist import latest_whitelist, refusals
+    from mssd.trust.whitelist import display_domain, normalise_domain, parse_whitelist
+
+    async def work(engine: Any) -> None:
+        if args.whitelist_command == "refresh":
+            if args.max_shrink is not None and not 0.0 <= args.max_shrink <= 1.0:
+                raise UsageError(f"--max-shrink: a fraction between 0 and 1, got {args.max_shrink}")
+            keeper = WhitelistKeeper(
+                engine, settings.whitelist, whitelist_cache_file(settings), actor=actor()
+            )
+            await keeper.load()
+            outcome = await keeper.refresh(
+                source=args.source, checksum_source=args.checksum_source, max_shrink=args.max_shrink
+            )
+            if outcome.status in ("refused", "failed"):
+                fail(f"whitelist {outcome.message}", 1)
+            print(outcome.message)
+            return
+        stored = await latest_whitelist(engine)
+        if stored is None:
+            fail(
+                "no whitelist in force: run `mssd whitelist refresh` "
+                f"(whitelist.source is {settings.whitelist.source or 'not set'})",
+                1,
+            )
+        listed = await asyncio.to_thread(parse_whitelist, stored.content)
+        if args.whitelist_command == "show":
+            print(
+                f"whitelist in force: {len(listed.domains)} domains, "
+                f"{len(listed.operators)} operator certificates, {listed.entry_count} entries"
+            )
+            print(f"source: {stored.source}")
+            print(f"sha256: {stored.sha256}")
+            print(f"published: {stored.generated_at or 'unknown'}")
+            print(f"loaded: {stored.loaded_at.isoformat()}")
+            if listed.skipped:
+                print(f"unusable entries skipped: {len(listed.skipped)}")
+                for line in listed.skipped[:10]:
+                    print(f"  {line}")
+            total, recent = await refusals(engine, limit=3)
+            print(f"refused updates: {total}")
+            for refusal in recent:
+                print(f"  {refusal.at.isoformat()} {refusal.kind} from {refusal.source}: "
+                      f"{refusal.message}")  # fmt: skip
+            return
+        try:
+            domain = normalise_domain(args.domain)
+        except ValueError as error:
+            raise UsageError(str(error)) from None
+        shown = display_domain(domain)
+        if domain != shown:
+            shown = f"{shown} ({domain})"
+        operators = listed.operators_for(domain)
+        if not operators:
+            fail(f"{shown} is not in the MSSanté whitelist", 1)
+        if args.dn:
+            try:
+                wanted = normalise_dn(args.dn)
+            except DnError as error:
+                raise UsageError(f"--dn: {error}") from None
+            if wanted not in operators:
+                fail(
+                    f"{wanted} is not listed for {shown}; listed: " + "; ".join(sorted(operators)),
+                    1,
+                )
+            print(f"{wanted} may exchange mail for {shown}")
+            return
+        print(f"{shown} is in the MSSanté whitelist; operator certificates:")
+        for dn in sorted(operators):
+            print(f"  {dn}")
+
+    await with_engine(settings, work)
 
 
 async def cmd_demo(settings: Settings, args: argparse.Namespace) -> None:
@@ -440,11 +525,32 @@ def parser() -> argparse.ArgumentParser:
     app_cert = psub.add_parser("issue-app", help="an organisation certificate for software")
     for option in ("--cn", "--structure", "--organisation", "--name"):
         app_cert.add_argument(option, required=True)
+    server_cert = psub.add_parser(
+        "issue-server", help="an operator server certificate (another operator, for tests)"
+    )
+    for option in ("--cn", "--structure", "--organisation", "--name"):
+        server_cert.add_argument(option, required=True)
     revoke_cert = psub.add_parser("revoke")
     revoke_cert.add_argument("cert")
-    for p in (init, personal, app_cert, revoke_cert):
+    for p in (init, personal, app_cert, server_cert, revoke_cert):
         p.add_argument("--dir", help="PKI directory (default: pki.directory)")
     pki_parser.set_defaults(run=cmd_pki)
+
+    whitelist = sub.add_parser("whitelist", help="the ANS whitelist of the MSSanté trust space")
+    wsub = whitelist.add_subparsers(dest="whitelist_command", required=True)
+    wsub.add_parser("show", help="the list in force and the refused updates")
+    check = wsub.add_parser("check", help="whether a domain (and a certificate DN) is listed")
+    check.add_argument("domain")
+    check.add_argument("--dn", help="a certificate DN that should be listed for the domain")
+    refresh = wsub.add_parser("refresh", help="fetch the list now and replace it if accepted")
+    refresh.add_argument("--source", help="file or https:// URL (default: whitelist.source)")
+    refresh.add_argument("--checksum-source", help="default: whitelist.checksum_source")
+    refresh.add_argument(
+        "--max-shrink",
+        type=float,
+        help="fraction the list may shrink (default: whitelist.max_shrink)",
+    )
+    whitelist.set_defaults(run=cmd_whitelist)
 
     audit_parser = sub.add_parser("audit", help="read the audit trail, newest first")
     audit_parser.add_argument("--action", help="only actions starting with this")

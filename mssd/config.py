@@ -59,6 +59,10 @@ class SmtpSettings:
     timeout_seconds: float = 300.0
     mta_require_tls: bool = True
     proxy_protocol: bool = False
+    mta_require_client_cert: bool = True
+    """Port 25 refuses MAIL from a peer without a TLS client certificate."""
+    mta_client_ca_file: Path | None = None
+    """CAs that operator certificates on port 25 must be issued by; None: tls.client_ca_file."""
 
 
 @dataclass(frozen=True)
@@ -112,6 +116,22 @@ class PkiSettings:
 
 
 @dataclass(frozen=True)
+class WhitelistSettings:
+    source: str = ""
+    """File path or https:// URL of the ANS ``listeblanchemssante.xml``; empty: none fetched."""
+    checksum_source: str = ""
+    """File path or https:// URL of its SHA-256 ``checksum`` file; empty: not checked."""
+    ca_file: Path | None = None
+    """CAs that verify the HTTPS server of the sources; None: the system store."""
+    refresh_seconds: int = 3600
+    max_shrink: float = 0.10
+    """Largest fraction of the current list a new one may drop before it is refused."""
+    timeout_seconds: float = 60.0
+    cache_file: Path | None = None
+    """The last good list on disk; None: ``<server.var_dir>/whitelist/listeblanchemssante.xml``."""
+
+
+@dataclass(frozen=True)
 class Settings:
     server: ServerSettings = field(default_factory=ServerSettings)
     store: StoreSettings = field(default_factory=StoreSettings)
@@ -120,6 +140,7 @@ class Settings:
     tls: TlsSettings = field(default_factory=TlsSettings)
     auth: AuthSettings = field(default_factory=AuthSettings)
     pki: PkiSettings = field(default_factory=PkiSettings)
+    whitelist: WhitelistSettings = field(default_factory=WhitelistSettings)
 
 
 SECTIONS: dict[str, type[Any]] = {
@@ -310,6 +331,7 @@ def validate(settings: Settings) -> Settings:
         check_idnat_struct(settings.pki.operator_structure)
     except IdNatError as error:
         raise ConfigError(f"pki.operator_structure: {error}") from None
+    _validate_whitelist(settings.whitelist)
     if settings.server.event_loop not in ("auto", "asyncio", "uvloop"):
         raise ConfigError(
             "server.event_loop: expected auto, asyncio or uvloop, "
@@ -318,6 +340,36 @@ def validate(settings: Settings) -> Settings:
     if not settings.server.hostname or " " in settings.server.hostname:
         raise ConfigError(f"server.hostname: invalid host name {settings.server.hostname!r}")
     return settings
+
+
+def _validate_whitelist(whitelist: WhitelistSettings) -> None:
+    for key in ("source", "checksum_source"):
+        value: str = getattr(whitelist, key)
+        if "://" in value and not value.startswith("https://"):
+            raise ConfigError(
+                f"whitelist.{key}: a URL must be https:// (the list decides whom mail is "
+                f"exchanged with), got {value!r}"
+            )
+    if whitelist.checksum_source and not whitelist.source:
+        raise ConfigError("whitelist.checksum_source: set whitelist.source too")
+    if whitelist.refresh_seconds <= 0:
+        raise ConfigError(
+            f"whitelist.refresh_seconds: must be greater than 0, got {whitelist.refresh_seconds}"
+        )
+    if whitelist.timeout_seconds <= 0:
+        raise ConfigError("whitelist.timeout_seconds: must be greater than 0")
+    if not 0.0 <= whitelist.max_shrink <= 1.0:
+        raise ConfigError(
+            f"whitelist.max_shrink: must be a fraction between 0 and 1, got {whitelist.max_shrink}"
+        )
+
+
+def whitelist_cache_file(settings: Settings) -> Path:
+    """Where the last good whitelist is kept on disk."""
+    configured = settings.whitelist.cache_file
+    if configured is not None:
+        return configured
+    return settings.server.var_dir / "whitelist" / "listeblanchemssante.xml"
 
 
 def load(path: Path | None = None, env: Mapping[str, str] | None = None) -> Settings:

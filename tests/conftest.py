@@ -250,6 +250,32 @@ async def seed(url: str, test_pki: PkiBundle) -> None:
         await engine.dispose()
 
 
+# -- the MSSanté whitelist -------------------------------------------------------
+
+OTHER_OPERATOR_DOMAIN = "autre-operateur.mssd.test"
+"""A domain of another operator, whitelisted for ``test_pki.app`` in mssd test servers."""
+
+
+def write_whitelist(path: Path, domains: dict[str, list[str]], *, close_root: bool = True) -> Path:
+    """A whitelist in the ANS format (``listeblanchemssante.xml``) for the given domains."""
+    from xml.sax.saxutils import escape
+
+    entries = "".join(
+        f"<Domaine><Nom>{escape(name)}</Nom><Description>test</Description>"
+        + "".join(f"<DNCertificatOperateur>{escape(dn)}</DNCertificatOperateur>" for dn in dns)
+        + "</Domaine>"
+        for name, dns in domains.items()
+    )
+    path.write_text(
+        '<?xml version="1.0" encoding="UTF-8"?>'
+        '<ListeBlancheMSSante xmlns="https://listeblanche.mssante.fr/schema">'
+        f"<DateDeGeneration>2026-01-01T00:00:00Z</DateDeGeneration><ListeDomaines>{entries}"
+        "</ListeDomaines>" + ("</ListeBlancheMSSante>" if close_root else ""),
+        encoding="utf-8",
+    )
+    return path
+
+
 # -- mssd as a real process ------------------------------------------------------
 
 
@@ -293,6 +319,14 @@ class MssdProcess:
         return env
 
     def start(self, timeout: float = 30.0) -> MssdProcess:
+        if "MSSD_WHITELIST_SOURCE" not in self.extra_env:
+            # Port 25 accepts only whitelisted operators: the test PKI's organisation
+            # certificate stands for another operator.
+            source = write_whitelist(
+                self.workdir / "test-whitelist.xml",
+                {OTHER_OPERATOR_DOMAIN: [self.pki.app.subject_dn]},
+            )
+            self.extra_env["MSSD_WHITELIST_SOURCE"] = str(source)
         self.log = self.workdir / f"mssd-{time.monotonic_ns()}.log"
         self._stderr = stderr = self.log.open("w")
         self.process = subprocess.Popen(

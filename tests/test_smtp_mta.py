@@ -6,10 +6,28 @@ import asyncio
 import smtplib
 from pathlib import Path
 
-from conftest import ORG, PER, PER2, MssdProcess, PkiBundle, inbox, run, seed
+from conftest import (
+    ORG,
+    OTHER_OPERATOR_DOMAIN,
+    PER,
+    PER2,
+    MssdProcess,
+    PkiBundle,
+    inbox,
+    run,
+    seed,
+    write_whitelist,
+)
 from test_smtp_submission import message
 
-from mssd.config import Settings, SmtpSettings, StoreSettings, TlsSettings
+from mssd.config import (
+    ServerSettings,
+    Settings,
+    SmtpSettings,
+    StoreSettings,
+    TlsSettings,
+    WhitelistSettings,
+)
 from mssd.delivery import PolicyRefusal, Transaction
 from mssd.trust.identity import identity_from_der
 
@@ -92,9 +110,20 @@ async def _policy_hook_session(url: str, test_pki: PkiBundle, workdir: Path) -> 
     from mssd.app import build_services
     from mssd.smtp.listeners import start_smtp
 
+    whitelist = write_whitelist(
+        workdir / "whitelist.xml", {OTHER_OPERATOR_DOMAIN: [test_pki.app.subject_dn]}
+    )
     settings = Settings(
+        server=ServerSettings(var_dir=workdir),
         store=StoreSettings(url=url),
-        smtp=SmtpSettings(mta_listen="127.0.0.1:0", submission_listen="", submissions_listen=""),
+        smtp=SmtpSettings(
+            mta_listen="127.0.0.1:0",
+            submission_listen="",
+            submissions_listen="",
+            # Sessions without a certificate reach the hook under test.
+            mta_require_client_cert=False,
+        ),
+        whitelist=WhitelistSettings(source=str(whitelist)),
         tls=TlsSettings(
             cert_file=test_pki.dev.server_cert,
             key_file=test_pki.dev.server_key,
@@ -105,7 +134,9 @@ async def _policy_hook_session(url: str, test_pki: PkiBundle, workdir: Path) -> 
     services = await build_services(settings)
     check = RefuseUnknownOperators(allowed_struct="1750000000")
     services.pipeline.add_check(check)
-    listeners = await start_smtp(settings, services.pipeline, services.authenticator, services.tls)
+    listeners = await start_smtp(
+        settings, services.pipeline, services.authenticator, services.tls, mta_tls=services.mta_tls
+    )
     port = listeners[0].port
 
     def talk(cert: object) -> tuple[int, bytes]:

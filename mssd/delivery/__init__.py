@@ -7,8 +7,9 @@ Invariants:
 - A refusal is a :class:`PolicyRefusal` carrying the exact SMTP reply; nothing is
   silently dropped.
 - Hooks plug in through :class:`PolicyCheck` objects handed to the pipeline;
-  this package never imports the patient gateway, the DMP bridge or the trust
-  space checks that will use them.
+  this package never imports the patient gateway, the DMP bridge or the port 25
+  trust-space check (``mssd.smtp.inbound``) that use them. It keeps the ANS
+  whitelist current (``whitelist.py``) for them and, later, for the relay.
 - Nothing here blocks the event loop on work proportional to message size:
   hashing and header edits of large messages run in a worker thread.
 """

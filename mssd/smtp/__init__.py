@@ -5,6 +5,9 @@ Invariants:
 - TLS before any mail command: STARTTLS is required on 25 and 587 (except from
   the configured trusted networks on 587); 465 is TLS from the first byte.
 - Policy is decided by ``mssd.delivery``; this package only translates between
-  SMTP and the pipeline. 250 after DATA means committed.
+  SMTP and the pipeline. 250 after DATA means committed. The one policy that is
+  SMTP's own, who may send on port 25 (``inbound.py``), plugs in as a PolicyCheck.
+- Port 25 has its own TLS context: the handshake checks the chain, revocation is
+  checked at MAIL so that the 550 can say why.
 - The protocol servers never import each other (``mssd.imap`` is a sibling).
 """

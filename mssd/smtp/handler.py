@@ -5,16 +5,24 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import ssl
 from typing import Any
 
 from aiosmtpd.smtp import Session, TLSSetupException
 
+from mssd import metrics
 from mssd.auth import Principal
 from mssd.delivery import DeliveryPipeline, PolicyRefusal, SessionInfo, Transaction
 from mssd.delivery.pipeline import Source
 from mssd.smtp.server import MssdEnvelope, MssdSMTP
 
 log = logging.getLogger(__name__)
+
+STARTTLS_REFUSED = metrics.counter(
+    "mssd_smtp_starttls_failed_total",
+    "STARTTLS handshakes that failed, by reason",
+    ("reason",),
+)
 
 
 class Handler:
@@ -129,7 +137,18 @@ class Handler:
         if isinstance(error, TLSSetupException):
             # The client broke off or botched the STARTTLS handshake (RFC 3207 §4):
             # its failure, not ours. aiosmtpd closes the connection without a reply.
-            log.info("STARTTLS handshake failed: %r", error.__cause__)
+            cause = error.__cause__
+            if isinstance(cause, ssl.SSLCertVerificationError):
+                # A client certificate that does not chain to the configured CAs: the TLS
+                # alert (unknown_ca) is all the peer gets, so say it here.
+                STARTTLS_REFUSED.inc("untrusted_chain")
+                log.warning(
+                    "STARTTLS refused: client certificate not trusted (untrusted chain): %s",
+                    cause.verify_message,
+                )
+            else:
+                STARTTLS_REFUSED.inc("handshake")
+                log.info("STARTTLS handshake failed: %r", cause)
             return "454 4.7.0 TLS not available due to temporary reason"
         log.exception("SMTP session error", exc_info=error)
         return "451 4.3.0 Internal error; the command was not carried out"

@@ -38,7 +38,10 @@ async def start_smtp(
     pipeline: DeliveryPipeline,
     authenticator: Authenticator,
     tls: ssl.SSLContext,
+    *,
+    mta_tls: ssl.SSLContext | None = None,
 ) -> list[Listener]:
+    """Start the configured listeners; ``mta_tls`` is port 25's context (default ``tls``)."""
     loop = asyncio.get_running_loop()
     smtp = settings.smtp
     trusted = trusted_matcher(settings.server.trusted_networks)
@@ -76,7 +79,11 @@ async def start_smtp(
             "mta",
             smtp.mta_listen,
             factory(
-                MssdSMTP, "mta", tls, authenticator=None, require_starttls=smtp.mta_require_tls
+                MssdSMTP,
+                "mta",
+                mta_tls or tls,
+                authenticator=None,
+                require_starttls=smtp.mta_require_tls,
             ),
             None,
         ),

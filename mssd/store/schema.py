@@ -179,3 +179,29 @@ audit = Table(
     Column("result", String(64), nullable=False),
     Column("details", Text, nullable=False),
 )
+
+# The ANS whitelist (migration 0003): each accepted list as published, newest last, and
+# every refused update. mssd keeps a few recent lists; the newest is the one in force.
+whitelist_lists = Table(
+    "whitelist_lists",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("sha256", String(64), nullable=False),
+    Column("content", LargeBinary, nullable=False),
+    Column("source", String(2048), nullable=False),
+    Column("generated_at", String(64)),
+    Column("domain_count", Integer, nullable=False),
+    Column("entry_count", Integer, nullable=False),
+    Column("loaded_at", Timestamp, nullable=False),
+)
+
+whitelist_refusals = Table(
+    "whitelist_refusals",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("at", Timestamp, nullable=False, index=True),
+    Column("source", String(2048), nullable=False),
+    Column("kind", String(16), nullable=False),
+    Column("sha256", String(64)),
+    Column("message", Text, nullable=False),
+)

@@ -417,6 +417,7 @@ def _issue(
     ca: CaName,
     subject: x509.Name,
     name: str,
+    server_names: Sequence[str] | None = None,
 ) -> IssuedCertificate:
     if not _SAFE_NAME.fullmatch(name):
         raise PkiError(f"certificate name {name!r} must match [A-Za-z0-9._-]+")
@@ -427,7 +428,13 @@ def _issue(
     ca_cert = _load_cert(_ca_cert_path(pki, ca))
     ca_key = _load_key(_ca_key_path(pki, ca))
     key = _new_key()
-    builder = _leaf_extensions(_builder(subject, key, ca_cert, _LEAF_LIFETIME), server=False)
+    builder = _leaf_extensions(
+        _builder(subject, key, ca_cert, _LEAF_LIFETIME), server=server_names is not None
+    )
+    if server_names:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([x509.DNSName(h) for h in server_names]), critical=False
+        )
     cert = builder.sign(ca_key, hashes.SHA256())
     issued.mkdir(mode=0o700, exist_ok=True)
     _write_key(key_path, key)
@@ -502,6 +509,34 @@ def issue_app_certificate(
         (NameOID.COMMON_NAME, common_name),
     )
     return _issue(pki, ca="org", subject=subject, name=name)
+
+
+def issue_server_certificate(
+    pki: DevPki,
+    *,
+    common_name: str,
+    idnat_struct: str,
+    organisation: str,
+    name: str,
+    locality: str | None = None,
+) -> IssuedCertificate:
+    """Issue an operator server certificate (server and client authentication) from the org
+    CA, shaped like IGC-Santé ORG server certificates: ``CN=<host>,OU=<idNat_Struct>,O=...``
+    (with ``ST=``, or ``L=`` when ``locality`` is given, as some whitelist entries have).
+    Other operators of a test trust space present it on port 25."""
+    try:
+        check_idnat_struct(idnat_struct)
+    except IdNatError as exc:
+        raise PkiError(str(exc)) from exc
+    place = (NameOID.LOCALITY_NAME, locality) if locality else None
+    attributes = [(NameOID.COUNTRY_NAME, "FR")] + ([place] if place else [])
+    attributes += [
+        (NameOID.ORGANIZATION_NAME, organisation),
+        (NameOID.ORGANIZATIONAL_UNIT_NAME, idnat_struct),
+        (NameOID.COMMON_NAME, common_name),
+    ]
+    host = common_name if common_name.isascii() else common_name.encode("idna").decode("ascii")
+    return _issue(pki, ca="org", subject=_name(*attributes), name=name, server_names=[host])
 
 
 def revoke(pki: DevPki, cert_path: Path) -> None:

@@ -1,0 +1,275 @@
+"""Loading and refreshing the whitelist: store, disk copy, refusals, HTTPS, CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import http.server
+import logging
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+from conftest import PkiBundle, write_whitelist
+from sqlalchemy.ext.asyncio import AsyncEngine
+from test_trust_whitelist import FULL, PARTIAL, PARTIAL_CHECKSUM
+
+from mssd import metrics
+from mssd.config import ConfigError, WhitelistSettings, load
+from mssd.delivery.whitelist import REFUSED, WhitelistKeeper
+from mssd.store.engine import create_engine, upgrade
+from mssd.store.whitelist import latest_whitelist, refusals
+from mssd.trust.tls import server_context
+
+
+@pytest.fixture
+async def engine(store_url: str) -> AsyncIterator[AsyncEngine]:
+    engine = create_engine(store_url)
+    await upgrade(engine)
+    yield engine
+    await engine.dispose()
+
+
+def keeper(engine: AsyncEngine, tmp_path: Path, **settings: object) -> WhitelistKeeper:
+    return WhitelistKeeper(engine, WhitelistSettings(**settings), tmp_path / "kept" / "list.xml")  # type: ignore[arg-type]
+
+
+async def test_an_accepted_list_is_kept_in_the_store_and_on_disk(
+    engine: AsyncEngine, tmp_path: Path
+) -> None:
+    first = keeper(engine, tmp_path, source=str(FULL))
+    assert await first.load() is None
+    outcome = await first.refresh()
+    assert outcome.status == "updated" and "5001 domains" in outcome.message
+    stored = await latest_whitelist(engine)
+    assert stored is not None and stored.content == FULL.read_bytes()
+    assert (tmp_path / "kept" / "list.xml").read_bytes() == FULL.read_bytes()
+    # Another process (or a restart) starts from the stored list without fetching.
+    second = keeper(engine, tmp_path, source=str(tmp_path / "unreachable.xml"))
+    listed = await second.load()
+    assert listed is not None and len(listed.domains) == 5001
+    assert (await first.refresh()).status == "unchanged"
+
+
+async def test_partial_list_over_the_full_one_is_refused_with_an_alert(
+    engine: AsyncEngine, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    keep = keeper(engine, tmp_path, source=str(FULL))
+    await keep.refresh()
+    before = REFUSED.value("shrink")
+    with caplog.at_level(logging.ERROR, logger="mssd.delivery.whitelist"):
+        outcome = await keep.refresh(source=str(PARTIAL), checksum_source=str(PARTIAL_CHECKSUM))
+    assert outcome.status == "refused"
+    assert "shrink the current one by 91%" in outcome.message
+    assert REFUSED.value("shrink") == before + 1
+    assert 'mssd_whitelist_refused_total{reason="shrink"}' in metrics.render()
+    assert any("ALERT whitelist update" in r.message for r in caplog.records)
+    current = keep.current
+    assert current is not None and len(current.domains) == 5001
+    assert (tmp_path / "kept" / "list.xml").read_bytes() == FULL.read_bytes()
+    total, recent = await refusals(engine)
+    assert total == 1 and recent[0].kind == "shrink"
+    stored = await latest_whitelist(engine)
+    assert stored is not None and stored.content == FULL.read_bytes()
+    # The same list is accepted when the administrator allows that much shrinkage.
+    allowed = await keep.refresh(source=str(PARTIAL), max_shrink=0.95)
+    assert allowed.status == "updated"
+
+
+async def test_checksum_failure_is_refused(engine: AsyncEngine, tmp_path: Path) -> None:
+    keep = keeper(engine, tmp_path, source=str(FULL), checksum_source=str(PARTIAL_CHECKSUM))
+    before = REFUSED.value("checksum")
+    outcome = await keep.refresh()
+    assert outcome.status == "refused" and "SHA-256 mismatch" in outcome.message
+    assert REFUSED.value("checksum") == before + 1
+    assert keep.current is None and await latest_whitelist(engine) is None
+    assert not (tmp_path / "kept" / "list.xml").exists()
+    # The list the checksum file describes passes.
+    assert (await keep.refresh(source=str(PARTIAL))).status == "updated"
+
+
+async def test_garbage_is_refused_and_the_current_list_kept(
+    engine: AsyncEngine, tmp_path: Path
+) -> None:
+    keep = keeper(engine, tmp_path, source=str(PARTIAL))
+    await keep.refresh()
+    garbage = tmp_path / "garbage.xml"
+    garbage.write_bytes(b"<html><body>Service Unavailable</body></html>")
+    outcome = await keep.refresh(source=str(garbage))
+    assert outcome.status == "refused" and "does not parse" in outcome.message
+    missing = await keep.refresh(source=str(tmp_path / "missing.xml"))
+    assert missing.status == "failed" and "No such file" in missing.message
+    assert keep.current is not None and len(keep.current.domains) == 516
+
+
+async def test_the_disk_copy_serves_when_the_store_has_none(
+    engine: AsyncEngine, tmp_path: Path
+) -> None:
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "list.xml").write_bytes(PARTIAL.read_bytes())
+    keep = keeper(engine, tmp_path)
+    listed = await keep.load()
+    assert listed is not None and len(listed.domains) == 516
+    stored = await latest_whitelist(engine)
+    assert stored is not None and stored.content == PARTIAL.read_bytes()
+
+
+async def test_scheduled_refresh_picks_up_a_new_list(engine: AsyncEngine, tmp_path: Path) -> None:
+    source = write_whitelist(tmp_path / "source.xml", {"a.mssd.test": ["CN=a,OU=1750000000"]})
+    keep = keeper(engine, tmp_path, source=str(source), refresh_seconds=1)
+    keep.start()
+    try:
+        for _ in range(50):
+            if keep.current is not None:
+                break
+            await asyncio.sleep(0.1)
+        assert keep.current is not None and list(keep.current.domains) == ["a.mssd.test"]
+        write_whitelist(
+            source, {"a.mssd.test": ["CN=a,OU=1750000000"], "b.mssd.test": ["CN=b,OU=1750000000"]}
+        )
+        for _ in range(50):
+            if keep.current is not None and len(keep.current.domains) == 2:
+                break
+            await asyncio.sleep(0.1)
+        assert keep.current.has_domain("b.mssd.test")
+    finally:
+        await keep.stop()
+
+
+# -- HTTPS -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def https_server(test_pki: PkiBundle) -> Iterator[str]:
+    """A loopback HTTPS server (dev PKI certificate) publishing the partial list."""
+    files = {"/listeblanchemssante.xml": PARTIAL, "/checksum": PARTIAL_CHECKSUM}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            path = files.get(self.path)
+            if path is None:
+                self.send_error(404)
+                return
+            body = path.read_bytes()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:
+            return None
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    context = server_context(test_pki.dev.server_cert, test_pki.dev.server_key)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"https://localhost:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+async def test_list_and_checksum_over_https(
+    engine: AsyncEngine, tmp_path: Path, https_server: str, test_pki: PkiBundle
+) -> None:
+    keep = keeper(
+        engine,
+        tmp_path,
+        source=f"{https_server}/listeblanchemssante.xml",
+        checksum_source=f"{https_server}/checksum",
+        ca_file=test_pki.dev.ca_bundle,
+    )
+    outcome = await keep.refresh()
+    assert outcome.status == "updated", outcome.message
+    assert keep.current is not None and len(keep.current.domains) == 516
+    missing = await keep.refresh(source=f"{https_server}/nothing-here.xml")
+    assert missing.status == "failed" and "HTTP 404" in missing.message
+
+
+async def test_https_server_must_verify(
+    engine: AsyncEngine, tmp_path: Path, https_server: str
+) -> None:
+    # Without the dev CA the loopback server's certificate is not trusted: nothing loaded.
+    keep = keeper(engine, tmp_path, source=f"{https_server}/listeblanchemssante.xml")
+    outcome = await keep.refresh()
+    assert outcome.status == "failed" and "CERTIFICATE_VERIFY_FAILED" in outcome.message
+    assert keep.current is None
+
+
+# -- the command line --------------------------------------------------------------------------
+
+
+def mssd_cli(store_url: str, workdir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MSSD_")}
+    env.update({"MSSD_STORE_URL": store_url, "MSSD_SERVER_VAR_DIR": str(workdir)})
+    return subprocess.run(
+        [sys.executable, "-m", "mssd", *args],
+        env=env,
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_whitelist_commands(tmp_path: Path) -> None:
+    # The store functions behind these commands run on both backends above; the command
+    # line itself is exercised once (each command is a process start).
+    store_url = f"sqlite+aiosqlite:///{tmp_path / 'mssd.db'}"
+    assert mssd_cli(store_url, tmp_path, "db", "upgrade").returncode == 0
+    empty = mssd_cli(store_url, tmp_path, "whitelist", "show")
+    assert empty.returncode == 1 and "no whitelist in force" in empty.stderr
+    loaded = mssd_cli(store_url, tmp_path, "whitelist", "refresh", "--source", str(FULL))
+    assert loaded.returncode == 0 and "5001 domains" in loaded.stdout
+    refused = mssd_cli(
+        store_url,
+        tmp_path,
+        "whitelist",
+        "refresh",
+        "--source",
+        str(PARTIAL),
+        "--checksum-source",
+        str(PARTIAL_CHECKSUM),
+    )
+    assert refused.returncode == 1
+    assert "mssd: whitelist refused (shrink)" in refused.stderr
+    shown = mssd_cli(store_url, tmp_path, "whitelist", "show")
+    assert shown.returncode == 0
+    assert "5001 domains" in shown.stdout and "refused updates: 1" in shown.stdout
+    assert (tmp_path / "whitelist" / "listeblanchemssante.xml").read_bytes() == FULL.read_bytes()
+    listed = mssd_cli(store_url, tmp_path, "whitelist", "check", "ZENIDOC.mssante.fr")
+    assert listed.returncode == 0
+    assert "zenidoc.mssante.fr is in the MSSanté whitelist" in listed.stdout
+    assert "CN=smtp-2.mssante.adista.fr,OU=332315971500305" in listed.stdout
+    unknown = mssd_cli(store_url, tmp_path, "whitelist", "check", "inconnu.mssante.fr")
+    assert unknown.returncode == 1
+    assert "inconnu.mssante.fr is not in the MSSanté whitelist" in unknown.stderr
+    other_ou = mssd_cli(
+        store_url,
+        tmp_path,
+        "whitelist",
+        "check",
+        "zenidoc.mssante.fr",
+        "--dn",
+        "CN=smtp-1.mssante.adista.fr, OU=1750000000, O=ADISTA, ST=Meurthe-et-Moselle (54), C=FR",
+    )
+    assert other_ou.returncode == 1 and "is not listed for zenidoc.mssante.fr" in other_ou.stderr
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"MSSD_WHITELIST_SOURCE": "http://example.test/l.xml"}, "whitelist.source: a URL must"),
+        ({"MSSD_WHITELIST_MAX_SHRINK": "1.5"}, "whitelist.max_shrink: must be a fraction"),
+        ({"MSSD_WHITELIST_CHECKSUM_SOURCE": "/tmp/checksum"}, "set whitelist.source too"),
+        ({"MSSD_WHITELIST_REFRESH_SECONDS": "0"}, "whitelist.refresh_seconds"),
+    ],
+)
+def test_whitelist_settings_are_validated(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load(None, env=env)
