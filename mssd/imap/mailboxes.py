@@ -61,9 +61,10 @@ async def cmd_select(session: Session, command: Command) -> None:
     folder = await find_folder(session, command, command.args.mailbox, needs="r")
     if folder is None:
         return
-    snapshot = await session.services.mailstore.snapshot(folder.id)
+    index = await session.services.indexes.acquire(folder.id)
     readonly = examine or not (_WRITE_RIGHTS & set(folder.rights))
-    view = SelectedView.from_snapshot(folder, snapshot, readonly=readonly)
+    view = SelectedView(folder, readonly, index.state)
+    session.select(view, index)  # from here, leaving the folder releases the index
     view.condstore = (
         command.args.condstore or command.args.qresync is not None or "CONDSTORE" in session.enabled
     )
@@ -97,7 +98,6 @@ async def cmd_select(session: Session, command: Command) -> None:
     )
     if unseen is not None:
         await session.send(encode.untagged_status("OK", f"UNSEEN {unseen}", "First unseen"))
-    session.select(view)
     if command.args.qresync is not None:
         await resynchronise(session, command)
     await session.audit(

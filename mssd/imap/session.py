@@ -35,6 +35,7 @@ from mssd.auth import (
 )
 from mssd.imap import encode
 from mssd.imap.heads import HeadCache
+from mssd.imap.index import FolderIndex, Indexes
 from mssd.imap.protocol import (
     AuthenticateArgs,
     Command,
@@ -72,6 +73,10 @@ class Services:
     audit: GroupCommitter
     append_limit: int
     heads: HeadCache = field(default_factory=lambda: HeadCache(64 * 1024 * 1024))
+    indexes: Indexes = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.indexes = Indexes(self.mailstore, self.bus)
 
 
 class Session:
@@ -97,6 +102,7 @@ class Session:
         self.principal: Principal | None = None
         self.view: SelectedView | None = None
         self.subscription: Subscription | None = None
+        self.index: FolderIndex | None = None
         """Changes to the selected folder (:meth:`sync` reads the store only after one)."""
         self.last_read = 0.0
         self.enabled: set[str] = set()
@@ -163,9 +169,12 @@ class Session:
         self.principal = principal
         self.state = "authenticated"
 
-    def select(self, view: SelectedView) -> None:
+    def select(self, view: SelectedView, index: FolderIndex) -> None:
+        """Make ``view`` the selected folder; the session now holds ``index``
+        (from ``services.indexes.acquire``) until it leaves the folder."""
         self.leave_folder()
         self.view = view
+        self.index = index
         self.state = "selected"
         self.subscription = self.services.bus.subscribe(view.folder.id)
         self.last_read = time.monotonic()
@@ -209,20 +218,25 @@ class Session:
         return target
 
     async def sync(self, *, allow_expunge: bool, force: bool = False) -> None:
-        """Tell the client what changed in the selected folder since it last heard."""
-        view = self.view
-        if view is None or (not force and self.up_to_date(view)):
+        """Tell the client what changed in the selected folder since it last heard.
+
+        The changes come from the folder's shared index (``index.py``), which
+        reads the store once for every session on the folder. Where expunges
+        may be told, a view that is current goes back to sharing the index's
+        state (``SelectedView.share``)."""
+        view, index = self.view, self.index
+        if view is None or index is None:
             return
-        if self.subscription is not None:
-            # Before the read: a change committed during it stays pending.
-            self.subscription.drain()
-        self.last_read = time.monotonic()
-        changed, vanished = await self.services.mailstore.changes_since(
-            view.folder.id, view.highestmodseq
-        )
-        highest = max([view.highestmodseq, *(row.modseq for row in changed)])
-        update = view.apply(changed, vanished, highest, allow_expunge=allow_expunge)
-        await self.announce(update)
+        if force or not self.up_to_date(view):
+            if self.subscription is not None:
+                # Before the read: a change committed during it stays pending.
+                self.subscription.drain()
+            self.last_read = time.monotonic()
+            changed, vanished, highest = await index.changes_since(view.highestmodseq)
+            await self.announce(view.apply(changed, vanished, highest, allow_expunge=allow_expunge))
+        if not view.shared:
+            state = await index.latest() if allow_expunge else index.state
+            view.share(state)
 
     async def announce(self, update: ViewUpdate) -> None:
         view = self.view
@@ -251,6 +265,9 @@ class Session:
         if self.subscription is not None:
             self.subscription.close()
             self.subscription = None
+        if self.index is not None:
+            self.services.indexes.release(self.index)
+            self.index = None
         if self.state == "selected":
             self.state = "authenticated"
 

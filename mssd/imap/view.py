@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import bisect
 from array import array
-from collections.abc import Iterable, Iterator, MutableSequence
+from collections.abc import Iterator, MutableSequence, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -50,110 +50,155 @@ class ByUid(Generic[T]):
     """One column of a view (flags or modseqs), read and written by UID like a
     dict, stored as a sequence aligned with the view's UIDs."""
 
-    def __init__(self, uids: array[int], values: MutableSequence[T]) -> None:
-        self._uids = uids
-        self._values = values
+    def __init__(self, view: SelectedView, column: str) -> None:
+        self._view = view
+        self._column = column
 
-    def _index(self, uid: int) -> int | None:
-        index = bisect.bisect_left(self._uids, uid)
-        if index < len(self._uids) and self._uids[index] == uid:
-            return index
-        return None
+    def _values(self) -> MutableSequence[T]:
+        values: MutableSequence[T] = getattr(self._view, self._column)
+        return values
 
     def __contains__(self, uid: object) -> bool:
-        return isinstance(uid, int) and self._index(uid) is not None
+        return isinstance(uid, int) and self._view.seq_of(uid) is not None
 
     def __getitem__(self, uid: int) -> T:
-        index = self._index(uid)
-        if index is None:
+        seq = self._view.seq_of(uid)
+        if seq is None:
             raise KeyError(uid)
-        return self._values[index]
+        return self._values()[seq - 1]
 
     def get(self, uid: int, default: T) -> T:
-        index = self._index(uid)
-        return default if index is None else self._values[index]
-
-    def __setitem__(self, uid: int, value: T) -> None:
-        index = self._index(uid)
-        if index is None:
-            raise KeyError(uid)
-        self._values[index] = value
+        seq = self._view.seq_of(uid)
+        return default if seq is None else self._values()[seq - 1]
 
     def at(self, seq: int) -> T:
         """By sequence number (1-based), without a search."""
-        return self._values[seq - 1]
+        return self._values()[seq - 1]
 
     def values(self) -> Iterator[T]:
-        return iter(self._values)
+        return iter(self._values())
+
+
+@dataclass(frozen=True, eq=False)
+class FolderState:
+    """A folder's messages at one HIGHESTMODSEQ, shared by every view of it that
+    is up to date (``mssd.imap.index``). Never changed once made: a newer state
+    is a new object."""
+
+    uids: array[int]
+    flags: list[frozenset[str]]
+    modseqs: array[int]
+    highestmodseq: int
+    uidnext: int
+    uidvalidity: int
+
+    @classmethod
+    def from_snapshot(cls, snapshot: FolderSnapshot) -> FolderState:
+        uids: array[int] = array("Q")
+        modseqs: array[int] = array("Q")
+        flags: list[frozenset[str]] = []
+        for uid, message_flags, modseq in snapshot.messages:
+            uids.append(uid)
+            flags.append(shared_flags(message_flags))
+            modseqs.append(modseq)
+        return cls(
+            uids,
+            flags,
+            modseqs,
+            snapshot.highestmodseq,
+            snapshot.uidnext,
+            snapshot.uidvalidity,
+        )
 
 
 class SelectedView:
     """The sequence-number map and per-message state of one selected folder.
 
-    Memory: three machine-word arrays aligned by sequence number (UIDs,
-    modseqs, and references to shared flag sets), about 24 octets a message.
+    Memory: while the view is at the folder's current state (every change told
+    to the client), it shares that :class:`FolderState` with every other session
+    in the same position, so an idle session costs nothing per message. Its own
+    changes, or changes it may not announce yet, give it private copies of the
+    three arrays (UIDs, modseqs, references to shared flag sets: about 24 octets
+    a message) until :meth:`share` finds it current again.
     """
 
-    def __init__(
-        self,
-        folder: FolderInfo,
-        readonly: bool,
-        messages: Iterable[tuple[int, frozenset[str], int]],
-        *,
-        highestmodseq: int,
-        uidnext: int,
-        uidvalidity: int,
-    ) -> None:
+    def __init__(self, folder: FolderInfo, readonly: bool, state: FolderState) -> None:
         self.folder = folder
         self.readonly = readonly
-        self.uids: array[int] = array("Q")
-        self._modseqs: array[int] = array("Q")
-        self._flags: list[frozenset[str]] = []
-        for uid, flags, modseq in messages:
-            self.uids.append(uid)
-            self._flags.append(shared_flags(flags))
-            self._modseqs.append(modseq)
-        self.flags: ByUid[frozenset[str]] = ByUid(self.uids, self._flags)
-        self.modseqs: ByUid[int] = ByUid(self.uids, self._modseqs)
-        self.highestmodseq = highestmodseq
-        self.uidnext = uidnext
-        self.uidvalidity = uidvalidity
+        self._uids = state.uids
+        self._flags = state.flags
+        self._modseqs = state.modseqs
+        self._shared: FolderState | None = state
+        self.flags: ByUid[frozenset[str]] = ByUid(self, "_flags")
+        self.modseqs: ByUid[int] = ByUid(self, "_modseqs")
+        self.highestmodseq = state.highestmodseq
+        self.uidnext = state.uidnext
+        self.uidvalidity = state.uidvalidity
         self.condstore = False
         self.saved: list[int] = []
         """The SEARCHRES ``$`` set (RFC 5182), as UIDs."""
         self.expunges_withheld = False
         """The last :meth:`apply` kept expunged messages it was not allowed to announce."""
 
-    @classmethod
-    def from_snapshot(
-        cls, folder: FolderInfo, snapshot: FolderSnapshot, *, readonly: bool
-    ) -> SelectedView:
-        return cls(
-            folder,
-            readonly,
-            snapshot.messages,
-            highestmodseq=snapshot.highestmodseq,
-            uidnext=snapshot.uidnext,
-            uidvalidity=snapshot.uidvalidity,
-        )
+    @property
+    def uids(self) -> Sequence[int]:
+        """Ascending; read-only (the view changes through its methods)."""
+        return self._uids
+
+    @property
+    def shared(self) -> bool:
+        return self._shared is not None
+
+    def _own(self) -> None:
+        """Private copies of the arrays before a change (copy on write)."""
+        if self._shared is not None:
+            self._uids = array("Q", self._uids)
+            self._flags = list(self._flags)
+            self._modseqs = array("Q", self._modseqs)
+            self._shared = None
+
+    def share(self, state: FolderState) -> bool:
+        """Adopt ``state`` if the view is exactly it: every change up to its
+        HIGHESTMODSEQ applied and told, none withheld. Modseqs make that check
+        cheap: a view brought up to date to modseq M holds the folder as it was
+        at M (RFC 7162 §3.1: every change takes a new, higher modseq)."""
+        if self._shared is state:
+            return True
+        if (
+            self.expunges_withheld
+            or self.highestmodseq != state.highestmodseq
+            or len(self._uids) != len(state.uids)
+            or self.uidvalidity != state.uidvalidity
+        ):
+            return False
+        self._uids, self._flags, self._modseqs = state.uids, state.flags, state.modseqs
+        self._shared = state
+        self.uidnext = max(self.uidnext, state.uidnext)
+        return True
 
     @property
     def exists(self) -> int:
-        return len(self.uids)
+        return len(self._uids)
 
     def seq_of(self, uid: int) -> int | None:
-        index = bisect.bisect_left(self.uids, uid)
-        if index < len(self.uids) and self.uids[index] == uid:
+        index = bisect.bisect_left(self._uids, uid)
+        if index < len(self._uids) and self._uids[index] == uid:
             return index + 1
         return None
 
     def uid_at(self, seq: int) -> int:
-        return self.uids[seq - 1]
+        return self._uids[seq - 1]
 
     def set_state(self, uid: int, flags: frozenset[str], modseq: int) -> None:
         """New flags and modseq of a message in the view (KeyError if it is not)."""
-        self.flags[uid] = shared_flags(flags)
-        self.modseqs[uid] = modseq
+        seq = self.seq_of(uid)
+        if seq is None:
+            raise KeyError(uid)
+        if self._flags[seq - 1] == flags and self._modseqs[seq - 1] == modseq:
+            return
+        self._own()
+        self._flags[seq - 1] = shared_flags(flags)
+        self._modseqs[seq - 1] = modseq
 
     def apply(
         self,
@@ -170,6 +215,11 @@ class SelectedView:
         the view until a later call allows it, and a fetch of them answers with
         what is known.
         """
+        if not changed and not vanished:
+            self.highestmodseq = max(self.highestmodseq, highestmodseq)
+            self.expunges_withheld = False
+            return ViewUpdate()
+        self._own()
         expunged: list[int] = []
         expunged_uids: list[int] = []
         if allow_expunge:
@@ -181,10 +231,10 @@ class SelectedView:
                     continue
                 expunged.append(seq)
                 expunged_uids.append(uid)
-                del self.uids[seq - 1]
+                del self._uids[seq - 1]
                 del self._flags[seq - 1]
                 del self._modseqs[seq - 1]
-        before = len(self.uids)
+        before = len(self._uids)
         flag_changes: list[int] = []
         for row in sorted(changed, key=lambda r: r.uid):
             seq = self.seq_of(row.uid)
@@ -193,19 +243,21 @@ class SelectedView:
                     self._flags[seq - 1] = shared_flags(row.flags)
                     self._modseqs[seq - 1] = row.modseq
                     flag_changes.append(seq)
-            elif not self.uids or row.uid > self.uids[-1]:
+            elif not self._uids or row.uid > self._uids[-1]:
                 # New UIDs are always above every UID already in the folder.
-                self.uids.append(row.uid)
+                self._uids.append(row.uid)
                 self._flags.append(shared_flags(row.flags))
                 self._modseqs.append(row.modseq)
-        if allow_expunge or not vanished:
+        # Expunges of messages this view never had withhold nothing.
+        withheld = not allow_expunge and any(self.seq_of(uid) is not None for uid in vanished)
+        if not withheld:
             self.highestmodseq = max(self.highestmodseq, highestmodseq)
-        self.expunges_withheld = bool(vanished) and not allow_expunge
-        if self.uids:
-            self.uidnext = max(self.uidnext, self.uids[-1] + 1)
+        self.expunges_withheld = withheld
+        if self._uids:
+            self.uidnext = max(self.uidnext, self._uids[-1] + 1)
         return ViewUpdate(
             expunged=tuple(expunged),
             expunged_uids=tuple(sorted(expunged_uids)),
-            exists=len(self.uids) if len(self.uids) != before or expunged else None,
+            exists=len(self._uids) if len(self._uids) != before or expunged else None,
             flags=tuple(flag_changes),
         )

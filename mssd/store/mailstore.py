@@ -715,6 +715,13 @@ class MailStore:
     ) -> tuple[list[MessageRow], list[int]]:
         """RFC 7162 §3.1.4.1 CHANGEDSINCE and §3.2.5.2 VANISHED: messages whose
         modseq is above ``modseq``, and UIDs expunged above it (ascending)."""
+        changed, vanished, _ = await self.changes(folder_id, modseq)
+        return changed, vanished
+
+    async def changes(self, folder_id: int, modseq: int) -> tuple[list[MessageRow], list[int], int]:
+        """:meth:`changes_since`, and the highest modseq among those changes and
+        expunges (``modseq`` when there are none): where a reader that applied
+        them all stands."""
         async with self._engine.connect() as conn:
             if self._postgres:
                 # Both statements must see the same committed state.
@@ -725,16 +732,15 @@ class MailStore:
                 .order_by(placements.c.uid)
             )
             changed = [self._message_row(row) for row in rows]
-            vanished = sorted(
-                set(
-                    await conn.scalars(
-                        select(expunges.c.uid).where(
-                            expunges.c.folder_id == folder_id, expunges.c.modseq > modseq
-                        )
+            expunged = (
+                await conn.execute(
+                    select(expunges.c.uid, expunges.c.modseq).where(
+                        expunges.c.folder_id == folder_id, expunges.c.modseq > modseq
                     )
                 )
-            )
-        return changed, vanished
+            ).all()
+        highest = max([modseq, *(row.modseq for row in changed), *(m for _, m in expunged)])
+        return changed, sorted({uid for uid, _ in expunged}), highest
 
     async def usage(self, mailbox_id: int) -> int:
         """Octets stored in the mailbox's folders (RFC 9208 STORAGE counts KiB)."""

@@ -1,0 +1,224 @@
+"""The folders that sessions have selected, kept in memory once per process.
+
+Every session that selects a folder starts from, and while it is up to date
+shares, one :class:`~mssd.imap.view.FolderState` per folder: SELECT reads no
+rows when the folder is already open elsewhere, a change is read from the
+store once for all the sessions on the folder rather than once each, and a
+thousand sessions idling on a large folder hold one copy of it.
+
+Invariants:
+- the store is the truth: a :class:`FolderIndex` is only a cache of it, made
+  from one consistent snapshot and brought forward with
+  ``MailStore.changes_since`` (one read, under a lock, shared by every waiting
+  session) when the change bus announced a change, when the bus may have
+  missed one (``ChangeBus.reliable``), or, with several processes, when it was
+  last read more than :data:`_TRUST_SECONDS` ago;
+- a state, once made, never changes (sessions hold references to it);
+- the changes between recent states are kept (:data:`_HISTORY_ROWS` rows at
+  most), so a session catching up is answered from memory; a session further
+  behind reads the store, as it would without the index;
+- an index nobody uses is dropped after the :data:`_SPARE` most recently
+  released ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from array import array
+from collections import OrderedDict, deque
+from dataclasses import dataclass
+
+from mssd.imap.view import FolderState, shared_flags
+from mssd.store.changes import ChangeBus, Subscription
+from mssd.store.mailstore import MailStore, MessageRow
+
+_TRUST_SECONDS = 1.0
+"""With several processes (PostgreSQL), how long the absence of a notification
+is trusted before the store is read anyway (a NOTIFY that could not be sent)."""
+_HISTORY_ROWS = 20_000
+"""Changed rows and expunged UIDs kept to answer sessions that are behind."""
+_SPARE = 32
+"""Indexes kept, with their subscriptions, after their last session left."""
+
+
+@dataclass(frozen=True)
+class _Step:
+    """What changed from the state at ``since`` to the state at ``until``."""
+
+    since: int
+    until: int
+    changed: tuple[MessageRow, ...]
+    vanished: tuple[int, ...]
+
+    @property
+    def size(self) -> int:
+        return len(self.changed) + len(self.vanished) + 1
+
+
+def _advance(
+    state: FolderState, changed: list[MessageRow], vanished: list[int], highest: int
+) -> FolderState:
+    """The state after the changes (the store's order: expunges, then flag
+    changes, then new messages, whose UIDs are above all others)."""
+    gone = set(vanished)
+    updates = {row.uid: row for row in changed}
+    uids: array[int] = array("Q")
+    modseqs: array[int] = array("Q")
+    flags: list[frozenset[str]] = []
+    for uid, message_flags, modseq in zip(state.uids, state.flags, state.modseqs, strict=True):
+        if uid in gone:
+            continue
+        row = updates.pop(uid, None)
+        uids.append(uid)
+        flags.append(message_flags if row is None else shared_flags(row.flags))
+        modseqs.append(modseq if row is None else row.modseq)
+    last = uids[-1] if uids else 0
+    for row in sorted(updates.values(), key=lambda r: r.uid):
+        if row.uid > last and row.uid not in gone:
+            uids.append(row.uid)
+            flags.append(shared_flags(row.flags))
+            modseqs.append(row.modseq)
+            last = row.uid
+    return FolderState(
+        uids,
+        flags,
+        modseqs,
+        max(state.highestmodseq, highest),
+        max(state.uidnext, last + 1),
+        state.uidvalidity,
+    )
+
+
+class FolderIndex:
+    """One folder's current state in this process, and how it got there."""
+
+    def __init__(
+        self,
+        folder_id: int,
+        state: FolderState,
+        store: MailStore,
+        bus: ChangeBus,
+        subscription: Subscription,
+    ) -> None:
+        """``subscription`` must have been taken before ``state`` was read."""
+        self.folder_id = folder_id
+        self.state = state
+        self.users = 0
+        self._store = store
+        self._bus = bus
+        self._subscription: Subscription | None = subscription
+        self._read_at = time.monotonic()
+        self._lock = asyncio.Lock()
+        self._history: deque[_Step] = deque()
+        self._history_size = 0
+
+    def close(self) -> None:
+        if self._subscription is not None:
+            self._subscription.close()
+            self._subscription = None
+
+    def _stale(self) -> bool:
+        subscription = self._subscription
+        return (
+            subscription is None
+            or subscription.pending() > 0
+            or not self._bus.reliable
+            or (self._bus.distributed and time.monotonic() - self._read_at >= _TRUST_SECONDS)
+        )
+
+    async def latest(self) -> FolderState:
+        """The folder as the store holds it now (read only if it may have changed)."""
+        if not self._stale():
+            return self.state
+        async with self._lock:
+            if not self._stale():
+                return self.state  # another session read it while this one waited
+            if self._subscription is not None:
+                self._subscription.drain()  # before the read: later changes stay pending
+            self._read_at = time.monotonic()
+            before = self.state
+            changed, vanished, highest = await self._store.changes(
+                self.folder_id, before.highestmodseq
+            )
+            if changed or vanished:
+                self.state = _advance(before, changed, vanished, highest)
+                self._remember(_Step(before.highestmodseq, self.state.highestmodseq,
+                                     tuple(changed), tuple(vanished)))  # fmt: skip
+        return self.state
+
+    def _remember(self, step: _Step) -> None:
+        self._history.append(step)
+        self._history_size += step.size
+        while self._history_size > _HISTORY_ROWS and len(self._history) > 1:
+            self._history_size -= self._history.popleft().size
+
+    async def changes_since(self, modseq: int) -> tuple[list[MessageRow], list[int], int]:
+        """What ``MailStore.changes_since`` would answer, and the folder's
+        HIGHESTMODSEQ: from memory when the kept steps reach back to ``modseq``."""
+        state = await self.latest()
+        if modseq >= state.highestmodseq:
+            return [], [], state.highestmodseq
+        steps = [step for step in self._history if step.until > modseq]
+        if not steps or steps[0].since > modseq:
+            return await self._store.changes(self.folder_id, modseq)
+        latest_rows: dict[int, MessageRow] = {}
+        gone: set[int] = set()
+        for step in steps:
+            gone.update(step.vanished)
+            for row in step.changed:
+                if row.modseq > modseq:
+                    latest_rows[row.uid] = row
+        rows = sorted(
+            (row for uid, row in latest_rows.items() if uid not in gone), key=lambda r: r.uid
+        )
+        return rows, sorted(gone), steps[-1].until
+
+
+class Indexes:
+    """The process's folder indexes, by folder id."""
+
+    def __init__(self, store: MailStore, bus: ChangeBus) -> None:
+        self._store = store
+        self._bus = bus
+        self._open: dict[int, FolderIndex] = {}
+        self._spare: OrderedDict[int, FolderIndex] = OrderedDict()
+        self._loading: dict[int, asyncio.Lock] = {}
+
+    async def acquire(self, folder_id: int) -> FolderIndex:
+        """The folder's index, up to date, counted as used until :meth:`release`."""
+        index = self._open.get(folder_id) or self._spare.pop(folder_id, None)
+        if index is None:
+            lock = self._loading.setdefault(folder_id, asyncio.Lock())
+            async with lock:
+                index = self._open.get(folder_id) or self._spare.pop(folder_id, None)
+                if index is None:
+                    # Subscribed before the snapshot: a change committed during
+                    # the read is pending, and re-read by the first latest().
+                    subscription = self._bus.subscribe(folder_id)
+                    try:
+                        snapshot = await self._store.snapshot(folder_id)
+                    except BaseException:
+                        subscription.close()
+                        raise
+                    state = FolderState.from_snapshot(snapshot)
+                    index = FolderIndex(folder_id, state, self._store, self._bus, subscription)
+            self._loading.pop(folder_id, None)
+        self._open[folder_id] = index
+        index.users += 1
+        try:
+            await index.latest()
+        except BaseException:
+            self.release(index)
+            raise
+        return index
+
+    def release(self, index: FolderIndex) -> None:
+        index.users -= 1
+        if index.users > 0 or self._open.get(index.folder_id) is not index:
+            return
+        del self._open[index.folder_id]
+        self._spare[index.folder_id] = index
+        while len(self._spare) > _SPARE:
+            _, dropped = self._spare.popitem(last=False)
+            dropped.close()
