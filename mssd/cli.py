@@ -1,4 +1,4 @@
-"""The ``mssd`` command: serve, db, domain, mailbox, account, pki, audit, demo.
+"""The ``mssd`` command: serve, db, domain, mailbox, account, pki, audit, demo, annuaire.
 
 Each sub-command validates its input, calls the store or the trust package,
 and prints a one-line result. Errors are printed as ``mssd: <what went wrong>``
@@ -366,6 +366,17 @@ async def cmd_pki(settings: Settings, args: argparse.Namespace) -> None:
     print(f"subject: {issued.subject_dn}")
 
 
+async def cmd_annuaire(settings: Settings, args: argparse.Namespace) -> None:
+    from mssd.annuaire import commands
+
+    try:
+        await commands.run(settings, args, actor())
+    except commands.BadInput as error:
+        raise UsageError(str(error)) from None
+    except commands.Failed as error:
+        fail(str(error), 1)
+
+
 async def cmd_demo(settings: Settings, args: argparse.Namespace) -> None:
     from mssd.demo import setup_demo
 
@@ -452,6 +463,10 @@ def parser() -> argparse.ArgumentParser:
     audit_parser.set_defaults(run=cmd_audit)
 
     sub.add_parser("demo", help="create the demo domain and mailboxes").set_defaults(run=cmd_demo)
+
+    from mssd.annuaire.commands import add_parser as add_annuaire_parser
+
+    add_annuaire_parser(sub).set_defaults(run=cmd_annuaire)
     return top
 
 
