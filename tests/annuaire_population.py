@@ -103,7 +103,7 @@ def finess(index: int) -> str:
 
 def population(count: int) -> list[Person]:
     """``count`` mailboxes: mostly PER, every 10th an ORG (every 3rd of those a
-    pharmacy), every 25th an APP, every 40th a CAB, every 50th unlisted; plus the
+    pharmacy), every 25th an APP, every 40th a CAB, two in 100 unlisted; plus the
     special entries the tests name."""
     people: list[Person] = []
     for i in range(count):
@@ -193,7 +193,7 @@ def population(count: int) -> list[Person]:
                 postcode=postcode,
                 city=city,
                 dematerialisation=i % 2 == 0,
-                liste_rouge=i % 50 == 49,
+                liste_rouge=i % 50 == 48,
             )
         )
     people.extend(SPECIAL)

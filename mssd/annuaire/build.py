@@ -13,6 +13,10 @@ from mssd.config import AnnuaireSettings
 def build_backend(name: str, settings: AnnuaireSettings, engine: AsyncEngine) -> Backend:
     if name == "extraction":
         return ExtractionBackend(engine)
+    if name == "ldap":
+        from mssd.annuaire.ldap import LdapBackend
+
+        return LdapBackend.from_settings(settings)
     raise ValueError(f"unknown directory backend {name!r}")
 
 
