@@ -17,6 +17,10 @@ def build_backend(name: str, settings: AnnuaireSettings, engine: AsyncEngine) ->
         from mssd.annuaire.ldap import LdapBackend
 
         return LdapBackend.from_settings(settings)
+    if name == "fhir":
+        from mssd.annuaire.fhir import FhirBackend
+
+        return FhirBackend.from_settings(settings)
     raise ValueError(f"unknown directory backend {name!r}")
 
 
