@@ -51,6 +51,8 @@ SEARCH_PARAMS = {
 
 
 def fold(text: str) -> str:
+    if text.isascii():
+        return " ".join(text.casefold().split())
     bare = "".join(c for c in unicodedata.normalize("NFKD", text) if not unicodedata.combining(c))
     return " ".join(bare.casefold().split())
 

@@ -16,7 +16,13 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from mssd.annuaire.build import build_resolver
 from mssd.annuaire.extraction import ExtractionError
-from mssd.annuaire.model import DirectoryEntry, DirectoryError, Lookup, SearchQuery
+from mssd.annuaire.model import (
+    DirectoryEntry,
+    DirectoryError,
+    LdapConfigError,
+    Lookup,
+    SearchQuery,
+)
 from mssd.config import Settings
 from mssd.store.engine import create_engine
 from mssd.trust.idnat import IdNatError, check_idnat_ps
@@ -122,10 +128,17 @@ async def _run(
 
         try:
             await run_publication(settings, engine, dry_run=args.dry_run, actor=actor, out=print)
+        except LdapConfigError as error:
+            raise BadInput(str(error)) from None
         except DirectoryError as error:
             raise Failed(str(error)) from None
     else:
-        resolver = build_resolver(settings.annuaire, engine)
+        try:
+            resolver = build_resolver(settings.annuaire, engine)
+        except LdapConfigError as error:
+            raise BadInput(str(error)) from None
+        except DirectoryError as error:
+            raise Failed(str(error)) from None
         started = time.monotonic()
         try:
             if command == "lookup":

@@ -28,7 +28,7 @@ import ldap3
 from ldap3.core.exceptions import LDAPException
 from ldap3.utils.conv import escape_filter_chars
 
-from mssd.annuaire.model import DirectoryEntry, DirectoryError, SearchQuery
+from mssd.annuaire.model import DirectoryEntry, DirectoryError, LdapConfigError, SearchQuery
 from mssd.config import AnnuaireSettings
 
 DEFAULT_ATTRIBUTES: dict[str, str] = {
@@ -59,10 +59,6 @@ DEFAULT_ATTRIBUTES: dict[str, str] = {
 
 _FLAGS = ("dematerialisation", "liste_rouge")
 _PAGED_RESULTS = "1.2.840.113556.1.4.319"  # RFC 2696
-
-
-class LdapConfigError(ValueError):
-    """The LDAP settings cannot work; the message names the setting."""
 
 
 def attribute_map(overrides: Sequence[str]) -> dict[str, str]:

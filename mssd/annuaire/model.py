@@ -25,6 +25,10 @@ class DirectoryError(Exception):
     """A backend could not answer (unreachable, refused, malformed reply)."""
 
 
+class LdapConfigError(ValueError):
+    """The LDAP settings cannot work; the message names the setting."""
+
+
 class AddressError(ValueError):
     """Input that cannot be a mail address; the message says why."""
 

@@ -112,7 +112,7 @@ class Resolver:
         async def ask(backend: Backend) -> list[DirectoryEntry]:
             found = await backend.by_address(wanted)
             # Backends may match case-insensitively; the local part is exact.
-            return [e for e in found if normalise_address(e.address) == wanted]
+            return [e for e in found if _same_address(e.address, wanted)]
 
         return await self._resolve(f"address:{wanted}", ask)
 
@@ -230,6 +230,13 @@ class Resolver:
             log.warning("directory cache write for %s: out of budget, not cached", key)
         except Exception as error:
             log.warning("directory cache write failed for %s: %s", key, error)
+
+
+def _same_address(address: str, wanted: str) -> bool:
+    try:
+        return normalise_address(address) == wanted
+    except AddressError:  # a malformed address in the directory matches nothing
+        return False
 
 
 def encode_entries(entries: Sequence[DirectoryEntry]) -> str:
