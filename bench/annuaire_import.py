@@ -60,7 +60,7 @@ def main() -> None:
         directory = Path(tmp)
         started = time.monotonic()
         # Unlisted mailboxes are absent from the public file: generate a few more.
-        listed = [p for p in population(args.lines * 51 // 50 + 100) if not p.liste_rouge]
+        listed = [p for p in population(args.lines * 105 // 100 + 100) if not p.liste_rouge]
         people = listed[: args.lines]
         extraction = directory / "Extraction_Correspondance_MSSante.txt"
         write_extraction(extraction, people)

@@ -103,7 +103,7 @@ def finess(index: int) -> str:
 
 def population(count: int) -> list[Person]:
     """``count`` mailboxes: mostly PER, every 10th an ORG (every 3rd of those a
-    pharmacy), every 25th an APP, every 40th a CAB, two in 100 unlisted; plus the
+    pharmacy), every 25th an APP, every 40th a CAB, 4 in 100 unlisted; plus the
     special entries the tests name."""
     people: list[Person] = []
     for i in range(count):
