@@ -1,4 +1,5 @@
-"""The ``mssd`` command: serve, db, domain, mailbox, account, pki, whitelist, audit, demo.
+"""The ``mssd`` command: serve, db, domain, mailbox, account, pki, whitelist, audit, demo,
+annuaire.
 
 Each sub-command validates its input, calls the store or the trust package,
 and prints a one-line result. Errors are printed as ``mssd: <what went wrong>``
@@ -451,6 +452,17 @@ async def cmd_whitelist(settings: Settings, args: argparse.Namespace) -> None:
     await with_engine(settings, work)
 
 
+async def cmd_annuaire(settings: Settings, args: argparse.Namespace) -> None:
+    from mssd.annuaire import commands
+
+    try:
+        await commands.run(settings, args, actor())
+    except commands.BadInput as error:
+        raise UsageError(str(error)) from None
+    except commands.Failed as error:
+        fail(str(error), 1)
+
+
 async def cmd_demo(settings: Settings, args: argparse.Namespace) -> None:
     from mssd.demo import setup_demo
 
@@ -558,6 +570,10 @@ def parser() -> argparse.ArgumentParser:
     audit_parser.set_defaults(run=cmd_audit)
 
     sub.add_parser("demo", help="create the demo domain and mailboxes").set_defaults(run=cmd_demo)
+
+    from mssd.annuaire.commands import add_parser as add_annuaire_parser
+
+    add_annuaire_parser(sub).set_defaults(run=cmd_annuaire)
     return top
 
 

@@ -132,6 +132,39 @@ class WhitelistSettings:
 
 
 @dataclass(frozen=True)
+class AnnuaireSettings:
+    """The national directory (mssd/annuaire): resolvers, cache, publication."""
+
+    backends: tuple[str, ...] = ("extraction",)
+    """Resolvers asked in this order: "ldap", "fhir", "extraction"."""
+    budget_seconds: float = 2.0
+    """Longest a lookup may take; beyond, the caller gets "unknown"."""
+    cache_ttl_seconds: int = 86400
+    negative_ttl_seconds: int = 3600
+    search_limit: int = 50
+    ldap_url: str = ""
+    ldap_starttls: bool = False
+    ldap_ca_file: Path | None = None
+    ldap_bind_dn: str = ""
+    ldap_bind_password_file: Path | None = None
+    ldap_base_dn: str = ""
+    ldap_timeout_seconds: float = 1.5
+    ldap_pool_size: int = 4
+    ldap_page_size: int = 500
+    ldap_attributes: tuple[str, ...] = ()
+    """Overrides of the field=attribute mapping (config/ldap/README.md)."""
+    ldap_publish_base_dn: str = ""
+    fhir_url: str = "https://gateway.api.esante.gouv.fr/fhir/v2"
+    fhir_api_key_file: Path | None = None
+    fhir_ca_file: Path | None = None
+    fhir_timeout_seconds: float = 1.5
+    fhir_retries: int = 2
+    fhir_backoff_seconds: float = 0.2
+    fhir_max_pages: int = 10
+    publish_targets: tuple[str, ...] = ("fhir",)
+
+
+@dataclass(frozen=True)
 class Settings:
     server: ServerSettings = field(default_factory=ServerSettings)
     store: StoreSettings = field(default_factory=StoreSettings)
@@ -141,6 +174,7 @@ class Settings:
     auth: AuthSettings = field(default_factory=AuthSettings)
     pki: PkiSettings = field(default_factory=PkiSettings)
     whitelist: WhitelistSettings = field(default_factory=WhitelistSettings)
+    annuaire: AnnuaireSettings = field(default_factory=AnnuaireSettings)
 
 
 SECTIONS: dict[str, type[Any]] = {
@@ -339,6 +373,7 @@ def validate(settings: Settings) -> Settings:
         )
     if not settings.server.hostname or " " in settings.server.hostname:
         raise ConfigError(f"server.hostname: invalid host name {settings.server.hostname!r}")
+    _validate_annuaire(settings.annuaire)
     return settings
 
 
@@ -370,6 +405,62 @@ def whitelist_cache_file(settings: Settings) -> Path:
     if configured is not None:
         return configured
     return settings.server.var_dir / "whitelist" / "listeblanchemssante.xml"
+
+
+def _validate_annuaire(annuaire: AnnuaireSettings) -> None:
+    known = ("ldap", "fhir", "extraction")
+    for name in annuaire.backends:
+        if name not in known:
+            raise ConfigError(
+                f"annuaire.backends: unknown backend {name!r} (known: {', '.join(known)})"
+            )
+    if len(set(annuaire.backends)) != len(annuaire.backends):
+        raise ConfigError("annuaire.backends: a backend is listed twice")
+    for target in annuaire.publish_targets:
+        if target not in ("fhir", "ldap"):
+            raise ConfigError(
+                f"annuaire.publish_targets: unknown target {target!r} (known: fhir, ldap)"
+            )
+    for key in (
+        "budget_seconds",
+        "cache_ttl_seconds",
+        "search_limit",
+        "ldap_timeout_seconds",
+        "ldap_pool_size",
+        "ldap_page_size",
+        "fhir_timeout_seconds",
+        "fhir_max_pages",
+    ):
+        if getattr(annuaire, key) <= 0:
+            raise ConfigError(f"annuaire.{key}: must be greater than 0")
+    for key in ("negative_ttl_seconds", "fhir_retries", "fhir_backoff_seconds"):
+        if getattr(annuaire, key) < 0:
+            raise ConfigError(f"annuaire.{key}: must not be negative")
+    if "ldap" in annuaire.backends or "ldap" in annuaire.publish_targets:
+        if not annuaire.ldap_url.startswith(("ldap://", "ldaps://")):
+            raise ConfigError(
+                f"annuaire.ldap_url: expected ldap://HOST[:PORT] or ldaps://HOST[:PORT], "
+                f"got {annuaire.ldap_url!r}"
+            )
+        if annuaire.ldap_url.startswith("ldaps://") and annuaire.ldap_starttls:
+            raise ConfigError("annuaire.ldap_starttls: not with an ldaps:// URL (already TLS)")
+        if bool(annuaire.ldap_bind_dn) != bool(annuaire.ldap_bind_password_file):
+            raise ConfigError(
+                "annuaire.ldap_bind_dn and annuaire.ldap_bind_password_file: set both to "
+                "bind, or neither for an anonymous search"
+            )
+    if "ldap" in annuaire.backends and not annuaire.ldap_base_dn:
+        raise ConfigError("annuaire.ldap_base_dn: required when backends include ldap")
+    if "ldap" in annuaire.publish_targets and not annuaire.ldap_publish_base_dn:
+        raise ConfigError("annuaire.ldap_publish_base_dn: required to publish to LDAP")
+    for entry in annuaire.ldap_attributes:
+        name, sep, attribute = entry.partition("=")
+        if not sep or not name.strip() or not attribute.strip():
+            raise ConfigError(f"annuaire.ldap_attributes: expected FIELD=ATTRIBUTE, got {entry!r}")
+    if ("fhir" in annuaire.backends or "fhir" in annuaire.publish_targets) and not (
+        annuaire.fhir_url.startswith("https://")
+    ):
+        raise ConfigError(f"annuaire.fhir_url: expected an https:// URL, got {annuaire.fhir_url!r}")
 
 
 def load(path: Path | None = None, env: Mapping[str, str] | None = None) -> Settings:

@@ -205,3 +205,85 @@ whitelist_refusals = Table(
     Column("sha256", String(64)),
     Column("message", Text, nullable=False),
 )
+
+# -- national directory (mssd/annuaire; migration 0004) ---------------------------
+
+# Mailboxes of the national directory loaded from the public extraction file
+# (`mssd annuaire import`): one row per mailbox, replaced as a whole by each import.
+# The *_key columns hold folded text (no accents, case-folded) for searches.
+annuaire_entries = Table(
+    "annuaire_entries",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("address", String(320), nullable=False, unique=True),
+    Column("bal_type", String(3)),
+    Column("idnat_ps", String(16), index=True),
+    Column("civility", Text),
+    Column("last_name", Text),
+    Column("first_name", Text),
+    Column("last_name_key", String(255), index=True),
+    Column("first_name_key", String(255)),
+    Column("profession_code", String(16), index=True),
+    Column("profession_label", Text),
+    Column("profession_key", String(255)),
+    Column("savoir_faire", Text),
+    Column("structure_id", String(64)),
+    Column("structure_name", Text),
+    Column("trade_name", Text),
+    Column("structure_category", String(16)),
+    Column("service", Text),
+    Column("street", Text),
+    Column("postcode", String(16), index=True),
+    Column("city", Text),
+    Column("city_key", String(255), index=True),
+    Column("description", Text),
+    Column("responsible", Text),
+    Column("phone", String(64)),
+    Column("dematerialisation", Boolean),
+    Column("liste_rouge", Boolean, nullable=False),
+    Column("imported_at", Timestamp, nullable=False),
+)
+
+# Answers of the directory backends, shared by every process using this store.
+annuaire_cache = Table(
+    "annuaire_cache",
+    metadata,
+    Column("key", String(400), primary_key=True),
+    Column("status", String(16), nullable=False),
+    Column("source", String(32), nullable=False),
+    Column("entries", Text, nullable=False),
+    Column("expires_at", Timestamp, nullable=False, index=True),
+    CheckConstraint("status IN ('found', 'not_found')", name="status"),
+)
+
+# What the directory should say about each of our mailboxes (MOS BoiteLettreMSS
+# fields mssd has no other place for).
+annuaire_mailbox_settings = Table(
+    "annuaire_mailbox_settings",
+    metadata,
+    Column("mailbox_id", Integer, ForeignKey("mailboxes.id"), primary_key=True),
+    Column("liste_rouge", Boolean, nullable=False),
+    Column("dematerialisation", Boolean, nullable=False),
+    Column("description", Text),
+    Column("responsible", Text),
+    Column("service", Text),
+    Column("phone", String(64)),
+    Column("updated_at", Timestamp, nullable=False),
+)
+
+# The outcome of the last publication of each mailbox to each target (fhir, ldap).
+annuaire_publications = Table(
+    "annuaire_publications",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("mailbox_id", Integer, ForeignKey("mailboxes.id"), nullable=False),
+    Column("target", String(16), nullable=False),
+    Column("published", Boolean, nullable=False),
+    Column("fingerprint", String(64)),
+    Column("action", String(16), nullable=False),
+    Column("outcome", String(16), nullable=False),
+    Column("http_status", Integer),
+    Column("message", Text, nullable=False),
+    Column("attempted_at", Timestamp, nullable=False),
+    UniqueConstraint("mailbox_id", "target"),
+)

@@ -1,0 +1,403 @@
+"""Publication of our mailboxes to the national directory (FHIR PATCH) and to a
+site's own directory (LDAP).
+
+What is sent is decided from the store alone (``plan``, no I/O):
+
+| our mailbox | already published | action |
+|---|---|---|
+| active, listed | no | ``insert`` the ContactPoint |
+| active, listed, changed since | yes | ``replace`` it |
+| unlisted (liste rouge) or closed | yes | ``delete`` it |
+| unlisted or closed | no | nothing: never published |
+| suspended | either | nothing: left as it is |
+
+FHIR: a ``Parameters`` resource of FHIRPath Patch operations (FHIR R4 §3.1.0.6.2)
+on ``<Resource>.telecom``, sent as a conditional PATCH (R4 §3.1.0.7.1): PER on
+``Practitioner?identifier=urn:oid:1.2.250.1.71.4.2.1|<idNat_PS>``, CAB on the
+Practitioner of its responsible's idNat_PS, ORG and APP on
+``Organization?identifier=https://finess.esante.gouv.fr|<FINESS>`` (or, for a
+SIRET-identified structure, ``urn:oid:1.2.250.1.71.4.2.2|<idNat_Struct>``). The
+directory answers 404 when the condition matches nothing and 412 when it
+matches several; the address and type of a mailbox cannot be changed, only
+deleted and re-created. Fields per type follow the Annuaire Santé IG table
+(PER: type, digitization, listeRouge; ORG/APP: + description, service,
+responsible, phone; CAB: + description, responsible).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import urllib.parse
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from mssd.annuaire.fhir_resources import (
+    BAL_TYPE_SYSTEM,
+    EMAIL_TYPE,
+    EMAIL_TYPE_SYSTEM,
+    FINESS_SYSTEM,
+    IDNAT_PS_SYSTEM,
+    IDNAT_STRUCT_SYSTEM,
+    MAILBOX_METADATA,
+)
+from mssd.annuaire.model import DirectoryError
+from mssd.config import Settings
+from mssd.store import annuaire as store
+from mssd.store.annuaire import PublicationState, PublishedMailbox
+from mssd.trust.idnat import IdNatError, check_idnat_ps
+
+Action = Literal["insert", "replace", "delete", "skip"]
+
+
+class PublicationError(ValueError):
+    """A mailbox cannot be published as it stands; the message says what is missing."""
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: Action
+    reason: str
+
+
+def contact_point(mailbox: PublishedMailbox) -> dict[str, Any]:
+    """The ContactPoint of a mailbox (profile as-mailbox-mss)."""
+    metadata: list[dict[str, Any]] = [
+        {
+            "url": "type",
+            "valueCodeableConcept": {
+                "coding": [{"system": BAL_TYPE_SYSTEM, "code": mailbox.bal_type}]
+            },
+        },
+        {"url": "digitization", "valueBoolean": mailbox.dematerialisation},
+        # Unlisted mailboxes are never published: what is published is listed.
+        {"url": "listeRouge", "valueBoolean": False},
+    ]
+    optional: tuple[str, ...] = ()
+    if mailbox.bal_type in ("ORG", "APP"):
+        optional = ("description", "service", "responsible", "phone")
+    elif mailbox.bal_type == "CAB":
+        optional = ("description", "responsible")
+    for name in optional:
+        value = getattr(mailbox, name)
+        if value:
+            metadata.append({"url": name, "valueString": value})
+    return {
+        "system": "email",
+        "value": mailbox.address,
+        "extension": [
+            {"url": EMAIL_TYPE, "valueCoding": {"system": EMAIL_TYPE_SYSTEM, "code": "MSSANTE"}},
+            {"url": MAILBOX_METADATA, "extension": metadata},
+        ],
+    }
+
+
+def fhir_target(mailbox: PublishedMailbox) -> tuple[str, str, str]:
+    """(resource type, identifier system, identifier value) of the resource that
+    carries the mailbox."""
+    if mailbox.bal_type == "PER":
+        return "Practitioner", IDNAT_PS_SYSTEM, mailbox.owner_idnat
+    if mailbox.bal_type == "CAB":
+        try:
+            responsible = check_idnat_ps((mailbox.responsible or "").strip())
+        except IdNatError:
+            raise PublicationError(
+                f"{mailbox.address}: a CAB mailbox is published on its responsible's "
+                f"Practitioner: set it with `mssd annuaire set {mailbox.address} "
+                "--responsible <idNat_PS>`"
+            ) from None
+        return "Practitioner", IDNAT_PS_SYSTEM, responsible
+    structure = mailbox.owner_idnat
+    if structure.startswith("1"):
+        return "Organization", FINESS_SYSTEM, structure[1:]
+    return "Organization", IDNAT_STRUCT_SYSTEM, structure
+
+
+def fingerprint(mailbox: PublishedMailbox) -> str:
+    try:
+        target = fhir_target(mailbox)
+    except PublicationError:
+        target = ("", "", "")
+    data = json.dumps([target, contact_point(mailbox)], sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(data.encode()).hexdigest()
+
+
+def decide(mailbox: PublishedMailbox, state: PublicationState | None) -> Decision:
+    published = state is not None and state.published
+    if mailbox.status == "closed" or mailbox.liste_rouge:
+        why = "closed" if mailbox.status == "closed" else "unlisted (liste rouge)"
+        if published:
+            return Decision("delete", why)
+        return Decision("skip", f"{why}: never published")
+    if mailbox.status != "active":
+        return Decision("skip", f"{mailbox.status}: left as it is")
+    if not published:
+        return Decision("insert", "not published yet")
+    assert state is not None
+    if state.fingerprint != fingerprint(mailbox):
+        return Decision("replace", "changed since the last publication")
+    return Decision("skip", "up to date")
+
+
+def _telecom_where(resource: str, address: str) -> str:
+    # FHIRPath string literal (FHIRPath §3.2): quotes and backslashes escaped.
+    literal = address.replace("\\", "\\\\").replace("'", "\\'")
+    return f"{resource}.telecom.where(value = '{literal}')"
+
+
+@dataclass(frozen=True)
+class FhirPatch:
+    address: str
+    action: Action
+    resource: str
+    system: str
+    value: str
+    body: dict[str, Any]
+
+    @property
+    def query(self) -> str:
+        """``<Resource>?identifier=<system>|<value>``, percent-encoded."""
+        return f"{self.resource}?" + urllib.parse.urlencode(
+            {"identifier": f"{self.system}|{self.value}"}
+        )
+
+
+def fhir_patch(mailbox: PublishedMailbox, action: Action) -> FhirPatch:
+    resource, system, value = fhir_target(mailbox)
+    parts: list[dict[str, Any]] = [{"name": "type", "valueCode": action}]
+    if action == "insert":
+        parts += [
+            {"name": "path", "valueString": f"{resource}.telecom"},
+            {"name": "index", "valueInteger": 0},
+            {"name": "value", "valueContactPoint": contact_point(mailbox)},
+        ]
+    elif action == "replace":
+        parts += [
+            {"name": "path", "valueString": _telecom_where(resource, mailbox.address)},
+            {"name": "value", "valueContactPoint": contact_point(mailbox)},
+        ]
+    elif action == "delete":
+        parts.append({"name": "path", "valueString": _telecom_where(resource, mailbox.address)})
+    else:
+        raise ValueError(f"no PATCH for {action!r}")
+    body = {"resourceType": "Parameters", "parameter": [{"name": "operation", "part": parts}]}
+    return FhirPatch(mailbox.address, action, resource, system, value, body)
+
+
+# -- running it ------------------------------------------------------------------------
+
+
+async def _publish_fhir(
+    settings: Settings,
+    engine: AsyncEngine,
+    mailboxes: list[PublishedMailbox],
+    *,
+    dry_run: bool,
+    actor: str,
+    out: Callable[[str], None],
+) -> None:
+    from mssd.annuaire.fhir import FhirClient, FhirConfig, _outcome
+
+    states = await store.publication_states(engine, "fhir")
+    client = None if dry_run else FhirClient(FhirConfig.from_settings(settings.annuaire))
+    try:
+        for mailbox in mailboxes:
+            state = states.get(mailbox.mailbox_id)
+            decision = decide(mailbox, state)
+            if decision.action == "skip":
+                out(f"# fhir {mailbox.address}: nothing to send ({decision.reason})")
+                continue
+            try:
+                patch = fhir_patch(mailbox, decision.action)
+            except PublicationError as error:
+                out(f"# fhir {mailbox.address}: cannot publish: {error}")
+                if client is not None:
+                    await _record(
+                        engine,
+                        mailbox,
+                        "fhir",
+                        state,
+                        decision.action,
+                        "error",
+                        None,
+                        str(error),
+                        actor,
+                        published_after=None,
+                    )
+                continue
+            if client is None:
+                out(f"PATCH {settings.annuaire.fhir_url.rstrip('/')}/{patch.query}")
+                out(json.dumps(patch.body, ensure_ascii=False, indent=2))
+                continue
+            try:
+                response = await client.request("PATCH", client.url(patch.query), body=patch.body)
+            except DirectoryError as error:
+                await _record(
+                    engine,
+                    mailbox,
+                    "fhir",
+                    state,
+                    decision.action,
+                    "error",
+                    None,
+                    str(error),
+                    actor,
+                    published_after=None,
+                )
+                out(f"fhir {mailbox.address}: {decision.action} failed: {error}")
+                continue
+            ok = 200 <= response.status < 300
+            message = "ok" if ok else _outcome(response.body)
+            if response.status == 404:
+                message = f"no {patch.resource} with {patch.system}|{patch.value}: {message}"
+            elif response.status == 412:
+                message = f"several {patch.resource} with {patch.system}|{patch.value}: {message}"
+            published_after = (decision.action != "delete") if ok else None
+            await _record(
+                engine,
+                mailbox,
+                "fhir",
+                state,
+                decision.action,
+                "ok" if ok else "error",
+                response.status,
+                message,
+                actor,
+                published_after=published_after,
+            )
+            out(f"fhir {mailbox.address}: {decision.action} -> {response.status} {message}")
+    finally:
+        if client is not None:
+            await client.close()
+
+
+async def _record(
+    engine: AsyncEngine,
+    mailbox: PublishedMailbox,
+    target: str,
+    state: PublicationState | None,
+    action: str,
+    outcome: str,
+    status: int | None,
+    message: str,
+    actor: str,
+    *,
+    published_after: bool | None,
+) -> None:
+    """Keep what the directory holds: on failure, the previous state stands."""
+    if published_after is None:
+        published = state.published if state else False
+        kept = state.fingerprint if state else None
+    else:
+        published = published_after
+        kept = fingerprint(mailbox) if published_after else None
+    await store.record_publication(
+        engine,
+        mailbox.mailbox_id,
+        target,
+        published=published,
+        fingerprint=kept,
+        action=action,
+        outcome=outcome,
+        http_status=status,
+        message=message,
+        actor=actor,
+        address=mailbox.address,
+    )
+
+
+async def _publish_ldap(
+    settings: Settings,
+    engine: AsyncEngine,
+    mailboxes: list[PublishedMailbox],
+    *,
+    dry_run: bool,
+    actor: str,
+    out: Callable[[str], None],
+) -> None:
+    from mssd.annuaire.ldap_publish import LdapPublisher, ldap_attributes, mailbox_dn
+
+    base = settings.annuaire.ldap_publish_base_dn
+    states = await store.publication_states(engine, "ldap")
+    publisher = None if dry_run else LdapPublisher.from_settings(settings.annuaire)
+    try:
+        for mailbox in mailboxes:
+            state = states.get(mailbox.mailbox_id)
+            decision = decide(mailbox, state)
+            # The directory is the site's own: a listed mailbox is written even
+            # when unchanged, so that a lost entry comes back.
+            if decision.action == "skip" and decision.reason == "up to date":
+                decision = Decision("replace", "rewritten")
+            if decision.action == "skip":
+                out(f"# ldap {mailbox.address}: nothing to write ({decision.reason})")
+                continue
+            dn = mailbox_dn(mailbox.address, base)
+            if publisher is None:
+                # LDIF (RFC 2849); an entry that exists gets its attributes replaced.
+                out(f"# ldap {mailbox.address}: {decision.action} ({decision.reason})")
+                out(f"dn: {dn}")
+                if decision.action == "delete":
+                    out("changetype: delete")
+                else:
+                    out("changetype: add")
+                    for name, values in ldap_attributes(mailbox).items():
+                        for value in values:
+                            out(f"{name}: {value}")
+                out("")
+                continue
+            try:
+                done = await asyncio.to_thread(
+                    publisher.write, mailbox, decision.action == "delete"
+                )
+            except DirectoryError as error:
+                await _record(
+                    engine,
+                    mailbox,
+                    "ldap",
+                    state,
+                    decision.action,
+                    "error",
+                    None,
+                    str(error),
+                    actor,
+                    published_after=None,
+                )
+                out(f"ldap {mailbox.address}: {decision.action} failed: {error}")
+                continue
+            await _record(
+                engine,
+                mailbox,
+                "ldap",
+                state,
+                done,
+                "ok",
+                None,
+                "ok",
+                actor,
+                published_after=decision.action != "delete",
+            )
+            out(f"ldap {mailbox.address}: {done} {dn}")
+    finally:
+        if publisher is not None:
+            await asyncio.to_thread(publisher.close)
+
+
+async def run_publication(
+    settings: Settings,
+    engine: AsyncEngine,
+    *,
+    dry_run: bool,
+    actor: str,
+    out: Callable[[str], None],
+) -> None:
+    """Publish (or, dry run, print) every mailbox change to each configured target."""
+    mailboxes = await store.our_mailboxes(engine)
+    for target in settings.annuaire.publish_targets:
+        if target == "fhir":
+            await _publish_fhir(settings, engine, mailboxes, dry_run=dry_run, actor=actor, out=out)
+        elif target == "ldap":
+            await _publish_ldap(settings, engine, mailboxes, dry_run=dry_run, actor=actor, out=out)
