@@ -24,6 +24,7 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import bisect
 import time
 from array import array
 from collections import OrderedDict, deque
@@ -60,26 +61,28 @@ def _advance(
     state: FolderState, changed: list[MessageRow], vanished: list[int], highest: int
 ) -> FolderState:
     """The state after the changes (the store's order: expunges, then flag
-    changes, then new messages, whose UIDs are above all others)."""
+    changes, then new messages, whose UIDs are above all others). The arrays are
+    copied whole (memory copies) and only the changed positions touched."""
+    uids = array("Q", state.uids)
+    flags = list(state.flags)
+    modseqs = array("Q", state.modseqs)
+    for uid in sorted(set(vanished), reverse=True):
+        index = bisect.bisect_left(uids, uid)
+        if index < len(uids) and uids[index] == uid:
+            del uids[index], flags[index], modseqs[index]
     gone = set(vanished)
-    updates = {row.uid: row for row in changed}
-    uids: array[int] = array("Q")
-    modseqs: array[int] = array("Q")
-    flags: list[frozenset[str]] = []
-    for uid, message_flags, modseq in zip(state.uids, state.flags, state.modseqs, strict=True):
-        if uid in gone:
+    for row in sorted(changed, key=lambda r: r.uid):
+        if row.uid in gone:
             continue
-        row = updates.pop(uid, None)
-        uids.append(uid)
-        flags.append(message_flags if row is None else shared_flags(row.flags))
-        modseqs.append(modseq if row is None else row.modseq)
-    last = uids[-1] if uids else 0
-    for row in sorted(updates.values(), key=lambda r: r.uid):
-        if row.uid > last and row.uid not in gone:
+        index = bisect.bisect_left(uids, row.uid)
+        if index < len(uids) and uids[index] == row.uid:
+            flags[index] = shared_flags(row.flags)
+            modseqs[index] = row.modseq
+        elif index == len(uids):
             uids.append(row.uid)
             flags.append(shared_flags(row.flags))
             modseqs.append(row.modseq)
-            last = row.uid
+    last = uids[-1] if uids else 0
     return FolderState(
         uids,
         flags,
