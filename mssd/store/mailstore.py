@@ -194,20 +194,87 @@ _SET_FLAGS = (
 )
 
 
+# Statements built once: SQLAlchemy then reuses their compiled form without
+# rebuilding the expression or its cache key at each call (the IMAP hot paths).
+_MESSAGE_COLUMNS = (
+    placements.c.uid,
+    placements.c.flags,
+    placements.c.modseq,
+    placements.c.internal_date,
+    placements.c.size,
+    placements.c.blob_sha256,
+)
+_MESSAGES_IN = (
+    select(*_MESSAGE_COLUMNS)
+    .where(
+        placements.c.folder_id == bindparam("b_folder"),
+        placements.c.uid.in_(bindparam("b_uids", expanding=True)),
+    )
+    .order_by(placements.c.uid)
+)
+_MESSAGES_BETWEEN = (
+    select(*_MESSAGE_COLUMNS)
+    .where(
+        placements.c.folder_id == bindparam("b_folder"),
+        placements.c.uid.between(bindparam("b_low"), bindparam("b_high")),
+    )
+    .order_by(placements.c.uid)
+)
+_CHANGED = (
+    select(*_MESSAGE_COLUMNS)
+    .where(
+        placements.c.folder_id == bindparam("b_folder"),
+        placements.c.modseq > bindparam("b_modseq"),
+    )
+    .order_by(placements.c.uid)
+)
+_EXPUNGED = select(expunges.c.uid, expunges.c.modseq).where(
+    expunges.c.folder_id == bindparam("b_folder"), expunges.c.modseq > bindparam("b_modseq")
+)
+_BLOBS = select(blobs.c.sha256, blobs.c.data).where(
+    blobs.c.sha256.in_(bindparam("b_digests", expanding=True))
+)
+_BLOB_HEADS = select(blobs.c.sha256, func.substr(blobs.c.data, 1, bindparam("b_limit"))).where(
+    blobs.c.sha256.in_(bindparam("b_digests", expanding=True))
+)
+_FOLDER_COUNTERS = (
+    select(folders.c.id, folders.c.uidnext, folders.c.highestmodseq)
+    .where(folders.c.id.in_(bindparam("b_ids", expanding=True)))
+    .order_by(folders.c.id)
+)
+_LOCK_FOLDER_COUNTERS = _FOLDER_COUNTERS.with_for_update()
+_PLACEMENT_FLAGS = (
+    select(placements.c.uid, placements.c.flags, placements.c.modseq)
+    .where(
+        placements.c.folder_id == bindparam("b_folder"),
+        placements.c.uid.in_(bindparam("b_uids", expanding=True)),
+    )
+    .order_by(placements.c.uid)
+)
+_INSERT_PLACEMENTS = insert(placements)
+_INSERT_EXPUNGES = insert(expunges)
+_DELETE_PLACEMENTS = delete(placements).where(
+    placements.c.folder_id == bindparam("b_folder"),
+    placements.c.uid.in_(bindparam("b_uids", expanding=True)),
+)
+_DELETED = select(placements.c.uid, placements.c.flags).where(
+    placements.c.folder_id == bindparam("b_folder"),
+    placements.c.flags.contains("\\Deleted", autoescape=True),
+)
+_DELETED_IN = _DELETED.where(placements.c.uid.in_(bindparam("b_uids", expanding=True)))
+_SPARSE = 4
+"""A UID range is read whole when it holds at most this many times the UIDs asked."""
+
+
 def _postgres(conn: AsyncConnection) -> bool:
     return conn.dialect.name == "postgresql"
 
 
 async def _lock_folders(conn: AsyncConnection, ids: Iterable[int]) -> dict[int, _Counters]:
     wanted = sorted(set(ids))
-    query = (
-        select(folders.c.id, folders.c.uidnext, folders.c.highestmodseq)
-        .where(folders.c.id.in_(wanted))
-        .order_by(folders.c.id)
-    )
-    if _postgres(conn):
-        query = query.with_for_update()
-    found = {row[0]: _Counters(row[1], row[2]) for row in await conn.execute(query)}
+    query = _LOCK_FOLDER_COUNTERS if _postgres(conn) else _FOLDER_COUNTERS
+    rows = await conn.execute(query, {"b_ids": wanted})
+    found = {row[0]: _Counters(row[1], row[2]) for row in rows}
     if len(found) != len(wanted):
         raise MailStoreError("NONEXISTENT", "no such folder (deleted meanwhile?)")
     return found
@@ -648,30 +715,30 @@ class MailStore:
         return FolderSnapshot(uidvalidity, uidnext, highestmodseq, messages)
 
     @staticmethod
-    def _message_query() -> Any:
-        return select(
-            placements.c.uid,
-            placements.c.flags,
-            placements.c.modseq,
-            placements.c.internal_date,
-            placements.c.size,
-            placements.c.blob_sha256,
-        )
-
-    @staticmethod
     def _message_row(row: Any) -> MessageRow:
         return MessageRow(row[0], parse_flags(row[1]), row[2], as_utc(row[3]), row[4], row[5])
 
     async def messages(self, folder_id: int, uids: Sequence[int]) -> list[MessageRow]:
+        """The rows of these UIDs (those still in the folder), ascending."""
+        if not uids:
+            return []
         found: list[MessageRow] = []
+        low, high = min(uids), max(uids)
         async with self._engine.connect() as conn:
-            for chunk in _chunks(uids):
+            if high - low + 1 <= _SPARSE * len(uids) + 64:
+                # A dense set (a whole folder, the newest messages): one range
+                # query rather than lists of parameters.
+                wanted = set(uids)
                 rows = await conn.execute(
-                    self._message_query()
-                    .where(placements.c.folder_id == folder_id, placements.c.uid.in_(chunk))
-                    .order_by(placements.c.uid)
+                    _MESSAGES_BETWEEN, {"b_folder": folder_id, "b_low": low, "b_high": high}
                 )
-                found.extend(self._message_row(row) for row in rows)
+                found.extend(self._message_row(row) for row in rows if row[0] in wanted)
+            else:
+                for chunk in _chunks(uids):
+                    rows = await conn.execute(
+                        _MESSAGES_IN, {"b_folder": folder_id, "b_uids": chunk}
+                    )
+                    found.extend(self._message_row(row) for row in rows)
         return found
 
     async def blobs(self, digests: Sequence[str]) -> dict[str, bytes]:
@@ -680,11 +747,7 @@ class MailStore:
         wanted = sorted(set(digests))
         async with self._engine.connect() as conn:
             for start in range(0, len(wanted), _CHUNK):
-                rows = await conn.execute(
-                    select(blobs.c.sha256, blobs.c.data).where(
-                        blobs.c.sha256.in_(wanted[start : start + _CHUNK])
-                    )
-                )
+                rows = await conn.execute(_BLOBS, {"b_digests": wanted[start : start + _CHUNK]})
                 found.update((sha, bytes(data)) for sha, data in rows)
         return found
 
@@ -696,9 +759,7 @@ class MailStore:
         async with self._engine.connect() as conn:
             for start in range(0, len(wanted), _CHUNK):
                 rows = await conn.execute(
-                    select(blobs.c.sha256, func.substr(blobs.c.data, 1, limit)).where(
-                        blobs.c.sha256.in_(wanted[start : start + _CHUNK])
-                    )
+                    _BLOB_HEADS, {"b_digests": wanted[start : start + _CHUNK], "b_limit": limit}
                 )
                 found.update((sha, bytes(data)) for sha, data in rows)
         return found
@@ -726,19 +787,9 @@ class MailStore:
             if self._postgres:
                 # Both statements must see the same committed state.
                 await conn.execution_options(isolation_level="REPEATABLE READ")
-            rows = await conn.execute(
-                self._message_query()
-                .where(placements.c.folder_id == folder_id, placements.c.modseq > modseq)
-                .order_by(placements.c.uid)
-            )
-            changed = [self._message_row(row) for row in rows]
-            expunged = (
-                await conn.execute(
-                    select(expunges.c.uid, expunges.c.modseq).where(
-                        expunges.c.folder_id == folder_id, expunges.c.modseq > modseq
-                    )
-                )
-            ).all()
+            where = {"b_folder": folder_id, "b_modseq": modseq}
+            changed = [self._message_row(row) for row in await conn.execute(_CHANGED, where)]
+            expunged = (await conn.execute(_EXPUNGED, where)).all()
         highest = max([modseq, *(row.modseq for row in changed), *(m for _, m in expunged)])
         return changed, sorted({uid for uid, _ in expunged}), highest
 
@@ -774,9 +825,7 @@ class MailStore:
             folder = counters[folder_id]
             for chunk in _chunks(uids):
                 rows = await conn.execute(
-                    select(placements.c.uid, placements.c.flags, placements.c.modseq)
-                    .where(placements.c.folder_id == folder_id, placements.c.uid.in_(chunk))
-                    .order_by(placements.c.uid)
+                    _PLACEMENT_FLAGS, {"b_folder": folder_id, "b_uids": chunk}
                 )
                 for uid, stored, modseq in rows:
                     current = parse_flags(stored)
@@ -820,7 +869,7 @@ class MailStore:
         if not ordered:
             return
         await conn.execute(
-            insert(expunges),
+            _INSERT_EXPUNGES,
             [
                 {
                     "folder_id": folder_id,
@@ -832,26 +881,19 @@ class MailStore:
             ],
         )
         for chunk in _chunks(ordered):
-            await conn.execute(
-                delete(placements).where(
-                    placements.c.folder_id == folder_id, placements.c.uid.in_(chunk)
-                )
-            )
+            await conn.execute(_DELETE_PLACEMENTS, {"b_folder": folder_id, "b_uids": chunk})
 
     async def expunge(self, folder_id: int, *, uids: Sequence[int] | None = None) -> list[int]:
         """RFC 9051 §6.4.3 EXPUNGE, or RFC 4315 §2.1 UID EXPUNGE when ``uids`` is given."""
         async with write_transaction(self._engine) as conn:
             counters = await _lock_folders(conn, [folder_id])
-            query = select(placements.c.uid, placements.c.flags).where(
-                placements.c.folder_id == folder_id,
-                placements.c.flags.contains("\\Deleted", autoescape=True),
-            )
             candidates: list[tuple[int, str]] = []
             if uids is None:
-                candidates.extend((await conn.execute(query)).tuples())
+                rows = await conn.execute(_DELETED, {"b_folder": folder_id})
+                candidates.extend(rows.tuples())
             else:
                 for chunk in _chunks(uids):
-                    rows = await conn.execute(query.where(placements.c.uid.in_(chunk)))
+                    rows = await conn.execute(_DELETED_IN, {"b_folder": folder_id, "b_uids": chunk})
                     candidates.extend(rows.tuples())
             doomed = sorted(uid for uid, stored in candidates if "\\Deleted" in stored.split())
             if doomed:
@@ -915,7 +957,7 @@ class MailStore:
             if move:
                 # Remove first: with src == dst the new rows must not be expunged.
                 await self._expunge_locked(conn, src, counters[src], [uid for uid, _ in pairs])
-            await conn.execute(insert(placements), new_rows)
+            await conn.execute(_INSERT_PLACEMENTS, new_rows)
             await _save(conn, counters)
         changes = [FolderChange(dst, counters[dst].highestmodseq, "exists")]
         if move:
@@ -970,7 +1012,7 @@ class MailStore:
                 }
                 for uid, sha, (content, flags, moment) in zip(uids, digests, messages, strict=True)
             ]
-            await conn.execute(insert(placements), rows)
+            await conn.execute(_INSERT_PLACEMENTS, rows)
             await _save(conn, counters)
         self._emit([FolderChange(folder_id, folder.highestmodseq, "exists")])
         return uids
