@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from mssd.imap import heads as heads_module
 from mssd.imap.fetchdata import SectionSpec, envelope, section
 from mssd.imap.heads import Head, HeadCache, head_of
 from mssd.mime.structure import parse
@@ -61,12 +62,13 @@ def test_any_cut_is_exact_or_refused(name: str, data: st.DataObject) -> None:
 
 
 def test_cache_is_bounded_in_octets_and_drops_the_oldest() -> None:
-    cache = HeadCache(max_bytes=3000)
+    cost = 600 + heads_module._OVERHEAD
+    cache = HeadCache(max_bytes=3 * cost)
     heads = [Head(bytes([65 + i]) * 600, parse(b"")) for i in range(5)]
     for index, head in enumerate(heads):
         cache._keep(f"sha{index}", head)
-    # 1,000 octets each with the overhead: the three newest stay.
+    # Room for three: the three newest stay.
     assert list(cache._entries) == ["sha2", "sha3", "sha4"]
-    cache._keep("big", Head(b"x" * 5000, parse(b"")))
+    cache._keep("big", Head(b"x" * 4 * cost, parse(b"")))
     assert "big" not in cache._entries
     assert HeadCache(0)._entries == {}

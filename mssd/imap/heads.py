@@ -19,15 +19,18 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from mssd.mime.structure import Part, header_end, parse
 from mssd.store.mailstore import MailStore, MessageRow
 
 HEAD_BYTES = 8192
 """Octets read from the start of a blob; a longer header block reads the whole blob."""
-_OVERHEAD = 400
-"""Rough octets of Python objects per cached entry, on top of the header bytes."""
+FIELD_LISTS = 4
+"""HEADER.FIELDS answers kept per header block (distinct field lists)."""
+_OVERHEAD = 400 + FIELD_LISTS * 300
+"""Rough octets of Python objects per cached entry, on top of the header bytes
+(its HEADER.FIELDS answers included)."""
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,8 @@ class Head:
     """The header block, empty line included (or the whole message, see above)."""
     root: Part
     """``parse(raw)``: its ``headers`` are the message's."""
+    fields: dict[tuple[str, tuple[str, ...]], bytes] = field(default_factory=dict, compare=False)
+    """BODY[HEADER.FIELDS (...)] answers by field list, at most :data:`FIELD_LISTS`."""
 
 
 def head_of(prefix: bytes, *, whole: bool) -> Head | None:

@@ -31,7 +31,7 @@ from mssd.imap.fetchdata import (
     wire_body,
     wire_envelope,
 )
-from mssd.imap.heads import Head
+from mssd.imap.heads import FIELD_LISTS, Head
 from mssd.imap.protocol import (
     AppendArgs,
     Command,
@@ -130,6 +130,8 @@ def section_name(attr: FetchAttr) -> str:
 class Loaded:
     raw: bytes
     root: Part
+    fields: dict[tuple[str, tuple[str, ...]], bytes] | None = None
+    """HEADER.FIELDS answers already made for this message (``Head.fields``)."""
 
 
 async def parsed(raw: bytes) -> Loaded:
@@ -165,8 +167,23 @@ async def _contents(
     store = session.services.mailstore
     if heads_only:
         heads = await session.services.heads.heads(store, rows)
-        return {digest: Loaded(head.raw, head.root) for digest, head in heads.items()}
+        return {digest: Loaded(head.raw, head.root, head.fields) for digest, head in heads.items()}
     return await store.blobs([row.sha256 for row in rows])
+
+
+def _header_fields_memo(loaded: Loaded, spec: SectionSpec) -> bytes | None:
+    """BODY[HEADER.FIELDS (...)] of a cached header block, made once per field
+    list (clients ask for the same few lists again and again)."""
+    memo = loaded.fields
+    if memo is None or spec.part or spec.text not in ("HEADER.FIELDS", "HEADER.FIELDS.NOT"):
+        return None
+    key = (spec.text, tuple(name.lower() for name in spec.fields))
+    data = memo.get(key)
+    if data is None:
+        data = section(loaded.raw, loaded.root, spec)
+        if data is not None and len(memo) < FIELD_LISTS:
+            memo[key] = data
+    return data
 
 
 def sets_seen(attrs: Sequence[FetchAttr]) -> bool:
@@ -208,7 +225,9 @@ def fetch_item(
         return "RFC822.TEXT", section(raw, root, SectionSpec(text="TEXT")) or b""
     spec = attr.section or SectionSpec()
     if name == "BODY":
-        data = section(raw, root, spec)
+        data = _header_fields_memo(loaded, spec)
+        if data is None:
+            data = section(raw, root, spec)
         if data is None:
             raise ValueError("invalid section")
         if attr.partial is not None:
@@ -483,8 +502,9 @@ def _on_date(op: str, day: dt.date, target: dt.date) -> bool:
     return day >= target
 
 
-Predicate = Callable[[int, int], bool]
-"""A test on what the session's view holds of a message: (uid, sequence number)."""
+Predicate = Callable[[int, int, frozenset[str], int], bool]
+"""A test on what the session's view holds of a message: uid, sequence number,
+flags, modseq."""
 
 
 def view_predicate(session: Session, key: SearchKey) -> Predicate:
@@ -493,33 +513,35 @@ def view_predicate(session: Session, key: SearchKey) -> Predicate:
     search rather than once per message."""
     view = selected(session)
     if isinstance(key, SearchAll):
-        return lambda uid, seq: True
+        return lambda uid, seq, flags, modseq: True
     if isinstance(key, SearchFlag):
         if key.flag == "\\Recent":
             # mssd does not track \Recent (RFC 9051 dropped it).
             absent = not key.present
-            return lambda uid, seq: absent
-        flags, flag, present = view.flags, key.flag, key.present
-        return lambda uid, seq: (flag in flags.at(seq)) is present
+            return lambda uid, seq, flags, modseq: absent
+        flag, present = key.flag, key.present
+        return lambda uid, seq, flags, modseq: (flag in flags) is present
     if isinstance(key, SearchSet):
         if key.uid:
             uids = frozenset(resolve(session, key.sequence, True))
-            return lambda uid, seq: uid in uids
+            return lambda uid, seq, flags, modseq: uid in uids
         saved = [s for s in (view.seq_of(u) for u in view.saved) if s is not None]
         seqs = frozenset(n for r in key.sequence.resolve(view.exists, saved) for n in r)
-        return lambda uid, seq: seq in seqs
+        return lambda uid, seq, flags, modseq: seq in seqs
     if isinstance(key, SearchModSeq):
-        modseqs, floor = view.modseqs, key.modseq
-        return lambda uid, seq: modseqs.at(seq) >= floor
+        floor = key.modseq
+        return lambda uid, seq, flags, modseq: modseq >= floor
     if isinstance(key, SearchNot):
         inner = view_predicate(session, key.key)
-        return lambda uid, seq: not inner(uid, seq)
+        return lambda uid, seq, flags, modseq: not inner(uid, seq, flags, modseq)
     if isinstance(key, SearchOr):
         left, right = view_predicate(session, key.left), view_predicate(session, key.right)
-        return lambda uid, seq: left(uid, seq) or right(uid, seq)
+        return lambda uid, seq, flags, modseq: (
+            left(uid, seq, flags, modseq) or right(uid, seq, flags, modseq)
+        )
     if isinstance(key, SearchAnd):
         tests = [view_predicate(session, k) for k in key.keys]
-        return lambda uid, seq: all(test(uid, seq) for test in tests)
+        return lambda uid, seq, flags, modseq: all(t(uid, seq, flags, modseq) for t in tests)
     raise ValueError(f"search key {key!r} needs more than the view")
 
 
@@ -528,7 +550,8 @@ async def matches(key: SearchKey, c: _Candidate) -> bool:
         test = c.predicates.get(id(key))
         if test is None:
             test = c.predicates[id(key)] = view_predicate(c.session, key)
-        return test(c.row.uid, c.seq)
+        view = selected(c.session)
+        return test(c.row.uid, c.seq, view.flags.at(c.seq), view.modseqs.at(c.seq))
     if isinstance(key, SearchSize):
         return c.row.size > key.size if key.op == "LARGER" else c.row.size < key.size
     if isinstance(key, SearchDate):
@@ -642,7 +665,12 @@ async def cmd_search(session: Session, command: Command) -> None:
         # Flags, sets and modseqs are in the view: no database round trip, and
         # one synchronous test per message.
         test = view_predicate(session, key)
-        found = [uid for seq, uid in enumerate(view.uids, start=1) if test(uid, seq)]
+        states = zip(view.uids, view.flags.values(), view.modseqs.values(), strict=True)
+        found = [
+            uid
+            for seq, (uid, flags, modseq) in enumerate(states, start=1)
+            if test(uid, seq, flags, modseq)
+        ]
     numbers = found if command.uid else [s for s in (view.seq_of(u) for u in found) if s]
     options = command.args.return_options
     if options is None:
