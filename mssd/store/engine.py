@@ -10,11 +10,13 @@ COMMITTED and writers lock the rows they change (``SELECT ... FOR UPDATE``).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
-from collections.abc import AsyncIterator
+import weakref
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from alembic import command
 from alembic.config import Config
@@ -130,6 +132,58 @@ async def write_transaction(engine: AsyncEngine) -> AsyncIterator[AsyncConnectio
         await conn.execution_options(mssd_write=True)
         async with conn.begin():
             yield conn
+
+
+T = TypeVar("T")
+
+
+def _sqlite_writer(
+    engine: AsyncEngine,
+) -> tuple[Engine, concurrent.futures.ThreadPoolExecutor] | None:
+    """This engine's synchronous SQLite writer and the one thread it runs on
+    (made on first use, disposed with the engine); None for other backends."""
+    held: tuple[Engine, concurrent.futures.ThreadPoolExecutor] | None = getattr(
+        engine.sync_engine, "_mssd_sqlite_writer", None
+    )
+    if held is None:
+        writer = sqlite_writer_engine(engine)
+        if writer is None:
+            return None
+        executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="mssd-sqlite-store")
+        held = (writer, executor)
+        engine.sync_engine._mssd_sqlite_writer = held  # type: ignore[attr-defined]
+        weakref.finalize(engine.sync_engine, _close_writer, writer, executor)
+    return held
+
+
+def _close_writer(writer: Engine, executor: concurrent.futures.ThreadPoolExecutor) -> None:
+    executor.shutdown(wait=False)
+    writer.dispose()
+
+
+async def run_write(engine: AsyncEngine, work: Callable[[Connection], T]) -> T:
+    """Run ``work`` as one write transaction on a synchronous connection:
+    committed when it returns, rolled back when it raises.
+
+    On a SQLite file the whole transaction runs in one call on a thread of its
+    own (stdlib ``sqlite3``, same PRAGMAs, ``BEGIN IMMEDIATE``), in turn with
+    this process's other writers (:func:`writer_lock`): one hand-over between
+    threads per transaction instead of one per statement. Elsewhere it runs
+    through ``AsyncConnection.run_sync`` in :func:`write_transaction`."""
+    writer = _sqlite_writer(engine)
+    if writer is None:
+        async with write_transaction(engine) as conn:
+            return await conn.run_sync(work)
+    sync_engine, executor = writer
+
+    def transaction() -> T:
+        with sync_engine.connect() as conn:
+            conn.execution_options(mssd_write=True)
+            with conn.begin():
+                return work(conn)
+
+    async with writer_lock(engine):
+        return await asyncio.get_running_loop().run_in_executor(executor, transaction)
 
 
 def _alembic_config(connection: Connection | None = None) -> Config:

@@ -7,9 +7,10 @@ ORG/CAB mailboxes it is delegated on with the RFC 4314 "l" right) under
 ``Partagés/<mailbox address>/`` (:data:`SHARED_PREFIX`).
 
 Invariants:
-- every write runs in ``write_transaction`` and locks the folder rows it takes
-  UIDs or modseqs from: ``SELECT ... FOR UPDATE`` in folder-id order on
-  PostgreSQL (the group committer does the same, so writers cannot deadlock),
+- every write runs in ``write_transaction`` or ``run_write`` (engine.py) and
+  locks the folder rows it takes UIDs or modseqs from: ``SELECT ... FOR
+  UPDATE`` in folder-id order on PostgreSQL (the group committer does the
+  same, so writers cannot deadlock),
   the database write lock of ``BEGIN IMMEDIATE`` on SQLite. Folder creation,
   deletion and renaming also lock the mailbox row. Nothing is kept in memory:
   several processes may share one PostgreSQL.
@@ -41,14 +42,14 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from sqlalchemy import bindparam, delete, func, insert, select, update
+from sqlalchemy import Connection, bindparam, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from mssd.store.audit import insert_audit
 from mssd.store.changes import FolderChange
 from mssd.store.delivery import INSERT_BLOB
-from mssd.store.engine import write_transaction
+from mssd.store.engine import run_write, write_transaction
 from mssd.store.messages import as_utc
 from mssd.store.records import AuditEvent
 from mssd.store.schema import (
@@ -262,32 +263,72 @@ _DELETED = select(placements.c.uid, placements.c.flags).where(
     placements.c.flags.contains("\\Deleted", autoescape=True),
 )
 _DELETED_IN = _DELETED.where(placements.c.uid.in_(bindparam("b_uids", expanding=True)))
+_TRANSFERRED = (
+    select(
+        placements.c.uid,
+        placements.c.blob_sha256,
+        placements.c.flags,
+        placements.c.internal_date,
+        placements.c.size,
+    )
+    .where(
+        placements.c.folder_id == bindparam("b_folder"),
+        placements.c.uid.in_(bindparam("b_uids", expanding=True)),
+    )
+    .order_by(placements.c.uid)
+)
 _SPARSE = 4
 """A UID range is read whole when it holds at most this many times the UIDs asked."""
 
 
-def _postgres(conn: AsyncConnection) -> bool:
+def _postgres(conn: Connection | AsyncConnection) -> bool:
     return conn.dialect.name == "postgresql"
 
 
-async def _lock_folders(conn: AsyncConnection, ids: Iterable[int]) -> dict[int, _Counters]:
+def _lock_folders(conn: Connection, ids: Iterable[int]) -> dict[int, _Counters]:
+    """Lock the folders' rows (PostgreSQL; SQLite's write lock covers them) and
+    read their counters. From async code: ``await conn.run_sync(_lock_folders, ids)``."""
     wanted = sorted(set(ids))
     query = _LOCK_FOLDER_COUNTERS if _postgres(conn) else _FOLDER_COUNTERS
-    rows = await conn.execute(query, {"b_ids": wanted})
+    rows = conn.execute(query, {"b_ids": wanted})
     found = {row[0]: _Counters(row[1], row[2]) for row in rows}
     if len(found) != len(wanted):
         raise MailStoreError("NONEXISTENT", "no such folder (deleted meanwhile?)")
     return found
 
 
-async def _save(conn: AsyncConnection, counters: dict[int, _Counters]) -> None:
-    await conn.execute(
+def _save(conn: Connection, counters: dict[int, _Counters]) -> None:
+    conn.execute(
         _ADVANCE,
         [
             {"b_id": folder_id, "b_uidnext": c.uidnext, "b_modseq": c.highestmodseq}
             for folder_id, c in counters.items()
         ],
     )
+
+
+def _expunge_locked(
+    conn: Connection, folder_id: int, folder: _Counters, uids: Sequence[int]
+) -> None:
+    """Remove placements, recording each with a new modseq (ascending uid)."""
+    stamp = dt.datetime.now(dt.UTC)
+    ordered = sorted(set(uids))
+    if not ordered:
+        return
+    conn.execute(
+        _INSERT_EXPUNGES,
+        [
+            {
+                "folder_id": folder_id,
+                "uid": uid,
+                "modseq": folder.next_modseq(),
+                "expunged_at": stamp,
+            }
+            for uid in ordered
+        ],
+    )
+    for chunk in _chunks(ordered):
+        conn.execute(_DELETE_PLACEMENTS, {"b_folder": folder_id, "b_uids": chunk})
 
 
 async def _lock_mailbox(conn: AsyncConnection, mailbox_id: int) -> int:
@@ -544,7 +585,7 @@ class MailStore:
             if any(other.startswith(stored + SEPARATOR) for other in existing):
                 # RFC 9051 §6.3.5: refusing is allowed; HASCHILDREN says why.
                 raise MailStoreError("HASCHILDREN", f"{name} has subfolders: delete them first")
-            await _lock_folders(conn, [folder_id])
+            await conn.run_sync(_lock_folders, [folder_id])
             uidvalidity = int(
                 await conn.scalar(select(folders.c.uidvalidity).where(folders.c.id == folder_id))
                 or 0
@@ -608,7 +649,7 @@ class MailStore:
     ) -> list[FolderChange]:
         """RFC 9051 §6.3.6: renaming INBOX moves its messages to a new folder and
         leaves INBOX, empty, in place; INBOX's subfolders stay where they are."""
-        counters = (await _lock_folders(conn, [inbox_id]))[inbox_id]
+        counters = (await conn.run_sync(_lock_folders, [inbox_id]))[inbox_id]
         new_id = await self._insert_folders(
             conn,
             space.mailbox_id,
@@ -640,7 +681,7 @@ class MailStore:
                     for uid in uids
                 ],
             )
-        await _save(conn, {inbox_id: counters})
+        await conn.run_sync(_save, {inbox_id: counters})
         return [FolderChange(inbox_id, counters.highestmodseq, "expunge")]
 
     async def _rename_tree(
@@ -817,16 +858,15 @@ class MailStore:
         """RFC 9051 §6.4.6 STORE with RFC 7162 §3.1.3 UNCHANGEDSINCE. UIDs not in
         the folder (expunged meanwhile) are ignored."""
         requested = parse_flags(format_flags(flags))
-        updated: list[FlagState] = []
-        unchanged: list[FlagState] = []
-        modified: list[int] = []
-        async with write_transaction(self._engine) as conn:
-            counters = await _lock_folders(conn, [folder_id])
+
+        def work(conn: Connection) -> tuple[StoreResult, int]:
+            updated: list[FlagState] = []
+            unchanged: list[FlagState] = []
+            modified: list[int] = []
+            counters = _lock_folders(conn, [folder_id])
             folder = counters[folder_id]
             for chunk in _chunks(uids):
-                rows = await conn.execute(
-                    _PLACEMENT_FLAGS, {"b_folder": folder_id, "b_uids": chunk}
-                )
+                rows = conn.execute(_PLACEMENT_FLAGS, {"b_folder": folder_id, "b_uids": chunk})
                 for uid, stored, modseq in rows:
                     current = parse_flags(stored)
                     if unchanged_since is not None and modseq > unchanged_since:
@@ -843,7 +883,7 @@ class MailStore:
                     else:
                         updated.append(FlagState(uid, wanted, folder.next_modseq()))
             if updated:
-                await conn.execute(
+                conn.execute(
                     _SET_FLAGS,
                     [
                         {
@@ -855,52 +895,36 @@ class MailStore:
                         for s in updated
                     ],
                 )
-                await _save(conn, counters)
-        if updated:
-            self._emit([FolderChange(folder_id, folder.highestmodseq, "flags")])
-        return StoreResult(tuple(updated), tuple(unchanged), tuple(modified))
+                _save(conn, counters)
+            result = StoreResult(tuple(updated), tuple(unchanged), tuple(modified))
+            return result, folder.highestmodseq
 
-    async def _expunge_locked(
-        self, conn: AsyncConnection, folder_id: int, folder: _Counters, uids: Sequence[int]
-    ) -> None:
-        """Remove placements, recording each with a new modseq (ascending uid)."""
-        stamp = dt.datetime.now(dt.UTC)
-        ordered = sorted(set(uids))
-        if not ordered:
-            return
-        await conn.execute(
-            _INSERT_EXPUNGES,
-            [
-                {
-                    "folder_id": folder_id,
-                    "uid": uid,
-                    "modseq": folder.next_modseq(),
-                    "expunged_at": stamp,
-                }
-                for uid in ordered
-            ],
-        )
-        for chunk in _chunks(ordered):
-            await conn.execute(_DELETE_PLACEMENTS, {"b_folder": folder_id, "b_uids": chunk})
+        result, highest = await run_write(self._engine, work)
+        if result.updated:
+            self._emit([FolderChange(folder_id, highest, "flags")])
+        return result
 
     async def expunge(self, folder_id: int, *, uids: Sequence[int] | None = None) -> list[int]:
         """RFC 9051 §6.4.3 EXPUNGE, or RFC 4315 §2.1 UID EXPUNGE when ``uids`` is given."""
-        async with write_transaction(self._engine) as conn:
-            counters = await _lock_folders(conn, [folder_id])
+
+        def work(conn: Connection) -> tuple[list[int], int]:
+            counters = _lock_folders(conn, [folder_id])
             candidates: list[tuple[int, str]] = []
             if uids is None:
-                rows = await conn.execute(_DELETED, {"b_folder": folder_id})
-                candidates.extend(rows.tuples())
+                candidates.extend(conn.execute(_DELETED, {"b_folder": folder_id}).tuples())
             else:
                 for chunk in _chunks(uids):
-                    rows = await conn.execute(_DELETED_IN, {"b_folder": folder_id, "b_uids": chunk})
+                    rows = conn.execute(_DELETED_IN, {"b_folder": folder_id, "b_uids": chunk})
                     candidates.extend(rows.tuples())
             doomed = sorted(uid for uid, stored in candidates if "\\Deleted" in stored.split())
             if doomed:
-                await self._expunge_locked(conn, folder_id, counters[folder_id], doomed)
-                await _save(conn, counters)
+                _expunge_locked(conn, folder_id, counters[folder_id], doomed)
+                _save(conn, counters)
+            return doomed, counters[folder_id].highestmodseq
+
+        doomed, highest = await run_write(self._engine, work)
         if doomed:
-            self._emit([FolderChange(folder_id, counters[folder_id].highestmodseq, "expunge")])
+            self._emit([FolderChange(folder_id, highest, "expunge")])
         return doomed
 
     async def copy(
@@ -919,26 +943,15 @@ class MailStore:
     async def _transfer(
         self, src: int, uids: Sequence[int], dst: int, *, move: bool
     ) -> list[tuple[int, int]]:
-        pairs: list[tuple[int, int]] = []
-        async with write_transaction(self._engine) as conn:
-            counters = await _lock_folders(conn, [src, dst])
+        def work(conn: Connection) -> tuple[list[tuple[int, int]], dict[int, _Counters]]:
+            pairs: list[tuple[int, int]] = []
+            counters = _lock_folders(conn, [src, dst])
             target = counters[dst]
             rows: list[Any] = []
             for chunk in _chunks(uids):
-                result = await conn.execute(
-                    select(
-                        placements.c.uid,
-                        placements.c.blob_sha256,
-                        placements.c.flags,
-                        placements.c.internal_date,
-                        placements.c.size,
-                    )
-                    .where(placements.c.folder_id == src, placements.c.uid.in_(chunk))
-                    .order_by(placements.c.uid)
-                )
-                rows.extend(result.all())
+                rows.extend(conn.execute(_TRANSFERRED, {"b_folder": src, "b_uids": chunk}).all())
             if not rows:
-                return []
+                return [], counters
             new_rows = []
             for uid, sha, flags, internal_date, size in rows:
                 new_uid = target.next_uid()
@@ -956,9 +969,14 @@ class MailStore:
                 )
             if move:
                 # Remove first: with src == dst the new rows must not be expunged.
-                await self._expunge_locked(conn, src, counters[src], [uid for uid, _ in pairs])
-            await conn.execute(_INSERT_PLACEMENTS, new_rows)
-            await _save(conn, counters)
+                _expunge_locked(conn, src, counters[src], [uid for uid, _ in pairs])
+            conn.execute(_INSERT_PLACEMENTS, new_rows)
+            _save(conn, counters)
+            return pairs, counters
+
+        pairs, counters = await run_write(self._engine, work)
+        if not pairs:
+            return []
         changes = [FolderChange(dst, counters[dst].highestmodseq, "exists")]
         if move:
             changes.append(FolderChange(src, counters[src].highestmodseq, "expunge"))
@@ -988,16 +1006,17 @@ class MailStore:
             raise ValueError("internal_date must be timezone-aware")
         now = dt.datetime.now(dt.UTC)
         digests = [hashlib.sha256(content).hexdigest() for content, _, _ in messages]
-        async with write_transaction(self._engine) as conn:
+
+        def work(conn: Connection) -> tuple[list[int], int]:
             # The blobs first, then the folder lock: the group committer's order.
-            await conn.execute(
+            conn.execute(
                 INSERT_BLOB["postgresql" if self._postgres else "sqlite"],
                 [
                     {"sha256": sha, "size": len(content), "data": content, "created_at": now}
                     for sha, (content, _, _) in dict(zip(digests, messages, strict=True)).items()
                 ],
             )
-            counters = await _lock_folders(conn, [folder_id])
+            counters = _lock_folders(conn, [folder_id])
             folder = counters[folder_id]
             uids = [folder.next_uid() for _ in messages]
             rows = [
@@ -1012,9 +1031,12 @@ class MailStore:
                 }
                 for uid, sha, (content, flags, moment) in zip(uids, digests, messages, strict=True)
             ]
-            await conn.execute(_INSERT_PLACEMENTS, rows)
-            await _save(conn, counters)
-        self._emit([FolderChange(folder_id, folder.highestmodseq, "exists")])
+            conn.execute(_INSERT_PLACEMENTS, rows)
+            _save(conn, counters)
+            return uids, folder.highestmodseq
+
+        uids, highest = await run_write(self._engine, work)
+        self._emit([FolderChange(folder_id, highest, "exists")])
         return uids
 
     # -- access control lists (RFC 4314) and quotas (RFC 9208) ------------------------
