@@ -97,6 +97,8 @@ async def add_trust_space(
     """Load the whitelist and put the port 25 trust-space policy in the pipeline."""
     keeper = WhitelistKeeper(engine, settings.whitelist, whitelist_cache_file(settings))
     await keeper.load()
+    # Submission relays to the domains of the list in force (and refuses the others).
+    pipeline.set_trust_space(lambda: keeper.current)
     if keeper.current is None and settings.whitelist.source:
         # No list was ever kept: fetch one before accepting operators, not an hour later.
         await keeper.refresh()

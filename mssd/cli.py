@@ -1,4 +1,5 @@
-"""The ``mssd`` command: serve, db, domain, mailbox, account, pki, whitelist, audit, demo.
+"""The ``mssd`` command: serve, db, domain, mailbox, account, pki, whitelist, audit, demo
+(queue and dkim live in ``cli_queue.py``).
 
 Each sub-command validates its input, calls the store or the trust package,
 and prints a one-line result. Errors are printed as ``mssd: <what went wrong>``
@@ -558,6 +559,9 @@ def parser() -> argparse.ArgumentParser:
     audit_parser.set_defaults(run=cmd_audit)
 
     sub.add_parser("demo", help="create the demo domain and mailboxes").set_defaults(run=cmd_demo)
+    from mssd.cli_queue import add_parsers
+
+    add_parsers(sub)
     return top
 
 

@@ -20,6 +20,7 @@ from mssd.store.delivery import (
     StoredMessage,
     new_envelope_id,
 )
+from mssd.trust.whitelist import Whitelist
 
 Source = Literal["submission", "mta"]
 
@@ -124,9 +125,14 @@ class DeliveryPipeline:
         self._domains: TtlCache[None, frozenset[str]] = TtlCache(_DOMAINS_TTL)
         self._mailboxes: TtlCache[str, LocalMailbox | None] = TtlCache(_LOOKUP_TTL)
         self._senders: TtlCache[int, frozenset[str]] = TtlCache(_LOOKUP_TTL)
+        self._trust_space: Callable[[], Whitelist | None] = lambda: None
 
     def add_check(self, check: PolicyCheck) -> None:
         self._checks.append(check)
+
+    def set_trust_space(self, whitelist: Callable[[], Whitelist | None]) -> None:
+        """Where the ANS whitelist in force is read: the domains mail may be relayed to."""
+        self._trust_space = whitelist
 
     async def local_domains(self) -> frozenset[str]:
         return await self._domains.get(None, lambda _: self._accounts.local_domains())
@@ -154,12 +160,7 @@ class DeliveryPipeline:
     async def check_recipient(self, transaction: Transaction, address: str) -> RecipientRecord:
         domain = address.rpartition("@")[2].lower()
         if domain not in await self.local_domains():
-            raise PolicyRefusal(
-                550,
-                "5.7.1",
-                f"<{address}>: domain {domain} is not hosted here and relaying to other "
-                "operators is not enabled on this server",
-            )
+            return await self._remote_recipient(transaction, address, domain)
         mailbox = await self._mailboxes.get(address.lower(), self._accounts.local_mailbox)
         if mailbox is None:
             raise PolicyRefusal(550, "5.1.1", f"<{address}>: no such mailbox here")
@@ -172,6 +173,27 @@ class DeliveryPipeline:
         for check in self._checks:
             await check.check_recipient(transaction, address)
         return RecipientRecord(address=mailbox.address, mailbox_id=mailbox.id)
+
+    async def _remote_recipient(
+        self, transaction: Transaction, address: str, domain: str
+    ) -> RecipientRecord:
+        """A recipient of another operator: queued for the relay when its domain is in the
+        trust space (DESIGN.md step 2), for our own users only."""
+        if transaction.session.source != "submission":
+            # Port 25 takes mail for this operator's domains only: never an open relay.
+            raise PolicyRefusal(
+                550, "5.7.1", f"<{address}>: domain {domain} is not hosted here; relaying denied"
+            )
+        listed = self._trust_space()
+        if listed is None or not listed.has_domain(domain):
+            raise PolicyRefusal(
+                550,
+                "5.7.1",
+                f"<{address}>: recipient domain is outside the MSSanté trust space",
+            )
+        for check in self._checks:
+            await check.check_recipient(transaction, address)
+        return RecipientRecord(address=address, mailbox_id=None)
 
     def _prepare(
         self, transaction: Transaction, data: bytes, envelope_id: str, moment: dt.datetime
