@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import hashlib
+import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, Literal, Protocol, TypeVar
 
+from mssd.delivery.dsn import RecipientStatus, ReportedMessage, ReportFunction, wants_report
 from mssd.mime import OFFLOAD_BYTES
 from mssd.mime.headers import complete_submission, received_field
 from mssd.store.accounts import LocalMailbox, StoreAccounts
@@ -23,6 +25,7 @@ from mssd.store.delivery import (
 from mssd.trust.whitelist import Whitelist
 
 Source = Literal["submission", "mta"]
+log = logging.getLogger(__name__)
 
 # How long look-ups may be served from memory: a new domain, or a mailbox
 # suspended, closed or delegated, takes effect within this many seconds in every
@@ -126,9 +129,14 @@ class DeliveryPipeline:
         self._mailboxes: TtlCache[str, LocalMailbox | None] = TtlCache(_LOOKUP_TTL)
         self._senders: TtlCache[int, frozenset[str]] = TtlCache(_LOOKUP_TTL)
         self._trust_space: Callable[[], Whitelist | None] = lambda: None
+        self._report: ReportFunction | None = None
 
     def add_check(self, check: PolicyCheck) -> None:
         self._checks.append(check)
+
+    def set_reporter(self, report: ReportFunction) -> None:
+        """Where delivery reports go (mssd answers NOTIFY=SUCCESS for local deliveries)."""
+        self._report = report
 
     def set_trust_space(self, whitelist: Callable[[], Whitelist | None]) -> None:
         """Where the ANS whitelist in force is read: the domains mail may be relayed to."""
@@ -233,7 +241,7 @@ class DeliveryPipeline:
         else:
             content, digest = self._prepare(transaction, data, envelope_id, moment)
         session = transaction.session
-        return await self._committer.store(
+        stored = await self._committer.store(
             NewMessage(
                 envelope_id=envelope_id,
                 content=content,
@@ -250,3 +258,42 @@ class DeliveryPipeline:
                 smtputf8=transaction.smtputf8,
             )
         )
+        await self._report_local_success(transaction, stored, content, moment)
+        return stored
+
+    async def _report_local_success(
+        self, transaction: Transaction, stored: StoredMessage, content: bytes, moment: dt.datetime
+    ) -> None:
+        """RFC 3461 §5.2.1: the final delivery MTA reports success when NOTIFY asked for it.
+        The report is stored after the message (a crash in between loses the report, never
+        the message); the null sender never gets one (§6.2)."""
+        if self._report is None or not transaction.mail_from:
+            return
+        delivered = [
+            RecipientStatus(
+                final_recipient=r.address,
+                action="delivered",
+                status="2.0.0",
+                original_recipient=r.dsn_orcpt,
+                diagnostic=f"250 2.0.0 delivered to the mailbox as {stored.envelope_id}",
+                remote_mta=self._hostname,
+            )
+            for r in transaction.recipients
+            if r.mailbox_id is not None and wants_report(r.dsn_notify, "delivered")
+        ]
+        if not delivered:
+            return
+        try:
+            await self._report(
+                ReportedMessage(
+                    envelope_id=stored.envelope_id,
+                    mail_from=transaction.mail_from,
+                    content=content,
+                    arrival=moment,
+                    dsn_ret=transaction.dsn_ret,
+                    dsn_envid=transaction.dsn_envid,
+                ),
+                delivered,
+            )
+        except Exception:
+            log.exception("%s: the success report could not be stored", stored.envelope_id)
