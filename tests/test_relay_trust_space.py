@@ -109,8 +109,7 @@ def _body(subject: str, sender: str, to: str) -> bytes:
 def _report_fields(report: bytes) -> dict[str, str]:
     part = report.split(b"Content-Type: message/delivery-status", 1)[1].split(b"\r\n--", 1)[0]
     return {
-        m[1].decode(): m[2].decode()
-        for m in re.finditer(rb"^([A-Za-z-]+): (.*?)\r$", part, re.M)
+        m[1].decode(): m[2].decode() for m in re.finditer(rb"^([A-Za-z-]+): (.*?)\r$", part, re.M)
     }
 
 
@@ -143,13 +142,9 @@ def test_mail_flows_both_ways_with_success_reports(space: Space) -> None:
     assert "Votre message a été remis".encode() in report or b"=C3=A9" in report
     # And the other way, from B's secretariat to A, with a report too.
     b_sec = space.op_b.user("secretariat")
-    code, _ = submit(
-        space.b, b_sec, [(a_user, "NOTIFY=SUCCESS")], _body("B vers A", b_sec, a_user)
-    )
+    code, _ = submit(space.b, b_sec, [(a_user, "NOTIFY=SUCCESS")], _body("B vers A", b_sec, a_user))
     assert code == 250
-    wait_for(
-        lambda: any(b"B vers A" in m for m in messages(space.a, a_user)), what="B->A message"
-    )
+    wait_for(lambda: any(b"B vers A" in m for m in messages(space.a, a_user)), what="B->A message")
     [report_b] = wait_messages(space.b, b_sec, 1)
     assert _report_fields(report_b)["Action"] == "delivered"
     assert not queue_entries(space.a) and not queue_entries(space.b)
