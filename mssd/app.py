@@ -19,7 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from mssd.auth import Authenticator, PscTokenVerifier
 from mssd.config import Settings, dkim_key_dir, whitelist_cache_file
 from mssd.delivery import DeliveryPipeline
-from mssd.delivery.dkim import DkimSigner
+from mssd.delivery.dkim import DkimSigner, DkimVerifier, make_dns_function, read_txt_records
 from mssd.delivery.dsn import Reporter
 from mssd.delivery.whitelist import WhitelistKeeper
 from mssd.imap.heads import HeadCache
@@ -149,6 +149,15 @@ def add_relay(settings: Settings, services: Services) -> None:
         trust_space=lambda: keeper.current,
     )
     services.pipeline.set_reporter(services.reporter.report)
+    if settings.dkim.verify_inbound:
+        records = read_txt_records(settings.dkim.txt_records_file)
+        timeout = settings.dkim.dns_timeout_seconds
+        verifier = DkimVerifier(
+            settings.server.hostname,
+            make_dns_function(records, use_dns=True, timeout=timeout),
+            timeout=timeout,
+        )
+        services.pipeline.set_inbound_authentication(verifier.header_async)
     if not settings.relay.enabled:
         return
     signer = DkimSigner(dkim_key_dir(settings), settings.dkim.selector)

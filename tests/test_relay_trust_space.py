@@ -29,6 +29,7 @@ from relay_helpers import (
     wait_messages,
 )
 
+from mssd.delivery.dkim import generate_key
 from mssd.trust import pki
 
 MSS_HEADERS = (
@@ -73,6 +74,11 @@ def space(
             urls.append(next(generator))
         for url, operator in zip(urls, (op_a, op_b, op_c, op_d), strict=True):
             run(seed_operator(url, operator, ("docteur", "secretariat")))
+        # A signs with DKIM (key under its var directory); B verifies with A's published
+        # record, read from a file instead of DNS.
+        _, record = generate_key(base / "a" / "dkim", op_a.domain, "mssd")
+        records = base / "b" / "dkim-records.txt"
+        records.write_text(f"mssd._domainkey.{op_a.domain} {record}\n")
         # A's list names B's domain and an alias domain of B that A routes to D.
         a = start_operator(
             op_a, urls[0], test_pki, base / "a",
@@ -80,8 +86,9 @@ def space(
         )  # fmt: skip
         started.append(a)
         b = start_operator(
-            op_b, urls[1], test_pki, base / "b", whitelisted=[op_a, op_b], routes=[op_a]
-        )
+            op_b, urls[1], test_pki, base / "b", whitelisted=[op_a, op_b], routes=[op_a],
+            MSSD_DKIM_VERIFY_INBOUND="true", MSSD_DKIM_TXT_RECORDS_FILE=str(records),
+        )  # fmt: skip
         started.append(b)
         c = start_operator(
             op_c, urls[2], test_pki, base / "c", whitelisted=[op_a, op_b, op_c], routes=[op_a]
@@ -128,7 +135,15 @@ def test_mail_flows_both_ways_with_success_reports(space: Space) -> None:
     assert MSS_HEADERS in received
     assert b"\r\n.ligne qui commence par un point\r\n" in received
     assert f"by {space.op_b.host}".encode() in received  # B's Received field
-    assert b"TLS" in received.split(b"\r\n\r\n")[0]
+    head = received.split(b"\r\n\r\n")[0]
+    assert b"TLS" in head
+    # A signed, B verified against the published key (RFC 6376, RFC 8601).
+    assert (
+        f"Authentication-Results: {space.op_b.host}; dkim=pass header.d={space.op_a.domain} "
+        "header.s=mssd"
+    ).encode() in head
+    assert head.index(b"Received:") < head.index(b"Authentication-Results:")
+    assert b"DKIM-Signature: " in head
     # B delivered with NOTIFY=SUCCESS: its report travels back B→A with the null sender.
     [report] = wait_messages(space.a, a_user, 1)
     assert b"multipart/report; report-type=delivery-status" in report
