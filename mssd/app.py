@@ -11,23 +11,26 @@ import json
 import logging
 import signal
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from mssd.auth import Authenticator, PscTokenVerifier
-from mssd.config import Settings, whitelist_cache_file
+from mssd.config import Settings, dkim_key_dir, whitelist_cache_file
 from mssd.delivery import DeliveryPipeline
+from mssd.delivery.dkim import DkimSigner, DkimVerifier, make_dns_function, read_txt_records
+from mssd.delivery.dsn import Reporter
 from mssd.delivery.whitelist import WhitelistKeeper
 from mssd.imap.heads import HeadCache
 from mssd.imap.server import ImapListener, start_imap
 from mssd.imap.session import Services as ImapServices
 from mssd.smtp.inbound import InboundTrustCheck, own_certificate_dn
 from mssd.smtp.listeners import Listener, start_smtp
+from mssd.smtp.relay import RelayWorker
 from mssd.store.accounts import StoreAccounts
 from mssd.store.changes import ChangeBus
-from mssd.store.delivery import GroupCommitter
+from mssd.store.delivery import GroupCommitter, StoredMessage
 from mssd.store.engine import check_schema, create_engine
 from mssd.store.mailstore import MailStore
 from mssd.trust.tls import TlsConfigError, server_context
@@ -49,8 +52,18 @@ class Services:
     bus: ChangeBus
     whitelist: WhitelistKeeper | None = None
     mta_tls: ssl.SSLContext | None = None
+    relay: RelayWorker | None = None
+    reporter: Reporter | None = None
+
+    def after_commit(self, stored: Sequence[StoredMessage]) -> None:
+        """Change notifications for IMAP; a wake-up for the relay when mail was queued."""
+        self.bus.notify_stored(stored)
+        if self.relay is not None and any(message.queued for message in stored):
+            self.relay.wake()
 
     async def close(self) -> None:
+        if self.relay is not None:
+            await self.relay.stop()
         if self.whitelist is not None:
             await self.whitelist.stop()
         await self.authenticator.close()  # its last audit events go through the committer
@@ -97,6 +110,8 @@ async def add_trust_space(
     """Load the whitelist and put the port 25 trust-space policy in the pipeline."""
     keeper = WhitelistKeeper(engine, settings.whitelist, whitelist_cache_file(settings))
     await keeper.load()
+    # Submission relays to the domains of the list in force (and refuses the others).
+    pipeline.set_trust_space(lambda: keeper.current)
     if keeper.current is None and settings.whitelist.source:
         # No list was ever kept: fetch one before accepting operators, not an hour later.
         await keeper.refresh()
@@ -123,6 +138,38 @@ async def add_trust_space(
     return keeper
 
 
+def add_relay(settings: Settings, services: Services) -> None:
+    """Delivery reports, and the relay worker (started by :func:`serve`)."""
+    keeper = services.whitelist
+    assert keeper is not None
+    services.reporter = Reporter(
+        services.committer,
+        services.accounts,
+        hostname=settings.server.hostname,
+        trust_space=lambda: keeper.current,
+    )
+    services.pipeline.set_reporter(services.reporter.report)
+    if settings.dkim.verify_inbound:
+        records = read_txt_records(settings.dkim.txt_records_file)
+        timeout = settings.dkim.dns_timeout_seconds
+        verifier = DkimVerifier(
+            settings.server.hostname,
+            make_dns_function(records, use_dns=True, timeout=timeout),
+            timeout=timeout,
+        )
+        services.pipeline.set_inbound_authentication(verifier.header_async)
+    if not settings.relay.enabled:
+        return
+    signer = DkimSigner(dkim_key_dir(settings), settings.dkim.selector)
+    services.relay = RelayWorker(
+        services.engine,
+        settings,
+        whitelist=lambda: keeper.current,
+        report=services.reporter.report,
+        signer=signer if settings.dkim.sign else None,
+    )
+
+
 async def build_services(settings: Settings) -> Services:
     engine = create_engine(settings.store.url, echo=settings.store.echo_sql)
     try:
@@ -137,8 +184,11 @@ async def build_services(settings: Settings) -> Services:
     # PostgreSQL 855 -> 1170 msg/s). Several processes still write concurrently.
     bus = ChangeBus(engine)
     await bus.start()
+    services_holder: list[Services] = []
     committer = GroupCommitter(
-        engine, max_batch=settings.store.group_commit_max_batch, on_commit=bus.notify_stored
+        engine,
+        max_batch=settings.store.group_commit_max_batch,
+        on_commit=lambda stored: services_holder[0].after_commit(stored),
     )
     committer.start()
     mailstore = MailStore(engine, on_change=bus.notify)
@@ -149,9 +199,11 @@ async def build_services(settings: Settings) -> Services:
     services = Services(
         settings, engine, accounts, authenticator, committer, pipeline, tls, mailstore, bus
     )
+    services_holder.append(services)
     try:
         services.mta_tls = mta_tls_context(settings)
         services.whitelist = await add_trust_space(settings, engine, pipeline)
+        add_relay(settings, services)
     except BaseException:
         await services.close()
         raise
@@ -173,6 +225,8 @@ async def serve(settings: Settings, *, announce: Callable[[str], None] = print) 
         )
         if services.whitelist is not None:
             services.whitelist.start()
+        if services.relay is not None:
+            services.relay.start()
         imap_services = ImapServices(
             authenticator=services.authenticator,
             mailstore=services.mailstore,

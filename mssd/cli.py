@@ -1,5 +1,5 @@
 """The ``mssd`` command: serve, db, domain, mailbox, account, pki, whitelist, audit, demo,
-annuaire.
+annuaire (queue and dkim live in ``cli_queue.py``).
 
 Each sub-command validates its input, calls the store or the trust package,
 and prints a one-line result. Errors are printed as ``mssd: <what went wrong>``
@@ -572,8 +572,10 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser("demo", help="create the demo domain and mailboxes").set_defaults(run=cmd_demo)
 
     from mssd.annuaire.commands import add_parser as add_annuaire_parser
+    from mssd.cli_queue import add_parsers
 
     add_annuaire_parser(sub).set_defaults(run=cmd_annuaire)
+    add_parsers(sub)
     return top
 
 

@@ -165,6 +165,46 @@ class AnnuaireSettings:
 
 
 @dataclass(frozen=True)
+class RelaySettings:
+    enabled: bool = True
+    """Run the relay worker in ``mssd serve`` (the queue is filled either way)."""
+    routes: tuple[str, ...] = ()
+    """Static routes ``domain=host:port`` used instead of MX look-ups."""
+    poll_seconds: float = 5.0
+    """How often the queue is read for due entries (new local messages wake it at once)."""
+    batch_size: int = 100
+    max_connections: int = 50
+    max_connections_per_peer: int = 4
+    connect_timeout_seconds: float = 30.0
+    command_timeout_seconds: float = 300.0
+    idle_connection_seconds: float = 30.0
+    """How long an idle connection to a peer is kept for the next messages."""
+    lease_seconds: int = 900
+    """How long a claimed entry stays with its worker before another may take it."""
+    retry_base_seconds: float = 300.0
+    retry_max_seconds: float = 14400.0
+    retry_jitter: float = 0.2
+    give_up_seconds: int = 5 * 86400
+    delay_report_seconds: int = 4 * 3600
+    ca_file: Path | None = None
+    """Roots that peer operators' server certificates must chain to; None: tls.client_ca_file."""
+    dns_timeout_seconds: float = 10.0
+
+
+@dataclass(frozen=True)
+class DkimSettings:
+    sign: bool = True
+    """Sign relayed mail for every sender domain that has a key in key_dir."""
+    selector: str = "mssd"
+    key_dir: Path | None = None
+    """Where ``mssd dkim keygen`` writes keys; None: ``<server.var_dir>/dkim``."""
+    verify_inbound: bool = True
+    dns_timeout_seconds: float = 5.0
+    txt_records_file: Path | None = None
+    """Lines ``NAME TXT-VALUE`` consulted before DNS when verifying (tests, closed networks)."""
+
+
+@dataclass(frozen=True)
 class Settings:
     server: ServerSettings = field(default_factory=ServerSettings)
     store: StoreSettings = field(default_factory=StoreSettings)
@@ -175,6 +215,8 @@ class Settings:
     pki: PkiSettings = field(default_factory=PkiSettings)
     whitelist: WhitelistSettings = field(default_factory=WhitelistSettings)
     annuaire: AnnuaireSettings = field(default_factory=AnnuaireSettings)
+    relay: RelaySettings = field(default_factory=RelaySettings)
+    dkim: DkimSettings = field(default_factory=DkimSettings)
 
 
 SECTIONS: dict[str, type[Any]] = {
@@ -366,6 +408,7 @@ def validate(settings: Settings) -> Settings:
     except IdNatError as error:
         raise ConfigError(f"pki.operator_structure: {error}") from None
     _validate_whitelist(settings.whitelist)
+    _validate_relay(settings.relay)
     if settings.server.event_loop not in ("auto", "asyncio", "uvloop"):
         raise ConfigError(
             "server.event_loop: expected auto, asyncio or uvloop, "
@@ -397,6 +440,50 @@ def _validate_whitelist(whitelist: WhitelistSettings) -> None:
         raise ConfigError(
             f"whitelist.max_shrink: must be a fraction between 0 and 1, got {whitelist.max_shrink}"
         )
+
+
+def parse_route(value: str) -> tuple[str, str, int]:
+    """``domain=host:port`` -> (domain, host, port); ValueError when malformed."""
+    domain, eq, target = value.partition("=")
+    host, colon, port = target.strip().rpartition(":")
+    if not eq or not domain.strip() or not colon or not host or not port.isdigit():
+        raise ValueError(f"expected domain=host:port, got {value!r}")
+    if not 0 < int(port) < 65536:
+        raise ValueError(f"port out of range in {value!r}")
+    return domain.strip().lower(), host.strip("[]"), int(port)
+
+
+def _validate_relay(relay: RelaySettings) -> None:
+    for route in relay.routes:
+        try:
+            parse_route(route)
+        except ValueError as error:
+            raise ConfigError(f"relay.routes: {error}") from None
+    for key in (
+        "poll_seconds",
+        "batch_size",
+        "max_connections",
+        "max_connections_per_peer",
+        "connect_timeout_seconds",
+        "command_timeout_seconds",
+        "lease_seconds",
+        "retry_base_seconds",
+        "retry_max_seconds",
+        "give_up_seconds",
+        "delay_report_seconds",
+        "dns_timeout_seconds",
+    ):
+        if getattr(relay, key) <= 0:
+            raise ConfigError(f"relay.{key}: must be greater than 0, got {getattr(relay, key)}")
+    if relay.idle_connection_seconds < 0:
+        raise ConfigError("relay.idle_connection_seconds: must be 0 or more")
+    if not 0.0 <= relay.retry_jitter < 1.0:
+        raise ConfigError(f"relay.retry_jitter: must be in [0, 1), got {relay.retry_jitter}")
+
+
+def dkim_key_dir(settings: Settings) -> Path:
+    """Where DKIM private keys live (outside the repository: under the var directory)."""
+    return settings.dkim.key_dir or settings.server.var_dir / "dkim"
 
 
 def whitelist_cache_file(settings: Settings) -> Path:

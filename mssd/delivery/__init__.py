@@ -9,7 +9,8 @@ Invariants:
 - Hooks plug in through :class:`PolicyCheck` objects handed to the pipeline;
   this package never imports the patient gateway, the DMP bridge or the port 25
   trust-space check (``mssd.smtp.inbound``) that use them. It keeps the ANS
-  whitelist current (``whitelist.py``) for them and, later, for the relay.
+  whitelist current (``whitelist.py``) for them and for the relay (``mssd.smtp.relay``),
+  builds delivery reports (``dsn.py``) and signs and verifies DKIM (``dkim.py``).
 - Nothing here blocks the event loop on work proportional to message size:
   hashing and header edits of large messages run in a worker thread.
 """

@@ -5,11 +5,15 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import hashlib
+import logging
+import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, Literal, Protocol, TypeVar
 
+from mssd import metrics
+from mssd.delivery.dsn import RecipientStatus, ReportedMessage, ReportFunction, wants_report
 from mssd.mime import OFFLOAD_BYTES
 from mssd.mime.headers import complete_submission, received_field
 from mssd.store.accounts import LocalMailbox, StoreAccounts
@@ -20,8 +24,31 @@ from mssd.store.delivery import (
     StoredMessage,
     new_envelope_id,
 )
+from mssd.trust.whitelist import Whitelist
 
 Source = Literal["submission", "mta"]
+log = logging.getLogger(__name__)
+
+MSS_NIL = metrics.counter(
+    "mssd_mss_nil_total",
+    "Messages accepted per X-MSS-NIL value (the sending software, reported by operators)",
+    ("nil",),
+)
+_MSS_NIL = re.compile(rb"^x-mss-nil:[ \t]*(.*(?:\r\n[ \t].*)*)", re.I | re.M)
+
+
+def count_mss_nil(data: bytes) -> list[str]:
+    """Count the message's ``X-MSS-NIL`` values (the field itself is never changed)."""
+    end = data.find(b"\r\n\r\n")
+    head = data[: end + 2] if end >= 0 else data
+    values = []
+    for match in _MSS_NIL.finditer(head):
+        value = " ".join(match[1].decode("utf-8", "replace").split())[:64]
+        if value:
+            values.append(value)
+            MSS_NIL.inc(value)
+    return values
+
 
 # How long look-ups may be served from memory: a new domain, or a mailbox
 # suspended, closed or delegated, takes effect within this many seconds in every
@@ -124,9 +151,25 @@ class DeliveryPipeline:
         self._domains: TtlCache[None, frozenset[str]] = TtlCache(_DOMAINS_TTL)
         self._mailboxes: TtlCache[str, LocalMailbox | None] = TtlCache(_LOOKUP_TTL)
         self._senders: TtlCache[int, frozenset[str]] = TtlCache(_LOOKUP_TTL)
+        self._trust_space: Callable[[], Whitelist | None] = lambda: None
+        self._report: ReportFunction | None = None
+        self._authenticate: Callable[[bytes], Awaitable[bytes]] | None = None
 
     def add_check(self, check: PolicyCheck) -> None:
         self._checks.append(check)
+
+    def set_inbound_authentication(self, header: Callable[[bytes], Awaitable[bytes]]) -> None:
+        """On port 25: a function giving the Authentication-Results field (RFC 8601) to
+        add to a received message (DKIM; never a reason to refuse)."""
+        self._authenticate = header
+
+    def set_reporter(self, report: ReportFunction) -> None:
+        """Where delivery reports go (mssd answers NOTIFY=SUCCESS for local deliveries)."""
+        self._report = report
+
+    def set_trust_space(self, whitelist: Callable[[], Whitelist | None]) -> None:
+        """Where the ANS whitelist in force is read: the domains mail may be relayed to."""
+        self._trust_space = whitelist
 
     async def local_domains(self) -> frozenset[str]:
         return await self._domains.get(None, lambda _: self._accounts.local_domains())
@@ -154,12 +197,7 @@ class DeliveryPipeline:
     async def check_recipient(self, transaction: Transaction, address: str) -> RecipientRecord:
         domain = address.rpartition("@")[2].lower()
         if domain not in await self.local_domains():
-            raise PolicyRefusal(
-                550,
-                "5.7.1",
-                f"<{address}>: domain {domain} is not hosted here and relaying to other "
-                "operators is not enabled on this server",
-            )
+            return await self._remote_recipient(transaction, address, domain)
         mailbox = await self._mailboxes.get(address.lower(), self._accounts.local_mailbox)
         if mailbox is None:
             raise PolicyRefusal(550, "5.1.1", f"<{address}>: no such mailbox here")
@@ -172,6 +210,27 @@ class DeliveryPipeline:
         for check in self._checks:
             await check.check_recipient(transaction, address)
         return RecipientRecord(address=mailbox.address, mailbox_id=mailbox.id)
+
+    async def _remote_recipient(
+        self, transaction: Transaction, address: str, domain: str
+    ) -> RecipientRecord:
+        """A recipient of another operator: queued for the relay when its domain is in the
+        trust space (DESIGN.md step 2), for our own users only."""
+        if transaction.session.source != "submission":
+            # Port 25 takes mail for this operator's domains only: never an open relay.
+            raise PolicyRefusal(
+                550, "5.7.1", f"<{address}>: domain {domain} is not hosted here; relaying denied"
+            )
+        listed = self._trust_space()
+        if listed is None or not listed.has_domain(domain):
+            raise PolicyRefusal(
+                550,
+                "5.7.1",
+                f"<{address}>: recipient domain is outside the MSSanté trust space",
+            )
+        for check in self._checks:
+            await check.check_recipient(transaction, address)
+        return RecipientRecord(address=address, mailbox_id=None)
 
     def _prepare(
         self, transaction: Transaction, data: bytes, envelope_id: str, moment: dt.datetime
@@ -204,6 +263,10 @@ class DeliveryPipeline:
         """Store the message for every recipient; returns after COMMIT."""
         moment = dt.datetime.now(dt.UTC)
         envelope_id = new_envelope_id()
+        count_mss_nil(data)
+        if transaction.session.source == "mta" and self._authenticate is not None:
+            # RFC 8601 §5: added at the top, like a trace field, below our Received.
+            data = await self._authenticate(data) + data
         if len(data) > OFFLOAD_BYTES:
             content, digest = await asyncio.to_thread(
                 self._prepare, transaction, data, envelope_id, moment
@@ -211,7 +274,7 @@ class DeliveryPipeline:
         else:
             content, digest = self._prepare(transaction, data, envelope_id, moment)
         session = transaction.session
-        return await self._committer.store(
+        stored = await self._committer.store(
             NewMessage(
                 envelope_id=envelope_id,
                 content=content,
@@ -228,3 +291,42 @@ class DeliveryPipeline:
                 smtputf8=transaction.smtputf8,
             )
         )
+        await self._report_local_success(transaction, stored, content, moment)
+        return stored
+
+    async def _report_local_success(
+        self, transaction: Transaction, stored: StoredMessage, content: bytes, moment: dt.datetime
+    ) -> None:
+        """RFC 3461 §5.2.1: the final delivery MTA reports success when NOTIFY asked for it.
+        The report is stored after the message (a crash in between loses the report, never
+        the message); the null sender never gets one (§6.2)."""
+        if self._report is None or not transaction.mail_from:
+            return
+        delivered = [
+            RecipientStatus(
+                final_recipient=r.address,
+                action="delivered",
+                status="2.0.0",
+                original_recipient=r.dsn_orcpt,
+                diagnostic=f"250 2.0.0 delivered to the mailbox as {stored.envelope_id}",
+                remote_mta=self._hostname,
+            )
+            for r in transaction.recipients
+            if r.mailbox_id is not None and wants_report(r.dsn_notify, "delivered")
+        ]
+        if not delivered:
+            return
+        try:
+            await self._report(
+                ReportedMessage(
+                    envelope_id=stored.envelope_id,
+                    mail_from=transaction.mail_from,
+                    content=content,
+                    arrival=moment,
+                    dsn_ret=transaction.dsn_ret,
+                    dsn_envid=transaction.dsn_envid,
+                ),
+                delivered,
+            )
+        except Exception:
+            log.exception("%s: the success report could not be stored", stored.envelope_id)

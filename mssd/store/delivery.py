@@ -43,6 +43,7 @@ from mssd.store.schema import (
     envelope_recipients,
     envelopes,
     folders,
+    outbound_queue,
     placements,
 )
 
@@ -89,6 +90,8 @@ class Placement:
 class StoredMessage:
     envelope_id: str
     placements: tuple[Placement, ...]
+    queued: int = 0
+    """Recipients left to the relay: outbound queue entries created with the message."""
 
 
 def new_envelope_id() -> str:
@@ -120,6 +123,7 @@ _INSERT_ENVELOPE = envelopes.insert()
 _INSERT_RECIPIENT = envelope_recipients.insert()
 _INSERT_PLACEMENT = placements.insert()
 _INSERT_AUDIT = audit.insert()
+_INSERT_QUEUE = outbound_queue.insert()
 
 
 Item = NewMessage | AuditEvent
@@ -148,7 +152,8 @@ def _write_messages(
 ) -> list[StoredMessage]:
     """Six statements per batch whatever its size: the blobs, the INBOX folders
     (read and locked, then advanced), envelopes, recipients and placements, each
-    as one executemany; the audit rows are added to ``audit_rows``.
+    as one executemany; the audit rows are added to ``audit_rows``. Recipients left
+    to the relay add one more: their outbound queue entries (DESIGN.md step 4).
     """
     postgres = conn.dialect.name == "postgresql"
     unique_blobs: dict[str, NewMessage] = {m.sha256: m for m in batch}
@@ -174,6 +179,7 @@ def _write_messages(
     envelope_rows: list[dict[str, Any]] = []
     recipient_rows: list[dict[str, Any]] = []
     placement_rows: list[dict[str, Any]] = []
+    queue_rows: list[dict[str, Any]] = []
     for message in batch:
         envelope_id = message.envelope_id
         envelope_rows.append(
@@ -214,6 +220,21 @@ def _write_messages(
                     }
                 )
                 status = "delivered"
+            else:
+                queue_rows.append(
+                    {
+                        "envelope_id": envelope_id,
+                        "address": recipient.address,
+                        "domain": recipient.address.rpartition("@")[2].lower(),
+                        "dsn_notify": recipient.dsn_notify,
+                        "dsn_orcpt": recipient.dsn_orcpt,
+                        "state": "queued",
+                        "attempts": 0,
+                        "next_attempt_at": message.received_at,
+                        "delay_reported": False,
+                        "created_at": message.received_at,
+                    }
+                )
             recipient_rows.append(
                 {
                     "envelope_id": envelope_id,
@@ -242,7 +263,8 @@ def _write_messages(
                 )
             )
         )
-        results.append(StoredMessage(envelope_id, tuple(placed)))
+        queued = len(message.recipients) - len(placed)
+        results.append(StoredMessage(envelope_id, tuple(placed), queued))
     if inbox:
         conn.execute(
             _ADVANCE_FOLDER,
@@ -252,6 +274,8 @@ def _write_messages(
     conn.execute(_INSERT_RECIPIENT, recipient_rows)
     if placement_rows:
         conn.execute(_INSERT_PLACEMENT, placement_rows)
+    if queue_rows:
+        conn.execute(_INSERT_QUEUE, queue_rows)
     return results
 
 

@@ -1,0 +1,226 @@
+"""DKIM (RFC 6376): signing relayed mail, verifying received mail, generating keys.
+
+Signing happens when the relay sends a message (per attempt; the stored message is never
+changed), with the key of the envelope sender's domain when ``dkim.key_dir`` holds one.
+Verification happens on port 25 before the message is stored, and its outcome is written
+in an ``Authentication-Results`` header field (RFC 8601) whose authserv-id is our host
+name. Verification is never a reason to refuse: a missing or broken signature is a fact
+recorded for the reader and for filters, not a policy.
+
+Invariants:
+- Key look-ups are bounded by ``dkim.dns_timeout_seconds`` and can be answered from a
+  file of TXT records (``dkim.txt_records_file``) before DNS: tests and closed networks
+  never depend on public DNS.
+- dkimpy is synchronous: signing and verification run in a worker thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import os
+import re
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import authres
+import dkim
+import dns.exception
+import dns.resolver
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from dkim.util import parse_tag_value
+
+log = logging.getLogger(__name__)
+
+# RFC 6376 §5.4.1 recommends these; the MSSanté fields are signed too, so that a relay
+# cannot change which patient (INS) or document (CODECDA) a message is about unnoticed.
+_SIGNED = (
+    b"from", b"sender", b"reply-to", b"subject", b"date", b"message-id", b"to", b"cc",
+    b"mime-version", b"content-type", b"content-transfer-encoding", b"in-reply-to",
+    b"references", b"x-mss-nil", b"x-mss-codecda", b"x-mss-ins", b"x-mss-mes",
+)  # fmt: skip
+_KEY_CACHE_SECONDS = 60.0
+_DOMAIN = re.compile(r"^[a-z0-9.-]+$")
+
+DnsFunction = Callable[..., bytes | None]
+
+
+def key_path(key_dir: Path, domain: str, selector: str) -> Path:
+    return key_dir / f"{domain.lower()}.{selector}.key"
+
+
+def generate_key(
+    key_dir: Path, domain: str, selector: str, *, force: bool = False
+) -> tuple[Path, str]:
+    """Write a new RSA 2048 key (0600) for ``domain``; return its path and the TXT record
+    value to publish at ``<selector>._domainkey.<domain>`` (RFC 6376 §3.6.1)."""
+    if not _DOMAIN.match(domain.lower()) or not re.fullmatch(r"[A-Za-z0-9-]+", selector):
+        raise ValueError(f"unusable domain {domain!r} or selector {selector!r}")
+    key_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path = key_path(key_dir, domain, selector)
+    if path.exists() and not force:
+        raise FileExistsError(f"{path} exists (use --force to replace it)")
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.TraditionalOpenSSL,
+        serialization.NoEncryption(),
+    )
+    temporary = path.with_suffix(".tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(pem)
+    os.replace(temporary, path)
+    public = key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return path, f"v=DKIM1; k=rsa; p={base64.b64encode(public).decode('ascii')}"
+
+
+class DkimSigner:
+    """Signs with the key of a domain when there is one (keys re-read every minute)."""
+
+    def __init__(self, key_dir: Path, selector: str) -> None:
+        self._key_dir = key_dir
+        self._selector = selector
+        self._keys: dict[str, tuple[float, bytes | None]] = {}
+
+    def _key(self, domain: str) -> bytes | None:
+        now = time.monotonic()
+        cached = self._keys.get(domain)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        try:
+            data: bytes | None = key_path(self._key_dir, domain, self._selector).read_bytes()
+        except OSError:
+            data = None
+        self._keys[domain] = (now + _KEY_CACHE_SECONDS, data)
+        return data
+
+    def sign(self, content: bytes, domain: str) -> bytes:
+        """``content`` with a DKIM-Signature field on top, or unchanged without a key."""
+        domain = domain.lower()
+        if not domain or not _DOMAIN.match(domain):
+            return content
+        key = self._key(domain)
+        if key is None:
+            return content
+        head = content.split(b"\r\n\r\n", 1)[0].lower()
+        present = [name for name in _SIGNED if b"\n" + name + b":" in b"\n" + head]
+        if b"from" not in present:
+            return content  # RFC 6376 §5.4: From must be signed; nothing to sign with.
+        try:
+            signature = dkim.sign(
+                content,
+                self._selector.encode("ascii"),
+                domain.encode("ascii"),
+                key,
+                canonicalize=(b"relaxed", b"relaxed"),
+                include_headers=present,
+            )
+        except dkim.DKIMException as error:
+            log.warning("DKIM signing for %s failed: %s; sent unsigned", domain, error)
+            return content
+        return bytes(signature) + content
+
+    async def sign_async(self, content: bytes, domain: str) -> bytes:
+        return await asyncio.to_thread(self.sign, content, domain)
+
+
+def read_txt_records(path: Path | None) -> dict[str, bytes]:
+    """``NAME VALUE`` lines (``#`` comments) -> {name: value}."""
+    records: dict[str, bytes] = {}
+    if path is None:
+        return records
+    for line in path.read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, _, value = line.partition(" ")
+        records[name.rstrip(".").lower()] = value.strip().strip('"').encode("ascii")
+    return records
+
+
+def make_dns_function(records: dict[str, bytes], *, use_dns: bool, timeout: float) -> DnsFunction:
+    """A dkimpy ``dnsfunc``: the given records first, then DNS (bounded), else None."""
+
+    def lookup(name: bytes | str, timeout: float = timeout) -> bytes | None:
+        text = (name.decode("ascii") if isinstance(name, bytes) else name).rstrip(".").lower()
+        if text in records:
+            return records[text]
+        if not use_dns:
+            return None
+        try:
+            answer = dns.resolver.resolve(text, "TXT", lifetime=timeout)
+        except (dns.exception.DNSException, OSError):
+            return None
+        for rdata in answer:
+            return b"".join(rdata.strings)
+        return None
+
+    return lookup
+
+
+class DkimVerifier:
+    """Builds the Authentication-Results field for a received message."""
+
+    def __init__(self, authserv_id: str, dnsfunc: DnsFunction, *, timeout: float) -> None:
+        self._authserv_id = authserv_id
+        self._dnsfunc = dnsfunc
+        self._timeout = timeout
+
+    def results(self, content: bytes) -> list[authres.DKIMAuthenticationResult]:
+        try:
+            headers, _ = dkim.rfc822_parse(content)
+        except dkim.DKIMException:
+            return []
+        signatures = [value for name, value in headers if name.lower() == b"dkim-signature"]
+        results = []
+        for index, value in enumerate(signatures):
+            try:
+                tags = parse_tag_value(b"".join(value.split()))
+                domain = tags.get(b"d", b"").decode("ascii", "replace")
+                selector = tags.get(b"s", b"").decode("ascii", "replace")
+            except dkim.DKIMException:
+                domain = selector = ""
+            try:
+                verifier = dkim.DKIM(content, timeout=int(self._timeout) or 1)
+                ok = verifier.verify(idx=index, dnsfunc=self._dnsfunc)
+                outcome = "pass" if ok else "fail"
+            except dkim.KeyFormatError:
+                outcome = "permerror"
+            except dkim.DnsTimeoutError:
+                outcome = "temperror"
+            except dkim.DKIMException:
+                outcome = "neutral" if not domain else "permerror"
+            results.append(
+                authres.DKIMAuthenticationResult(
+                    result=outcome, header_d=domain or None, header_s=selector or None
+                )
+            )
+        return results
+
+    def header(self, content: bytes) -> bytes:
+        """The ``Authentication-Results:`` field, CRLF-terminated (RFC 8601 §2.2)."""
+        found = self.results(content)
+        field = authres.AuthenticationResultsHeader(
+            authserv_id=self._authserv_id,
+            results=found or [authres.DKIMAuthenticationResult(result="none")],
+        )
+        return str(field).encode("utf-8") + b"\r\n"
+
+    async def header_async(self, content: bytes) -> bytes:
+        """:meth:`header`, in a thread, bounded in time (``dkim=temperror`` past it)."""
+        try:
+            return await asyncio.wait_for(
+                asyncio.to_thread(self.header, content), self._timeout * 2 + 1
+            )
+        except TimeoutError:
+            field = authres.AuthenticationResultsHeader(
+                authserv_id=self._authserv_id,
+                results=[authres.DKIMAuthenticationResult(result="temperror")],
+            )
+            return str(field).encode("utf-8") + b"\r\n"

@@ -1,0 +1,499 @@
+"""The relay worker: delivers the outbound queue to the other operators of the trust space.
+
+Each round claims due entries (``mssd.store.queue``), groups them by recipient domain and
+envelope, and sends each envelope once per domain with all its recipients. A peer is used
+only over TLS (STARTTLS is required, RFC 3207), presenting our operator certificate, after
+its chain was verified against the configured IGC-Santé roots and CRLs and its subject DN
+found in the ANS whitelist for the recipient domain; otherwise the entries are deferred
+with the reason, which ``mssd queue show`` displays.
+
+Invariants:
+- Replies are judged per recipient (RFC 5321 §4.2.1, §6.1): 2xx delivered, 4xx deferred
+  with exponential backoff and jitter, 5xx failed at once; a deferral past
+  ``relay.give_up_seconds`` fails. A failure and a delay (once, after
+  ``relay.delay_report_seconds``) produce a report to the sender as NOTIFY asks.
+- RFC 3461 parameters travel with the message (RET, ENVID on MAIL; NOTIFY, ORCPT on RCPT)
+  when the peer offers DSN.
+- An outcome is recorded only after the peer's reply; a process killed between the peer's
+  250 and that record sends the message again after the lease: SMTP cannot do better
+  (RFC 5321 §6.1 prefers a duplicate to a loss).
+- Connections are reused per peer (RSET before reuse) and limited per peer and in total.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import random
+import ssl
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from cryptography import x509
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from mssd import metrics
+from mssd.config import RelaySettings, Settings
+from mssd.delivery.dkim import DkimSigner
+from mssd.delivery.dsn import RecipientStatus, ReportedMessage, ReportFunction, wants_report
+from mssd.smtp.client import ConnectionFailed, Reply, SmtpClient
+from mssd.smtp.routes import Peer, RouteError, Router
+from mssd.store import queue
+from mssd.store.queue import Outcome, QueueEntry
+from mssd.trust.identity import normalise_dn
+from mssd.trust.tls import client_context
+from mssd.trust.whitelist import Whitelist
+
+log = logging.getLogger(__name__)
+
+RELAYED = metrics.counter(
+    "mssd_relay_recipients_total", "Queue entries relayed, by outcome", ("outcome",)
+)
+HANDSHAKES = metrics.counter(
+    "mssd_relay_tls_handshakes_total", "TLS connections opened by the relay to other operators"
+)
+
+
+class PeerRefused(Exception):
+    """The peer cannot be used for this domain (no STARTTLS, DN not whitelisted...)."""
+
+
+def backoff_seconds(attempts: int, settings: RelaySettings, rng: random.Random) -> float:
+    """Wait after the ``attempts``-th failed attempt: doubling from the base, capped,
+    with jitter so that deferred messages do not all come back at the same instant."""
+    base = min(settings.retry_max_seconds, settings.retry_base_seconds * 2 ** max(0, attempts - 1))
+    jitter = settings.retry_jitter
+    return float(base * rng.uniform(1.0 - jitter, 1.0 + jitter))
+
+
+def xtext(value: str) -> str:
+    """RFC 3461 §4: characters outside ``!``..``~``, ``+`` and ``=`` as ``+HH``."""
+    return "".join(
+        c if "!" <= c <= "~" and c not in "+=" else "".join(f"+{b:02X}" for b in c.encode())
+        for c in value
+    )
+
+
+@dataclass
+class _Pool:
+    """Connections to one peer: idle ones for reuse, and how many are open."""
+
+    limit: int
+    idle: list[tuple[SmtpClient, float]] = field(default_factory=list)
+    open: int = 0
+    changed: asyncio.Condition = field(default_factory=asyncio.Condition)
+
+
+@dataclass
+class _Result:
+    """Per-entry outcome of one attempt before it is recorded."""
+
+    entry: QueueEntry
+    kind: str  # "delivered", "deferred", "failed"
+    reply: str
+    status: str
+    remote: str | None = None
+    relayed: bool = False
+    """Delivered to a peer that does not offer DSN (RFC 3461 §5.2.2)."""
+
+
+class RelayWorker:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        settings: Settings,
+        *,
+        whitelist: Callable[[], Whitelist | None],
+        report: ReportFunction | None = None,
+        signer: DkimSigner | None = None,
+        router: Router | None = None,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
+        self._engine = engine
+        self._settings = settings.relay
+        self._hostname = settings.server.hostname
+        self._whitelist = whitelist
+        self._report = report
+        self._signer = signer
+        self._router = router or Router(
+            settings.relay.routes, timeout=settings.relay.dns_timeout_seconds
+        )
+        # The peer's identity is its whitelisted DN, not a host name (MX host names need
+        # not match operator certificates; static routes point at addresses).
+        self._tls = tls or client_context(
+            ca_file=settings.relay.ca_file or settings.tls.client_ca_file,
+            cert_file=settings.tls.cert_file,
+            key_file=settings.tls.key_file,
+            check_hostname=False,
+            crl_file=settings.tls.crl_file,
+        )
+        self._pools: dict[Peer, _Pool] = {}
+        self._total = asyncio.Semaphore(settings.relay.max_connections)
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._running: set[asyncio.Task[None]] = set()
+        self._in_flight = 0
+        self._rng = random.Random()
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="relay")
+
+    def wake(self) -> None:
+        """Something was queued: look at the queue now rather than at the next poll."""
+        self._wake.set()
+
+    async def stop(self) -> None:
+        """Stop claiming; cancel sends in progress (their entries are given back)."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        for task in list(self._running):
+            task.cancel()
+        await asyncio.gather(*self._running, return_exceptions=True)
+        for pool in self._pools.values():
+            for client, _ in pool.idle:
+                await client.quit()
+            pool.idle.clear()
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                claimed = await self._claim()
+            except Exception:
+                log.exception("relay: reading the queue failed; trying again")
+                claimed = 0
+            if claimed:
+                continue
+            self._close_idle()
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self._settings.poll_seconds)
+
+    async def _claim(self) -> int:
+        room = self._settings.batch_size - self._in_flight
+        if room <= 0:
+            return 0
+        entries = await queue.claim(
+            self._engine, limit=room, lease_seconds=self._settings.lease_seconds
+        )
+        by_domain: dict[str, list[QueueEntry]] = defaultdict(list)
+        for entry in entries:
+            by_domain[entry.domain].append(entry)
+        for domain, group in by_domain.items():
+            self._in_flight += len(group)
+            task = asyncio.create_task(self._deliver_domain(domain, group))
+            self._running.add(task)
+            task.add_done_callback(self._finished(len(group)))
+        return len(entries)
+
+    def _finished(self, count: int) -> Callable[[asyncio.Task[None]], None]:
+        def done(task: asyncio.Task[None]) -> None:
+            self._running.discard(task)
+            self._in_flight -= count
+            if not task.cancelled() and task.exception() is not None:
+                log.error("relay task failed", exc_info=task.exception())
+            self._wake.set()  # room for more
+
+        return done
+
+    # -- one domain --------------------------------------------------------------------------
+
+    async def _deliver_domain(self, domain: str, entries: list[QueueEntry]) -> None:
+        recorded = False
+        try:
+            results = await self._attempt_domain(domain, entries)
+            await self._record(results)
+            recorded = True
+        finally:
+            if not recorded:
+                # Cancelled (shutdown) or failed before the outcome was known: give the
+                # entries back rather than let them wait for the lease.
+                await asyncio.shield(
+                    queue.release(self._engine, [(e.id, e.claim_token or "") for e in entries])
+                )
+
+    async def _attempt_domain(self, domain: str, entries: list[QueueEntry]) -> list[_Result]:
+        listed = self._whitelist()
+        operators = listed.operators_for(domain) if listed is not None else frozenset()
+        if not operators:
+            return self._all(entries, "deferred", f"domain {domain} is not in the MSSanté "
+                             "whitelist in force", "4.7.1")  # fmt: skip
+        try:
+            peers = await self._router.peers(domain)
+        except RouteError as error:
+            kind = "failed" if error.permanent else "deferred"
+            return self._all(entries, kind, str(error), "5.1.2" if error.permanent else "4.4.3")
+        envelopes: dict[str, list[QueueEntry]] = defaultdict(list)
+        for entry in entries:
+            envelopes[entry.envelope_id].append(entry)
+        last_error = "no peer"
+        for peer in peers:
+            try:
+                client = await self._connection(peer, domain, operators)
+            except (ConnectionFailed, PeerRefused) as error:
+                last_error = str(error)
+                log.warning("relay to %s via %s: %s", domain, peer, error)
+                continue
+            results: list[_Result] = []
+            reusable = True
+            try:
+                for group in envelopes.values():
+                    if not reusable:
+                        results += self._all(group, "deferred", last_error, "4.4.2")
+                        continue
+                    try:
+                        sent = await self._send(client, peer, group)
+                    except ConnectionFailed as error:
+                        reusable = False
+                        last_error = str(error)
+                        results += self._all(group, "deferred", last_error, "4.4.2")
+                        continue
+                    results += sent
+                    if not all(r.kind == "delivered" for r in sent):
+                        reusable = await client.rset()
+            finally:
+                await self._give_back(peer, client, reusable)
+            return results
+        return self._all(entries, "deferred", last_error, "4.4.1")
+
+    def _all(
+        self, entries: Sequence[QueueEntry], kind: str, reason: str, status: str
+    ) -> list[_Result]:
+        return [_Result(e, kind, reason, status) for e in entries]
+
+    async def _connection(self, peer: Peer, domain: str, operators: frozenset[str]) -> SmtpClient:
+        pool = self._pools.setdefault(peer, _Pool(self._settings.max_connections_per_peer))
+        async with pool.changed:
+            while True:
+                if pool.idle:
+                    client, _ = pool.idle.pop()
+                    if await client.rset():
+                        try:
+                            self._check_peer(client, domain, operators)
+                        except PeerRefused:
+                            pool.open -= 1
+                            raise
+                        return client
+                    client.close()
+                    pool.open -= 1
+                    continue
+                if pool.open < pool.limit:
+                    pool.open += 1
+                    break
+                await pool.changed.wait()
+        try:
+            async with self._total:
+                client = await self._open(peer)
+            self._check_peer(client, domain, operators)
+            return client
+        except BaseException:
+            async with pool.changed:
+                pool.open -= 1
+                pool.changed.notify()
+            raise
+
+    def _check_peer(self, client: SmtpClient, domain: str, operators: frozenset[str]) -> None:
+        der = client.peer_certificate()
+        if der is None:
+            client.close()
+            raise PeerRefused(f"{client.peer} presented no certificate")
+        dn = normalise_dn(x509.load_der_x509_certificate(der).subject)
+        if dn not in operators:
+            # The connection stays usable for another domain this DN is listed for; it is
+            # closed here for simplicity (a peer's certificates rarely differ per domain).
+            with contextlib.suppress(Exception):
+                client.close()
+            raise PeerRefused(
+                f"{client.peer} presented certificate {dn}, which the MSSanté whitelist does "
+                f"not list for {domain}"
+            )
+
+    async def _open(self, peer: Peer) -> SmtpClient:
+        client, greeting = await SmtpClient.connect(
+            peer.host,
+            peer.port,
+            connect_timeout=self._settings.connect_timeout_seconds,
+            reply_timeout=self._settings.command_timeout_seconds,
+        )
+        try:
+            if greeting.code != 220:
+                raise PeerRefused(f"{peer} greeted with {greeting}")
+            reply = await client.ehlo(self._hostname)
+            if reply.code != 250:
+                raise PeerRefused(f"{peer} answered EHLO with {reply}")
+            if "STARTTLS" not in client.extensions:
+                # The trust space is mutual TLS only: never fall back to plaintext.
+                raise PeerRefused(f"{peer} does not offer STARTTLS")
+            reply = await client.starttls(self._tls, None)
+            if reply.code != 220:
+                raise PeerRefused(f"{peer} refused STARTTLS: {reply}")
+            HANDSHAKES.inc()
+            reply = await client.ehlo(self._hostname)
+            if reply.code != 250:
+                raise PeerRefused(f"{peer} answered EHLO after TLS with {reply}")
+            return client
+        except BaseException:
+            await client.quit()
+            raise
+
+    async def _give_back(self, peer: Peer, client: SmtpClient, reusable: bool) -> None:
+        pool = self._pools[peer]
+        async with pool.changed:
+            if reusable and self._settings.idle_connection_seconds > 0:
+                pool.idle.append((client, time.monotonic()))
+            else:
+                pool.open -= 1
+                client.close()
+            pool.changed.notify()
+
+    def _close_idle(self) -> None:
+        limit = time.monotonic() - self._settings.idle_connection_seconds
+        for pool in self._pools.values():
+            stale = [c for c, since in pool.idle if since < limit]
+            if stale:
+                pool.idle = [(c, s) for c, s in pool.idle if s >= limit]
+                pool.open -= len(stale)
+                for client in stale:
+                    task = asyncio.create_task(client.quit())
+                    self._running.add(task)
+                    task.add_done_callback(self._running.discard)
+
+    # -- one envelope --------------------------------------------------------------------------
+
+    async def _send(
+        self, client: SmtpClient, peer: Peer, entries: list[QueueEntry]
+    ) -> list[_Result]:
+        first = entries[0]
+        content = await queue.read_content(self._engine, first.blob_sha256)
+        if self._signer is not None and first.mail_from:
+            content = await self._signer.sign_async(content, first.mail_from.rpartition("@")[2])
+        extensions = client.extensions
+        dsn = "DSN" in extensions
+        mail_params: list[str] = []
+        if "SIZE" in extensions:
+            mail_params.append(f"SIZE={len(content)}")
+        if first.body == "8BITMIME" and "8BITMIME" in extensions:
+            mail_params.append("BODY=8BITMIME")
+        if first.smtputf8:
+            if "SMTPUTF8" not in extensions:
+                # RFC 6531 §3.2: no downgrade of internationalised addresses.
+                return self._all(entries, "failed", f"{peer} does not offer SMTPUTF8", "5.6.7")
+            mail_params.append("SMTPUTF8")
+        if dsn and first.dsn_ret:
+            mail_params.append(f"RET={first.dsn_ret}")
+        if dsn and first.dsn_envid:
+            mail_params.append(f"ENVID={first.dsn_envid}")
+        recipients: list[tuple[str, list[str]]] = []
+        for entry in entries:
+            params: list[str] = []
+            if dsn and entry.dsn_notify:
+                params.append(f"NOTIFY={entry.dsn_notify}")
+            if dsn:
+                # RFC 3461 §4.2: keep the original recipient; add it when the client gave none.
+                params.append(f"ORCPT={entry.dsn_orcpt or 'rfc822;' + xtext(entry.address)}")
+            recipients.append((entry.address, params))
+        outcome = await client.transaction(first.mail_from, mail_params, recipients, content)
+        remote = peer.host
+        results: list[_Result] = []
+        for entry, reply in zip(entries, outcome.recipients, strict=True):
+            if not outcome.mail.positive:
+                reply = outcome.mail
+            if reply.positive and outcome.data is not None:
+                reply = outcome.data
+            results.append(self._judge(entry, reply, remote, relayed=not dsn))
+        return results
+
+    def _judge(self, entry: QueueEntry, reply: Reply, remote: str, *, relayed: bool) -> _Result:
+        status = reply.enhanced or f"{str(reply.code)[0]}.0.0"
+        if reply.positive and reply.code != 354:
+            return _Result(entry, "delivered", str(reply), "2.0.0", remote, relayed)
+        kind = "failed" if reply.permanent else "deferred"
+        return _Result(entry, kind, f"{remote} said: {reply}", status, remote)
+
+    # -- outcomes --------------------------------------------------------------------------
+
+    async def _record(self, results: list[_Result]) -> None:
+        now = dt.datetime.now(dt.UTC)
+        outcomes: list[Outcome] = []
+        reports: dict[tuple[str, str], list[tuple[_Result, RecipientStatus]]] = defaultdict(list)
+        give_up = dt.timedelta(seconds=self._settings.give_up_seconds)
+        for r in results:
+            entry, token = r.entry, r.entry.claim_token or ""
+            if r.kind == "deferred" and now - entry.created_at >= give_up:
+                r = _Result(entry, "failed", f"gave up after {entry.attempts} attempts over "
+                            f"{give_up}: {r.reply}", "4.4.7", r.remote)  # fmt: skip
+            if r.kind == "delivered":
+                outcomes.append(Outcome(entry.id, token, "delivered", r.reply, r.remote))
+                RELAYED.inc("delivered")
+                log.info("%s relayed to <%s> via %s: %s", entry.envelope_id, entry.address,
+                         r.remote, r.reply)  # fmt: skip
+                if r.relayed and wants_report(entry.dsn_notify, "relayed"):
+                    reports[(entry.envelope_id, "relayed")].append((r, self._status(r, "relayed")))
+            elif r.kind == "failed":
+                outcomes.append(Outcome(entry.id, token, "failed", r.reply, r.remote))
+                RELAYED.inc("failed")
+                log.warning("%s to <%s> failed: %s", entry.envelope_id, entry.address, r.reply)
+                if wants_report(entry.dsn_notify, "failed"):
+                    reports[(entry.envelope_id, "failed")].append((r, self._status(r, "failed")))
+            else:
+                wait = backoff_seconds(entry.attempts, self._settings, self._rng)
+                later = now + dt.timedelta(seconds=wait)
+                delay_due = (
+                    not entry.delay_reported
+                    and now - entry.created_at
+                    >= dt.timedelta(seconds=self._settings.delay_report_seconds)
+                    and wants_report(entry.dsn_notify, "delayed")
+                )
+                outcomes.append(
+                    Outcome(entry.id, token, "queued", r.reply, r.remote, later, delay_due)
+                )
+                RELAYED.inc("deferred")
+                log.info("%s to <%s> deferred %.0fs: %s", entry.envelope_id, entry.address,
+                         wait, r.reply)  # fmt: skip
+                if delay_due:
+                    status = self._status(r, "delayed", until=entry.created_at + give_up)
+                    reports[(entry.envelope_id, "delayed")].append((r, status))
+        updated = await queue.record(self._engine, outcomes)
+        if self._report is None:
+            return
+        for (_, _action), items in reports.items():
+            kept = [(r, s) for r, s in items if r.entry.id in updated]
+            if not kept:
+                continue
+            entry = kept[0][0].entry
+            try:
+                content = await queue.read_content(self._engine, entry.blob_sha256)
+                await self._report(
+                    ReportedMessage(
+                        envelope_id=entry.envelope_id,
+                        mail_from=entry.mail_from,
+                        content=content,
+                        arrival=entry.created_at,
+                        dsn_ret=entry.dsn_ret,
+                        dsn_envid=entry.dsn_envid,
+                    ),
+                    [s for _, s in kept],
+                )
+            except Exception:
+                log.exception("%s: the delivery report could not be stored", entry.envelope_id)
+
+    def _status(
+        self, r: _Result, action: str, *, until: dt.datetime | None = None
+    ) -> RecipientStatus:
+        return RecipientStatus(
+            final_recipient=r.entry.address,
+            action=action,  # type: ignore[arg-type]
+            status=r.status if action != "relayed" else "2.0.0",
+            original_recipient=r.entry.dsn_orcpt,
+            diagnostic=r.reply,
+            remote_mta=r.remote,
+            will_retry_until=until,
+        )

@@ -1,0 +1,94 @@
+"""DKIM signing and verification (no DNS: records come from a table), `mssd dkim keygen`,
+and the X-MSS-NIL usage counter."""
+
+from __future__ import annotations
+
+import stat
+from pathlib import Path
+
+import pytest
+
+from mssd.delivery.dkim import (
+    DkimSigner,
+    DkimVerifier,
+    generate_key,
+    make_dns_function,
+    read_txt_records,
+)
+from mssd.delivery.pipeline import MSS_NIL, count_mss_nil
+
+DOMAIN = "operateur-a.mssd.test"
+MESSAGE = (
+    b"From: <docteur@operateur-a.mssd.test>\r\nTo: <confrere@operateur-b.mssd.test>\r\n"
+    b"Subject: CR\r\nX-MSS-INS: 1234567890123456789\r\nX-MSS-NIL: Logiciel/1.0\r\n"
+    b"\r\nCompte rendu\r\n"
+)
+
+
+@pytest.fixture
+def keyed(tmp_path: Path) -> tuple[DkimSigner, dict[str, bytes]]:
+    key_file, record = generate_key(tmp_path / "dkim", DOMAIN, "mssd")
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    assert record.startswith("v=DKIM1; k=rsa; p=")
+    return DkimSigner(tmp_path / "dkim", "mssd"), {f"mssd._domainkey.{DOMAIN}": record.encode()}
+
+
+def _verify(records: dict[str, bytes], content: bytes) -> bytes:
+    lookup = make_dns_function(records, use_dns=False, timeout=1)
+    return DkimVerifier("mx.b.mssd.test", lookup, timeout=1).header(content)
+
+
+def test_signed_mail_verifies_and_names_the_domain(
+    keyed: tuple[DkimSigner, dict[str, bytes]],
+) -> None:
+    signer, records = keyed
+    signed = signer.sign(MESSAGE, DOMAIN)
+    assert signed.startswith(b"DKIM-Signature: ") and signed.endswith(MESSAGE)
+    assert b"x-mss-ins" in signed.split(b"\r\n\r\n")[0].lower()
+    assert (
+        _verify(records, signed)
+        == (
+            f"Authentication-Results: mx.b.mssd.test; dkim=pass header.d={DOMAIN} header.s=mssd\r\n"
+        ).encode()
+    )
+
+
+def test_a_changed_mssante_field_fails(keyed: tuple[DkimSigner, dict[str, bytes]]) -> None:
+    signer, records = keyed
+    signed = signer.sign(MESSAGE, DOMAIN).replace(b"X-MSS-INS: 1234", b"X-MSS-INS: 9999")
+    assert b"dkim=fail" in _verify(records, signed)
+
+
+def test_unsigned_unknown_key_and_no_key(keyed: tuple[DkimSigner, dict[str, bytes]]) -> None:
+    signer, _ = keyed
+    assert _verify({}, MESSAGE) == b"Authentication-Results: mx.b.mssd.test; dkim=none\r\n"
+    # No published key: not a pass, and never an exception.
+    assert b"dkim=pass" not in _verify({}, signer.sign(MESSAGE, DOMAIN))
+    # A domain without a key is sent unsigned.
+    assert signer.sign(MESSAGE, "autre.mssd.test") == MESSAGE
+
+
+def test_records_file(tmp_path: Path) -> None:
+    path = tmp_path / "records.txt"
+    path.write_text('# test\nmssd._domainkey.A.test. "v=DKIM1; p=abc"\n')
+    assert read_txt_records(path) == {"mssd._domainkey.a.test": b"v=DKIM1; p=abc"}
+    assert read_txt_records(None) == {}
+
+
+def test_keygen_command(tmp_path: Path) -> None:
+    from test_cli import Cli
+
+    cli = Cli(f"sqlite+aiosqlite:///{tmp_path / 'x.db'}", tmp_path)
+    result = cli("dkim", "keygen", DOMAIN, env={"MSSD_SERVER_VAR_DIR": str(tmp_path / "var")})
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "var" / "dkim" / f"{DOMAIN}.mssd.key").is_file()
+    assert f'mssd._domainkey.{DOMAIN}. IN TXT "v=DKIM1; k=rsa; p=' in result.stdout
+    again = cli("dkim", "keygen", DOMAIN, env={"MSSD_SERVER_VAR_DIR": str(tmp_path / "var")})
+    assert again.returncode == 1 and "--force" in again.stderr
+
+
+def test_mss_nil_values_are_counted() -> None:
+    before = MSS_NIL.value("Logiciel/1.0")
+    assert count_mss_nil(MESSAGE) == ["Logiciel/1.0"]
+    assert count_mss_nil(b"Subject: x\r\n\r\nX-MSS-NIL: dans le corps\r\n") == []
+    assert MSS_NIL.value("Logiciel/1.0") == before + 1
