@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from mssd.imap.commands import Command, LoginArgs, NeedContinuation
 from mssd.imap.encode import (
     appenduid,
     compress_uids,
@@ -21,7 +22,7 @@ from mssd.imap.encode import (
     untagged_status,
 )
 from mssd.imap.fetchdata import Atom, ImapValue, Literal8
-from mssd.imap.protocol import Command, CommandReader, LoginArgs, NeedContinuation
+from mssd.imap.protocol import CommandReader
 
 
 def test_scalars() -> None:

@@ -8,14 +8,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mssd.imap.fetchdata import SectionSpec
-from mssd.imap.protocol import (
+from mssd.imap.commands import (
     AclArgs,
     AppendArgs,
     AppendMessage,
     AuthenticateArgs,
     Command,
-    CommandReader,
     CopyArgs,
     CreateArgs,
     EnableArgs,
@@ -55,9 +53,10 @@ from mssd.imap.protocol import (
     StatusArgs,
     StoreArgs,
     ThreadArgs,
-    decode_mailbox_name,
-    encode_mailbox_name,
 )
+from mssd.imap.fetchdata import SectionSpec
+from mssd.imap.names import decode_mailbox_name, encode_mailbox_name
+from mssd.imap.protocol import CommandReader
 
 Event = Command | NeedContinuation | ProtocolError
 

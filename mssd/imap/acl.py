@@ -17,9 +17,9 @@ from __future__ import annotations
 
 from typing import Literal
 
+from mssd.imap.commands import AclArgs, Command, MailboxArgs, QuotaRootArgs, SetAclArgs
 from mssd.imap.encode import Atom, ImapValue
 from mssd.imap.mailboxes import find_folder, name_out
-from mssd.imap.protocol import AclArgs, Command, MailboxArgs, QuotaRootArgs, SetAclArgs
 from mssd.imap.session import Session
 from mssd.store.mailstore import OWNER_RIGHTS, MailStoreError, QuotaInfo
 

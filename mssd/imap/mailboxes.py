@@ -10,8 +10,7 @@ import re
 from collections.abc import Awaitable
 
 from mssd.imap import encode
-from mssd.imap.encode import Atom, ImapValue
-from mssd.imap.protocol import (
+from mssd.imap.commands import (
     Command,
     CreateArgs,
     ListArgs,
@@ -19,8 +18,9 @@ from mssd.imap.protocol import (
     RenameArgs,
     SelectArgs,
     StatusArgs,
-    encode_mailbox_name,
 )
+from mssd.imap.encode import Atom, ImapValue
+from mssd.imap.names import encode_mailbox_name
 from mssd.imap.session import Session
 from mssd.imap.view import SelectedView
 from mssd.store.mailstore import SEPARATOR, SHARED_PREFIX, FolderInfo, MailStoreError

@@ -17,22 +17,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from mssd.imap import encode
-from mssd.imap.encode import ImapValue, Literal8
-from mssd.imap.fetchdata import (
-    SectionSpec,
-    binary,
-    binary_size,
-    body_text,
-    bodystructure,
-    envelope,
-    partial,
-    resolve_part,
-    section,
-    wire_body,
-    wire_envelope,
-)
-from mssd.imap.heads import FIELD_LISTS, Head
-from mssd.imap.protocol import (
+from mssd.imap.commands import (
     AppendArgs,
     Command,
     CopyArgs,
@@ -55,6 +40,21 @@ from mssd.imap.protocol import (
     SequenceSet,
     StoreArgs,
 )
+from mssd.imap.encode import ImapValue, Literal8
+from mssd.imap.fetchdata import (
+    SectionSpec,
+    binary,
+    binary_size,
+    body_text,
+    bodystructure,
+    envelope,
+    partial,
+    resolve_part,
+    section,
+    wire_body,
+    wire_envelope,
+)
+from mssd.imap.heads import FIELD_LISTS, Head
 from mssd.imap.session import Session
 from mssd.imap.view import SelectedView
 from mssd.mime import OFFLOAD_BYTES

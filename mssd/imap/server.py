@@ -23,14 +23,8 @@ from dataclasses import dataclass
 from mssd.auth.networks import trusted_matcher
 from mssd.config import Settings
 from mssd.imap import acl, encode, mailboxes, messages, sort
-from mssd.imap.protocol import (
-    Command,
-    CommandReader,
-    IdleDone,
-    NeedContinuation,
-    ProtocolError,
-    SaslResponse,
-)
+from mssd.imap.commands import Command, IdleDone, NeedContinuation, ProtocolError, SaslResponse
+from mssd.imap.protocol import CommandReader
 from mssd.imap.session import Bye, Services, Session
 
 log = logging.getLogger(__name__)

@@ -34,15 +34,9 @@ from mssd.auth import (
     UnknownMechanism,
 )
 from mssd.imap import encode
+from mssd.imap.commands import AuthenticateArgs, Command, EnableArgs, IdArgs, LoginArgs
 from mssd.imap.heads import HeadCache
 from mssd.imap.index import FolderIndex, Indexes
-from mssd.imap.protocol import (
-    AuthenticateArgs,
-    Command,
-    EnableArgs,
-    IdArgs,
-    LoginArgs,
-)
 from mssd.imap.view import SelectedView, ViewUpdate
 from mssd.store.changes import ChangeBus, Subscription
 from mssd.store.delivery import GroupCommitter

@@ -23,8 +23,8 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from mssd.imap.commands import Command, SearchKey, SortArgs, ThreadArgs
 from mssd.imap.messages import matching
-from mssd.imap.protocol import Command, SearchKey, SortArgs, ThreadArgs
 from mssd.imap.session import Session
 from mssd.mime.structure import iter_fields, unfold
 
