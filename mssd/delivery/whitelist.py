@@ -19,8 +19,6 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -29,6 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from mssd import metrics
 from mssd.config import WhitelistSettings
+from mssd.files import write_atomic
 from mssd.store.whitelist import (
     latest_whitelist,
     latest_whitelist_id,
@@ -300,15 +299,4 @@ def _write_if_changed(path: Path, data: bytes, digest: str) -> None:
     if current is not None and hashlib.sha256(current).hexdigest() == digest:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o644)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    write_atomic(path, data, mode=0o644)

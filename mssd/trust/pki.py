@@ -20,14 +20,12 @@ Keys are RSA 2048 with SHA-256 signatures: the MSSanté TLS 1.2 suites are all E
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import ipaddress
 import json
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +37,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from mssd.files import write_atomic
 from mssd.trust.idnat import IdNatError, check_idnat_ps, check_idnat_struct
 
 
@@ -127,30 +126,13 @@ def _all_files(pki: DevPki) -> list[Path]:
 # --- files ---------------------------------------------------------------------------------------
 
 
-def _write_atomic(path: Path, data: bytes, *, mode: int) -> None:
-    """Write ``data`` to ``path`` through a temporary file created with ``mode`` from the start."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        # mkstemp creates the file 0600; set the final mode before writing any content.
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def _write_key(path: Path, key: rsa.RSAPrivateKey) -> None:
     pem = key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    _write_atomic(path, pem, mode=0o600)
+    write_atomic(path, pem, mode=0o600)
 
 
 def _pem(*certs: x509.Certificate) -> bytes:
@@ -315,12 +297,12 @@ def _write_crls(pki: DevPki, number: int, revoked: _Revocations) -> None:
         crl = builder.sign(ca_key, hashes.SHA256())
         pems.append(crl.public_bytes(serialization.Encoding.PEM))
     record = {"crl_number": number, "revoked": revoked}
-    _write_atomic(
+    write_atomic(
         pki.directory / _REVOCATIONS,
         json.dumps(record, indent=2, sort_keys=True).encode("utf-8"),
         mode=0o644,
     )
-    _write_atomic(pki.crl, b"".join(pems), mode=0o644)
+    write_atomic(pki.crl, b"".join(pems), mode=0o644)
 
 
 # --- public API ----------------------------------------------------------------------------------
@@ -403,10 +385,10 @@ def init_dev_pki(
     )
     for ca, cert, key in authorities:
         _write_key(_ca_key_path(pki, ca), key)
-        _write_atomic(_ca_cert_path(pki, ca), _pem(cert), mode=0o644)
+        write_atomic(_ca_cert_path(pki, ca), _pem(cert), mode=0o644)
     _write_key(pki.server_key, server_key)
-    _write_atomic(pki.server_cert, _pem(server_cert, org), mode=0o644)
-    _write_atomic(pki.ca_bundle, _pem(root, org, personal), mode=0o644)
+    write_atomic(pki.server_cert, _pem(server_cert, org), mode=0o644)
+    write_atomic(pki.ca_bundle, _pem(root, org, personal), mode=0o644)
     _write_crls(pki, 1, {ca: {} for ca in _CA_NAMES})
     return pki
 
@@ -438,7 +420,7 @@ def _issue(
     cert = builder.sign(ca_key, hashes.SHA256())
     issued.mkdir(mode=0o700, exist_ok=True)
     _write_key(key_path, key)
-    _write_atomic(cert_path, _pem(cert, ca_cert), mode=0o644)
+    write_atomic(cert_path, _pem(cert, ca_cert), mode=0o644)
     return IssuedCertificate(
         cert=cert_path,
         key=key_path,
