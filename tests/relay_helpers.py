@@ -9,6 +9,7 @@ import socket
 import ssl
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -145,15 +146,60 @@ def wait_messages(
     )
 
 
-def queue_entries(server: MssdProcess, states: tuple[str, ...] = queue.PENDING) -> list[Any]:
+def queue_entries(
+    server: MssdProcess, states: tuple[str, ...] = queue.PENDING, limit: int = 100
+) -> list[Any]:
     async def read() -> list[Any]:
         engine = create_engine(server.url)
         try:
-            return await queue.list_entries(engine, states=states)
+            return await queue.list_entries(engine, states=states, limit=limit)
         finally:
             await engine.dispose()
 
     return list(run(read()))
+
+
+def queue_contents(
+    server: MssdProcess, states: tuple[str, ...], limit: int = 10_000
+) -> list[bytes]:
+    """The messages of the queue entries in ``states`` (one per entry)."""
+
+    async def read() -> list[bytes]:
+        engine = create_engine(server.url)
+        try:
+            entries = await queue.list_entries(engine, states=states, limit=limit)
+            return [await queue.read_content(engine, e.blob_sha256) for e in entries]
+        finally:
+            await engine.dispose()
+
+    return list(run(read()))
+
+
+def queue_counts(server: MssdProcess) -> dict[str, int]:
+    """Queue entries by state (queued, sending, delivered, failed)."""
+
+    async def read() -> dict[str, int]:
+        engine = create_engine(server.url)
+        try:
+            return await queue.count_by_state(engine)
+        finally:
+            await engine.dispose()
+
+    return dict(run(read()))
+
+
+def inbox_count(server: MssdProcess, address: str) -> int:
+    """How many messages a mailbox's INBOX holds (placements only, no blob read)."""
+    from mssd.store.messages import list_messages
+
+    async def read() -> int:
+        engine = create_engine(server.url)
+        try:
+            return len(await list_messages(engine, address, folder="INBOX"))
+        finally:
+            await engine.dispose()
+
+    return int(run(read()))
 
 
 def submission(server: MssdProcess, login: str) -> smtplib.SMTP:
@@ -186,6 +232,23 @@ def submit(
         data = body.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
         client.send(data.replace(b"\r\n.", b"\r\n..") + b"\r\n.\r\n")  # RFC 5321 §4.5.2
         return client.getreply()
+
+
+def submit_many(
+    server: MssdProcess, sender: str, recipient: str, bodies: list[bytes], sessions: int = 4
+) -> None:
+    """Submit every body on 587 as its own message, ``sessions`` sessions in parallel, each
+    sending its share back to back; every one must be accepted."""
+
+    def share(part: list[bytes]) -> None:
+        with submission(server, sender) as client:
+            for body in part:
+                refused = client.sendmail(sender, [recipient], body)
+                assert not refused, refused
+
+    with ThreadPoolExecutor(sessions) as pool:
+        for done in [pool.submit(share, bodies[n::sessions]) for n in range(sessions)]:
+            done.result()
 
 
 def stop_all(servers: list[MssdProcess]) -> Iterator[None]:

@@ -1,25 +1,34 @@
 """Faults between two operators: B down, then back; A restarted with mail queued; a delay
-report sent once. Real ``mssd serve`` processes on SQLite and PostgreSQL."""
+report sent once; A killed (SIGKILL) in the middle of relaying 1,000 messages. Real
+``mssd serve`` processes on SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
 import re
+import signal
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from conftest import PkiBundle, run, store_url_for
 from relay_helpers import (
+    inbox_count,
     make_operator,
     messages,
+    queue_contents,
+    queue_counts,
     queue_entries,
     seed_operator,
     start_operator,
     submit,
+    submit_many,
     wait_for,
     wait_messages,
 )
+
+from mssd.config import RelaySettings
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -94,6 +103,80 @@ def test_b_down_then_back_and_a_restarted(
         ]
         assert not queue_entries(a)
         assert len(messages(a, a_user)) == 1  # the delay report, once
+    finally:
+        a.stop()
+        if b is not None:
+            b.stop()
+
+
+KILLED_COUNT = 1000
+LEASE_SECONDS = 8
+"""Short, so that A takes over its dead claims soon after its restart; still far longer
+than one claimed batch takes to send on a loaded machine (about a second)."""
+
+
+def numbers(contents: list[bytes]) -> list[int]:
+    """The message numbers (``Subject: tue N``) of stored or queued messages."""
+    found = [int(n) for n in re.findall(rb"^Subject: tue (\d+)\r?$", b"".join(contents), re.M)]
+    assert len(found) == len(contents)
+    return found
+
+
+def test_a_killed_while_relaying_sends_again_only_what_b_had_just_accepted(
+    backend: str, urls: list[str], tmp_path: Path, test_pki: PkiBundle
+) -> None:
+    """A is SIGKILLed while relaying 1,000 messages to B; after A's restart every message
+    reaches B, and the only duplicates are messages B had accepted while A had not yet
+    recorded their 250 (RFC 5321 §6.1: a duplicate rather than a loss).
+
+    The bound, from ``mssd/smtp/relay.py``: a worker records the outcomes of a claimed
+    group only after the whole group was sent, and claims no more than ``relay.batch_size``
+    entries in all while earlier claims are unrecorded. So at the instant of the kill at
+    most ``batch_size`` entries are ``sending``, and only those can reach B twice."""
+    bound = RelaySettings().batch_size
+    op_a = make_operator(test_pki.dev, "A", "tue-a.mssd.test", "1750000025", backend)
+    op_b = make_operator(test_pki.dev, "B", "tue-b.mssd.test", "1750000026", backend)
+    run(seed_operator(urls[0], op_a, ("docteur",)))
+    run(seed_operator(urls[1], op_b, ("docteur",)))
+    trust = {"whitelisted": [op_a, op_b]}
+    a = start_operator(op_a, urls[0], test_pki, tmp_path / "a", routes=[op_b], **trust,  # type: ignore[arg-type]
+                       MSSD_RELAY_LEASE_SECONDS=str(LEASE_SECONDS))  # fmt: skip
+    b = None
+    try:
+        a_user, b_user = op_a.user(), op_b.user()
+        bodies = [
+            f"Subject: tue {n}\nMessage-ID: <tue.{n}@{op_a.domain}>\n\nmessage {n}\n".encode()
+            for n in range(KILLED_COUNT)
+        ]
+        # B is down while A accepts the messages: all 1,000 wait in A's queue, so that A
+        # is relaying flat out when it is killed.
+        submit_many(a, a_user, b_user, bodies, sessions=4)
+        assert sum(queue_counts(a).values()) == KILLED_COUNT
+        b = start_operator(op_b, urls[1], test_pki, tmp_path / "b", routes=[op_a], **trust)  # type: ignore[arg-type]
+        wait_for(lambda: inbox_count(b, b_user) >= KILLED_COUNT // 5, 60, "B to receive some")
+        a.stop(signal.SIGKILL)
+        time.sleep(1.0)  # B finishes the transaction whose data had fully arrived, if any
+        before = numbers(messages(b, b_user))
+        sending = set(numbers(queue_contents(a, ("sending",))))
+        assert 0 < len(before) < KILLED_COUNT, "A was killed before or after relaying"
+        assert len(set(before)) == len(before)  # no duplicate before the kill
+        assert 0 < len(sending) <= bound
+        a.start()
+        # Every entry recorded delivered: B had committed each before its 250.
+        wait_for(
+            lambda: queue_counts(a) == {"delivered": KILLED_COUNT},
+            60 + LEASE_SECONDS,
+            "A to deliver everything",
+        )
+        received = Counter(numbers(messages(b, b_user)))
+        duplicates = {n for n, copies in received.items() if copies > 1}
+        print(f"\n{backend}: {len(before)} at B when A was killed, {len(sending)} in flight, "
+              f"{len(duplicates)} duplicate(s) after the restart")  # fmt: skip
+        assert set(received) == set(range(KILLED_COUNT))
+        assert max(received.values()) <= 2
+        # Exactly the messages B had accepted whose 250 A had not recorded yet.
+        assert duplicates == sending & set(before)
+        assert len(duplicates) <= bound
     finally:
         a.stop()
         if b is not None:

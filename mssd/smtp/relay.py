@@ -14,9 +14,10 @@ Invariants:
   ``relay.delay_report_seconds``) produce a report to the sender as NOTIFY asks.
 - RFC 3461 parameters travel with the message (RET, ENVID on MAIL; NOTIFY, ORCPT on RCPT)
   when the peer offers DSN.
-- An outcome is recorded only after the peer's reply; a process killed between the peer's
-  250 and that record sends the message again after the lease: SMTP cannot do better
-  (RFC 5321 §6.1 prefers a duplicate to a loss).
+- An outcome is recorded only after the peer's reply, and as soon as it comes
+  (:class:`_Recorder`); a process killed between the peer's 250 and that record sends the
+  message again after the lease. Delivery is at least once: SMTP cannot do better (the
+  comment on :class:`_Recorder` says why, and bounds the duplicates).
 - Connections are reused per peer (RSET before reuse) and limited per peer and in total.
 """
 
@@ -30,7 +31,7 @@ import random
 import ssl
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 from cryptography import x509
@@ -101,6 +102,58 @@ class _Result:
     """Delivered to a peer that does not offer DSN (RFC 3461 §5.2.2)."""
 
 
+class _Recorder:
+    """Records outcomes as soon as the peer has answered, while the next message is sent.
+
+    One record transaction at a time, each taking every outcome that arrived meanwhile (a
+    group commit), so the store's commit latency does not slow the conversation down.
+
+    Why as soon as possible: this is the only place where the relay loses track of a
+    message it handed over. Responsibility passes to the peer with its 250 after the data
+    (RFC 5321 §6.1); if this process dies after that 250 and before the "delivered"
+    record commits, the entry is still ``sending`` and is claimed again when its lease
+    ends, so the peer receives the message twice. SMTP cannot do better: the peer's 250
+    and our record cannot be made atomic, and a sender that waited for some further
+    acknowledgement would only move the window (the "duplicate messages" problem of
+    RFC 1047). Delivery is therefore at least once; RFC 5321 §6.1 prefers a duplicate to
+    a loss. Recording each outcome at once bounds the duplicates after a crash to the
+    messages accepted during the last record transaction and the one in the pipe, instead
+    of a whole claimed batch; the hard bound stays ``relay.batch_size`` (what one worker
+    may hold unrecorded), and ``tests/test_relay_outage.py`` counts them after a SIGKILL.
+    """
+
+    def __init__(self, record: Callable[[list[_Result]], Awaitable[None]]) -> None:
+        self._record = record
+        self._waiting: list[_Result] = []
+        self._task: asyncio.Task[None] | None = None
+        self._error: BaseException | None = None
+        self.done: set[int] = set()
+        """Ids of the entries whose outcome is recorded."""
+
+    def add(self, results: list[_Result]) -> None:
+        self._waiting += results
+        if self._error is None and (self._task is None or self._task.done()):
+            self._task = asyncio.create_task(self._flush())
+
+    async def _flush(self) -> None:
+        while self._waiting:
+            batch, self._waiting = self._waiting, []
+            try:
+                await self._record(batch)
+            except Exception as error:
+                # The entries stay claimed; ``close`` raises and the caller releases them.
+                self._error = error
+                return
+            self.done.update(r.entry.id for r in batch)
+
+    async def close(self) -> None:
+        """Wait until everything handed over is recorded; raise if recording failed."""
+        if self._task is not None:
+            await self._task
+        if self._error is not None:
+            raise self._error
+
+
 class RelayWorker:
     def __init__(
         self,
@@ -162,6 +215,15 @@ class RelayWorker:
             for client, _ in pool.idle:
                 await client.quit()
             pool.idle.clear()
+        # There is no metrics endpoint yet: the log keeps the figures (bench/relay_load.py
+        # reads the handshake count here to check that connections were reused).
+        log.info(
+            "relay stopped: %d TLS handshakes; recipients delivered %d, deferred %d, failed %d",
+            HANDSHAKES.value(),
+            RELAYED.value("delivered"),
+            RELAYED.value("deferred"),
+            RELAYED.value("failed"),
+        )
 
     async def _run(self) -> None:
         while True:
@@ -207,30 +269,37 @@ class RelayWorker:
     # -- one domain --------------------------------------------------------------------------
 
     async def _deliver_domain(self, domain: str, entries: list[QueueEntry]) -> None:
-        recorded = False
+        recorder = _Recorder(self._record)
         try:
-            results = await self._attempt_domain(domain, entries)
-            await self._record(results)
-            recorded = True
+            await self._attempt_domain(domain, entries, recorder.add)
         finally:
-            if not recorded:
-                # Cancelled (shutdown) or failed before the outcome was known: give the
-                # entries back rather than let them wait for the lease.
-                await asyncio.shield(
-                    queue.release(self._engine, [(e.id, e.claim_token or "") for e in entries])
-                )
+            try:
+                # Cancelled (shutdown) or failed midway: what the peer already accepted is
+                # recorded all the same, so that a clean stop sends nothing twice.
+                await asyncio.shield(recorder.close())
+            finally:
+                # The rest goes back at once rather than wait for the lease.
+                rest = [(e.id, e.claim_token or "") for e in entries if e.id not in recorder.done]
+                if rest:
+                    await asyncio.shield(queue.release(self._engine, rest))
 
-    async def _attempt_domain(self, domain: str, entries: list[QueueEntry]) -> list[_Result]:
+    async def _attempt_domain(
+        self, domain: str, entries: list[QueueEntry], record: Callable[[list[_Result]], None]
+    ) -> None:
+        """Send ``entries`` to a peer of ``domain``; hand each envelope's outcomes to
+        ``record`` as soon as the peer has answered for it."""
         listed = self._whitelist()
         operators = listed.operators_for(domain) if listed is not None else frozenset()
         if not operators:
-            return self._all(entries, "deferred", f"domain {domain} is not in the MSSanté "
-                             "whitelist in force", "4.7.1")  # fmt: skip
+            record(self._all(entries, "deferred", f"domain {domain} is not in the MSSanté "
+                             "whitelist in force", "4.7.1"))  # fmt: skip
+            return
         try:
             peers = await self._router.peers(domain)
         except RouteError as error:
             kind = "failed" if error.permanent else "deferred"
-            return self._all(entries, kind, str(error), "5.1.2" if error.permanent else "4.4.3")
+            record(self._all(entries, kind, str(error), "5.1.2" if error.permanent else "4.4.3"))
+            return
         envelopes: dict[str, list[QueueEntry]] = defaultdict(list)
         for entry in entries:
             envelopes[entry.envelope_id].append(entry)
@@ -242,27 +311,26 @@ class RelayWorker:
                 last_error = str(error)
                 log.warning("relay to %s via %s: %s", domain, peer, error)
                 continue
-            results: list[_Result] = []
             reusable = True
             try:
                 for group in envelopes.values():
                     if not reusable:
-                        results += self._all(group, "deferred", last_error, "4.4.2")
+                        record(self._all(group, "deferred", last_error, "4.4.2"))
                         continue
                     try:
                         sent = await self._send(client, peer, group)
                     except ConnectionFailed as error:
                         reusable = False
                         last_error = str(error)
-                        results += self._all(group, "deferred", last_error, "4.4.2")
+                        record(self._all(group, "deferred", last_error, "4.4.2"))
                         continue
-                    results += sent
+                    record(sent)
                     if not all(r.kind == "delivered" for r in sent):
                         reusable = await client.rset()
             finally:
                 await self._give_back(peer, client, reusable)
-            return results
-        return self._all(entries, "deferred", last_error, "4.4.1")
+            return
+        record(self._all(entries, "deferred", last_error, "4.4.1"))
 
     def _all(
         self, entries: Sequence[QueueEntry], kind: str, reason: str, status: str

@@ -11,8 +11,9 @@ Invariants:
   process or many, never claim the same entry; SQLite: the claim runs under the database
   write lock (``BEGIN IMMEDIATE``), which serialises claimers.
 - An entry whose worker died (SIGKILL, power loss) is claimed again when its lease ends:
-  a message the peer had accepted in the instant before the death is sent twice. SMTP
-  cannot do better (RFC 5321 §6.1 puts duplicates above losses); the lease keeps it rare.
+  a message the peer had accepted in the instant before the death is sent twice
+  (at-least-once delivery; why SMTP cannot do better: ``_Recorder`` in
+  ``mssd/smtp/relay.py``).
 - Nothing here talks to the network.
 """
 
