@@ -146,8 +146,10 @@ class FolderIndex:
             )
             if changed or vanished:
                 self.state = _advance(before, changed, vanished, highest)
-                self._remember(_Step(before.highestmodseq, self.state.highestmodseq,
-                                     tuple(changed), tuple(vanished)))  # fmt: skip
+                step = _Step(
+                    before.highestmodseq, self.state.highestmodseq, tuple(changed), tuple(vanished)
+                )
+                self._remember(step)
         return self.state
 
     def _remember(self, step: _Step) -> None:

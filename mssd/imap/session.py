@@ -96,8 +96,9 @@ class Session:
         self.principal: Principal | None = None
         self.view: SelectedView | None = None
         self.subscription: Subscription | None = None
-        self.index: FolderIndex | None = None
         """Changes to the selected folder (:meth:`sync` reads the store only after one)."""
+        self.index: FolderIndex | None = None
+        """The selected folder's shared index (``index.py``), held until the session leaves it."""
         self.last_read = 0.0
         self.enabled: set[str] = set()
         self.utf8 = False
