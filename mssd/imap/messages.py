@@ -151,12 +151,7 @@ def _head_only(attr: FetchAttr) -> bool:
     if attr.name in ("ENVELOPE", "RFC822.HEADER", *_VIEW_ITEMS, "RFC822.SIZE", "INTERNALDATE"):
         return True
     spec = attr.section
-    return (
-        attr.name == "BODY"
-        and spec is not None
-        and not spec.part
-        and spec.text in _HEADER_TEXTS[1:]
-    )
+    return attr.name == "BODY" and spec is not None and not spec.part and spec.text in _HEADER_TEXTS
 
 
 async def _contents(
