@@ -31,7 +31,7 @@ from mssd.smtp.relay import RelayWorker
 from mssd.store.accounts import StoreAccounts
 from mssd.store.changes import ChangeBus
 from mssd.store.delivery import GroupCommitter, StoredMessage
-from mssd.store.engine import check_schema, create_engine
+from mssd.store.engine import check_schema, create_engine, dispose
 from mssd.store.mailstore import MailStore
 from mssd.trust.tls import TlsConfigError, server_context
 from mssd.trust.verify import TrustFiles
@@ -69,7 +69,7 @@ class Services:
         await self.authenticator.close()  # its last audit events go through the committer
         await self.committer.stop()
         await self.bus.stop()
-        await self.engine.dispose()
+        await dispose(self.engine)
 
 
 def event_loop_factory(settings: Settings) -> Callable[[], asyncio.AbstractEventLoop] | None:

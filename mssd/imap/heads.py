@@ -47,12 +47,10 @@ def head_of(prefix: bytes, *, whole: bool) -> Head | None:
     """The Head from the first octets of a message, or None when they are not
     enough to know; ``whole`` says ``prefix`` is the entire message."""
     end = header_end(prefix)
-    if end is not None:
-        block = prefix[:end]
-        return Head(block, parse(block))
-    if whole:
-        return Head(prefix, parse(prefix))
-    return None
+    if end is None and not whole:
+        return None
+    block = prefix if end is None else prefix[:end]
+    return Head(block, parse(block))
 
 
 class HeadCache:
@@ -106,9 +104,9 @@ class HeadCache:
                 found[digest] = head
         if longer:
             for digest, raw in (await store.blobs(longer)).items():
-                found[digest] = head_of(raw, whole=True) or Head(
-                    raw, parse(raw)
-                )  # whole: never None
+                head = head_of(raw, whole=True)
+                assert head is not None  # the whole message: always a Head
+                found[digest] = head
         for digest in missing:
             if digest in found:
                 self._keep(digest, found[digest])

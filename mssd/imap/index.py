@@ -11,8 +11,8 @@ Invariants:
   from one consistent snapshot and brought forward with
   ``MailStore.changes_since`` (one read, under a lock, shared by every waiting
   session) when the change bus announced a change, when the bus may have
-  missed one (``ChangeBus.reliable``), or, with several processes, when it was
-  last read more than :data:`_TRUST_SECONDS` ago;
+  missed one, or, with several processes, when it was last read more than a
+  second ago (``ChangeBus.silence_proves_nothing_changed``);
 - a state, once made, never changes (sessions hold references to it);
 - the changes between recent states are kept (:data:`_HISTORY_ROWS` rows at
   most), so a session catching up is answered from memory; a session further
@@ -34,9 +34,6 @@ from mssd.imap.view import FolderState, shared_flags
 from mssd.store.changes import ChangeBus, Subscription
 from mssd.store.mailstore import MailStore, MessageRow
 
-_TRUST_SECONDS = 1.0
-"""With several processes (PostgreSQL), how long the absence of a notification
-is trusted before the store is read anyway (a NOTIFY that could not be sent)."""
 _HISTORY_ROWS = 20_000
 """Changed rows and expunged UIDs kept to answer sessions that are behind."""
 _SPARE = 32
@@ -126,8 +123,7 @@ class FolderIndex:
         return (
             subscription is None
             or subscription.pending() > 0
-            or not self._bus.reliable
-            or (self._bus.distributed and time.monotonic() - self._read_at >= _TRUST_SECONDS)
+            or not self._bus.silence_proves_nothing_changed(self._read_at)
         )
 
     async def latest(self) -> FolderState:

@@ -47,11 +47,6 @@ log = logging.getLogger(__name__)
 
 State = Literal["not-authenticated", "authenticated", "selected", "logout"]
 
-_NOTIFY_TRUST_SECONDS = 1.0
-"""With several processes (PostgreSQL), how long a session trusts the absence
-of a notification before reading the store anyway: a NOTIFY that could not be
-sent is then noticed within this time."""
-
 SERVER_ID = (("name", "mssd"), ("vendor", "mssd project"), ("support-url", None))
 
 
@@ -66,7 +61,7 @@ class Services:
     bus: ChangeBus
     audit: GroupCommitter
     append_limit: int
-    heads: HeadCache = field(default_factory=lambda: HeadCache(64 * 1024 * 1024))
+    heads: HeadCache
     indexes: Indexes = field(init=False)
 
     def __post_init__(self) -> None:
@@ -176,17 +171,14 @@ class Session:
 
     def up_to_date(self, view: SelectedView) -> bool:
         """Whether the store can hold nothing new for the view: no change was
-        published for the folder since the last read, and the change bus misses
-        none (a lost PostgreSQL notification is bounded by
-        :data:`_NOTIFY_TRUST_SECONDS`, after which the store is read anyway)."""
+        published for the folder since the last read, and the change bus would
+        have told (``ChangeBus.silence_proves_nothing_changed``)."""
         subscription = self.subscription
-        bus = self.services.bus
         return (
             subscription is not None
             and not subscription.pending()
             and not view.expunges_withheld
-            and bus.reliable
-            and (not bus.distributed or time.monotonic() - self.last_read < _NOTIFY_TRUST_SECONDS)
+            and self.services.bus.silence_proves_nothing_changed(self.last_read)
         )
 
     def own_change(self, count: int) -> int | None:

@@ -20,13 +20,13 @@ import datetime as dt
 import email.header
 import email.utils
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from mssd.imap.commands import Command, SearchKey, SortArgs, ThreadArgs
 from mssd.imap.messages import matching
 from mssd.imap.session import Session
-from mssd.mime.structure import iter_fields, unfold
+from mssd.mime.structure import unfold
 
 _OFFLOAD_COUNT = 200  # parse on a worker thread past this many messages
 _WANTED = ("subject", "from", "to", "cc", "date", "message-id", "in-reply-to", "references")
@@ -77,13 +77,14 @@ def decode_text(raw: bytes) -> str:
         return text
 
 
-def parse_headers(raw: bytes) -> dict[str, str]:
-    """The first instance of each wanted field in a message's header block."""
+def wanted_fields(headers: Iterable[tuple[str, bytes]]) -> dict[str, str]:
+    """The first instance of each wanted field among a message's header fields
+    (``Part.headers``: name as written, raw value)."""
     found: dict[str, str] = {}
-    for item in iter_fields(raw, 0, len(raw)):
-        name = item.name.lower()
+    for field_name, value in headers:
+        name = field_name.lower()
         if name in _WANTED and name not in found:
-            found[name] = decode_text(raw[item.value_start : item.value_end])
+            found[name] = decode_text(value)
     return found
 
 
@@ -366,15 +367,15 @@ async def load_headers(session: Session, key: SearchKey) -> list[Headers]:
     chosen = await matching(session, key)
     services = session.services
     heads = await services.heads.heads(services.mailstore, [row for _, row in chosen])
-    blocks = [heads[row.sha256].raw for _, row in chosen]
+    fields = [heads[row.sha256].root.headers for _, row in chosen]
 
-    def parse_all() -> list[dict[str, str]]:
-        return [parse_headers(block) for block in blocks]
+    def decode_all() -> list[dict[str, str]]:
+        return [wanted_fields(headers) for headers in fields]
 
-    parsed = await asyncio.to_thread(parse_all) if len(blocks) > _OFFLOAD_COUNT else parse_all()
+    parsed = await asyncio.to_thread(decode_all) if len(fields) > _OFFLOAD_COUNT else decode_all()
     return [
-        Headers(seq, row.uid, row.size, row.internal_date, fields)
-        for (seq, row), fields in zip(chosen, parsed, strict=True)
+        Headers(seq, row.uid, row.size, row.internal_date, found)
+        for (seq, row), found in zip(chosen, parsed, strict=True)
     ]
 
 

@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -53,6 +54,10 @@ were removed; ``resync``: anything may have changed (folder deleted or renamed,
 notifications possibly lost); re-read everything."""
 
 _KINDS: frozenset[str] = frozenset(get_args(ChangeKind))
+SILENCE_TRUST_SECONDS = 1.0
+"""With several processes, how long the absence of a notification is trusted
+before a reader re-reads the store anyway (a NOTIFY that could not be sent is
+then noticed within this time)."""
 _HEALTH_INTERVAL = 10.0
 _HEALTH_TIMEOUT = 5.0
 _BACKOFF_FIRST = 0.1
@@ -212,11 +217,6 @@ class ChangeBus:
         """How many times the listening connection was re-established (for metrics, tests)."""
 
     @property
-    def distributed(self) -> bool:
-        """Whether other processes may change the store (PostgreSQL)."""
-        return self._postgres
-
-    @property
     def reliable(self) -> bool:
         """Whether every committed change reaches this process's subscribers:
         always with SQLite (one process), with PostgreSQL only while the LISTEN
@@ -224,6 +224,16 @@ class ChangeBus:
         if not self._postgres:
             return True
         return self._listener is not None and not self._listener.is_closed()
+
+    def silence_proves_nothing_changed(self, last_read: float) -> bool:
+        """Whether a subscriber that read the store at ``last_read``
+        (``time.monotonic()``) and has been told nothing since may skip reading
+        it again: always with one process, while the bus misses nothing
+        (:attr:`reliable`), and with several processes for
+        :data:`SILENCE_TRUST_SECONDS` at most."""
+        if not self.reliable:
+            return False
+        return not self._postgres or time.monotonic() - last_read < SILENCE_TRUST_SECONDS
 
     # -- subscribers -------------------------------------------------------------
 

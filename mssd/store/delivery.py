@@ -21,7 +21,6 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import datetime as dt
 import logging
 import secrets
@@ -30,12 +29,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, Engine, bindparam, select, update
+from sqlalchemy import Connection, bindparam, select, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from mssd.store.audit import audit_row
-from mssd.store.engine import sqlite_writer_engine, write_transaction, writer_lock
+from mssd.store.engine import run_write
 from mssd.store.records import AuditEvent
 from mssd.store.schema import (
     audit,
@@ -129,11 +128,6 @@ _INSERT_QUEUE = outbound_queue.insert()
 Item = NewMessage | AuditEvent
 """What the committer writes: a message with its delivery records, or an audit
 event that rides along in the same transaction (authentication outcomes)."""
-
-
-async def write_items(conn: AsyncConnection, items: Sequence[Item]) -> list[StoredMessage | None]:
-    """Write a batch inside the caller's transaction."""
-    return await conn.run_sync(write_batch, items)
 
 
 def write_batch(conn: Connection, items: Sequence[Item]) -> list[StoredMessage | None]:
@@ -304,18 +298,8 @@ class GroupCommitter:
         self._on_commit = on_commit
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
         self._tasks: list[asyncio.Task[None]] = []
-        # SQLite: a whole batch (BEGIN IMMEDIATE .. COMMIT) runs in one call on a
-        # dedicated thread with a stdlib sqlite3 connection, instead of one event-loop
-        # round trip per statement through aiosqlite. SQLite has one writer at a time
-        # anyway, so one thread loses nothing.
-        self._sync_engine: Engine | None = sqlite_writer_engine(engine)
-        self._thread: concurrent.futures.ThreadPoolExecutor | None = None
 
     def start(self) -> None:
-        if self._sync_engine is not None and self._thread is None:
-            self._thread = concurrent.futures.ThreadPoolExecutor(
-                max_workers=1, thread_name_prefix="mssd-sqlite-writer"
-            )
         if not self._tasks:
             self._tasks = [
                 asyncio.create_task(self._run(), name=f"group-commit-{i}")
@@ -329,13 +313,6 @@ class GroupCommitter:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
-        if self._thread is not None:
-            if self._sync_engine is not None:
-                await asyncio.get_running_loop().run_in_executor(
-                    self._thread, self._sync_engine.dispose
-                )
-            self._thread.shutdown(wait=True)
-            self._thread = None
 
     async def _submit(self, item: Item) -> StoredMessage | None:
         if not self._tasks:
@@ -354,25 +331,12 @@ class GroupCommitter:
         """Returns once the audit event is committed."""
         await self._submit(event)
 
-    def _commit_in_thread(self, items: Sequence[Item]) -> list[StoredMessage | None]:
-        assert self._sync_engine is not None
-        with self._sync_engine.connect() as conn:
-            conn = conn.execution_options(mssd_write=True)
-            with conn.begin():
-                results = write_batch(conn, items)
-        # Leaving ``begin()`` without an exception means COMMIT returned: on disk.
-        return results
-
     async def _commit(self, batch: Sequence[_Pending]) -> None:
         items = [item for item, _ in batch]
-        if self._thread is not None:
-            async with writer_lock(self._engine):
-                results = await asyncio.get_running_loop().run_in_executor(
-                    self._thread, self._commit_in_thread, items
-                )
-        else:
-            async with write_transaction(self._engine) as conn:
-                results = await write_items(conn, items)
+        # A whole batch is one transaction; on SQLite it runs in one call on the
+        # store's writer thread (``run_write``), not one event-loop round trip
+        # per statement. Leaving it without an exception means COMMIT returned.
+        results = await run_write(self._engine, lambda conn: write_batch(conn, items))
         for (_, future), result in zip(batch, results, strict=True):
             if not future.done():
                 future.set_result(result)

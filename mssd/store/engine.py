@@ -82,8 +82,8 @@ def create_engine(url: str, *, echo: bool = False) -> AsyncEngine:
 def sqlite_writer_engine(engine: AsyncEngine) -> Engine | None:
     """A synchronous (stdlib ``sqlite3``) engine on the same SQLite file as ``engine``.
 
-    For a writer that runs a whole transaction in one worker thread (the group
-    committer): with aiosqlite every statement, BEGIN and COMMIT is a round trip
+    For a writer that runs a whole transaction in one worker thread
+    (:func:`run_write`): with aiosqlite every statement, BEGIN and COMMIT is a round trip
     between the event loop and the connection's thread, which under load costs
     more than the statements themselves. Same file, same PRAGMAs (WAL,
     ``synchronous=FULL``), same ``BEGIN IMMEDIATE``. None for other backends and
@@ -159,6 +159,18 @@ def _sqlite_writer(
 def _close_writer(writer: Engine, executor: concurrent.futures.ThreadPoolExecutor) -> None:
     executor.shutdown(wait=False)
     writer.dispose()
+
+
+async def dispose(engine: AsyncEngine) -> None:
+    """Close the engine's connections, its SQLite writer's included (after the
+    writer's last transaction)."""
+    held = getattr(engine.sync_engine, "_mssd_sqlite_writer", None)
+    if held is not None:
+        del engine.sync_engine._mssd_sqlite_writer  # type: ignore[attr-defined]
+        writer, executor = held
+        await asyncio.get_running_loop().run_in_executor(executor, writer.dispose)
+        executor.shutdown(wait=True)
+    await engine.dispose()
 
 
 async def run_write(engine: AsyncEngine, work: Callable[[Connection], T]) -> T:
