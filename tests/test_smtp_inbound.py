@@ -226,6 +226,11 @@ def test_local_domains_need_our_own_certificate(
     assert refused == {}
     code, text = mail_from(server, operators.b, PER2)
     assert code == 550 and f"domain {DOMAIN} is hosted here" in text
+    # Our own certificate vouches for our domains only: another operator's domain
+    # is checked against the whitelist like anyone's.
+    code, text = mail_from(server, own, f"secretariat@{B}")
+    assert code == 550
+    assert text.startswith(f"5.7.1 <secretariat@{B}>: certificate"), text
 
 
 def test_swaks_presenting_an_operator_certificate(

@@ -93,3 +93,21 @@ def test_files_are_read_again_when_they_change(test_pki: PkiBundle, tmp_path: Pa
     crl.write_bytes(b"")  # an empty CRL file: no issuer has a CRL any more
     with pytest.raises(CertificateRejected, match="no current CRL"):
         files.verify(der(test_pki.app))
+
+
+def test_broken_files_keep_the_last_material_and_say_so_once(
+    test_pki: PkiBundle, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    crl = tmp_path / "crl.pem"
+    crl.write_bytes(test_pki.dev.crl.read_bytes())
+    files = TrustFiles(test_pki.dev.ca_bundle, crl)
+    assert files.verify(der(test_pki.app)).subject == x509.load_pem_x509_certificate(
+        test_pki.app.cert.read_bytes()
+    ).subject
+    crl.write_bytes(b"-----BEGIN X509 CRL-----\nnot base64\n-----END X509 CRL-----\n")
+    with caplog.at_level("WARNING", logger="mssd.trust.verify"):
+        for _ in range(3):
+            files.verify(der(test_pki.app))  # the CRL read before still answers
+    warnings = [r for r in caplog.records if "cannot re-read" in r.getMessage()]
+    assert len(warnings) == 1
+    assert str(crl) in warnings[0].getMessage()

@@ -97,8 +97,8 @@ class InboundTrustCheck:
                 reason, f"Client certificate refused ({label}): {rejected.message}", transaction
             ) from None
         dn = normalise_dn(cert.subject)
-        if dn == self._own_dn:
-            return  # our own server certificate: another process of this operator
+        if dn == self._own_dn and await self._own_traffic(transaction):
+            return  # our own server certificate, for our own domains or a report
         listed = self._whitelist()
         if listed is None:
             raise self._refuse(
@@ -116,6 +116,21 @@ class InboundTrustCheck:
                 transaction,
             )
         await self._check_domain(transaction, listed, dn)
+
+    async def _own_traffic(self, transaction: Transaction) -> bool:
+        """A report, or a sender in one of our own domains: what our own server
+        certificate may send without the whitelist naming it. For any other
+        domain it is checked against the list like any operator's."""
+        if not transaction.mail_from:
+            return True
+        raw_domain = transaction.mail_from.rpartition("@")[2]
+        local = await self._local_domains()
+        if raw_domain.lower() in local:
+            return True
+        try:
+            return normalise_domain(raw_domain) in local
+        except ValueError:
+            return False
 
     async def _check_domain(self, transaction: Transaction, listed: Whitelist, dn: str) -> None:
         raw_domain = transaction.mail_from.rpartition("@")[2]

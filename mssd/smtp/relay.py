@@ -34,7 +34,6 @@ from collections import defaultdict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
-from cryptography import x509
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from mssd import metrics
@@ -47,6 +46,7 @@ from mssd.store import queue
 from mssd.store.queue import Outcome, QueueEntry
 from mssd.trust.identity import normalise_dn
 from mssd.trust.tls import client_context
+from mssd.trust.verify import CertificateRejected, TrustFiles
 from mssd.trust.whitelist import Whitelist
 
 log = logging.getLogger(__name__)
@@ -177,13 +177,18 @@ class RelayWorker:
         )
         # The peer's identity is its whitelisted DN, not a host name (MX host names need
         # not match operator certificates; static routes point at addresses).
+        # The handshake checks the chain; revocation is checked on the peer's
+        # certificate after it, against the CRL as it is now (TrustFiles re-reads
+        # it when it changes): a CRL loaded once into the context would miss new
+        # revocations and, past its nextUpdate, fail every handshake.
+        ca_file = settings.relay.ca_file or settings.tls.client_ca_file
         self._tls = tls or client_context(
-            ca_file=settings.relay.ca_file or settings.tls.client_ca_file,
+            ca_file=ca_file,
             cert_file=settings.tls.cert_file,
             key_file=settings.tls.key_file,
             check_hostname=False,
-            crl_file=settings.tls.crl_file,
         )
+        self._trust = TrustFiles(ca_file, settings.tls.crl_file)
         self._pools: dict[Peer, _Pool] = {}
         self._total = asyncio.Semaphore(settings.relay.max_connections)
         self._wake = asyncio.Event()
@@ -373,7 +378,14 @@ class RelayWorker:
         if der is None:
             client.close()
             raise PeerRefused(f"{client.peer} presented no certificate")
-        dn = normalise_dn(x509.load_der_x509_certificate(der).subject)
+        try:
+            cert = self._trust.verify(der)
+        except CertificateRejected as rejected:
+            client.close()
+            raise PeerRefused(
+                f"{client.peer} presented a refused certificate: {rejected}"
+            ) from None
+        dn = normalise_dn(cert.subject)
         if dn not in operators:
             # The connection stays usable for another domain this DN is listed for; it is
             # closed here for simplicity (a peer's certificates rarely differ per domain).

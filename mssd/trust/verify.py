@@ -21,7 +21,10 @@ takes effect without a restart. This module never decides what a certificate may
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import re
+import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -30,6 +33,13 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 
 from mssd.trust.tls import TlsConfigError
+
+log = logging.getLogger(__name__)
+
+_VERIFIED_SECONDS = 60.0
+"""How long a certificate's verdict is reused while the CA and CRL files stay the
+same (a new CRL clears them all at once: a revocation takes effect immediately)."""
+_VERIFIED_KEPT = 1024
 
 Reason = Literal["untrusted", "revoked", "unreadable"]
 
@@ -151,7 +161,11 @@ class TrustFiles:
         self._ca_file = ca_file
         self._crl_file = crl_file
         self._stamp: tuple[tuple[int, int], ...] | None = None
+        self._failed_stamp: tuple[tuple[int, int], ...] | None = None
         self._material: TrustMaterial | None = None
+        self._verified: OrderedDict[bytes, tuple[float, x509.Certificate | CertificateRejected]] = (
+            OrderedDict()
+        )
         self.material()  # fail at start, naming the file, rather than at the first MAIL
 
     def _stat(self) -> tuple[tuple[int, int], ...]:
@@ -164,19 +178,55 @@ class TrustFiles:
 
     def material(self) -> TrustMaterial:
         """The current issuers and CRLs (one ``stat`` per file; re-read on change)."""
+        stamp: tuple[tuple[int, int], ...] | None = None
         try:
             stamp = self._stat()
-            if stamp != self._stamp or self._material is None:
-                crl = self._crl_file.read_bytes() if self._crl_file is not None else None
-                self._material = load_material(self._ca_file.read_bytes(), crl)
-                self._stamp = stamp
+            if stamp == self._stamp and self._material is not None:
+                return self._material
+            if stamp == self._failed_stamp and self._material is not None:
+                return self._material  # the same broken files: not parsed again
+            crl = self._crl_file.read_bytes() if self._crl_file is not None else None
+            self._material = load_material(self._ca_file.read_bytes(), crl)
+            self._stamp = stamp
+            self._verified.clear()
         except (OSError, ValueError) as error:
             if self._material is None:
                 raise TlsConfigError(
                     f"cannot read CA file {self._ca_file} or CRL file {self._crl_file}: {error}"
                 ) from None
-            # Mid-rewrite or briefly missing: keep what was read last time.
+            # Mid-rewrite, briefly missing or broken: keep what was read last time,
+            # and say so once per version of the files.
+            if stamp is None or stamp != self._failed_stamp:
+                log.warning(
+                    "cannot re-read CA file %s or CRL file %s (%s); keeping the previous ones",
+                    self._ca_file,
+                    self._crl_file,
+                    error,
+                )
+            self._failed_stamp = stamp
         return self._material
 
     def verify(self, der: bytes) -> x509.Certificate:
-        return verify_certificate(der, self.material())
+        """:func:`verify_certificate` against the current files. A peer sends the
+        same certificate on every connection and every MAIL: its answer is kept
+        for :data:`_VERIFIED_SECONDS` (and forgotten when the files change), so
+        the CRL is not searched again for each message."""
+        material = self.material()
+        now = time.monotonic()
+        kept = self._verified.get(der)
+        if kept is not None and now - kept[0] < _VERIFIED_SECONDS:
+            if isinstance(kept[1], CertificateRejected):
+                raise kept[1]
+            return kept[1]
+        answer: x509.Certificate | CertificateRejected
+        try:
+            answer = verify_certificate(der, material)
+        except CertificateRejected as rejected:
+            answer = rejected
+        self._verified[der] = (now, answer)
+        self._verified.move_to_end(der)
+        while len(self._verified) > _VERIFIED_KEPT:
+            self._verified.popitem(last=False)
+        if isinstance(answer, CertificateRejected):
+            raise answer
+        return answer
