@@ -100,7 +100,11 @@ def add_parsers(sub: Any) -> None:
     listing.add_argument("--limit", type=int, default=100)
     for name, text in (
         ("show", "one entry in detail"),
-        ("retry", "try a waiting or failed entry again now"),
+        (
+            "retry",
+            "try a waiting or failed entry again now (once only if it is past "
+            "relay.give_up_seconds: a new deferral fails it, with a new failure report)",
+        ),
         ("delete", "remove an entry without sending it (no report)"),
     ):
         qsub.add_parser(name, help=text).add_argument("id", type=int)

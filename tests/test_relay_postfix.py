@@ -254,7 +254,7 @@ def test_mssd_to_postfix_with_a_success_report(interop: Interop) -> None:
     # Postfix answers NOTIFY=SUCCESS with its own report, sent back to mssd over TLS.
     [report] = wait_messages(interop.a, a_user, 1)
     assert b"multipart/report" in report and _action(report) == "delivered"
-    assert b"pf1" in report
+    assert b"\r\nOriginal-Envelope-Id: pf1\r\n" in report
 
 
 def test_postfix_to_mssd_with_a_success_report(interop: Interop) -> None:

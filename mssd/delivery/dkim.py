@@ -179,6 +179,7 @@ class DkimVerifier:
             return []
         signatures = [value for name, value in headers if name.lower() == b"dkim-signature"]
         results = []
+        verifier = dkim.DKIM(content, timeout=int(self._timeout) or 1)
         for index, value in enumerate(signatures):
             try:
                 tags = parse_tag_value(b"".join(value.split()))
@@ -187,7 +188,6 @@ class DkimVerifier:
             except dkim.DKIMException:
                 domain = selector = ""
             try:
-                verifier = dkim.DKIM(content, timeout=int(self._timeout) or 1)
                 ok = verifier.verify(idx=index, dnsfunc=self._dnsfunc)
                 outcome = "pass" if ok else "fail"
             except dkim.KeyFormatError:

@@ -167,7 +167,7 @@ def build_report(
             status.append(f"Will-Retry-Until: {email.utils.format_datetime(r.will_retry_until)}")
     full = (message.dsn_ret or "").upper() == "FULL" and action != "delivered"
     original = message.content if full else _header_block(message.content)
-    eight_bit = any(byte > 127 for byte in original)
+    eight_bit = not original.isascii()
     headers = [
         f"From: Mail Delivery System <MAILER-DAEMON@{reporting_mta}>",
         f"To: <{message.mail_from}>",

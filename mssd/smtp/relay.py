@@ -308,6 +308,10 @@ class RelayWorker:
         envelopes: dict[str, list[QueueEntry]] = defaultdict(list)
         for entry in entries:
             envelopes[entry.envelope_id].append(entry)
+        # The claim holds for lease_seconds and is not renewed: past half of it no
+        # new envelope is started (the rest goes back to the queue, see
+        # _deliver_domain), so no other worker can claim an entry while it is sent.
+        deadline = time.monotonic() + self._settings.lease_seconds / 2
         last_error = "no peer"
         for peer in peers:
             try:
@@ -319,6 +323,8 @@ class RelayWorker:
             reusable = True
             try:
                 for group in envelopes.values():
+                    if time.monotonic() > deadline:
+                        break
                     if not reusable:
                         record(self._all(group, "deferred", last_error, "4.4.2"))
                         continue

@@ -42,6 +42,7 @@ class Router:
             self._static[domain] = Peer(host, route_port)
         self._timeout = timeout
         self._port = port
+        self._resolver: dns.asyncresolver.Resolver | None = None
 
     async def peers(self, domain: str) -> list[Peer]:
         """The hosts to try, in order; RouteError when there is none."""
@@ -52,8 +53,12 @@ class Router:
             domain_ascii = domain.encode("idna").decode("ascii")
         except UnicodeError:
             raise RouteError(f"invalid domain name {domain!r}", permanent=True) from None
-        resolver = dns.asyncresolver.Resolver()
-        resolver.lifetime = self._timeout
+        if self._resolver is None:
+            # Made once (it reads /etc/resolv.conf), with dnspython's answer cache.
+            self._resolver = dns.asyncresolver.Resolver()
+            self._resolver.lifetime = self._timeout
+            self._resolver.cache = dns.resolver.Cache()
+        resolver = self._resolver
         try:
             answer = await resolver.resolve(domain_ascii, "MX")
         except dns.resolver.NXDOMAIN:

@@ -64,15 +64,6 @@ class QueueEntry:
     smtputf8: bool
     size: int
 
-    def notify(self, kind: str) -> bool:
-        """Whether the sender asked for a report of this kind (RFC 3461 §4.1).
-
-        Without NOTIFY, failures are reported (and delays may be; mssd does); with
-        NOTIFY=NEVER nothing is."""
-        if self.dsn_notify is None:
-            return kind in ("FAILURE", "DELAY")
-        return kind in self.dsn_notify.split(",")
-
 
 @dataclass(frozen=True)
 class Outcome:
@@ -268,17 +259,6 @@ async def release(engine: AsyncEngine, entries: Sequence[tuple[int, str]]) -> No
             )
 
 
-async def next_due(engine: AsyncEngine) -> dt.datetime | None:
-    """When the earliest pending entry becomes due (the relay sleeps until then)."""
-    async with engine.connect() as conn:
-        value = await conn.scalar(
-            select(func.min(outbound_queue.c.next_attempt_at)).where(
-                outbound_queue.c.state.in_(PENDING)
-            )
-        )
-    return _aware(value) if value is not None else None
-
-
 async def read_content(engine: AsyncEngine, sha256: str) -> bytes:
     async with engine.connect() as conn:
         data = await conn.scalar(select(blobs.c.data).where(blobs.c.sha256 == sha256))
@@ -324,7 +304,8 @@ async def get_entry(engine: AsyncEngine, entry_id: int) -> QueueEntry | None:
 
 async def retry_now(engine: AsyncEngine, entry_id: int, *, actor: str) -> bool:
     """Make a waiting or failed entry due now; False if there is no such entry or it is
-    being sent or was delivered."""
+    being sent or was delivered. Its arrival time stays (it dates the reports), so an
+    entry past ``relay.give_up_seconds`` gets one more attempt, not a new period."""
     now = dt.datetime.now(dt.UTC)
     async with write_transaction(engine) as conn:
         result = await conn.execute(
