@@ -334,6 +334,9 @@ def test_cli_import_lookup_search(store_url: str, tmp_path: Path) -> None:
     out = cli.ok("annuaire", "search", "--name", person.last_name, "--city", person.city)
     assert person.address in out
     refused(cli("annuaire", "search"), 2, "give at least one of")
+    bad_limit = cli("annuaire", "search", "--name", "x", "--limit", "0")
+    assert bad_limit.returncode == 2 and bad_limit.stdout == ""
+    assert "argument --limit: a whole number of 1 or more, got '0'" in bad_limit.stderr
     refused(cli("annuaire", "lookup", "--rpps", "12"), 2, "11-digit RPPS")
     broken = tmp_path / "broken.txt"
     broken.write_text(HEADER + "\nPER|a@b.test\n", encoding="utf-8")

@@ -33,9 +33,9 @@ from conftest import PkiBundle, unavailable
 
 from mssd.annuaire.ldap import (
     DEFAULT_ATTRIBUTES,
+    DirectoryConfigError,
     LdapBackend,
     LdapConfig,
-    LdapConfigError,
     attribute_map,
 )
 from mssd.annuaire.model import DirectoryError, SearchQuery
@@ -311,7 +311,7 @@ async def test_a_wrong_password_or_certificate_is_a_clear_error(
 
 
 def test_a_bad_attribute_mapping_names_the_field() -> None:
-    with pytest.raises(LdapConfigError, match="unknown field 'adress'"):
+    with pytest.raises(DirectoryConfigError, match="unknown field 'adress'"):
         attribute_map(["adress=mail"])
     assert attribute_map(["address=mail"])["address"] == "mail"
     assert set(attribute_map([])) == set(DEFAULT_ATTRIBUTES)

@@ -17,9 +17,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from mssd.annuaire.build import build_resolver
 from mssd.annuaire.extraction import ExtractionError
 from mssd.annuaire.model import (
+    DirectoryConfigError,
     DirectoryEntry,
     DirectoryError,
-    LdapConfigError,
     Lookup,
     SearchQuery,
 )
@@ -60,7 +60,9 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     search.add_argument("--city", default="")
     search.add_argument("--postcode", default="")
     search.add_argument("--type", default="", choices=("", "PER", "ORG", "APP", "CAB"))
-    search.add_argument("--limit", type=int)
+    search.add_argument(
+        "--limit", type=_positive, help="most entries (default annuaire.search_limit)"
+    )
     search.add_argument("--json", action="store_true")
     load = asub.add_parser("import", help="load the extraction file (replaces the previous one)")
     load.add_argument("file")
@@ -107,6 +109,16 @@ def _print_answer(answer: Lookup, as_json: bool, elapsed: float) -> None:
     )
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"a whole number of 1 or more, got {text!r}")
+    return value
+
+
 async def run(settings: Settings, args: argparse.Namespace, actor: str) -> None:
     engine = create_engine(settings.store.url)
     try:
@@ -128,14 +140,14 @@ async def _run(
 
         try:
             await run_publication(settings, engine, dry_run=args.dry_run, actor=actor, out=print)
-        except LdapConfigError as error:
+        except DirectoryConfigError as error:
             raise BadInput(str(error)) from None
         except DirectoryError as error:
             raise Failed(str(error)) from None
     else:
         try:
             resolver = build_resolver(settings.annuaire, engine)
-        except LdapConfigError as error:
+        except DirectoryConfigError as error:
             raise BadInput(str(error)) from None
         except DirectoryError as error:
             raise Failed(str(error)) from None

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import ssl
 import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -28,8 +27,16 @@ from mssd.annuaire.fhir_resources import (
     entries_of,
     next_link,
 )
-from mssd.annuaire.model import DirectoryEntry, DirectoryError, SearchQuery, fold
+from mssd.annuaire.model import (
+    DirectoryConfigError,
+    DirectoryEntry,
+    DirectoryError,
+    SearchQuery,
+    fold,
+    read_secret,
+)
 from mssd.config import AnnuaireSettings
+from mssd.trust.tls import TlsConfigError, client_context
 
 FHIR_JSON = "application/fhir+json"
 _RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
@@ -51,13 +58,7 @@ class FhirConfig:
     def from_settings(cls, settings: AnnuaireSettings) -> FhirConfig:
         key = ""
         if settings.fhir_api_key_file is not None:
-            try:
-                key = settings.fhir_api_key_file.read_text(encoding="utf-8").strip()
-            except OSError as error:
-                raise DirectoryError(
-                    f"annuaire.fhir_api_key_file: cannot read {settings.fhir_api_key_file}: "
-                    f"{error.strerror}"
-                ) from None
+            key = read_secret(settings.fhir_api_key_file, "annuaire.fhir_api_key_file")
         return cls(
             url=settings.fhir_url,
             api_key=key,
@@ -83,9 +84,11 @@ class FhirClient:
         self.config = config
         self.base = config.url.rstrip("/") + "/"
         self._origin = urllib.parse.urlsplit(self.base)[:2]
-        verify: ssl.SSLContext | bool = True
-        if config.ca_file is not None:
-            verify = ssl.create_default_context(cafile=str(config.ca_file))
+        try:
+            # The project's TLS policy (mssd.trust.tls), the system's roots by default.
+            verify = client_context(ca_file=config.ca_file)
+        except TlsConfigError as error:
+            raise DirectoryConfigError(f"annuaire.fhir_ca_file: {error}") from None
         headers = {"Accept": FHIR_JSON}
         if config.api_key:
             headers["ESANTE-API-KEY"] = config.api_key
@@ -157,9 +160,8 @@ class FhirClient:
         for _ in range(self.config.max_pages):
             response = await self.request("GET", url, params=query)
             if response.status != 200:
-                raise DirectoryError(
-                    f"FHIR search {resource} answered {response.status}: {_outcome(response.body)}"
-                )
+                detail = outcome_text(response.body)
+                raise DirectoryError(f"FHIR search {resource} answered {response.status}: {detail}")
             if not isinstance(response.body, Mapping):
                 raise DirectoryError(f"FHIR search {resource}: the answer is not JSON")
             try:
@@ -181,7 +183,7 @@ def _retry_after(response: httpx.Response, default: float) -> float:
         return default
 
 
-def _outcome(body: Any) -> str:
+def outcome_text(body: Any) -> str:
     """The diagnostics of an OperationOutcome, or the start of the body."""
     if isinstance(body, Mapping) and body.get("resourceType") == "OperationOutcome":
         issues = body.get("issue") or []

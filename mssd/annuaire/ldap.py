@@ -28,7 +28,13 @@ import ldap3
 from ldap3.core.exceptions import LDAPException
 from ldap3.utils.conv import escape_filter_chars
 
-from mssd.annuaire.model import DirectoryEntry, DirectoryError, LdapConfigError, SearchQuery
+from mssd.annuaire.model import (
+    DirectoryConfigError,
+    DirectoryEntry,
+    DirectoryError,
+    SearchQuery,
+    read_secret,
+)
 from mssd.config import AnnuaireSettings
 
 DEFAULT_ATTRIBUTES: dict[str, str] = {
@@ -69,12 +75,12 @@ def attribute_map(overrides: Sequence[str]) -> dict[str, str]:
         name, _, attribute = item.partition("=")
         name, attribute = name.strip(), attribute.strip()
         if name not in DEFAULT_ATTRIBUTES:
-            raise LdapConfigError(
+            raise DirectoryConfigError(
                 f"annuaire.ldap_attributes: unknown field {name!r} "
                 f"(known: {', '.join(DEFAULT_ATTRIBUTES)})"
             )
         if name == "address" and not attribute:
-            raise LdapConfigError("annuaire.ldap_attributes: address needs an attribute")
+            raise DirectoryConfigError("annuaire.ldap_attributes: address needs an attribute")
         mapping[name] = attribute
     return mapping
 
@@ -96,13 +102,9 @@ class LdapConfig:
     def from_settings(cls, settings: AnnuaireSettings, *, base_dn: str | None = None) -> LdapConfig:
         password = ""
         if settings.ldap_bind_password_file is not None:
-            try:
-                password = settings.ldap_bind_password_file.read_text(encoding="utf-8").strip()
-            except OSError as error:
-                raise LdapConfigError(
-                    f"annuaire.ldap_bind_password_file: cannot read "
-                    f"{settings.ldap_bind_password_file}: {error.strerror}"
-                ) from None
+            password = read_secret(
+                settings.ldap_bind_password_file, "annuaire.ldap_bind_password_file"
+            )
         return cls(
             url=settings.ldap_url,
             base_dn=settings.ldap_base_dn if base_dn is None else base_dn,
@@ -120,7 +122,7 @@ class LdapConfig:
 def _server(config: LdapConfig) -> ldap3.Server:
     parsed = urllib.parse.urlsplit(config.url)
     if parsed.scheme not in ("ldap", "ldaps") or not parsed.hostname:
-        raise LdapConfigError(
+        raise DirectoryConfigError(
             f"annuaire.ldap_url: expected ldap[s]://HOST[:PORT], got {config.url!r}"
         )
     use_ssl = parsed.scheme == "ldaps"

@@ -10,6 +10,7 @@ import dataclasses
 import re
 import unicodedata
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 BAL_TYPES = ("PER", "ORG", "APP", "CAB")
@@ -25,8 +26,16 @@ class DirectoryError(Exception):
     """A backend could not answer (unreachable, refused, malformed reply)."""
 
 
-class LdapConfigError(ValueError):
-    """The LDAP settings cannot work; the message names the setting."""
+class DirectoryConfigError(ValueError):
+    """The directory settings cannot work; the message names the setting."""
+
+
+def read_secret(path: Path, key: str) -> str:
+    """A secret (bind password, API key) from the file a setting names."""
+    try:
+        return path.read_text(encoding="utf-8").strip()
+    except OSError as error:
+        raise DirectoryConfigError(f"{key}: cannot read {path}: {error.strerror}") from None
 
 
 class AddressError(ValueError):

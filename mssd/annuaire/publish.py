@@ -200,7 +200,7 @@ async def _publish_fhir(
     actor: str,
     out: Callable[[str], None],
 ) -> None:
-    from mssd.annuaire.fhir import FhirClient, FhirConfig, _outcome
+    from mssd.annuaire.fhir import FhirClient, FhirConfig, outcome_text
 
     states = await store.publication_states(engine, "fhir")
     client = None if dry_run else FhirClient(FhirConfig.from_settings(settings.annuaire))
@@ -251,7 +251,7 @@ async def _publish_fhir(
                 out(f"fhir {mailbox.address}: {decision.action} failed: {error}")
                 continue
             ok = 200 <= response.status < 300
-            message = "ok" if ok else _outcome(response.body)
+            message = "ok" if ok else outcome_text(response.body)
             if response.status == 404:
                 message = f"no {patch.resource} with {patch.system}|{patch.value}: {message}"
             elif response.status == 412:
