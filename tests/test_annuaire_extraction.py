@@ -158,12 +158,27 @@ async def test_search_by_name_profession_city_postcode(engine: AsyncEngine) -> N
     assert len(limited.entries) == 7
 
 
-async def test_unlisted_mailboxes_are_not_in_the_file_nor_in_searches(
-    engine: AsyncEngine,
+async def test_unlisted_mailboxes_are_left_out_of_searches(
+    engine: AsyncEngine, tmp_path: Path
 ) -> None:
-    unlisted = next(p for p in PEOPLE if p.liste_rouge)
+    # The public file leaves unlisted mailboxes out; a site's own file may carry a
+    # "Liste rouge" column instead: such entries are stored, answered to whoever
+    # already has the exact address, and never listed by a search.
+    listed = [p for p in PEOPLE[:40] if not p.liste_rouge]
+    hidden = listed[3]
+    path = tmp_path / "with-liste-rouge.txt"
+    lines = [extraction_line(p) + ("|O" if p is hidden else "|N") for p in listed]
+    path.write_text("\n".join([HEADER + "|Liste rouge", *lines]) + "\n", encoding="utf-8")
+    await import_file(engine, path, actor="test")
     directory = resolver(engine)
-    assert (await directory.lookup_address(unlisted.address)).status == "not_found"
+    exact = await directory.lookup_address(hidden.address)
+    assert exact.status == "found" and [e.liste_rouge for e in exact.entries] == [True]
+    by_name = await directory.search(SearchQuery(name=hidden.last_name))
+    assert hidden.address not in [e.address for e in by_name.entries]
+    shown = listed[4]
+    assert (await directory.lookup_address(shown.address)).status == "found"
+    by_name = await directory.search(SearchQuery(name=shown.last_name))
+    assert shown.address in [e.address for e in by_name.entries]
 
 
 async def test_is_org_pharmacy(engine: AsyncEngine) -> None:
