@@ -12,7 +12,11 @@ Invariants:
   ``MailStore.changes_since`` (one read, under a lock, shared by every waiting
   session) when the change bus announced a change, when the bus may have
   missed one, or, with several processes, when it was last read more than a
-  second ago (``ChangeBus.silence_proves_nothing_changed``);
+  second ago (``ChangeBus.silence_proves_nothing_changed``); a change written
+  by this process carries exactly what it changed (``FolderDelta``), and the
+  index applies it without reading, as long as the deltas follow each other
+  without a gap from the index's HIGHESTMODSEQ (modseqs are allocated under
+  the folder's lock, so a delta starting there is the only change since);
 - a state, once made, never changes (sessions hold references to it);
 - the changes between recent states are kept (:data:`_HISTORY_ROWS` rows at
   most), so a session catching up is answered from memory; a session further
@@ -28,11 +32,12 @@ import bisect
 import time
 from array import array
 from collections import OrderedDict, deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from mssd.imap.view import FolderState, shared_flags
-from mssd.store.changes import ChangeBus, Subscription
-from mssd.store.mailstore import MailStore, MessageRow
+from mssd.store.changes import ChangeBus, FlagRow, FolderChange, Subscription
+from mssd.store.mailstore import MailStore
 
 _HISTORY_ROWS = 20_000
 """Changed rows and expunged UIDs kept to answer sessions that are behind."""
@@ -46,7 +51,7 @@ class _Step:
 
     since: int
     until: int
-    changed: tuple[MessageRow, ...]
+    changed: tuple[FlagRow, ...]
     vanished: tuple[int, ...]
 
     @property
@@ -55,7 +60,7 @@ class _Step:
 
 
 def _advance(
-    state: FolderState, changed: list[MessageRow], vanished: list[int], highest: int
+    state: FolderState, changed: Sequence[FlagRow], vanished: Sequence[int], highest: int
 ) -> FolderState:
     """The state after the changes (the store's order: expunges, then flag
     changes, then new messages, whose UIDs are above all others). The arrays are
@@ -128,25 +133,53 @@ class FolderIndex:
 
     async def latest(self) -> FolderState:
         """The folder as the store holds it now (read only if it may have changed)."""
-        if not self._stale():
+        if not self._lock.locked() and not self._stale():
+            # (While a read is in flight the change that caused it is drained
+            # already: wait for the read rather than answer the older state.)
             return self.state
         async with self._lock:
             if not self._stale():
                 return self.state  # another session read it while this one waited
-            if self._subscription is not None:
-                self._subscription.drain()  # before the read: later changes stay pending
+            subscription = self._subscription
+            if subscription is not None:
+                # Before the read: later changes stay pending.
+                deltas = subscription.drain_deltas()
+                if (
+                    deltas is not None
+                    and self._bus.silence_proves_nothing_changed(self._read_at)
+                    and self._apply(deltas)
+                ):
+                    return self.state
             self._read_at = time.monotonic()
-            before = self.state
             changed, vanished, highest = await self._store.changes(
-                self.folder_id, before.highestmodseq
+                self.folder_id, self.state.highestmodseq
             )
-            if changed or vanished:
-                self.state = _advance(before, changed, vanished, highest)
-                step = _Step(
-                    before.highestmodseq, self.state.highestmodseq, tuple(changed), tuple(vanished)
-                )
-                self._remember(step)
+            self._step(changed, vanished, highest)
         return self.state
+
+    def _step(self, changed: Sequence[FlagRow], vanished: Sequence[int], highest: int) -> None:
+        before = self.state
+        if changed or vanished:
+            self.state = _advance(before, changed, vanished, highest)
+            step = _Step(
+                before.highestmodseq, self.state.highestmodseq, tuple(changed), tuple(vanished)
+            )
+            self._remember(step)
+
+    def _apply(self, changes: list[FolderChange]) -> bool:
+        """Bring the state forward by this process's own deltas; False when
+        they leave a gap (a change from elsewhere, or one not told yet), for the
+        caller to read the store from where they stopped."""
+        for change in sorted(changes, key=lambda c: c.modseq):
+            delta = change.delta
+            if delta is None:
+                return False
+            if change.modseq <= self.state.highestmodseq:
+                continue  # in the state already (read or applied before)
+            if delta.since != self.state.highestmodseq:
+                return False
+            self._step(delta.changed, delta.vanished, change.modseq)
+        return True
 
     def _remember(self, step: _Step) -> None:
         self._history.append(step)
@@ -154,7 +187,7 @@ class FolderIndex:
         while self._history_size > _HISTORY_ROWS and len(self._history) > 1:
             self._history_size -= self._history.popleft().size
 
-    async def changes_since(self, modseq: int) -> tuple[list[MessageRow], list[int], int]:
+    async def changes_since(self, modseq: int) -> tuple[list[FlagRow], list[int], int]:
         """What ``MailStore.changes_since`` would answer, and the folder's
         HIGHESTMODSEQ: from memory when the kept steps reach back to ``modseq``."""
         state = await self.latest()
@@ -162,8 +195,9 @@ class FolderIndex:
             return [], [], state.highestmodseq
         steps = [step for step in self._history if step.until > modseq]
         if not steps or steps[0].since > modseq:
-            return await self._store.changes(self.folder_id, modseq)
-        latest_rows: dict[int, MessageRow] = {}
+            changed, vanished, highest = await self._store.changes(self.folder_id, modseq)
+            return list(changed), vanished, highest
+        latest_rows: dict[int, FlagRow] = {}
         gone: set[int] = set()
         for step in steps:
             gone.update(step.vanished)
@@ -196,7 +230,7 @@ class Indexes:
                 if index is None:
                     # Subscribed before the snapshot: a change committed during
                     # the read is pending, and re-read by the first latest().
-                    subscription = self._bus.subscribe(folder_id)
+                    subscription = self._bus.subscribe(folder_id, deltas=True)
                     try:
                         snapshot = await self._store.snapshot(folder_id)
                     except BaseException:

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import bisect
 from array import array
-from collections.abc import Iterator, MutableSequence, Sequence
+from collections.abc import Callable, Iterator, MutableSequence, Sequence
 from dataclasses import dataclass
+from itertools import compress
 from typing import Generic, TypeVar
 
-from mssd.store.mailstore import FolderInfo, FolderSnapshot, MessageRow
+from mssd.store.changes import FlagRow
+from mssd.store.mailstore import FolderInfo, FolderSnapshot
 
 T = TypeVar("T")
 
@@ -91,6 +93,10 @@ class FolderState:
     highestmodseq: int
     uidnext: int
     uidvalidity: int
+
+    def has(self, uid: int) -> bool:
+        index = bisect.bisect_left(self.uids, uid)
+        return index < len(self.uids) and self.uids[index] == uid
 
     @classmethod
     def from_snapshot(cls, snapshot: FolderSnapshot) -> FolderState:
@@ -186,6 +192,12 @@ class SelectedView:
             return index + 1
         return None
 
+    def uids_where(self, test: Callable[[frozenset[str]], bool]) -> list[int]:
+        """The UIDs whose flags pass ``test``, asked once per distinct set of
+        flags (a folder holds few), the rest at C speed."""
+        verdict = {flags: test(flags) for flags in set(self._flags)}
+        return list(compress(self._uids, map(verdict.__getitem__, self._flags)))
+
     def uid_at(self, seq: int) -> int:
         return self._uids[seq - 1]
 
@@ -202,7 +214,7 @@ class SelectedView:
 
     def apply(
         self,
-        changed: list[MessageRow],
+        changed: Sequence[FlagRow],
         vanished: list[int],
         highestmodseq: int,
         *,

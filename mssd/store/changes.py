@@ -31,9 +31,9 @@ import logging
 import secrets
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Literal, get_args
+from typing import Any, Literal, Protocol, get_args
 
 import asyncpg  # type: ignore[import-untyped]
 from sqlalchemy import text
@@ -58,10 +58,44 @@ SILENCE_TRUST_SECONDS = 1.0
 """With several processes, how long the absence of a notification is trusted
 before a reader re-reads the store anyway (a NOTIFY that could not be sent is
 then noticed within this time)."""
+_MAX_DELTAS = 256
+"""Deltas a subscription keeps between drains; past that its reader re-reads."""
 _HEALTH_INTERVAL = 10.0
 _HEALTH_TIMEOUT = 5.0
 _BACKOFF_FIRST = 0.1
 _BACKOFF_MAX = 5.0
+
+
+class FlagRow(Protocol):
+    """A message's UID, flags and modseq (``FlagState``, ``MessageRow``)."""
+
+    @property
+    def uid(self) -> int: ...
+    @property
+    def flags(self) -> frozenset[str]: ...
+    @property
+    def modseq(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class FlagState:
+    uid: int
+    flags: frozenset[str]
+    modseq: int
+
+
+@dataclass(frozen=True)
+class FolderDelta:
+    """Exactly what one committed transaction changed in a folder, taking it
+    from HIGHESTMODSEQ ``since`` to the change's ``modseq``: the messages it
+    added or whose flags it changed (with their whole new flags), and the UIDs
+    it expunged. The folder's modseqs are allocated under its lock, so nothing
+    else changed the folder between ``since`` and ``modseq``. In-process only:
+    NOTIFY carries no delta."""
+
+    since: int
+    changed: tuple[FlagState, ...] = ()
+    vanished: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -70,16 +104,25 @@ class FolderChange:
     modseq: int
     """The folder's HIGHESTMODSEQ after the change (0 when unknown: ``resync``)."""
     kind: ChangeKind
+    delta: FolderDelta | None = field(default=None, compare=False, repr=False)
+    """What the change was, when the writer was in this process (``FolderDelta``)."""
 
 
 def changes_from_stored(results: Sequence[StoredMessage]) -> list[FolderChange]:
     """What a group-committed batch of deliveries changed: one ``exists`` per
     INBOX, at the highest modseq the batch gave it. For ``GroupCommitter(on_commit=...)``."""
-    latest: dict[int, int] = {}
+    added: dict[int, list[FlagState]] = {}
     for stored in results:
         for placement in stored.placements:
-            latest[placement.folder_id] = max(latest.get(placement.folder_id, 0), placement.modseq)
-    return [FolderChange(folder, modseq, "exists") for folder, modseq in sorted(latest.items())]
+            state = FlagState(placement.uid, frozenset(), placement.modseq)
+            added.setdefault(placement.folder_id, []).append(state)
+    changes = []
+    for folder, states in sorted(added.items()):
+        # One transaction gave the folder consecutive modseqs (delivery.py).
+        states.sort(key=lambda s: s.modseq)
+        delta = FolderDelta(states[0].modseq - 1, tuple(states))
+        changes.append(FolderChange(folder, states[-1].modseq, "exists", delta))
+    return changes
 
 
 def encode_payload(change: FolderChange, origin: str) -> str:
@@ -111,12 +154,17 @@ class Subscription:
     Close it (or use it as a context manager) when the session leaves the folder.
     """
 
-    def __init__(self, bus: ChangeBus, folder_id: int) -> None:
+    def __init__(self, bus: ChangeBus, folder_id: int, *, deltas: bool = False) -> None:
         self.folder_id = folder_id
         self._bus = bus
         self._pending: dict[ChangeKind, FolderChange] = {}
         self._ready = asyncio.Event()
         self._closed = False
+        self._deltas: list[FolderChange] | None = [] if deltas else None
+        """With ``deltas``: every change offered since the last drain, while
+        each carried its :class:`FolderDelta` (None after one did not, or
+        after too many)."""
+        self._collect = deltas
 
     @property
     def closed(self) -> bool:
@@ -129,6 +177,11 @@ class Subscription:
         """Queue a change, merging it with a pending one of the same kind."""
         if self._closed:
             return
+        if self._deltas is not None:
+            if change.delta is None or len(self._deltas) >= _MAX_DELTAS:
+                self._deltas = None
+            else:
+                self._deltas.append(change)
         previous = self._pending.get(change.kind)
         if previous is None or change.modseq > previous.modseq:
             self._pending[change.kind] = change
@@ -143,7 +196,16 @@ class Subscription:
         changes = list(self._pending.values())
         self._pending.clear()
         self._ready.clear()
+        if self._collect:
+            self._deltas = []
         return changes
+
+    def drain_deltas(self) -> list[FolderChange] | None:
+        """With ``deltas``: :meth:`drain`, answering the changes themselves, in
+        the order offered, when every one carried its delta; else None."""
+        deltas = self._deltas
+        self.drain()
+        return deltas
 
     def get_nowait(self) -> FolderChange | None:
         if not self._pending:
@@ -237,8 +299,10 @@ class ChangeBus:
 
     # -- subscribers -------------------------------------------------------------
 
-    def subscribe(self, folder_id: int) -> Subscription:
-        subscription = Subscription(self, folder_id)
+    def subscribe(self, folder_id: int, *, deltas: bool = False) -> Subscription:
+        """The folder's changes; with ``deltas``, also what each was
+        (:meth:`Subscription.drain_deltas`)."""
+        subscription = Subscription(self, folder_id, deltas=deltas)
         self._subscribers.setdefault(folder_id, set()).add(subscription)
         return subscription
 

@@ -35,6 +35,7 @@ Invariants:
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 import logging
 import time
@@ -47,7 +48,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from mssd.store.audit import insert_audit
-from mssd.store.changes import FolderChange
+from mssd.store.changes import FlagState, FolderChange, FolderDelta
 from mssd.store.delivery import INSERT_BLOB
 from mssd.store.engine import run_write, write_transaction
 from mssd.store.messages import as_utc
@@ -111,7 +112,7 @@ class FolderSnapshot:
     """(uid, flags, modseq), ascending uid."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class MessageRow:
     uid: int
     flags: frozenset[str]
@@ -119,13 +120,6 @@ class MessageRow:
     internal_date: dt.datetime
     size: int
     sha256: str
-
-
-@dataclass(frozen=True)
-class FlagState:
-    uid: int
-    flags: frozenset[str]
-    modseq: int
 
 
 @dataclass(frozen=True)
@@ -138,7 +132,10 @@ class StoreResult:
     """UIDs that failed UNCHANGEDSINCE (RFC 7162 §3.1.3 MODIFIED response code)."""
 
 
+@functools.lru_cache(maxsize=4096)
 def parse_flags(stored: str) -> frozenset[str]:
+    """The stored flags column as a set; the few distinct values a store
+    holds are parsed once and shared."""
     return frozenset(stored.split())
 
 
@@ -747,11 +744,8 @@ class MailStore:
         if not rows:
             raise MailStoreError("NONEXISTENT", f"no folder {folder_id}")
         uidvalidity, uidnext, highestmodseq = rows[0][0], rows[0][1], rows[0][2]
-        cache: dict[str, frozenset[str]] = {}
         messages = tuple(
-            (row[3], cache.get(row[4]) or cache.setdefault(row[4], parse_flags(row[4])), row[5])
-            for row in rows
-            if row[3] is not None
+            (row[3], parse_flags(row[4]), row[5]) for row in rows if row[3] is not None
         )
         return FolderSnapshot(uidvalidity, uidnext, highestmodseq, messages)
 
@@ -859,12 +853,13 @@ class MailStore:
         the folder (expunged meanwhile) are ignored."""
         requested = parse_flags(format_flags(flags))
 
-        def work(conn: Connection) -> tuple[StoreResult, int]:
+        def work(conn: Connection) -> tuple[StoreResult, FolderChange]:
             updated: list[FlagState] = []
             unchanged: list[FlagState] = []
             modified: list[int] = []
             counters = _lock_folders(conn, [folder_id])
             folder = counters[folder_id]
+            since = folder.highestmodseq
             for chunk in _chunks(uids):
                 rows = conn.execute(_PLACEMENT_FLAGS, {"b_folder": folder_id, "b_uids": chunk})
                 for uid, stored, modseq in rows:
@@ -897,18 +892,22 @@ class MailStore:
                 )
                 _save(conn, counters)
             result = StoreResult(tuple(updated), tuple(unchanged), tuple(modified))
-            return result, folder.highestmodseq
+            change = FolderChange(
+                folder_id, folder.highestmodseq, "flags", FolderDelta(since, result.updated)
+            )
+            return result, change
 
-        result, highest = await run_write(self._engine, work)
+        result, change = await run_write(self._engine, work)
         if result.updated:
-            self._emit([FolderChange(folder_id, highest, "flags")])
+            self._emit([change])
         return result
 
     async def expunge(self, folder_id: int, *, uids: Sequence[int] | None = None) -> list[int]:
         """RFC 9051 §6.4.3 EXPUNGE, or RFC 4315 §2.1 UID EXPUNGE when ``uids`` is given."""
 
-        def work(conn: Connection) -> tuple[list[int], int]:
+        def work(conn: Connection) -> tuple[list[int], int, int]:
             counters = _lock_folders(conn, [folder_id])
+            since = counters[folder_id].highestmodseq
             candidates: list[tuple[int, str]] = []
             if uids is None:
                 candidates.extend(conn.execute(_DELETED, {"b_folder": folder_id}).tuples())
@@ -920,11 +919,12 @@ class MailStore:
             if doomed:
                 _expunge_locked(conn, folder_id, counters[folder_id], doomed)
                 _save(conn, counters)
-            return doomed, counters[folder_id].highestmodseq
+            return doomed, since, counters[folder_id].highestmodseq
 
-        doomed, highest = await run_write(self._engine, work)
+        doomed, since, highest = await run_write(self._engine, work)
         if doomed:
-            self._emit([FolderChange(folder_id, highest, "expunge")])
+            delta = FolderDelta(since, vanished=tuple(doomed))
+            self._emit([FolderChange(folder_id, highest, "expunge", delta)])
         return doomed
 
     async def copy(
@@ -943,15 +943,16 @@ class MailStore:
     async def _transfer(
         self, src: int, uids: Sequence[int], dst: int, *, move: bool
     ) -> list[tuple[int, int]]:
-        def work(conn: Connection) -> tuple[list[tuple[int, int]], dict[int, _Counters]]:
+        def work(conn: Connection) -> tuple[list[tuple[int, int]], list[FolderChange]]:
             pairs: list[tuple[int, int]] = []
             counters = _lock_folders(conn, [src, dst])
+            before = {folder: counters[folder].highestmodseq for folder in (src, dst)}
             target = counters[dst]
             rows: list[Any] = []
             for chunk in _chunks(uids):
                 rows.extend(conn.execute(_TRANSFERRED, {"b_folder": src, "b_uids": chunk}).all())
             if not rows:
-                return [], counters
+                return [], []
             new_rows = []
             for uid, sha, flags, internal_date, size in rows:
                 new_uid = target.next_uid()
@@ -972,14 +973,23 @@ class MailStore:
                 _expunge_locked(conn, src, counters[src], [uid for uid, _ in pairs])
             conn.execute(_INSERT_PLACEMENTS, new_rows)
             _save(conn, counters)
-            return pairs, counters
+            added = tuple(
+                FlagState(row["uid"], parse_flags(row["flags"]), row["modseq"]) for row in new_rows
+            )
+            gone = tuple(uid for uid, _ in pairs) if move else ()
+            if src == dst:
+                delta = FolderDelta(before[dst], added, gone)
+                kind: Literal["exists", "expunge"] = "expunge" if move else "exists"
+                return pairs, [FolderChange(dst, target.highestmodseq, kind, delta)]
+            changes = [
+                FolderChange(dst, target.highestmodseq, "exists", FolderDelta(before[dst], added))
+            ]
+            if move:
+                delta = FolderDelta(before[src], vanished=gone)
+                changes.append(FolderChange(src, counters[src].highestmodseq, "expunge", delta))
+            return pairs, changes
 
-        pairs, counters = await run_write(self._engine, work)
-        if not pairs:
-            return []
-        changes = [FolderChange(dst, counters[dst].highestmodseq, "exists")]
-        if move:
-            changes.append(FolderChange(src, counters[src].highestmodseq, "expunge"))
+        pairs, changes = await run_write(self._engine, work)
         self._emit(changes)
         return pairs
 
@@ -1007,7 +1017,7 @@ class MailStore:
         now = dt.datetime.now(dt.UTC)
         digests = [hashlib.sha256(content).hexdigest() for content, _, _ in messages]
 
-        def work(conn: Connection) -> tuple[list[int], int]:
+        def work(conn: Connection) -> tuple[list[int], FolderChange]:
             # The blobs first, then the folder lock: the group committer's order.
             conn.execute(
                 INSERT_BLOB["postgresql" if self._postgres else "sqlite"],
@@ -1018,25 +1028,31 @@ class MailStore:
             )
             counters = _lock_folders(conn, [folder_id])
             folder = counters[folder_id]
-            uids = [folder.next_uid() for _ in messages]
+            since = folder.highestmodseq
+            added = tuple(
+                FlagState(folder.next_uid(), parse_flags(format_flags(flags)), folder.next_modseq())
+                for _, flags, _ in messages
+            )
             rows = [
                 {
                     "folder_id": folder_id,
-                    "uid": uid,
+                    "uid": state.uid,
                     "blob_sha256": sha,
-                    "flags": format_flags(flags),
-                    "modseq": folder.next_modseq(),
+                    "flags": format_flags(state.flags),
+                    "modseq": state.modseq,
                     "internal_date": moment.astimezone(dt.UTC),
                     "size": len(content),
                 }
-                for uid, sha, (content, flags, moment) in zip(uids, digests, messages, strict=True)
+                for state, sha, (content, _, moment) in zip(added, digests, messages, strict=True)
             ]
             conn.execute(_INSERT_PLACEMENTS, rows)
             _save(conn, counters)
-            return uids, folder.highestmodseq
+            delta = FolderDelta(since, added)
+            uids = [state.uid for state in added]
+            return uids, FolderChange(folder_id, folder.highestmodseq, "exists", delta)
 
-        uids, highest = await run_write(self._engine, work)
-        self._emit([FolderChange(folder_id, highest, "exists")])
+        uids, change = await run_write(self._engine, work)
+        self._emit([change])
         return uids
 
     # -- access control lists (RFC 4314) and quotas (RFC 9208) ------------------------

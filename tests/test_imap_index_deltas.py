@@ -1,0 +1,184 @@
+"""The shared folder index follows this process's own writes from what each
+write says it changed (``FolderDelta``), without reading the store, and falls
+back to reading it when a change came from elsewhere: after every step of a
+random mix of writes, the index equals a fresh snapshot of the folder."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import random
+from collections.abc import Sequence
+
+import pytest
+from conftest import PER, PkiBundle, seed
+from sqlalchemy import update
+
+from mssd.imap.index import Indexes
+from mssd.imap.view import FolderState
+from mssd.store import changes
+from mssd.store.accounts import StoreAccounts
+from mssd.store.changes import ChangeBus, FolderChange
+from mssd.store.engine import create_engine
+from mssd.store.mailstore import MailStore, MessageRow
+from mssd.store.schema import folders, placements
+
+FLAGS = ["\\Seen", "\\Flagged", "\\Deleted", "$label1"]
+
+
+class CountingStore(MailStore):
+    """The real store, counting the reads the index makes of it."""
+
+    reads = 0
+
+    async def changes(self, folder_id: int, modseq: int) -> tuple[list[MessageRow], list[int], int]:
+        self.reads += 1
+        return await super().changes(folder_id, modseq)
+
+
+def _same(index_state: FolderState, fresh: FolderState) -> None:
+    assert list(index_state.uids) == list(fresh.uids)
+    assert index_state.flags == fresh.flags
+    assert list(index_state.modseqs) == list(fresh.modseqs)
+    assert index_state.highestmodseq == fresh.highestmodseq
+
+
+async def test_index_follows_own_writes_without_reading_and_others_by_reading(
+    store_url: str, test_pki: PkiBundle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await seed(store_url, test_pki)
+    engine = create_engine(store_url)
+    bus = ChangeBus(engine)
+    store = CountingStore(engine, on_change=bus.notify)
+    indexes = Indexes(store, bus)
+    rng = random.Random(20261122)
+    # With PostgreSQL the index also re-reads once a second (other processes'
+    # NOTIFY may be lost); this test is about what happens within that second.
+    monkeypatch.setattr(changes, "SILENCE_TRUST_SECONDS", 3600.0)
+    await bus.start()
+    try:
+        account = await StoreAccounts(engine).by_login(PER)
+        assert account is not None
+        inbox = await store.folder(account.id, "INBOX")
+        archive = await store.folder(account.id, "Archive")
+        assert inbox is not None and archive is not None
+        now = dt.datetime.now(dt.UTC)
+        for n in range(20):
+            await store.append(
+                inbox.id, b"Subject: %d\r\n\r\nbody\r\n" % n, flags=frozenset(), internal_date=now
+            )
+        index = await indexes.acquire(inbox.id)
+
+        async def current() -> list[int]:
+            return list((await index.latest()).uids)
+
+        own_steps = foreign_steps = 0
+        for step in range(120):
+            uids = await current()
+            some: Sequence[int] = rng.sample(uids, min(len(uids), rng.randint(1, 4)))
+            choice = rng.choice(
+                ["append", "add", "remove", "set", "expunge", "copy", "move", "back", "foreign"]
+            )
+            reads = store.reads
+            if choice == "append":
+                batch = [
+                    (b"Subject: a%d\r\n\r\nx\r\n" % step, frozenset(rng.sample(FLAGS, 1)), now)
+                    for _ in range(rng.randint(1, 3))
+                ]
+                await store.append_many(inbox.id, batch)
+            elif choice in ("add", "remove", "set") and some:
+                mode = {"add": "add", "remove": "remove", "set": "set"}[choice]
+                flags = frozenset(rng.sample(FLAGS, rng.randint(0, 2)))
+                await store.store_flags(inbox.id, some, mode=mode, flags=flags)  # type: ignore[arg-type]
+            elif choice == "expunge" and some:
+                await store.store_flags(inbox.id, some, mode="add", flags=frozenset({"\\Deleted"}))
+                await store.expunge(inbox.id, uids=some[:-1] or None)
+            elif choice == "copy" and some:
+                await store.copy(inbox.id, some, inbox.id)
+            elif choice == "move" and some:
+                await store.move(inbox.id, some, archive.id)
+            elif choice == "back":
+                back = list((await store.snapshot(archive.id)).messages)[:2]
+                if back:
+                    await store.move(archive.id, [uid for uid, _, _ in back], inbox.id)
+            else:
+                # Another process wrote: the change arrives without a delta (as
+                # over NOTIFY), after a write this process never saw.
+                async with engine.begin() as conn:
+                    row = (
+                        await conn.execute(
+                            update(folders)
+                            .where(folders.c.id == inbox.id)
+                            .values(highestmodseq=folders.c.highestmodseq + 1)
+                            .returning(folders.c.highestmodseq)
+                        )
+                    ).one()
+                    if uids:
+                        await conn.execute(
+                            update(placements)
+                            .where(placements.c.folder_id == inbox.id)
+                            .where(placements.c.uid == uids[0])
+                            .values(flags="$foreign", modseq=row[0])
+                        )
+                bus.publish_local(FolderChange(inbox.id, row[0], "flags"))
+            state = await index.latest()
+            _same(state, FolderState.from_snapshot(await store.snapshot(inbox.id)))
+            if choice == "foreign":
+                foreign_steps += 1
+                assert store.reads == reads + 1, "a change from elsewhere is read from the store"
+            else:
+                own_steps += 1
+                assert store.reads == reads, f"{choice}: an own write was read back"
+        assert own_steps > 50 and foreign_steps > 5
+        # A session a few steps behind is answered from the kept steps, as the
+        # store would answer it.
+        behind = state.highestmodseq - 12
+        reads = store.reads
+        changed, vanished, highest = await index.changes_since(behind)
+        assert store.reads == reads
+        stored_changed, stored_vanished, stored_highest = await store.changes(inbox.id, behind)
+        assert [(r.uid, r.flags, r.modseq) for r in changed] == [
+            (r.uid, r.flags, r.modseq) for r in stored_changed
+        ]
+        assert (vanished, highest) == (stored_vanished, stored_highest)
+        indexes.release(index)
+    finally:
+        await bus.stop()
+        await engine.dispose()
+
+
+async def test_sessions_woken_together_all_get_the_change_being_read(
+    store_url: str, test_pki: PkiBundle
+) -> None:
+    """A change from another process wakes every session on the folder at
+    once: the first one's read of the store is in flight when the others ask,
+    and they must wait for it rather than be answered the older state."""
+    await seed(store_url, test_pki)
+    engine = create_engine(store_url)
+    bus = ChangeBus(engine)
+    store = CountingStore(engine, on_change=bus.notify)
+    indexes = Indexes(store, bus)
+    await bus.start()
+    try:
+        account = await StoreAccounts(engine).by_login(PER)
+        assert account is not None
+        inbox = await store.folder(account.id, "INBOX")
+        assert inbox is not None
+        index = await indexes.acquire(inbox.id)
+        # Written by "another process": this store has no change callback.
+        other = MailStore(engine)
+        await other.append(
+            inbox.id,
+            b"Subject: x\r\n\r\nx\r\n",
+            flags=frozenset(),
+            internal_date=dt.datetime.now(dt.UTC),
+        )
+        highest = (await other.snapshot(inbox.id)).highestmodseq
+        bus.publish_local(FolderChange(inbox.id, highest, "exists"))
+        states = await asyncio.gather(*(index.latest() for _ in range(5)))
+        assert [state.highestmodseq for state in states] == [highest] * 5
+        assert store.reads == 1
+        indexes.release(index)
+    finally:
+        await bus.stop()
+        await engine.dispose()
