@@ -543,11 +543,26 @@ def _idle_process(
         queue.put({"opened": 0, "errors": [repr(error)]})
 
 
+def process_tree(pid: int) -> list[int]:
+    """The server and the processes it started (its IMAP workers)."""
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return [pid]
+    return [pid, *(p for child in children for p in process_tree(int(child)))]
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    return sum(cpu_seconds(p) for p in process_tree(pid))
+
+
 def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
+    total = 0
+    for p in process_tree(pid):
+        for line in Path(f"/proc/{p}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                total += int(line.split()[1])
+    return total
 
 
 def idle_memory(
@@ -623,6 +638,7 @@ def one_run(args: argparse.Namespace, number: int, base: Path, pki_dir: Path) ->
                 "MSSD_IMAP_IMAP_LISTEN": "127.0.0.1:0",
                 "MSSD_IMAP_IMAPS_LISTEN": "127.0.0.1:0",
                 "MSSD_SERVER_TRUSTED_NETWORKS": "127.0.0.0/8",
+                "MSSD_IMAP_WORKERS": str(args.imap_workers),
             }
         )
         run_cli(env, workdir, "db", "upgrade")
@@ -650,10 +666,10 @@ def one_run(args: argparse.Namespace, number: int, base: Path, pki_dir: Path) ->
                 spy_out = None
                 if args.py_spy:
                     spy_out = Path(args.py_spy).with_stem(f"{Path(args.py_spy).stem}-run{number}")
-                cpu_before = cpu_seconds(pid)
+                cpu_before = tree_cpu_seconds(pid)
                 with py_spy(pid, spy_out, args.py_spy_gil):
                     load = drive_load(port, ca_file, logins, args, number)
-                cpu = cpu_seconds(pid) - cpu_before
+                cpu = tree_cpu_seconds(pid) - cpu_before
                 result.errors += load["errors"]
                 result.sessions = load["sessions"]
                 result.commands = sum(len(v) for v in load["latencies"].values())
@@ -773,6 +789,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "implicit TLS, certificate verified against the bench CA)",
     )
     p.add_argument("--client-procs", type=int, default=2)
+    p.add_argument(
+        "--imap-workers",
+        type=int,
+        default=1,
+        help="imap.workers: IMAP processes (PostgreSQL only; CPU and memory are summed over them)",
+    )
     p.add_argument("--timeout", type=float, default=600.0, help="time limit of the idle set-up")
     p.add_argument(
         "--pg-admin-url", default=os.environ.get("MSSD_BENCH_POSTGRES_URL", PG_ADMIN_URL)

@@ -11,6 +11,7 @@ import json
 import logging
 import signal
 import ssl
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -22,8 +23,9 @@ from mssd.delivery import DeliveryPipeline
 from mssd.delivery.dkim import DkimSigner, DkimVerifier, make_dns_function, read_txt_records
 from mssd.delivery.dsn import Reporter
 from mssd.delivery.whitelist import WhitelistKeeper
+from mssd.imap.facts import FactCache
 from mssd.imap.heads import HeadCache
-from mssd.imap.server import ImapListener, start_imap
+from mssd.imap.server import ImapListener, imap_addresses, start_imap
 from mssd.imap.session import Services as ImapServices
 from mssd.smtp.inbound import InboundTrustCheck, own_certificate_dn
 from mssd.smtp.listeners import Listener, start_smtp
@@ -35,6 +37,13 @@ from mssd.store.engine import check_schema, create_engine, dispose
 from mssd.store.mailstore import MailStore
 from mssd.trust.tls import TlsConfigError, server_context
 from mssd.trust.verify import TrustFiles
+from mssd.workers import (
+    READY_LINE,
+    Workers,
+    bind_listening_socket,
+    watch_parent,
+    worker_sockets,
+)
 
 log = logging.getLogger(__name__)
 
@@ -170,14 +179,45 @@ def add_relay(settings: Settings, services: Services) -> None:
     )
 
 
-async def build_services(settings: Settings) -> Services:
+async def open_store(settings: Settings) -> tuple[AsyncEngine, ssl.SSLContext]:
+    """The store (schema checked) and the server TLS context."""
     engine = create_engine(settings.store.url, echo=settings.store.echo_sql)
     try:
         await check_schema(engine)
-        tls = tls_context(settings)
+        return engine, tls_context(settings)
     except Exception:
         await engine.dispose()
         raise
+
+
+def authenticator_for(
+    settings: Settings, accounts: StoreAccounts, committer: GroupCommitter
+) -> Authenticator:
+    psc = PscTokenVerifier(settings.auth) if settings.auth.psc_issuer else None
+    # Authentication outcomes are audited through the committer (group commit).
+    return Authenticator(settings.auth, accounts, committer, psc=psc)
+
+
+def imap_services_for(
+    settings: Settings,
+    authenticator: Authenticator,
+    mailstore: MailStore,
+    bus: ChangeBus,
+    committer: GroupCommitter,
+) -> ImapServices:
+    return ImapServices(
+        authenticator=authenticator,
+        mailstore=mailstore,
+        bus=bus,
+        audit=committer,
+        append_limit=settings.imap.append_limit,
+        heads=HeadCache(settings.imap.header_cache_bytes),
+        facts=FactCache(settings.imap.fact_cache_entries),
+    )
+
+
+async def build_services(settings: Settings) -> Services:
+    engine, tls = await open_store(settings)
     accounts = StoreAccounts(engine)
     # One writer per process: concurrent writers would queue on the same INBOX row
     # locks and pay one commit each; one writer batches them (bench/README.md:
@@ -192,9 +232,7 @@ async def build_services(settings: Settings) -> Services:
     )
     committer.start()
     mailstore = MailStore(engine, on_change=bus.notify)
-    psc = PscTokenVerifier(settings.auth) if settings.auth.psc_issuer else None
-    # Authentication outcomes are audited through the committer (group commit).
-    authenticator = Authenticator(settings.auth, accounts, committer, psc=psc)
+    authenticator = authenticator_for(settings, accounts, committer)
     pipeline = DeliveryPipeline(accounts, committer, hostname=settings.server.hostname)
     services = Services(
         settings, engine, accounts, authenticator, committer, pipeline, tls, mailstore, bus
@@ -210,11 +248,25 @@ async def build_services(settings: Settings) -> Services:
     return services
 
 
-async def serve(settings: Settings, *, announce: Callable[[str], None] = print) -> None:
-    """Run until SIGTERM or SIGINT, then stop accepting, finish commits, exit."""
+def _stop_on_signals(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+
+async def serve(
+    settings: Settings,
+    *,
+    announce: Callable[[str], None] = print,
+    worker_command: Sequence[str] = (),
+) -> None:
+    """Run until SIGTERM or SIGINT, then stop accepting, finish commits, exit.
+    With ``imap.workers`` > 1, ``worker_command`` (how to run ``mssd`` with the
+    same configuration) starts the other IMAP processes (``mssd.workers``)."""
     services = await build_services(settings)
     listeners: list[Listener] = []
     imap_listeners: list[ImapListener] = []
+    workers: Workers | None = None
     try:
         listeners = await start_smtp(
             settings,
@@ -227,19 +279,21 @@ async def serve(settings: Settings, *, announce: Callable[[str], None] = print) 
             services.whitelist.start()
         if services.relay is not None:
             services.relay.start()
-        imap_services = ImapServices(
-            authenticator=services.authenticator,
-            mailstore=services.mailstore,
-            bus=services.bus,
-            audit=services.committer,
-            append_limit=settings.imap.append_limit,
-            heads=HeadCache(settings.imap.header_cache_bytes),
+        imap_services = imap_services_for(
+            settings, services.authenticator, services.mailstore, services.bus, services.committer
         )
-        imap_listeners = await start_imap(settings, imap_services, services.tls)
+        sockets = None
+        if settings.imap.workers > 1:
+            sockets = {
+                name: bind_listening_socket(name, address)
+                for name, address in imap_addresses(settings)
+            }
+        imap_listeners = await start_imap(settings, imap_services, services.tls, sockets=sockets)
+        if sockets:
+            workers = Workers(worker_command, sockets, settings.imap.workers - 1)
+            await workers.start()
         stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+        _stop_on_signals(stop)
         announce(
             "mssd ready "
             + json.dumps(
@@ -252,4 +306,38 @@ async def serve(settings: Settings, *, announce: Callable[[str], None] = print) 
     finally:
         for server in [lst.server for lst in listeners] + [lst.server for lst in imap_listeners]:
             server.close()
+        if workers is not None:
+            await workers.stop()
         await services.close()
+
+
+async def serve_imap_worker(settings: Settings, sockets: str, parent_fd: int) -> None:
+    """One of the other IMAP processes (``mssd.workers``): IMAP only, on the
+    addresses the parent bound (``imap=host:port,imaps=host:port``), until
+    SIGTERM or the parent's exit."""
+    engine, tls = await open_store(settings)
+    bus = ChangeBus(engine)
+    await bus.start()
+    committer = GroupCommitter(
+        engine, max_batch=settings.store.group_commit_max_batch, on_commit=bus.notify_stored
+    )
+    committer.start()
+    mailstore = MailStore(engine, on_change=bus.notify)
+    authenticator = authenticator_for(settings, StoreAccounts(engine), committer)
+    imap_services = imap_services_for(settings, authenticator, mailstore, bus, committer)
+    listeners: list[ImapListener] = []
+    try:
+        listeners = await start_imap(settings, imap_services, tls, sockets=worker_sockets(sockets))
+        stop = asyncio.Event()
+        _stop_on_signals(stop)
+        watch_parent(parent_fd, stop)
+        sys.stdout.buffer.write(READY_LINE)
+        sys.stdout.flush()
+        await stop.wait()
+    finally:
+        for listener in listeners:
+            listener.server.close()
+        await authenticator.close()
+        await committer.stop()
+        await bus.stop()
+        await dispose(engine)

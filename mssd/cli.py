@@ -102,12 +102,20 @@ async def with_engine(settings: Settings, work: Callable[[Any], Awaitable[None]]
 
 
 async def cmd_serve(settings: Settings, args: argparse.Namespace) -> None:
-    from mssd.app import serve
+    from mssd.app import serve, serve_imap_worker
+
+    if args.imap_worker:
+        await serve_imap_worker(settings, args.imap_worker, args.parent_fd)
+        return
 
     def announce(line: str) -> None:
         print(line, flush=True)
 
-    await serve(settings, announce=announce)
+    # The other IMAP processes (imap.workers) run this command with this configuration.
+    command = [sys.executable, "-m", "mssd"]
+    command += ["--config", args.config] if args.config else []
+    command += ["--verbose"] if args.verbose else []
+    await serve(settings, announce=announce, worker_command=command)
 
 
 async def cmd_db(settings: Settings, args: argparse.Namespace) -> None:
@@ -476,7 +484,11 @@ def parser() -> argparse.ArgumentParser:
     top.add_argument("-v", "--verbose", action="store_true", help="log at debug level")
     sub = top.add_subparsers(dest="command", required=True)
 
-    sub.add_parser("serve", help="run the SMTP listeners").set_defaults(run=cmd_serve)
+    serve = sub.add_parser("serve", help="run the SMTP and IMAP listeners")
+    serve.set_defaults(run=cmd_serve)
+    # Internal: how `serve` starts its other IMAP processes (mssd.workers).
+    serve.add_argument("--imap-worker", help=argparse.SUPPRESS)
+    serve.add_argument("--parent-fd", type=int, help=argparse.SUPPRESS)
 
     db = sub.add_parser("db", help="database schema")
     db.add_argument("db_command", choices=("upgrade", "status"))

@@ -75,6 +75,10 @@ class ImapSettings:
     append_limit: int = 25 * 1024 * 1024
     header_cache_bytes: int = 64 * 1024 * 1024
     """Message header blocks kept parsed in memory (0: none), shared by all sessions."""
+    fact_cache_entries: int = 20_000
+    """Messages whose internal date, size and digest are kept in memory (0: none)."""
+    workers: int = 1
+    """Processes serving IMAP (``mssd.workers``); more than one needs PostgreSQL."""
 
 
 @dataclass(frozen=True)
@@ -362,10 +366,9 @@ def validate(settings: Settings) -> Settings:
             "auth.verified_cache_seconds: must be 0 or more, "
             f"got {settings.auth.verified_cache_seconds}"
         )
-    if settings.imap.header_cache_bytes < 0:
-        raise ConfigError(
-            f"imap.header_cache_bytes: must be 0 or more, got {settings.imap.header_cache_bytes}"
-        )
+    for key in ("header_cache_bytes", "fact_cache_entries"):
+        if getattr(settings.imap, key) < 0:
+            raise ConfigError(f"imap.{key}: must be 0 or more, got {getattr(settings.imap, key)}")
     for key in ("login_timeout_seconds", "idle_timeout_seconds"):
         if getattr(settings.imap, key) <= 0:
             raise ConfigError(f"imap.{key}: must be greater than 0")
@@ -407,6 +410,13 @@ def validate(settings: Settings) -> Settings:
         check_idnat_struct(settings.pki.operator_structure)
     except IdNatError as error:
         raise ConfigError(f"pki.operator_structure: {error}") from None
+    if settings.imap.workers < 1:
+        raise ConfigError(f"imap.workers: must be 1 or more, got {settings.imap.workers}")
+    if settings.imap.workers > 1 and not settings.store.url.startswith("postgresql"):
+        raise ConfigError(
+            "imap.workers: more than one IMAP process needs the PostgreSQL store "
+            "(store.url); with SQLite mssd runs as one process"
+        )
     _validate_whitelist(settings.whitelist)
     _validate_relay(settings.relay)
     if settings.server.event_loop not in ("auto", "asyncio", "uvloop"):

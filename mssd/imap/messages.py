@@ -271,8 +271,13 @@ async def cmd_fetch(session: Session, command: Command) -> None:
         # clients poll): no database round trip.
         rows = {uid: _view_row(view, uid) for uid in uids}
     else:
-        stored = await session.services.mailstore.messages(view.folder.id, uids)
-        rows = {r.uid: r for r in stored}
+        folder_index = session.index
+        assert folder_index is not None  # selected
+        # The index at its latest: a message the view has is in it unless expunged.
+        latest = await folder_index.latest()
+        rows = await session.services.facts.rows(
+            session.services.mailstore, view.folder.id, uids, latest.has
+        )
     if args.changed_since is not None:
         uids = [u for u in uids if view.modseqs.get(u, 0) > args.changed_since]
     mark_seen = sets_seen(attrs) and not view.readonly
@@ -578,6 +583,17 @@ async def matches(key: SearchKey, c: _Candidate) -> bool:
     return False
 
 
+def _flags_only(key: SearchKey) -> bool:
+    """Whether a search tests nothing but flags (UNSEEN, DELETED, FLAGGED...)."""
+    if isinstance(key, SearchNot):
+        return _flags_only(key.key)
+    if isinstance(key, SearchOr):
+        return _flags_only(key.left) and _flags_only(key.right)
+    if isinstance(key, SearchAnd):
+        return all(_flags_only(k) for k in key.keys)
+    return isinstance(key, (SearchAll, SearchFlag))
+
+
 def _needs_rows(key: SearchKey) -> bool:
     """Whether a search needs more than the view (size, dates, headers, text)."""
     if isinstance(key, SearchNot):
@@ -656,6 +672,9 @@ async def cmd_search(session: Session, command: Command) -> None:
     found: list[int] = []
     if _needs_rows(key):
         found = [row.uid for _, row in await matching(session, key)]
+    elif _flags_only(key):
+        test = view_predicate(session, key)
+        found = view.uids_where(lambda flags: test(0, 0, flags, 0))
     else:
         # Flags, sets and modseqs are in the view: no database round trip, and
         # one synchronous test per message.

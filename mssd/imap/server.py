@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -312,9 +313,21 @@ class Connection:
                 read_task.cancel()
 
 
+def imap_addresses(settings: Settings) -> list[tuple[str, str]]:
+    """(listener name, ``host:port``) of the IMAP listeners configured."""
+    plans = [("imap", settings.imap.imap_listen), ("imaps", settings.imap.imaps_listen)]
+    return [(name, address) for name, address in plans if address]
+
+
 async def start_imap(
-    settings: Settings, services: Services, tls: ssl.SSLContext
+    settings: Settings,
+    services: Services,
+    tls: ssl.SSLContext,
+    *,
+    sockets: dict[str, socket.socket] | None = None,
 ) -> list[ImapListener]:
+    """The listeners on their configured addresses, or on ``sockets`` (by
+    listener name) bound already (``mssd.workers``)."""
     trusted = trusted_matcher(settings.server.trusted_networks)
     listeners: list[ImapListener] = []
 
@@ -341,25 +354,28 @@ async def start_imap(
 
         return handle
 
-    plans = [
-        ("imap", settings.imap.imap_listen, False),
-        ("imaps", settings.imap.imaps_listen, True),
-    ]
-    for name, address, implicit in plans:
-        if not address:
-            continue
+    for name, address in imap_addresses(settings):
+        implicit = name == "imaps"
         host, _, port = address.rpartition(":")
         host = host.strip("[]")
         try:
-            server = await asyncio.start_server(
-                handler(implicit),
-                host,
-                int(port),
-                ssl=tls if implicit else None,
-                reuse_address=True,
-                backlog=512,
-                limit=_READ_SIZE,
-            )
+            if sockets is not None:
+                server = await asyncio.start_server(
+                    handler(implicit),
+                    sock=sockets[name],
+                    ssl=tls if implicit else None,
+                    limit=_READ_SIZE,
+                )
+            else:
+                server = await asyncio.start_server(
+                    handler(implicit),
+                    host,
+                    int(port),
+                    ssl=tls if implicit else None,
+                    reuse_address=True,
+                    backlog=512,
+                    limit=_READ_SIZE,
+                )
         except OSError as error:
             for listener in listeners:
                 listener.server.close()

@@ -35,6 +35,7 @@ from mssd.auth import (
 )
 from mssd.imap import encode
 from mssd.imap.commands import AuthenticateArgs, Command, EnableArgs, IdArgs, LoginArgs
+from mssd.imap.facts import FactCache
 from mssd.imap.heads import HeadCache
 from mssd.imap.index import FolderIndex, Indexes
 from mssd.imap.view import SelectedView, ViewUpdate
@@ -62,6 +63,7 @@ class Services:
     audit: GroupCommitter
     append_limit: int
     heads: HeadCache
+    facts: FactCache
     indexes: Indexes = field(init=False)
 
     def __post_init__(self) -> None:
