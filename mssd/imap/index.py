@@ -193,7 +193,12 @@ class FolderIndex:
         state = await self.latest()
         if modseq >= state.highestmodseq:
             return [], [], state.highestmodseq
-        steps = [step for step in self._history if step.until > modseq]
+        steps: list[_Step] = []
+        for step in reversed(self._history):  # newest first: a session is rarely far behind
+            if step.until <= modseq:
+                break
+            steps.append(step)
+        steps.reverse()
         if not steps or steps[0].since > modseq:
             changed, vanished, highest = await self._store.changes(self.folder_id, modseq)
             return list(changed), vanished, highest

@@ -163,7 +163,7 @@ async def _contents(
     if heads_only:
         heads = await session.services.heads.heads(store, rows)
         return {digest: Loaded(head.raw, head.root, head.fields) for digest, head in heads.items()}
-    return await store.blobs([row.sha256 for row in rows])
+    return await store.blobs([row.sha256 for row in rows], octets=sum(row.size for row in rows))
 
 
 def _header_fields_memo(loaded: Loaded, spec: SectionSpec) -> bytes | None:
@@ -639,7 +639,9 @@ async def matching(session: Session, key: SearchKey) -> list[tuple[int, MessageR
         if needs == "head":
             contents = await services.heads.heads(services.mailstore, [r for _, r in batch])
         elif needs == "whole":
-            contents = await services.mailstore.blobs([r.sha256 for _, r in batch])
+            contents = await services.mailstore.blobs(
+                [r.sha256 for _, r in batch], octets=sum(r.size for _, r in batch)
+            )
         for seq, row in batch:
             candidate = _Candidate(session, row, seq, predicates, contents.get(row.sha256))
             if await matches(key, candidate):

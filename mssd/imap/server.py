@@ -156,7 +156,9 @@ class Connection:
         """Read more bytes into the command reader; False at end of stream."""
         await self.flush()
         try:
-            data = await asyncio.wait_for(self.reader.read(_READ_SIZE), self.timeout())
+            # (asyncio.timeout: no task per read, unlike wait_for.)
+            async with asyncio.timeout(self.timeout()):
+                data = await self.reader.read(_READ_SIZE)
         except TimeoutError:
             await self.send(b"* BYE Autologout: idle for too long\r\n")
             await self.flush()

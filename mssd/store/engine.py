@@ -79,7 +79,7 @@ def create_engine(url: str, *, echo: bool = False) -> AsyncEngine:
     return create_async_engine(url, echo=echo, pool_size=10, max_overflow=10, pool_pre_ping=True)
 
 
-def sqlite_writer_engine(engine: AsyncEngine) -> Engine | None:
+def sqlite_writer_engine(engine: AsyncEngine, *, connections: int = 1) -> Engine | None:
     """A synchronous (stdlib ``sqlite3``) engine on the same SQLite file as ``engine``.
 
     For a writer that runs a whole transaction in one worker thread
@@ -96,7 +96,7 @@ def sqlite_writer_engine(engine: AsyncEngine) -> Engine | None:
         url.set(drivername="sqlite"),
         echo=engine.echo,
         connect_args={"timeout": 30, "check_same_thread": False},
-        pool_size=1,
+        pool_size=connections,
         max_overflow=0,
     )
     _configure_sqlite(writer)
@@ -156,6 +156,65 @@ def _sqlite_writer(
     return held
 
 
+_READER_THREADS = 2
+"""Threads for the SQLite reads that must not run on the event loop (large blobs)."""
+
+
+def _sqlite_reader(
+    engine: AsyncEngine,
+) -> tuple[Engine, concurrent.futures.ThreadPoolExecutor] | None:
+    """This engine's synchronous SQLite reader (one connection for the event
+    loop, one per reader thread) and its threads; None for other backends."""
+    held: tuple[Engine, concurrent.futures.ThreadPoolExecutor] | None = getattr(
+        engine.sync_engine, "_mssd_sqlite_reader", None
+    )
+    if held is None:
+        reader = sqlite_writer_engine(engine, connections=1 + _READER_THREADS)
+        if reader is None:
+            return None
+        executor = concurrent.futures.ThreadPoolExecutor(
+            _READER_THREADS, thread_name_prefix="mssd-sqlite-read"
+        )
+        held = (reader, executor)
+        engine.sync_engine._mssd_sqlite_reader = held  # type: ignore[attr-defined]
+        weakref.finalize(engine.sync_engine, _close_writer, reader, executor)
+    return held
+
+
+async def run_read(
+    engine: AsyncEngine,
+    work: Callable[[Connection], T],
+    *,
+    small: bool = True,
+    snapshot: bool = False,
+) -> T:
+    """Run ``work`` as one read-only transaction on a synchronous connection.
+
+    On a SQLite file a ``small`` read (rows by index: a few rows of metadata,
+    header blocks, a bounded number of octets) runs right here, on the event
+    loop: SQLite answers it from its page cache in microseconds, where a trip
+    through aiosqlite's thread and the async layer costs some 500 µs of CPU
+    (bench/README.md); a read that may be large runs on a reader thread. Both
+    see one snapshot (a WAL read transaction) for all their statements.
+    Elsewhere it runs through ``AsyncConnection.run_sync``, in a REPEATABLE READ
+    transaction when ``snapshot`` asks that its statements see one state."""
+    reader = _sqlite_reader(engine)
+    if reader is None:
+        async with engine.connect() as conn:
+            if snapshot:
+                await conn.execution_options(isolation_level="REPEATABLE READ")
+            return await conn.run_sync(work)
+    sync_engine, executor = reader
+
+    def transaction() -> T:
+        with sync_engine.connect() as conn, conn.begin():
+            return work(conn)
+
+    if small:
+        return transaction()
+    return await asyncio.get_running_loop().run_in_executor(executor, transaction)
+
+
 def _close_writer(writer: Engine, executor: concurrent.futures.ThreadPoolExecutor) -> None:
     executor.shutdown(wait=False)
     writer.dispose()
@@ -164,12 +223,13 @@ def _close_writer(writer: Engine, executor: concurrent.futures.ThreadPoolExecuto
 async def dispose(engine: AsyncEngine) -> None:
     """Close the engine's connections, its SQLite writer's included (after the
     writer's last transaction)."""
-    held = getattr(engine.sync_engine, "_mssd_sqlite_writer", None)
-    if held is not None:
-        del engine.sync_engine._mssd_sqlite_writer  # type: ignore[attr-defined]
-        writer, executor = held
-        await asyncio.get_running_loop().run_in_executor(executor, writer.dispose)
-        executor.shutdown(wait=True)
+    for attribute in ("_mssd_sqlite_writer", "_mssd_sqlite_reader"):
+        held = getattr(engine.sync_engine, attribute, None)
+        if held is not None:
+            delattr(engine.sync_engine, attribute)
+            sync_engine, executor = held
+            await asyncio.get_running_loop().run_in_executor(executor, sync_engine.dispose)
+            executor.shutdown(wait=True)
     await engine.dispose()
 
 

@@ -50,7 +50,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from mssd.store.audit import insert_audit
 from mssd.store.changes import FlagState, FolderChange, FolderDelta
 from mssd.store.delivery import INSERT_BLOB
-from mssd.store.engine import run_write, write_transaction
+from mssd.store.engine import run_read, run_write, write_transaction
 from mssd.store.messages import as_utc
 from mssd.store.records import AuditEvent
 from mssd.store.schema import (
@@ -72,6 +72,8 @@ OWNER_RIGHTS = "lrswipkxtea"
 """RFC 4314 §2.1: everything, for an account on its own mailboxes."""
 MAX_NAME = 1024
 _CHUNK = 1000  # rows per IN (...) list: far below SQLite's and asyncpg's parameter limits
+_INLINE_OCTETS = 1024 * 1024
+"""Message octets a read may bring in without leaving the event loop (``run_read``)."""
 
 _SYSTEM_FLAGS = {
     f.lower(): f for f in ("\\Seen", "\\Answered", "\\Flagged", "\\Deleted", "\\Draft")
@@ -739,8 +741,7 @@ class MailStore:
             .where(folders.c.id == folder_id)
             .order_by(placements.c.uid)
         )
-        async with self._engine.connect() as conn:
-            rows = (await conn.execute(query)).all()
+        rows = await run_read(self._engine, lambda conn: conn.execute(query).all())
         if not rows:
             raise MailStoreError("NONEXISTENT", f"no folder {folder_id}")
         uidvalidity, uidnext, highestmodseq = rows[0][0], rows[0][1], rows[0][2]
@@ -757,54 +758,62 @@ class MailStore:
         """The rows of these UIDs (those still in the folder), ascending."""
         if not uids:
             return []
-        found: list[MessageRow] = []
         low, high = min(uids), max(uids)
-        async with self._engine.connect() as conn:
+
+        def work(conn: Connection) -> list[MessageRow]:
             if high - low + 1 <= _SPARSE * len(uids) + 64:
                 # A dense set (a whole folder, the newest messages): one range
                 # query rather than lists of parameters.
                 wanted = set(uids)
-                rows = await conn.execute(
+                rows = conn.execute(
                     _MESSAGES_BETWEEN, {"b_folder": folder_id, "b_low": low, "b_high": high}
                 )
-                found.extend(self._message_row(row) for row in rows if row[0] in wanted)
-            else:
-                for chunk in _chunks(uids):
-                    rows = await conn.execute(
-                        _MESSAGES_IN, {"b_folder": folder_id, "b_uids": chunk}
-                    )
-                    found.extend(self._message_row(row) for row in rows)
-        return found
+                return [self._message_row(row) for row in rows if row[0] in wanted]
+            found: list[MessageRow] = []
+            for chunk in _chunks(uids):
+                rows = conn.execute(_MESSAGES_IN, {"b_folder": folder_id, "b_uids": chunk})
+                found.extend(self._message_row(row) for row in rows)
+            return found
 
-    async def blobs(self, digests: Sequence[str]) -> dict[str, bytes]:
-        """Several messages' bytes in one query (a FETCH of many bodies)."""
-        found: dict[str, bytes] = {}
+        return await run_read(self._engine, work)
+
+    async def blobs(self, digests: Sequence[str], *, octets: int | None = None) -> dict[str, bytes]:
+        """Several messages' bytes in one query (a FETCH of many bodies);
+        ``octets``, when the caller knows it, is their total size (a small
+        read is done without leaving the event loop, ``run_read``)."""
         wanted = sorted(set(digests))
-        async with self._engine.connect() as conn:
+
+        def work(conn: Connection) -> dict[str, bytes]:
+            found: dict[str, bytes] = {}
             for start in range(0, len(wanted), _CHUNK):
-                rows = await conn.execute(_BLOBS, {"b_digests": wanted[start : start + _CHUNK]})
+                rows = conn.execute(_BLOBS, {"b_digests": wanted[start : start + _CHUNK]})
                 found.update((sha, bytes(data)) for sha, data in rows)
-        return found
+            return found
+
+        small = octets is not None and octets <= _INLINE_OCTETS
+        return await run_read(self._engine, work, small=small)
 
     async def blob_heads(self, digests: Sequence[str], limit: int) -> dict[str, bytes]:
         """The first ``limit`` octets of several messages in one query each
         :data:`_CHUNK` (their headers, without the bodies)."""
-        found: dict[str, bytes] = {}
         wanted = sorted(set(digests))
-        async with self._engine.connect() as conn:
+
+        def work(conn: Connection) -> dict[str, bytes]:
+            found: dict[str, bytes] = {}
             for start in range(0, len(wanted), _CHUNK):
-                rows = await conn.execute(
+                rows = conn.execute(
                     _BLOB_HEADS, {"b_digests": wanted[start : start + _CHUNK], "b_limit": limit}
                 )
                 found.update((sha, bytes(data)) for sha, data in rows)
-        return found
+            return found
+
+        return await run_read(self._engine, work, small=len(wanted) * limit <= _INLINE_OCTETS)
 
     async def blob(self, sha256: str) -> bytes:
-        async with self._engine.connect() as conn:
-            data = await conn.scalar(select(blobs.c.data).where(blobs.c.sha256 == sha256))
+        data = (await self.blobs([sha256])).get(sha256)
         if data is None:
             raise MailStoreError("NONEXISTENT", f"no message blob {sha256}")
-        return bytes(data)
+        return data
 
     async def changes_since(
         self, folder_id: int, modseq: int
@@ -818,13 +827,14 @@ class MailStore:
         """:meth:`changes_since`, and the highest modseq among those changes and
         expunges (``modseq`` when there are none): where a reader that applied
         them all stands."""
-        async with self._engine.connect() as conn:
-            if self._postgres:
-                # Both statements must see the same committed state.
-                await conn.execution_options(isolation_level="REPEATABLE READ")
-            where = {"b_folder": folder_id, "b_modseq": modseq}
-            changed = [self._message_row(row) for row in await conn.execute(_CHANGED, where)]
-            expunged = (await conn.execute(_EXPUNGED, where)).all()
+        where = {"b_folder": folder_id, "b_modseq": modseq}
+
+        def work(conn: Connection) -> tuple[list[MessageRow], list[Any]]:
+            changed = [self._message_row(row) for row in conn.execute(_CHANGED, where)]
+            return changed, list(conn.execute(_EXPUNGED, where).tuples())
+
+        # Both statements must see the same committed state.
+        changed, expunged = await run_read(self._engine, work, snapshot=True)
         highest = max([modseq, *(row.modseq for row in changed), *(m for _, m in expunged)])
         return changed, sorted({uid for uid, _ in expunged}), highest
 
