@@ -71,7 +71,9 @@ async def cmd_select(session: Session, command: Command) -> None:
     if command.args.condstore:
         session.enabled.add("CONDSTORE")
     flags = ["\\Answered", "\\Flagged", "\\Deleted", "\\Seen", "\\Draft"]
-    keywords = sorted({f for fl in view.flags.values() for f in fl if not f.startswith("\\")})
+    # Over the distinct flag sets (a folder has few), not every message.
+    distinct = set(view.flags.values())
+    keywords = sorted({f for fl in distinct for f in fl if not f.startswith("\\")})
     await session.untagged(Atom("FLAGS"), encode.flag_list(flags + keywords))
     await session.send(b"* %d EXISTS\r\n" % view.exists)
     await session.send(b"* 0 RECENT\r\n")

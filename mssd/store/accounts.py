@@ -12,7 +12,7 @@ from sqlalchemy import Column, select, update
 from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from mssd.store.engine import write_transaction
+from mssd.store.engine import run_read, write_transaction
 from mssd.store.records import Account, BalType, Status
 from mssd.store.schema import accounts, delegations, domains, mailboxes
 
@@ -45,8 +45,8 @@ class StoreAccounts:
         self._engine = engine
 
     async def _one(self, column: Column[str], value: str) -> Account | None:
-        async with self._engine.connect() as conn:
-            row = (await conn.execute(select(accounts).where(column == value))).one_or_none()
+        query = select(accounts).where(column == value)
+        row = await run_read(self._engine, lambda conn: conn.execute(query).one_or_none())
         return None if row is None else _account(row)
 
     async def by_login(self, login: str) -> Account | None:
@@ -72,34 +72,26 @@ class StoreAccounts:
     async def sendable_addresses(self, account_id: int) -> frozenset[str]:
         """Addresses the account may use as MAIL FROM: its own active mailboxes and
         the ORG/CAB mailboxes it is delegated on with the right to send."""
-        async with self._engine.connect() as conn:
-            own = select(mailboxes.c.address).where(
-                mailboxes.c.account_id == account_id, mailboxes.c.status == "active"
+        own = select(mailboxes.c.address).where(
+            mailboxes.c.account_id == account_id, mailboxes.c.status == "active"
+        )
+        delegated = (
+            select(mailboxes.c.address)
+            .join(delegations, delegations.c.mailbox_id == mailboxes.c.id)
+            .where(
+                delegations.c.account_id == account_id,
+                delegations.c.may_send.is_(True),
+                mailboxes.c.status == "active",
             )
-            delegated = (
-                select(mailboxes.c.address)
-                .join(delegations, delegations.c.mailbox_id == mailboxes.c.id)
-                .where(
-                    delegations.c.account_id == account_id,
-                    delegations.c.may_send.is_(True),
-                    mailboxes.c.status == "active",
-                )
-            )
-            rows = await conn.scalars(own.union(delegated))
-            return frozenset(str(address) for address in rows)
+        )
+        rows = await run_read(self._engine, lambda conn: list(conn.scalars(own.union(delegated))))
+        return frozenset(str(address) for address in rows)
 
     async def local_mailbox(self, address: str) -> LocalMailbox | None:
-        async with self._engine.connect() as conn:
-            row = (
-                await conn.execute(
-                    select(
-                        mailboxes.c.id,
-                        mailboxes.c.address,
-                        mailboxes.c.bal_type,
-                        mailboxes.c.status,
-                    ).where(mailboxes.c.address == address.lower())
-                )
-            ).one_or_none()
+        query = select(
+            mailboxes.c.id, mailboxes.c.address, mailboxes.c.bal_type, mailboxes.c.status
+        ).where(mailboxes.c.address == address.lower())
+        row = await run_read(self._engine, lambda conn: conn.execute(query).one_or_none())
         if row is None:
             return None
         return LocalMailbox(
@@ -107,5 +99,7 @@ class StoreAccounts:
         )
 
     async def local_domains(self) -> frozenset[str]:
-        async with self._engine.connect() as conn:
-            return frozenset(str(name) for name in await conn.scalars(select(domains.c.name)))
+        names = await run_read(
+            self._engine, lambda conn: list(conn.scalars(select(domains.c.name)))
+        )
+        return frozenset(str(name) for name in names)

@@ -237,6 +237,9 @@ _BLOBS = select(blobs.c.sha256, blobs.c.data).where(
 _BLOB_HEADS = select(blobs.c.sha256, func.substr(blobs.c.data, 1, bindparam("b_limit"))).where(
     blobs.c.sha256.in_(bindparam("b_digests", expanding=True))
 )
+_FOLDER_BY_NAME = select(folders).where(
+    folders.c.mailbox_id == bindparam("b_mailbox"), folders.c.name == bindparam("b_name")
+)
 _FOLDER_COUNTERS = (
     select(folders.c.id, folders.c.uidnext, folders.c.highestmodseq)
     .where(folders.c.id.in_(bindparam("b_ids", expanding=True)))
@@ -402,7 +405,11 @@ class MailStore:
     # -- namespaces -------------------------------------------------------------
 
     async def _namespaces(self, conn: AsyncConnection, account_id: int) -> list[_Namespace]:
-        own = await conn.execute(
+        return await conn.run_sync(self._namespaces_sync, account_id)
+
+    @staticmethod
+    def _namespaces_sync(conn: Connection, account_id: int) -> list[_Namespace]:
+        own = conn.execute(
             select(mailboxes.c.id, mailboxes.c.address)
             .where(mailboxes.c.account_id == account_id, mailboxes.c.status == "active")
             .order_by(mailboxes.c.id)
@@ -413,7 +420,7 @@ class MailStore:
             )
             for index, (mailbox_id, address) in enumerate(own)
         ]
-        shared = await conn.execute(
+        shared = conn.execute(
             select(mailboxes.c.id, mailboxes.c.address, delegations.c.rights)
             .join(delegations, delegations.c.mailbox_id == mailboxes.c.id)
             .where(
@@ -464,15 +471,17 @@ class MailStore:
         )
 
     async def folders(self, account_id: int) -> list[FolderInfo]:
-        async with self._engine.connect() as conn:
-            spaces = await self._namespaces(conn, account_id)
+        def work(conn: Connection) -> tuple[list[_Namespace], list[Any]]:
+            spaces = self._namespaces_sync(conn, account_id)
             if not spaces:
-                return []
-            by_mailbox = {space.mailbox_id: space for space in spaces}
-            rows = await conn.execute(
-                select(folders).where(folders.c.mailbox_id.in_(by_mailbox)).order_by(folders.c.name)
-            )
-            found = [self._info(by_mailbox[row.mailbox_id], row) for row in rows]
+                return [], []
+            ids = [space.mailbox_id for space in spaces]
+            query = select(folders).where(folders.c.mailbox_id.in_(ids)).order_by(folders.c.name)
+            return spaces, list(conn.execute(query))
+
+        spaces, rows = await run_read(self._engine, work)
+        by_mailbox = {space.mailbox_id: space for space in spaces}
+        found = [self._info(by_mailbox[row.mailbox_id], row) for row in rows]
         order = {space.mailbox_id: index for index, space in enumerate(spaces)}
         # Each mailbox's INBOX first, then its folders by name.
         found.sort(
@@ -485,19 +494,16 @@ class MailStore:
         return found
 
     async def folder(self, account_id: int, name: str) -> FolderInfo | None:
-        async with self._engine.connect() as conn:
+        def work(conn: Connection) -> FolderInfo | None:
             try:
-                space, stored = self._resolve(await self._namespaces(conn, account_id), name)
+                space, stored = self._resolve(self._namespaces_sync(conn, account_id), name)
             except MailStoreError:
                 return None
-            row = (
-                await conn.execute(
-                    select(folders).where(
-                        folders.c.mailbox_id == space.mailbox_id, folders.c.name == stored
-                    )
-                )
-            ).one_or_none()
-        return None if row is None else self._info(space, row)
+            row = conn.execute(_FOLDER_BY_NAME, {"b_mailbox": space.mailbox_id, "b_name": stored})
+            found = row.one_or_none()
+            return None if found is None else self._info(space, found)
+
+        return await run_read(self._engine, work)
 
     async def _resolve_for(
         self, conn: AsyncConnection, account_id: int, name: str, right: str
