@@ -1,6 +1,6 @@
 """The asyncio side of IMAP: listeners, the read loop, STARTTLS, AUTHENTICATE
 exchanges and IDLE. Protocol decisions are in ``protocol``, ``session``,
-``mailboxes`` and ``messages``; this module only moves bytes.
+``mailboxes``, ``messages`` and ``search``; this module only moves bytes.
 
 Invariants:
 - Plaintext that arrives before the TLS handshake completes is discarded
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from mssd.auth.networks import trusted_matcher
 from mssd.config import Settings
-from mssd.imap import acl, encode, mailboxes, messages, sort
+from mssd.imap import acl, encode, mailboxes, messages, search, sort
 from mssd.imap.commands import Command, IdleDone, NeedContinuation, ProtocolError, SaslResponse
 from mssd.imap.protocol import CommandReader
 from mssd.imap.session import Bye, Services, Session
@@ -64,7 +64,7 @@ _SELECTED: dict[str, Handler] = {
     "CLOSE": messages.cmd_close,
     "UNSELECT": messages.cmd_close,
     "EXPUNGE": messages.cmd_expunge,
-    "SEARCH": messages.cmd_search,
+    "SEARCH": search.cmd_search,
     "FETCH": messages.cmd_fetch,
     "STORE": messages.cmd_store,
     "COPY": messages.cmd_copy,

@@ -2,8 +2,8 @@
 and the commands that do not touch messages.
 
 The asyncio layer (``server.py``) feeds commands in and writes what
-:attr:`Session.send` is given; commands on messages live in ``messages.py``,
-mailbox commands in ``mailboxes.py``. Everything a command answers goes
+:attr:`Session.send` is given; commands on messages live in ``messages.py``
+(SEARCH in ``search.py``), mailbox commands in ``mailboxes.py``. Everything a command answers goes
 through ``send``; a command's tagged reply is always the last thing it sends.
 
 Invariants:
