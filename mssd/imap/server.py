@@ -230,6 +230,9 @@ class Connection:
             await session.tagged(
                 command, "NO", "Internal error; nothing was changed", "UNAVAILABLE"
             )
+        # After ENABLE UTF8=ACCEPT or IMAP4rev2 the next commands are read as UTF-8
+        # (RFC 6855 §3, RFC 9051 §5.1); the reader parses them only after this one ends.
+        self.commands.utf8 = session.utf8
 
     async def starttls(self, command: Command) -> None:
         session = self.session
