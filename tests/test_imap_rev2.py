@@ -53,6 +53,187 @@ def uidvalidity(lines: list[bytes]) -> int:
     return next(int(m.group(1)) for x in lines if (m := re.match(rb"\* OK \[UIDVALIDITY (\d+)", x)))
 
 
+def test_capability_lists_both_revisions_and_enable_switches_to_rev2(mssd: MssdProcess) -> None:
+    client = Client(mssd, new_account(mssd, "rev2-enable"))
+    try:
+        assert client.greeting.startswith(b"* OK [CAPABILITY IMAP4rev1 IMAP4rev2 ")
+        (caps,) = client.command("CAPABILITY")
+        assert b" STATUS=SIZE " in caps and b" LITERAL+ " in caps
+        assert client.answer("ENABLE IMAP4rev2") == (
+            [b"* ENABLED IMAP4rev2\r\n"],
+            b"OK ENABLE completed\r\n",
+        )
+        # RFC 5161 §3.1: ENABLED lists only what this command newly enabled.
+        assert client.answer("ENABLE imap4rev2 CONDSTORE") == (
+            [b"* ENABLED CONDSTORE\r\n"],
+            b"OK ENABLE completed\r\n",
+        )
+    finally:
+        client.close()
+
+
+def test_rev2_select_has_no_recent_nor_unseen_and_lists_the_mailbox(mssd: MssdProcess) -> None:
+    login = new_account(mssd, "rev2-select")
+    rev1, rev2 = Client(mssd, login), Client(mssd, login)
+    try:
+        rev2.enable_rev2()
+        rev2.append("INBOX", message("lu"), "\\Seen")
+        rev2.append("INBOX", message("pas lu"))
+        untagged, done = rev2.answer("SELECT INBOX")
+        valid = uidvalidity(untagged)
+        assert untagged == [
+            FLAGS,
+            b"* 2 EXISTS\r\n",
+            PERMANENT,
+            b"* OK [UIDVALIDITY %d] UIDs valid\r\n" % valid,
+            b"* OK [UIDNEXT 3] Predicted next UID\r\n",
+            b'* LIST (\\HasNoChildren) "/" "INBOX"\r\n',
+        ]
+        assert done == b"OK [READ-WRITE] SELECT completed\r\n"
+        untagged, done = rev2.answer("EXAMINE Sent")
+        assert untagged[-1] == b'* LIST (\\HasNoChildren \\Sent) "/" "Sent"\r\n'
+        assert done == b"OK [READ-ONLY] EXAMINE completed\r\n"
+        # Without ENABLE, the same mailbox answers as in RFC 3501.
+        untagged, done = rev1.answer("SELECT INBOX")
+        assert untagged == [
+            FLAGS,
+            b"* 2 EXISTS\r\n",
+            b"* 0 RECENT\r\n",
+            PERMANENT,
+            b"* OK [UIDVALIDITY %d] UIDs valid\r\n" % valid,
+            b"* OK [UIDNEXT 3] Predicted next UID\r\n",
+            b"* OK [UNSEEN 2] First unseen\r\n",
+        ]
+        assert done == b"OK [READ-WRITE] SELECT completed\r\n"
+    finally:
+        rev1.close()
+        rev2.close()
+
+
+def test_reselect_says_closed_in_rev2_and_with_qresync(mssd: MssdProcess) -> None:
+    login = new_account(mssd, "rev2-closed")
+    rev1, rev2, qresync = Client(mssd, login), Client(mssd, login), Client(mssd, login)
+    try:
+        rev2.enable_rev2()
+        rev2.command("SELECT INBOX")
+        untagged = rev2.command("SELECT Drafts")
+        assert untagged[0] == b"* OK [CLOSED] Previous mailbox closed\r\n"
+        assert untagged[-1] == b'* LIST (\\HasNoChildren \\Drafts) "/" "Drafts"\r\n'
+        # RFC 9051 §6.3.2: a failed SELECT still closes the mailbox, and says so.
+        untagged, done = rev2.answer('SELECT "Absent"')
+        assert untagged == [b"* OK [CLOSED] Previous mailbox closed\r\n"]
+        assert done == b"NO [NONEXISTENT] No mailbox Absent\r\n"
+        assert rev2.answer("FETCH 1 (UID)") == ([], b"BAD FETCH not allowed now\r\n")
+        # RFC 7162 §3.2.11: the same boundary once QRESYNC is enabled.
+        qresync.command("ENABLE QRESYNC")
+        qresync.command("SELECT INBOX")
+        assert qresync.command("SELECT Drafts")[0] == b"* OK [CLOSED] Previous mailbox closed\r\n"
+        rev1.command("SELECT INBOX")
+        assert not [x for x in rev1.command("SELECT Drafts") if b"CLOSED" in x]
+    finally:
+        for client in (rev1, rev2, qresync):
+            client.close()
+
+
+def test_rev2_search_answers_esearch_with_tag_and_uid(mssd: MssdProcess) -> None:
+    login = new_account(mssd, "rev2-search")
+    rev1, rev2 = Client(mssd, login), Client(mssd, login)
+    try:
+        rev2.enable_rev2()
+        for n, flags in enumerate(("\\Flagged", "", "\\Flagged \\Seen", "\\Deleted")):
+            rev2.append("INBOX", message(f"analyse {n}"), flags)
+        rev2.command("SELECT INBOX")
+        tag = rev2.send("SEARCH FLAGGED")
+        assert rev2.until(tag) == (
+            [b'* ESEARCH (TAG "%s") ALL 1,3\r\n' % tag.encode()],
+            f"{tag} OK SEARCH completed\r\n".encode(),
+        )
+        tag = rev2.send("UID SEARCH UNSEEN")
+        assert rev2.until(tag)[0] == [b'* ESEARCH (TAG "%s") UID ALL 1:2,4\r\n' % tag.encode()]
+        # No match: the correlator alone (RFC 9051 §7.3.4, ALL needs a non-empty set).
+        tag = rev2.send("SEARCH SUBJECT absent")
+        assert rev2.until(tag)[0] == [b'* ESEARCH (TAG "%s")\r\n' % tag.encode()]
+        tag = rev2.send("UID SEARCH RETURN (MIN MAX COUNT) UNDELETED")
+        assert rev2.until(tag)[0] == [
+            b'* ESEARCH (TAG "%s") UID MIN 1 MAX 3 COUNT 3\r\n' % tag.encode()
+        ]
+        # The session that did not enable rev2 still gets RFC 3501's SEARCH.
+        rev1.command("SELECT INBOX")
+        assert rev1.answer("SEARCH FLAGGED") == (
+            [b"* SEARCH 1 3\r\n"],
+            b"OK SEARCH completed\r\n",
+        )
+        assert rev1.command("UID SEARCH SUBJECT absent") == [b"* SEARCH\r\n"]
+    finally:
+        rev1.close()
+        rev2.close()
+
+
+def test_rev2_refuses_recent_new_old_and_status_recent(mssd: MssdProcess) -> None:
+    login = new_account(mssd, "rev2-recent")
+    rev1, rev2 = Client(mssd, login), Client(mssd, login)
+    try:
+        rev2.enable_rev2()
+        rev2.append("INBOX", message("récent ?"))
+        rev2.command("SELECT INBOX")
+        refusal = b"BAD RECENT, NEW and OLD are not search keys in IMAP4rev2 (RFC 9051)\r\n"
+        for key in ("RECENT", "NEW", "NOT OLD", "OR SEEN RECENT"):
+            assert rev2.answer(f"SEARCH {key}") == ([], refusal)
+            assert rev2.answer(f"UID SEARCH {key}") == ([], refusal)
+        status_refusal = (
+            [],
+            b"BAD RECENT is not a STATUS item in IMAP4rev2 (RFC 9051 section 6.3.11)\r\n",
+        )
+        assert rev2.answer("STATUS INBOX (MESSAGES RECENT)") == status_refusal
+        assert rev2.answer('LIST "" INBOX RETURN (STATUS (RECENT))') == status_refusal
+        # The session stays usable.
+        tag = rev2.send("SEARCH ALL")
+        assert rev2.until(tag)[0] == [b'* ESEARCH (TAG "%s") ALL 1\r\n' % tag.encode()]
+        # In IMAP4rev1 mssd keeps no \Recent: RECENT and NEW match nothing, OLD all.
+        rev1.command("SELECT INBOX")
+        assert rev1.command("SEARCH RECENT") == [b"* SEARCH\r\n"]
+        assert rev1.command("SEARCH NEW") == [b"* SEARCH\r\n"]
+        assert rev1.command("SEARCH OLD") == [b"* SEARCH 1\r\n"]
+        assert rev1.command("STATUS INBOX (RECENT)") == [b'* STATUS "INBOX" (RECENT 0)\r\n']
+    finally:
+        rev1.close()
+        rev2.close()
+
+
+def test_rev2_folder_names_are_utf8_created_listed_and_renamed(mssd: MssdProcess) -> None:
+    login = new_account(mssd, "rev2-names")
+    rev1, rev2 = Client(mssd, login), Client(mssd, login)
+    try:
+        rev2.enable_rev2()
+        assert rev2.answer('CREATE "Résultats/Biologie"') == ([], b"OK CREATE completed\r\n")
+        # RFC 9051 §5.1: "&" is a character like another, not a modified UTF-7 shift.
+        rev2.command('CREATE "R&D"')
+        rev2.append('"Résultats/Biologie"', message("NFS"))
+        assert rev2.command('LIST "" "R*"') == [
+            b'* LIST (\\HasNoChildren) "/" "R&D"\r\n',
+            '* LIST (\\HasChildren) "/" "Résultats"\r\n'.encode(),
+            '* LIST (\\HasNoChildren) "/" "Résultats/Biologie"\r\n'.encode(),
+        ]
+        rev2.command('RENAME "Résultats" "Comptes rendus été"')
+        assert rev2.command('LIST "" "Comptes*"') == [
+            '* LIST (\\HasChildren) "/" "Comptes rendus été"\r\n'.encode(),
+            '* LIST (\\HasNoChildren) "/" "Comptes rendus été/Biologie"\r\n'.encode(),
+        ]
+        assert rev2.command('STATUS "Comptes rendus été/Biologie" (MESSAGES)') == [
+            '* STATUS "Comptes rendus été/Biologie" (MESSAGES 1)\r\n'.encode()
+        ]
+        # The rev1 session sees the same folders in modified UTF-7 (RFC 3501 §5.1.3).
+        assert rev1.command('LIST "" ("Comptes*" "R*")') == [
+            b'* LIST (\\HasChildren) "/" "Comptes rendus &AOk-t&AOk-"\r\n',
+            b'* LIST (\\HasNoChildren) "/" "Comptes rendus &AOk-t&AOk-/Biologie"\r\n',
+            b'* LIST (\\HasNoChildren) "/" "R&-D"\r\n',
+        ]
+        rev1.command('SELECT "Comptes rendus &AOk-t&AOk-/Biologie"')
+    finally:
+        rev1.close()
+        rev2.close()
+
+
 def test_utf8_accept_session_creates_a_folder_with_a_quoted_utf8_name(mssd: MssdProcess) -> None:
     """RFC 6855 §3: after ENABLE UTF8=ACCEPT, quoted strings may hold UTF-8."""
     client = Client(mssd, new_account(mssd, "utf8-accept"))
@@ -62,5 +243,63 @@ def test_utf8_accept_session_creates_a_folder_with_a_quoted_utf8_name(mssd: Mssd
         assert client.command('LIST "" "Ordonnances*"') == [
             '* LIST (\\HasNoChildren) "/" "Ordonnances reçues"\r\n'.encode()
         ]
+    finally:
+        client.close()
+
+
+def test_rev2_status_reports_deleted_and_size(mssd: MssdProcess) -> None:
+    login = new_account(mssd, "rev2-status")
+    client = Client(mssd, login)
+    try:
+        client.enable_rev2()
+        client.command('CREATE "Échanges"')
+        kept, deleted = message("garder", "x" * 100), message("jeter")
+        client.append('"Échanges"', kept, "\\Seen")
+        client.append('"Échanges"', deleted, "\\Deleted")
+        total = len(kept) + len(deleted)
+        assert client.answer('STATUS "Échanges" (MESSAGES UNSEEN DELETED SIZE)') == (
+            [f'* STATUS "Échanges" (MESSAGES 2 UNSEEN 1 DELETED 1 SIZE {total})\r\n'.encode()],
+            b"OK STATUS completed\r\n",
+        )
+        # RFC 5819 with the rev2 items: the STATUS follows the mailbox's LIST.
+        assert client.command('LIST "" "Éch%" RETURN (STATUS (DELETED SIZE))') == [
+            '* LIST (\\HasNoChildren) "/" "Échanges"\r\n'.encode(),
+            f'* STATUS "Échanges" (DELETED 1 SIZE {total})\r\n'.encode(),
+        ]
+    finally:
+        client.close()
+
+
+def test_list_recursivematch_gives_childinfo_and_subscribed_is_marked(mssd: MssdProcess) -> None:
+    client = Client(mssd, new_account(mssd, "rev2-list"))
+    try:
+        client.enable_rev2()
+        client.command('CREATE "Projets/Été/T1"')
+        client.command('CREATE "Projets/Hiver"')
+        for name in ("Projets", "Projets/Été", "Projets/Hiver"):
+            client.command(f'UNSUBSCRIBE "{name}"')
+        # RFC 9051 §6.3.9: "Projets" is not subscribed, but a descendant the
+        # pattern leaves out is: CHILDINFO says why it is listed.
+        assert client.command('LIST (SUBSCRIBED RECURSIVEMATCH) "" "Projets%"') == [
+            b'* LIST (\\HasChildren) "/" "Projets" ("CHILDINFO" ("SUBSCRIBED"))\r\n'
+        ]
+        # With "*" the subscribed descendant is listed itself: no redundant parents.
+        assert client.command('LIST (SUBSCRIBED RECURSIVEMATCH) "" "Projets*"') == [
+            '* LIST (\\HasNoChildren \\Subscribed) "/" "Projets/Été/T1"\r\n'.encode()
+        ]
+        client.command('SUBSCRIBE "Projets"')
+        assert client.command('LIST (SUBSCRIBED RECURSIVEMATCH) "" "Projets*"') == [
+            b'* LIST (\\HasChildren \\Subscribed) "/" "Projets" ("CHILDINFO" ("SUBSCRIBED"))\r\n',
+            '* LIST (\\HasNoChildren \\Subscribed) "/" "Projets/Été/T1"\r\n'.encode(),
+        ]
+        # RFC 5258 §3: the SUBSCRIBED selection implies the SUBSCRIBED return option.
+        assert client.command('LIST (SUBSCRIBED) "" "Projets/*"') == [
+            '* LIST (\\HasNoChildren \\Subscribed) "/" "Projets/Été/T1"\r\n'.encode()
+        ]
+        # LSUB is deprecated in IMAP4rev2 but still answered.
+        assert client.answer('LSUB "" "Projets/*"') == (
+            ['* LSUB (\\HasNoChildren) "/" "Projets/Été/T1"\r\n'.encode()],
+            b"OK LSUB completed\r\n",
+        )
     finally:
         client.close()

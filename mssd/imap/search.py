@@ -200,15 +200,29 @@ async def matches(key: SearchKey, c: _Candidate) -> bool:
     return False
 
 
+def _subkeys(key: SearchKey) -> tuple[SearchKey, ...]:
+    """The keys NOT, OR and a parenthesised list combine; () for the others."""
+    if isinstance(key, SearchNot):
+        return (key.key,)
+    if isinstance(key, SearchOr):
+        return (key.left, key.right)
+    if isinstance(key, SearchAnd):
+        return key.keys
+    return ()
+
+
 def _needs_rows(key: SearchKey) -> bool:
     """Whether a search needs more than the view (size, dates, headers, text)."""
-    if isinstance(key, SearchNot):
-        return _needs_rows(key.key)
-    if isinstance(key, SearchOr):
-        return _needs_rows(key.left) or _needs_rows(key.right)
-    if isinstance(key, SearchAnd):
-        return any(_needs_rows(k) for k in key.keys)
+    if isinstance(key, (SearchNot, SearchOr, SearchAnd)):
+        return any(_needs_rows(k) for k in _subkeys(key))
     return not isinstance(key, (SearchAll, SearchFlag, SearchSet, SearchModSeq))
+
+
+def _tests_recent(key: SearchKey) -> bool:
+    """Whether a key is or holds RECENT, NEW or OLD (the \\Recent flag)."""
+    if isinstance(key, SearchFlag):
+        return key.flag == "\\Recent"
+    return any(_tests_recent(k) for k in _subkeys(key))
 
 
 _SEARCH_HEADS = 500
@@ -254,14 +268,7 @@ def _needs_content(key: SearchKey) -> Literal["head", "whole"] | None:
         return "whole"
     if isinstance(key, SearchHeader) or (isinstance(key, SearchDate) and key.field == "SENT"):
         return "head"
-    subkeys: tuple[SearchKey, ...] = ()
-    if isinstance(key, SearchNot):
-        subkeys = (key.key,)
-    elif isinstance(key, SearchOr):
-        subkeys = (key.left, key.right)
-    elif isinstance(key, SearchAnd):
-        subkeys = key.keys
-    needs = {_needs_content(k) for k in subkeys}
+    needs = {_needs_content(k) for k in _subkeys(key)}
     return "whole" if "whole" in needs else "head" if "head" in needs else None
 
 
@@ -269,6 +276,12 @@ async def cmd_search(session: Session, command: Command) -> None:
     assert isinstance(command.args, SearchArgs)
     view = selected(session)
     key = command.args.key
+    if session.rev2 and _tests_recent(key):
+        # RFC 9051 §6.4.4 has no RECENT, NEW or OLD: \Recent is gone (Appendix E).
+        await session.tagged(
+            command, "BAD", "RECENT, NEW and OLD are not search keys in IMAP4rev2 (RFC 9051)"
+        )
+        return
     found: list[int] = []
     if _needs_rows(key):
         found = [row.uid for _, row in await matching(session, key)]
@@ -284,6 +297,8 @@ async def cmd_search(session: Session, command: Command) -> None:
         ]
     numbers = found if command.uid else [s for s in (view.seq_of(u) for u in found) if s]
     options = command.args.return_options
+    if options is None and session.rev2:
+        options = ("ALL",)  # RFC 9051 §6.4.4: ESEARCH always, as for RETURN (ALL)
     if options is None:
         await session.send(("* SEARCH" + "".join(f" {n}" for n in numbers) + "\r\n").encode())
     else:
