@@ -16,6 +16,8 @@ import re
 from conftest import PASSWORD, MssdProcess
 from test_imap_clients import RawImap, new_account
 
+from mssd.imap.names import encode_mailbox_name
+
 FLAGS = b"* FLAGS (\\Answered \\Flagged \\Deleted \\Seen \\Draft)\r\n"
 PERMANENT = (
     b"* OK [PERMANENTFLAGS (\\Answered \\Flagged \\Deleted \\Seen \\Draft \\*)] Flags permitted\r\n"
@@ -245,6 +247,26 @@ def test_utf8_accept_session_creates_a_folder_with_a_quoted_utf8_name(mssd: Mssd
         ]
     finally:
         client.close()
+
+
+def test_new_names_with_characters_rfc9051_forbids_are_refused(mssd: MssdProcess) -> None:
+    login = new_account(mssd, "rev2-forbidden")
+    rev1, rev2 = Client(mssd, login), Client(mssd, login)
+    try:
+        rev2.enable_rev2()
+        rev2.command('CREATE "Dossier"')
+        refusal = b"NO [CANNOT] Mailbox names cannot contain U+%04X (RFC 9051 section 5.1)\r\n"
+        assert rev2.answer('CREATE "Ligne\u2028suivante"') == ([], refusal % 0x2028)
+        assert rev2.answer('RENAME "Dossier" "Contr\u0085le"') == ([], refusal % 0x85)
+        # A rev1 client can spell them in modified UTF-7; the names are shared.
+        name = encode_mailbox_name("Para\u2029graphe", False)
+        assert rev1.answer(f'CREATE "{name}"') == ([], refusal % 0x2029)
+        # Nothing was renamed, and both sessions go on.
+        assert rev2.command('LIST "" "Dossier"') == [b'* LIST (\\HasNoChildren) "/" "Dossier"\r\n']
+        assert rev1.command('LIST "" "Para*"') == []
+    finally:
+        rev1.close()
+        rev2.close()
 
 
 def test_rev2_status_reports_deleted_and_size(mssd: MssdProcess) -> None:

@@ -20,7 +20,7 @@ from mssd.imap.commands import (
     StatusArgs,
 )
 from mssd.imap.encode import Atom, ImapValue
-from mssd.imap.names import encode_mailbox_name
+from mssd.imap.names import encode_mailbox_name, forbidden_character
 from mssd.imap.session import Session
 from mssd.imap.view import SelectedView
 from mssd.store.mailstore import SEPARATOR, SHARED_PREFIX, FolderInfo, MailStoreError
@@ -162,10 +162,23 @@ async def carry_out(session: Session, command: Command, operation: Awaitable[obj
     await session.tagged(command, "OK", f"{command.name} completed")
 
 
+async def refuse_name(session: Session, command: Command, name: str) -> bool:
+    """Answer NO [CANNOT] when a new name holds what RFC 9051 §5.1 forbids:
+    names are shared by rev1 and rev2 sessions, so the rule holds for both."""
+    ch = forbidden_character(name)
+    if ch is None:
+        return False
+    text = f"Mailbox names cannot contain U+{ord(ch):04X} (RFC 9051 section 5.1)"
+    await session.tagged(command, "NO", text, "CANNOT")
+    return True
+
+
 async def cmd_create(session: Session, command: Command) -> None:
     assert isinstance(command.args, CreateArgs) and session.principal is not None
     special = command.args.special_use[0] if command.args.special_use else None
     name = command.args.mailbox.rstrip(SEPARATOR)
+    if await refuse_name(session, command, name):
+        return
     await carry_out(
         session,
         command,
@@ -190,6 +203,8 @@ async def cmd_delete(session: Session, command: Command) -> None:
 
 async def cmd_rename(session: Session, command: Command) -> None:
     assert isinstance(command.args, RenameArgs) and session.principal is not None
+    if await refuse_name(session, command, command.args.new):
+        return
     await carry_out(
         session,
         command,
