@@ -12,9 +12,12 @@ are also compared with a real Dovecot, which does not offer IMAP4rev2 itself
 from __future__ import annotations
 
 import re
+import socket
 
 from conftest import PASSWORD, MssdProcess
 from test_imap_clients import RawImap, new_account
+from test_imap_dovecot import DOVECOT_PASSWORD, _parse, start_dovecot
+from test_imap_dovecot import RawImap as DovecotClient
 
 from mssd.imap.names import encode_mailbox_name
 
@@ -202,6 +205,29 @@ def test_rev2_refuses_recent_new_old_and_status_recent(mssd: MssdProcess) -> Non
         rev2.close()
 
 
+def test_search_save_with_only_min_or_max_keeps_only_those(mssd: MssdProcess) -> None:
+    """RFC 9051 §6.4.4 (SEARCHRES): SAVE with MIN and/or MAX alone saves those
+    messages; with any other option, every message found."""
+    client = Client(mssd, new_account(mssd, "rev2-save"))
+    try:
+        client.enable_rev2()
+        for n in range(4):
+            client.append("INBOX", message(f"bilan {n}"))
+        client.command("SELECT INBOX")
+        for options, saved in (
+            ("SAVE MIN", [1]),
+            ("SAVE MAX", [4]),
+            ("SAVE MIN MAX", [1, 4]),
+            ("SAVE MIN COUNT", [1, 2, 3, 4]),
+            ("SAVE", [1, 2, 3, 4]),
+        ):
+            client.command(f"SEARCH RETURN ({options}) ALL")
+            fetched = client.command("FETCH $ (UID)")
+            assert fetched == [b"* %d FETCH (UID %d)\r\n" % (n, n) for n in saved], options
+    finally:
+        client.close()
+
+
 def test_rev2_folder_names_are_utf8_created_listed_and_renamed(mssd: MssdProcess) -> None:
     login = new_account(mssd, "rev2-names")
     rev1, rev2 = Client(mssd, login), Client(mssd, login)
@@ -325,3 +351,101 @@ def test_list_recursivematch_gives_childinfo_and_subscribed_is_marked(mssd: Mssd
         )
     finally:
         client.close()
+
+
+# -- compared with Dovecot ----------------------------------------------------------
+
+_DOVECOT_NAMESPACE = """
+namespace inbox {
+  inbox = yes
+  separator = /
+}
+"""
+
+_SCRIPT = (
+    "ENABLE QRESYNC",
+    'CREATE "Projets"',
+    'CREATE "Projets/2024"',
+    'CREATE "Projets/2024/T1"',
+    'CREATE "Projets/Vieux"',
+    'SUBSCRIBE "Projets"',
+    'UNSUBSCRIBE "Projets/2024"',
+    'UNSUBSCRIBE "Projets/Vieux"',
+    'SUBSCRIBE "Projets/2024/T1"',
+    'LIST (SUBSCRIBED RECURSIVEMATCH) "" "Projets%" RETURN (CHILDREN)',
+    'LIST (SUBSCRIBED RECURSIVEMATCH) "" "Projets/%" RETURN (CHILDREN)',
+    'LIST (SUBSCRIBED RECURSIVEMATCH) "" "Projets*" RETURN (CHILDREN)',
+    'LIST (SUBSCRIBED) "" "Projets*" RETURN (CHILDREN)',
+    'LIST "" "Projets*" RETURN (SUBSCRIBED CHILDREN)',
+    'UNSUBSCRIBE "Projets"',
+    'LIST (SUBSCRIBED RECURSIVEMATCH) "" "Projets%" RETURN (CHILDREN)',
+    'SELECT "Projets/2024"',
+    "APPEND Projets/2024 {}",
+    "APPEND Projets/2024 (\\Flagged) {}",
+    "APPEND Projets/2024 {}",
+    "APPEND Projets/2024 (\\Flagged) {}",
+    'SELECT "Projets/2024"',
+    "SEARCH RETURN (SAVE MIN) FLAGGED",
+    "FETCH $ (UID)",
+    "SEARCH RETURN (SAVE MAX COUNT) UNFLAGGED",
+    "FETCH $ (UID)",
+    "SEARCH RETURN (SAVE MIN MAX) ALL",
+    "FETCH $ (UID)",
+    "UID SEARCH RETURN () FLAGGED",
+    "SEARCH RETURN (MIN) SUBJECT absent",
+    'SELECT "Absent"',
+)
+"""Commands that exercise what RFC 9051 took from SEARCHRES, ESEARCH,
+LIST-EXTENDED and QRESYNC; each ``{}`` stands for one small message."""
+
+
+def _comparable(untagged: list[bytes], tagged: bytes) -> tuple[object, ...]:
+    """What both servers must agree on: each response as parsed values (quoting
+    and human-readable texts aside), LIST responses as a set (their order is free),
+    and the tagged status."""
+    kept: list[object] = []
+    listed: set[object] = set()
+    for line in untagged:
+        if line.startswith(b"* LIST "):
+            values, _ = _parse(b"(" + line[len(b"* LIST ") :].rstrip(b"\r\n") + b")")
+            assert isinstance(values, list)
+            flags = frozenset(x.lower() for x in values[0] if isinstance(x, bytes))
+            listed.add((flags, repr(values[1:])))
+        elif line.startswith((b"* OK [CLOSED]", b"* ESEARCH", b"* ENABLED")) or b" FETCH " in line:
+            kept.append(line.split(b"]")[0] if line.startswith(b"* OK [") else line)
+    return (tuple(kept), frozenset(listed), tagged.split(b" ")[1])
+
+
+def _run(client: DovecotClient) -> list[tuple[object, ...]]:
+    answers = []
+    for text in _SCRIPT:
+        literals = [message("bilan")] * text.count("{}")
+        answers.append(_comparable(*client.command(text.encode(), *literals)))
+    return answers
+
+
+def test_incorporated_extensions_answer_like_dovecot(mssd: MssdProcess) -> None:
+    dovecot = start_dovecot(_DOVECOT_NAMESPACE)
+    try:
+        client = DovecotClient(socket.create_connection(("127.0.0.1", dovecot.port), 30))
+        try:
+            client.ok(b'LOGIN "differentiel" {}', DOVECOT_PASSWORD.encode())
+            theirs = _run(client)
+        finally:
+            client.close()
+    finally:
+        dovecot.stop()
+    login = new_account(mssd, "rev2-dovecot")
+    raw = socket.create_connection(("127.0.0.1", mssd.imaps), timeout=30)
+    client = DovecotClient(mssd.pki.client_context().wrap_socket(raw, server_hostname="localhost"))
+    try:
+        client.ok(b'LOGIN "' + login.encode() + b'" {}', PASSWORD.encode())
+        ours = _run(client)
+    finally:
+        client.close()
+    differences = [
+        f"{text}\n  mssd:    {mine}\n  Dovecot: {other}"
+        for text, mine, other in zip(_SCRIPT, ours, theirs, strict=True)
+        if mine != other
+    ]
+    assert not differences, "\n".join(differences)

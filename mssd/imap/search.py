@@ -272,6 +272,18 @@ def _needs_content(key: SearchKey) -> Literal["head", "whole"] | None:
     return "whole" if "whole" in needs else "head" if "head" in needs else None
 
 
+def saved_result(found: list[int], wanted: set[str]) -> list[int]:
+    """What SAVE keeps of the UIDs found, ascending (RFC 9051 §6.4.4, RFC 5182):
+    only the lowest and/or highest when MIN and/or MAX are the only other
+    options, else all of them."""
+    if not found or not wanted or not wanted <= {"MIN", "MAX"}:
+        return found
+    ends = {found[0]} if "MIN" in wanted else set()
+    if "MAX" in wanted:
+        ends.add(found[-1])
+    return sorted(ends)
+
+
 async def cmd_search(session: Session, command: Command) -> None:
     assert isinstance(command.args, SearchArgs)
     view = selected(session)
@@ -302,9 +314,9 @@ async def cmd_search(session: Session, command: Command) -> None:
     if options is None:
         await session.send(("* SEARCH" + "".join(f" {n}" for n in numbers) + "\r\n").encode())
     else:
-        if "SAVE" in options:
-            view.saved = found
         wanted = set(options) - {"SAVE"} or ({"ALL"} if "SAVE" not in options else set())
+        if "SAVE" in options:
+            view.saved = saved_result(found, wanted)
         if wanted:
             await session.send(
                 encode.esearch(
