@@ -318,6 +318,26 @@ def test_rev2_status_reports_deleted_and_size(mssd: MssdProcess) -> None:
         client.close()
 
 
+def test_rev2_refusals_carry_the_response_codes_of_rfc9051(mssd: MssdProcess) -> None:
+    """RFC 9051 §7.1: ALREADYEXISTS, NONEXISTENT, HASCHILDREN, CANNOT, TRYCREATE."""
+    client = Client(mssd, new_account(mssd, "rev2-codes"))
+    try:
+        client.enable_rev2()
+        client.command('CREATE "Données/Été"')
+        for command, refusal in (
+            ('CREATE "Données"', "NO [ALREADYEXISTS] Données already exists"),
+            ('RENAME "Sent" "Données"', "NO [ALREADYEXISTS] Données already exists"),
+            ('RENAME "Absent" "Autre"', "NO [NONEXISTENT] no folder Absent"),
+            ('SELECT "Absent"', "NO [NONEXISTENT] No mailbox Absent"),
+            ('DELETE "Données"', "NO [HASCHILDREN] Données has subfolders: delete them first"),
+            ("DELETE INBOX", "NO [CANNOT] INBOX cannot be deleted"),
+            ('APPEND "Absent" {5+}\r\nbilan', "NO [TRYCREATE] No mailbox Absent"),
+        ):
+            assert client.answer(command) == ([], f"{refusal}\r\n".encode()), command
+    finally:
+        client.close()
+
+
 def test_list_recursivematch_gives_childinfo_and_subscribed_is_marked(mssd: MssdProcess) -> None:
     client = Client(mssd, new_account(mssd, "rev2-list"))
     try:

@@ -2,7 +2,9 @@
 LIST, LSUB, NAMESPACE, STATUS (RFC 9051 §6.3, RFC 5258, RFC 5819, RFC 6154).
 
 Folder names reach this module decoded (``protocol``) and leave it encoded
-for the session (modified UTF-7, or UTF-8 once enabled)."""
+for the session (modified UTF-7, or UTF-8 once enabled). What differs in
+IMAP4rev2 sessions (SELECT without RECENT and UNSEEN but with the mailbox's
+LIST, \\NonExistent, no STATUS RECENT) is decided here, per session."""
 
 from __future__ import annotations
 

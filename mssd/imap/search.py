@@ -1,6 +1,6 @@
 """SEARCH (RFC 9051 §6.4.4, RFC 4731 ESEARCH, RFC 5182 SEARCHRES, RFC 7162 §3.1.5
 MODSEQ): which messages of the selected folder a search key matches, and the
-SEARCH or ESEARCH response that says so.
+SEARCH or ESEARCH response that says so (always ESEARCH in IMAP4rev2).
 
 Keys the session's view answers alone (flags, sets, modseqs) are tested
 without a database round trip; the others read the stored rows, then the
