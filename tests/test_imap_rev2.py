@@ -14,10 +14,11 @@ from __future__ import annotations
 import re
 import socket
 
+import pytest
 from conftest import PASSWORD, MssdProcess
 from test_imap_clients import RawImap, new_account
 from test_imap_dovecot import DOVECOT_PASSWORD, _parse, start_dovecot
-from test_imap_dovecot import RawImap as DovecotClient
+from test_imap_dovecot import RawImap as WireClient
 
 from mssd.imap.names import encode_mailbox_name
 
@@ -31,15 +32,26 @@ def message(subject: str, body: str = "Compte rendu.") -> bytes:
     return f"From: labo@x.test\r\nSubject: {subject}\r\n\r\n{body}\r\n".encode()
 
 
-class Client(RawImap):
-    """A fresh account's session, in IMAP4rev2 once ``enable`` is called."""
+@pytest.fixture
+def login(mssd: MssdProcess) -> str:
+    """A fresh account, so that a test knows every folder and message it sees."""
+    return new_account(mssd, "rev2")
 
-    def __init__(self, server: MssdProcess, login: str) -> None:
+
+class Client(RawImap):
+    """A logged-in session, in IMAP4rev2 if ``rev2``; closed on leaving ``with``."""
+
+    def __init__(self, server: MssdProcess, login: str, *, rev2: bool = False) -> None:
         super().__init__(server)
         self.command(f'LOGIN {login} "{PASSWORD}"')
+        if rev2:
+            assert self.command("ENABLE IMAP4rev2") == [b"* ENABLED IMAP4rev2\r\n"]
 
-    def enable_rev2(self) -> None:
-        assert self.command("ENABLE IMAP4rev2") == [b"* ENABLED IMAP4rev2\r\n"]
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def append(self, folder: str, data: bytes, flags: str = "") -> None:
         """APPEND with a LITERAL+ literal (RFC 7888); ``folder`` is sent as is."""
@@ -58,9 +70,10 @@ def uidvalidity(lines: list[bytes]) -> int:
     return next(int(m.group(1)) for x in lines if (m := re.match(rb"\* OK \[UIDVALIDITY (\d+)", x)))
 
 
-def test_capability_lists_both_revisions_and_enable_switches_to_rev2(mssd: MssdProcess) -> None:
-    client = Client(mssd, new_account(mssd, "rev2-enable"))
-    try:
+def test_capability_lists_both_revisions_and_enable_switches_to_rev2(
+    mssd: MssdProcess, login: str
+) -> None:
+    with Client(mssd, login) as client:
         assert client.greeting.startswith(b"* OK [CAPABILITY IMAP4rev1 IMAP4rev2 ")
         (caps,) = client.command("CAPABILITY")
         assert b" STATUS=SIZE " in caps and b" LITERAL+ " in caps
@@ -73,15 +86,12 @@ def test_capability_lists_both_revisions_and_enable_switches_to_rev2(mssd: MssdP
             [b"* ENABLED CONDSTORE\r\n"],
             b"OK ENABLE completed\r\n",
         )
-    finally:
-        client.close()
 
 
-def test_rev2_select_has_no_recent_nor_unseen_and_lists_the_mailbox(mssd: MssdProcess) -> None:
-    login = new_account(mssd, "rev2-select")
-    rev1, rev2 = Client(mssd, login), Client(mssd, login)
-    try:
-        rev2.enable_rev2()
+def test_rev2_select_has_no_recent_nor_unseen_and_lists_the_mailbox(
+    mssd: MssdProcess, login: str
+) -> None:
+    with Client(mssd, login) as rev1, Client(mssd, login, rev2=True) as rev2:
         rev2.append("INBOX", message("lu"), "\\Seen")
         rev2.append("INBOX", message("pas lu"))
         untagged, done = rev2.answer("SELECT INBOX")
@@ -110,16 +120,14 @@ def test_rev2_select_has_no_recent_nor_unseen_and_lists_the_mailbox(mssd: MssdPr
             b"* OK [UNSEEN 2] First unseen\r\n",
         ]
         assert done == b"OK [READ-WRITE] SELECT completed\r\n"
-    finally:
-        rev1.close()
-        rev2.close()
 
 
-def test_reselect_says_closed_in_rev2_and_with_qresync(mssd: MssdProcess) -> None:
-    login = new_account(mssd, "rev2-closed")
-    rev1, rev2, qresync = Client(mssd, login), Client(mssd, login), Client(mssd, login)
-    try:
-        rev2.enable_rev2()
+def test_reselect_says_closed_in_rev2_and_with_qresync(mssd: MssdProcess, login: str) -> None:
+    with (
+        Client(mssd, login) as rev1,
+        Client(mssd, login, rev2=True) as rev2,
+        Client(mssd, login) as qresync,
+    ):
         rev2.command("SELECT INBOX")
         untagged = rev2.command("SELECT Drafts")
         assert untagged[0] == b"* OK [CLOSED] Previous mailbox closed\r\n"
@@ -135,16 +143,10 @@ def test_reselect_says_closed_in_rev2_and_with_qresync(mssd: MssdProcess) -> Non
         assert qresync.command("SELECT Drafts")[0] == b"* OK [CLOSED] Previous mailbox closed\r\n"
         rev1.command("SELECT INBOX")
         assert not [x for x in rev1.command("SELECT Drafts") if b"CLOSED" in x]
-    finally:
-        for client in (rev1, rev2, qresync):
-            client.close()
 
 
-def test_rev2_search_answers_esearch_with_tag_and_uid(mssd: MssdProcess) -> None:
-    login = new_account(mssd, "rev2-search")
-    rev1, rev2 = Client(mssd, login), Client(mssd, login)
-    try:
-        rev2.enable_rev2()
+def test_rev2_search_answers_esearch_with_tag_and_uid(mssd: MssdProcess, login: str) -> None:
+    with Client(mssd, login) as rev1, Client(mssd, login, rev2=True) as rev2:
         for n, flags in enumerate(("\\Flagged", "", "\\Flagged \\Seen", "\\Deleted")):
             rev2.append("INBOX", message(f"analyse {n}"), flags)
         rev2.command("SELECT INBOX")
@@ -169,16 +171,10 @@ def test_rev2_search_answers_esearch_with_tag_and_uid(mssd: MssdProcess) -> None
             b"OK SEARCH completed\r\n",
         )
         assert rev1.command("UID SEARCH SUBJECT absent") == [b"* SEARCH\r\n"]
-    finally:
-        rev1.close()
-        rev2.close()
 
 
-def test_rev2_refuses_recent_new_old_and_status_recent(mssd: MssdProcess) -> None:
-    login = new_account(mssd, "rev2-recent")
-    rev1, rev2 = Client(mssd, login), Client(mssd, login)
-    try:
-        rev2.enable_rev2()
+def test_rev2_refuses_recent_new_old_and_status_recent(mssd: MssdProcess, login: str) -> None:
+    with Client(mssd, login) as rev1, Client(mssd, login, rev2=True) as rev2:
         rev2.append("INBOX", message("récent ?"))
         rev2.command("SELECT INBOX")
         refusal = b"BAD RECENT, NEW and OLD are not search keys in IMAP4rev2 (RFC 9051)\r\n"
@@ -200,17 +196,12 @@ def test_rev2_refuses_recent_new_old_and_status_recent(mssd: MssdProcess) -> Non
         assert rev1.command("SEARCH NEW") == [b"* SEARCH\r\n"]
         assert rev1.command("SEARCH OLD") == [b"* SEARCH 1\r\n"]
         assert rev1.command("STATUS INBOX (RECENT)") == [b'* STATUS "INBOX" (RECENT 0)\r\n']
-    finally:
-        rev1.close()
-        rev2.close()
 
 
-def test_search_save_with_only_min_or_max_keeps_only_those(mssd: MssdProcess) -> None:
+def test_search_save_with_only_min_or_max_keeps_only_those(mssd: MssdProcess, login: str) -> None:
     """RFC 9051 §6.4.4 (SEARCHRES): SAVE with MIN and/or MAX alone saves those
     messages; with any other option, every message found."""
-    client = Client(mssd, new_account(mssd, "rev2-save"))
-    try:
-        client.enable_rev2()
+    with Client(mssd, login, rev2=True) as client:
         for n in range(4):
             client.append("INBOX", message(f"bilan {n}"))
         client.command("SELECT INBOX")
@@ -224,15 +215,12 @@ def test_search_save_with_only_min_or_max_keeps_only_those(mssd: MssdProcess) ->
             client.command(f"SEARCH RETURN ({options}) ALL")
             fetched = client.command("FETCH $ (UID)")
             assert fetched == [b"* %d FETCH (UID %d)\r\n" % (n, n) for n in saved], options
-    finally:
-        client.close()
 
 
-def test_rev2_folder_names_are_utf8_created_listed_and_renamed(mssd: MssdProcess) -> None:
-    login = new_account(mssd, "rev2-names")
-    rev1, rev2 = Client(mssd, login), Client(mssd, login)
-    try:
-        rev2.enable_rev2()
+def test_rev2_folder_names_are_utf8_created_listed_and_renamed(
+    mssd: MssdProcess, login: str
+) -> None:
+    with Client(mssd, login) as rev1, Client(mssd, login, rev2=True) as rev2:
         assert rev2.answer('CREATE "Résultats/Biologie"') == ([], b"OK CREATE completed\r\n")
         # RFC 9051 §5.1: "&" is a character like another, not a modified UTF-7 shift.
         rev2.command('CREATE "R&D"')
@@ -257,29 +245,24 @@ def test_rev2_folder_names_are_utf8_created_listed_and_renamed(mssd: MssdProcess
             b'* LIST (\\HasNoChildren) "/" "R&-D"\r\n',
         ]
         rev1.command('SELECT "Comptes rendus &AOk-t&AOk-/Biologie"')
-    finally:
-        rev1.close()
-        rev2.close()
 
 
-def test_utf8_accept_session_creates_a_folder_with_a_quoted_utf8_name(mssd: MssdProcess) -> None:
+def test_utf8_accept_session_creates_a_folder_with_a_quoted_utf8_name(
+    mssd: MssdProcess, login: str
+) -> None:
     """RFC 6855 §3: after ENABLE UTF8=ACCEPT, quoted strings may hold UTF-8."""
-    client = Client(mssd, new_account(mssd, "utf8-accept"))
-    try:
+    with Client(mssd, login) as client:
         client.command("ENABLE UTF8=ACCEPT")
         assert client.answer('CREATE "Ordonnances reçues"') == ([], b"OK CREATE completed\r\n")
         assert client.command('LIST "" "Ordonnances*"') == [
             '* LIST (\\HasNoChildren) "/" "Ordonnances reçues"\r\n'.encode()
         ]
-    finally:
-        client.close()
 
 
-def test_new_names_with_characters_rfc9051_forbids_are_refused(mssd: MssdProcess) -> None:
-    login = new_account(mssd, "rev2-forbidden")
-    rev1, rev2 = Client(mssd, login), Client(mssd, login)
-    try:
-        rev2.enable_rev2()
+def test_new_names_with_characters_rfc9051_forbids_are_refused(
+    mssd: MssdProcess, login: str
+) -> None:
+    with Client(mssd, login) as rev1, Client(mssd, login, rev2=True) as rev2:
         rev2.command('CREATE "Dossier"')
         refusal = b"NO [CANNOT] Mailbox names cannot contain U+%04X (RFC 9051 section 5.1)\r\n"
         assert rev2.answer('CREATE "Ligne\u2028suivante"') == ([], refusal % 0x2028)
@@ -290,16 +273,10 @@ def test_new_names_with_characters_rfc9051_forbids_are_refused(mssd: MssdProcess
         # Nothing was renamed, and both sessions go on.
         assert rev2.command('LIST "" "Dossier"') == [b'* LIST (\\HasNoChildren) "/" "Dossier"\r\n']
         assert rev1.command('LIST "" "Para*"') == []
-    finally:
-        rev1.close()
-        rev2.close()
 
 
-def test_rev2_status_reports_deleted_and_size(mssd: MssdProcess) -> None:
-    login = new_account(mssd, "rev2-status")
-    client = Client(mssd, login)
-    try:
-        client.enable_rev2()
+def test_rev2_status_reports_deleted_and_size(mssd: MssdProcess, login: str) -> None:
+    with Client(mssd, login, rev2=True) as client:
         client.command('CREATE "Échanges"')
         kept, deleted = message("garder", "x" * 100), message("jeter")
         client.append('"Échanges"', kept, "\\Seen")
@@ -314,15 +291,11 @@ def test_rev2_status_reports_deleted_and_size(mssd: MssdProcess) -> None:
             '* LIST (\\HasNoChildren) "/" "Échanges"\r\n'.encode(),
             f'* STATUS "Échanges" (DELETED 1 SIZE {total})\r\n'.encode(),
         ]
-    finally:
-        client.close()
 
 
-def test_rev2_refusals_carry_the_response_codes_of_rfc9051(mssd: MssdProcess) -> None:
+def test_rev2_refusals_carry_the_response_codes_of_rfc9051(mssd: MssdProcess, login: str) -> None:
     """RFC 9051 §7.1: ALREADYEXISTS, NONEXISTENT, HASCHILDREN, CANNOT, TRYCREATE."""
-    client = Client(mssd, new_account(mssd, "rev2-codes"))
-    try:
-        client.enable_rev2()
+    with Client(mssd, login, rev2=True) as client:
         client.command('CREATE "Données/Été"')
         for command, refusal in (
             ('CREATE "Données"', "NO [ALREADYEXISTS] Données already exists"),
@@ -334,14 +307,12 @@ def test_rev2_refusals_carry_the_response_codes_of_rfc9051(mssd: MssdProcess) ->
             ('APPEND "Absent" {5+}\r\nbilan', "NO [TRYCREATE] No mailbox Absent"),
         ):
             assert client.answer(command) == ([], f"{refusal}\r\n".encode()), command
-    finally:
-        client.close()
 
 
-def test_list_recursivematch_gives_childinfo_and_subscribed_is_marked(mssd: MssdProcess) -> None:
-    client = Client(mssd, new_account(mssd, "rev2-list"))
-    try:
-        client.enable_rev2()
+def test_list_recursivematch_gives_childinfo_and_subscribed_is_marked(
+    mssd: MssdProcess, login: str
+) -> None:
+    with Client(mssd, login, rev2=True) as client:
         client.command('CREATE "Projets/Été/T1"')
         client.command('CREATE "Projets/Hiver"')
         for name in ("Projets", "Projets/Été", "Projets/Hiver"):
@@ -369,8 +340,6 @@ def test_list_recursivematch_gives_childinfo_and_subscribed_is_marked(mssd: Mssd
             ['* LSUB (\\HasNoChildren) "/" "Projets/Été/T1"\r\n'.encode()],
             b"OK LSUB completed\r\n",
         )
-    finally:
-        client.close()
 
 
 # -- compared with Dovecot ----------------------------------------------------------
@@ -436,7 +405,7 @@ def _comparable(untagged: list[bytes], tagged: bytes) -> tuple[object, ...]:
     return (tuple(kept), frozenset(listed), tagged.split(b" ")[1])
 
 
-def _run(client: DovecotClient) -> list[tuple[object, ...]]:
+def _run(client: WireClient) -> list[tuple[object, ...]]:
     answers = []
     for text in _SCRIPT:
         literals = [message("bilan")] * text.count("{}")
@@ -444,10 +413,10 @@ def _run(client: DovecotClient) -> list[tuple[object, ...]]:
     return answers
 
 
-def test_incorporated_extensions_answer_like_dovecot(mssd: MssdProcess) -> None:
+def test_incorporated_extensions_answer_like_dovecot(mssd: MssdProcess, login: str) -> None:
     dovecot = start_dovecot(_DOVECOT_NAMESPACE)
     try:
-        client = DovecotClient(socket.create_connection(("127.0.0.1", dovecot.port), 30))
+        client = WireClient(socket.create_connection(("127.0.0.1", dovecot.port), 30))
         try:
             client.ok(b'LOGIN "differentiel" {}', DOVECOT_PASSWORD.encode())
             theirs = _run(client)
@@ -455,9 +424,8 @@ def test_incorporated_extensions_answer_like_dovecot(mssd: MssdProcess) -> None:
             client.close()
     finally:
         dovecot.stop()
-    login = new_account(mssd, "rev2-dovecot")
     raw = socket.create_connection(("127.0.0.1", mssd.imaps), timeout=30)
-    client = DovecotClient(mssd.pki.client_context().wrap_socket(raw, server_hostname="localhost"))
+    client = WireClient(mssd.pki.client_context().wrap_socket(raw, server_hostname="localhost"))
     try:
         client.ok(b'LOGIN "' + login.encode() + b'" {}', PASSWORD.encode())
         ours = _run(client)

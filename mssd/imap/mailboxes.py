@@ -331,7 +331,7 @@ async def cmd_list(session: Session, command: Command) -> None:
             continue
         childinfo = False
         if "RECURSIVEMATCH" in args.select_options:
-            # RFC 9051 §6.3.9.1, RFC 5258 §3.5: a name with chosen descendants gets
+            # RFC 9051 §6.3.9, RFC 5258 §3.5: a name with chosen descendants gets
             # CHILDINFO; one not chosen itself is listed only when the pattern
             # leaves one of those descendants out (no redundant responses).
             descendants = [n for n in tree.below(name) if chosen(n)]
