@@ -275,14 +275,15 @@ def _has_user(name: str) -> bool:
     return True
 
 
-def start_dovecot() -> Dovecot:
+def start_dovecot(extra_config: str = "") -> Dovecot:
+    """Dovecot on a free loopback port; ``extra_config`` is appended to the settings."""
     binary = require_program("dovecot")
     # Not under pytest's tmp_path: its parent is 0700 and Dovecot's mail user must reach it.
     directory = Path(tempfile.mkdtemp(prefix="mssd-dovecot-"))
     directory.chmod(0o755)
     port = _free_port()
     config = directory / "dovecot.conf"
-    config.write_text(_dovecot_config(directory, port))
+    config.write_text(_dovecot_config(directory, port) + extra_config)
     process = subprocess.Popen(
         [binary, "-F", "-c", str(config)],
         stdout=subprocess.DEVNULL,

@@ -12,4 +12,8 @@ Invariants:
 - Large messages are parsed off the event loop (see ``mssd.mime``).
 - Sizes and line counts are of the message as stored; the store keeps CRLF line
   endings, so RFC822.SIZE, BODY[] and BODYSTRUCTURE agree with each other.
+- A session speaks IMAP4rev1 until the client sends ENABLE IMAP4rev2
+  (``Session.rev2``); the command handlers choose the rev2 answers, the reader
+  only learns that names and strings are UTF-8 (``Session.utf8``). A client
+  that never enables rev2 must see exactly the rev1 answers.
 """

@@ -2,7 +2,9 @@
 LIST, LSUB, NAMESPACE, STATUS (RFC 9051 §6.3, RFC 5258, RFC 5819, RFC 6154).
 
 Folder names reach this module decoded (``protocol``) and leave it encoded
-for the session (modified UTF-7, or UTF-8 once enabled)."""
+for the session (modified UTF-7, or UTF-8 once enabled). What differs in
+IMAP4rev2 sessions (SELECT without RECENT and UNSEEN but with the mailbox's
+LIST, \\NonExistent, no STATUS RECENT) is decided here, per session."""
 
 from __future__ import annotations
 
@@ -20,13 +22,15 @@ from mssd.imap.commands import (
     StatusArgs,
 )
 from mssd.imap.encode import Atom, ImapValue
-from mssd.imap.names import encode_mailbox_name
+from mssd.imap.names import encode_mailbox_name, forbidden_character
 from mssd.imap.session import Session
 from mssd.imap.view import SelectedView
 from mssd.store.mailstore import SEPARATOR, SHARED_PREFIX, FolderInfo, MailStoreError
 
 # Rights that make a selected folder writable (RFC 4314 §4).
 _WRITE_RIGHTS = set("swte")
+
+_NO_RECENT = "RECENT is not a STATUS item in IMAP4rev2 (RFC 9051 section 6.3.11)"
 
 
 def name_out(session: Session, name: str) -> str:
@@ -57,7 +61,12 @@ async def find_folder(
 async def cmd_select(session: Session, command: Command) -> None:
     assert isinstance(command.args, SelectArgs)
     examine = command.name == "EXAMINE"
+    closing = session.view is not None
     session.leave_folder()
+    if closing and (session.rev2 or "QRESYNC" in session.enabled):
+        # RFC 9051 §6.3.2, RFC 7162 §3.2.11: what follows is about the new mailbox,
+        # even if it cannot be selected.
+        await session.send(encode.untagged_status("OK", "CLOSED", "Previous mailbox closed"))
     folder = await find_folder(session, command, command.args.mailbox, needs="r")
     if folder is None:
         return
@@ -76,7 +85,8 @@ async def cmd_select(session: Session, command: Command) -> None:
     keywords = sorted({f for fl in distinct for f in fl if not f.startswith("\\")})
     await session.untagged(Atom("FLAGS"), encode.flag_list(flags + keywords))
     await session.send(b"* %d EXISTS\r\n" % view.exists)
-    await session.send(b"* 0 RECENT\r\n")
+    if not session.rev2:
+        await session.send(b"* 0 RECENT\r\n")  # RFC 9051 Appendix E: \Recent is gone
     permanent = [] if readonly else [*flags, *keywords, "\\*"]
     await session.send(
         encode.untagged_status(
@@ -95,11 +105,17 @@ async def cmd_select(session: Session, command: Command) -> None:
         await session.send(
             encode.untagged_status("OK", f"HIGHESTMODSEQ {view.highestmodseq}", "Highest")
         )
-    unseen = next(
-        (seq for seq in range(1, view.exists + 1) if "\\Seen" not in view.flags.at(seq)), None
-    )
-    if unseen is not None:
-        await session.send(encode.untagged_status("OK", f"UNSEEN {unseen}", "First unseen"))
+    if session.rev2:
+        # RFC 9051 §6.3.2: the mailbox's LIST response replaces [UNSEEN n].
+        attributes = (await hierarchy(session)).attributes(folder.name, rev2=True)
+        await session.untagged(Atom("LIST"), attributes, SEPARATOR, name_out(session, folder.name))
+    else:
+        unseen = next(
+            (seq for seq in range(1, view.exists + 1) if "\\Seen" not in view.flags.at(seq)),
+            None,
+        )
+        if unseen is not None:
+            await session.send(encode.untagged_status("OK", f"UNSEEN {unseen}", "First unseen"))
     if command.args.qresync is not None:
         await resynchronise(session, command)
     await session.audit(
@@ -150,10 +166,23 @@ async def carry_out(session: Session, command: Command, operation: Awaitable[obj
     await session.tagged(command, "OK", f"{command.name} completed")
 
 
+async def refuse_name(session: Session, command: Command, name: str) -> bool:
+    """Answer NO [CANNOT] when a new name holds what RFC 9051 §5.1 forbids:
+    names are shared by rev1 and rev2 sessions, so the rule holds for both."""
+    ch = forbidden_character(name)
+    if ch is None:
+        return False
+    text = f"Mailbox names cannot contain U+{ord(ch):04X} (RFC 9051 section 5.1)"
+    await session.tagged(command, "NO", text, "CANNOT")
+    return True
+
+
 async def cmd_create(session: Session, command: Command) -> None:
     assert isinstance(command.args, CreateArgs) and session.principal is not None
     special = command.args.special_use[0] if command.args.special_use else None
     name = command.args.mailbox.rstrip(SEPARATOR)
+    if await refuse_name(session, command, name):
+        return
     await carry_out(
         session,
         command,
@@ -178,6 +207,8 @@ async def cmd_delete(session: Session, command: Command) -> None:
 
 async def cmd_rename(session: Session, command: Command) -> None:
     assert isinstance(command.args, RenameArgs) and session.principal is not None
+    if await refuse_name(session, command, command.args.new):
+        return
     await carry_out(
         session,
         command,
@@ -226,8 +257,48 @@ def special_use(folder: FolderInfo | None) -> str | None:
     return folder.special_use
 
 
+class Hierarchy:
+    """The names an account can list: its folders and the levels above them."""
+
+    def __init__(self, folders: list[FolderInfo]) -> None:
+        self.folders = {f.name: f for f in folders if "l" in f.rights}
+        self.parents: set[str] = set()
+        """Names with at least one name below them."""
+        for name in self.folders:
+            parts = name.split(SEPARATOR)
+            self.parents.update(SEPARATOR.join(parts[:depth]) for depth in range(1, len(parts)))
+        self.names = sorted(
+            self.parents | set(self.folders), key=lambda n: (n.upper() != "INBOX", n)
+        )
+
+    def below(self, name: str) -> list[str]:
+        return [n for n in self.names if n.startswith(name + SEPARATOR)]
+
+    def attributes(self, name: str, *, rev2: bool, uses: bool = True) -> list[ImapValue]:
+        """The attributes a LIST response carries whatever the options asked
+        (RFC 9051 §7.3.1, RFC 5258 §4), special uses (RFC 6154 §2) if ``uses``."""
+        folder = self.folders.get(name)
+        attributes: list[ImapValue] = []
+        if folder is None:
+            # A level of the shared namespace exists without being a mailbox; any
+            # other name that is no folder does not exist. IMAP4rev2 tells the two
+            # apart (\NonExistent implies \Noselect; RFC 9051 §7.3.1 allows one).
+            shared = name == SHARED_PREFIX or name.startswith(SHARED_PREFIX + SEPARATOR)
+            attributes.append(Atom("\\NonExistent" if rev2 and not shared else "\\Noselect"))
+        attributes.append(Atom("\\HasChildren" if name in self.parents else "\\HasNoChildren"))
+        use = special_use(folder)
+        if use is not None and uses:
+            attributes.append(Atom(use))
+        return attributes
+
+
+async def hierarchy(session: Session) -> Hierarchy:
+    assert session.principal is not None
+    return Hierarchy(await session.services.mailstore.folders(session.principal.account_id))
+
+
 async def cmd_list(session: Session, command: Command) -> None:
-    assert isinstance(command.args, ListArgs) and session.principal is not None
+    assert isinstance(command.args, ListArgs)
     args = command.args
     lsub = command.name == "LSUB"
     if args.patterns == ("",):
@@ -235,41 +306,55 @@ async def cmd_list(session: Session, command: Command) -> None:
         await session.untagged(Atom("LIST"), [Atom("\\Noselect")], SEPARATOR, "")
         await session.tagged(command, "OK", "LIST completed")
         return
-    folders = [
-        f
-        for f in await session.services.mailstore.folders(session.principal.account_id)
-        if "l" in f.rights
-    ]
-    by_name = {f.name: f for f in folders}
-    names = set(by_name)
-    # Levels that hold folders without being one (the shared namespace roots).
-    for name in list(names):
-        parts = name.split(SEPARATOR)
-        for depth in range(1, len(parts)):
-            names.add(SEPARATOR.join(parts[:depth]))
+    if session.rev2 and "RECENT" in (args.status_items or ()):
+        await session.tagged(command, "BAD", _NO_RECENT)
+        return
+    tree = await hierarchy(session)
     subscribed_only = lsub or "SUBSCRIBED" in args.select_options
     special_only = "SPECIAL-USE" in args.select_options
+    # RFC 5258 §3: the SUBSCRIBED selection option implies the SUBSCRIBED return option.
+    show_subscribed = {"SUBSCRIBED"} & (args.select_options | args.return_options)
+    # RFC 5258 §3.5: what CHILDINFO says a descendant was chosen for.
+    criteria = [o for o in ("SUBSCRIBED", "SPECIAL-USE") if o in args.select_options]
     regexes = [pattern_regex(args.reference, p) for p in args.patterns]
-    for name in sorted(names, key=lambda n: (n.upper() != "INBOX", n)):
-        if not any(r.fullmatch(name) for r in regexes):
-            continue
-        folder = by_name.get(name)
+
+    def matches(name: str) -> bool:
+        return any(r.fullmatch(name) for r in regexes)
+
+    def chosen(name: str) -> bool:
+        """Whether a name meets the selection criteria."""
+        folder = tree.folders.get(name)
         if subscribed_only and (folder is None or not folder.subscribed):
+            return False
+        return not special_only or special_use(folder) is not None
+
+    for name in tree.names:
+        if not matches(name):
             continue
-        use = special_use(folder)
-        if special_only and use is None:
+        childinfo = False
+        if "RECURSIVEMATCH" in args.select_options:
+            # RFC 9051 §6.3.9, RFC 5258 §3.5: a name with chosen descendants gets
+            # CHILDINFO; one not chosen itself is listed only when the pattern
+            # leaves one of those descendants out (no redundant responses).
+            descendants = [n for n in tree.below(name) if chosen(n)]
+            childinfo = bool(descendants)
+            if not chosen(name) and all(matches(n) for n in descendants):
+                continue
+        elif not chosen(name):
             continue
-        attributes: list[ImapValue] = []
-        if folder is None:
-            attributes.append(Atom("\\Noselect"))
-        has_children = any(n.startswith(name + SEPARATOR) for n in names)
-        attributes.append(Atom("\\HasChildren" if has_children else "\\HasNoChildren"))
-        if use is not None and not lsub:
-            attributes.append(Atom(use))
-        if folder is not None and folder.subscribed and "SUBSCRIBED" in args.return_options:
+        folder = tree.folders.get(name)
+        attributes = tree.attributes(name, rev2=session.rev2, uses=not lsub)
+        if folder is not None and folder.subscribed and show_subscribed:
             attributes.append(Atom("\\Subscribed"))
+        extended: list[ImapValue] = []
+        if childinfo:
+            extended.append(["CHILDINFO", list(criteria)])
         await session.untagged(
-            Atom("LSUB" if lsub else "LIST"), attributes, SEPARATOR, name_out(session, name)
+            Atom("LSUB" if lsub else "LIST"),
+            attributes,
+            SEPARATOR,
+            name_out(session, name),
+            *extended,
         )
         if folder is not None and args.status_items and "r" in folder.rights:
             await send_status(session, folder, args.status_items)
@@ -319,6 +404,9 @@ async def send_status(session: Session, folder: FolderInfo, items: tuple[str, ..
 
 async def cmd_status(session: Session, command: Command) -> None:
     assert isinstance(command.args, StatusArgs)
+    if session.rev2 and "RECENT" in command.args.items:
+        await session.tagged(command, "BAD", _NO_RECENT)
+        return
     folder = await find_folder(session, command, command.args.mailbox, needs="r")
     if folder is None:
         return

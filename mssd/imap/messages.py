@@ -1,5 +1,6 @@
-"""Commands on messages: FETCH, STORE, SEARCH, COPY, MOVE, EXPUNGE, APPEND,
-CLOSE, UNSELECT, CHECK (RFC 9051 §6.4, RFC 4315, RFC 6851, RFC 7162, RFC 4731).
+"""Commands on messages: FETCH, STORE, COPY, MOVE, EXPUNGE, APPEND, CLOSE,
+UNSELECT, CHECK (RFC 9051 §6.4, RFC 4315, RFC 6851, RFC 7162); SEARCH is in
+``search``.
 
 Message content comes from the immutable blob; the MIME tree is rebuilt for
 each fetch (worker thread for large messages) and never cached as truth.
@@ -10,9 +11,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import datetime as dt
-import email.header
-import email.utils
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -24,19 +23,6 @@ from mssd.imap.commands import (
     ExpungeArgs,
     FetchArgs,
     FetchAttr,
-    SearchAll,
-    SearchAnd,
-    SearchArgs,
-    SearchDate,
-    SearchFlag,
-    SearchHeader,
-    SearchKey,
-    SearchModSeq,
-    SearchNot,
-    SearchOr,
-    SearchSet,
-    SearchSize,
-    SearchText,
     SequenceSet,
     StoreArgs,
 )
@@ -45,7 +31,6 @@ from mssd.imap.fetchdata import (
     SectionSpec,
     binary,
     binary_size,
-    body_text,
     bodystructure,
     envelope,
     partial,
@@ -54,11 +39,11 @@ from mssd.imap.fetchdata import (
     wire_body,
     wire_envelope,
 )
-from mssd.imap.heads import FIELD_LISTS, Head
+from mssd.imap.heads import FIELD_LISTS
 from mssd.imap.session import Session
 from mssd.imap.view import SelectedView
 from mssd.mime import OFFLOAD_BYTES
-from mssd.mime.structure import Part, header_value, parse, unfold
+from mssd.mime.structure import Part, header_value, parse
 from mssd.store.mailstore import (
     FolderInfo,
     MailStoreError,
@@ -422,292 +407,12 @@ async def cmd_store(session: Session, command: Command) -> None:
     await session.tagged(command, "OK", "STORE completed")
 
 
-# -- SEARCH --------------------------------------------------------------------------
-
-
-class _Candidate:
-    """One message under test, with what :func:`matching` read ahead for it
-    (its header block, or its bytes) when the key needs them."""
-
-    def __init__(
-        self,
-        session: Session,
-        row: MessageRow,
-        seq: int,
-        predicates: dict[int, Predicate],
-        content: bytes | Head | None = None,
-    ) -> None:
-        self.session = session
-        self.row = row
-        self.seq = seq
-        self.predicates = predicates
-        """View-only sub-keys compiled once per search (:func:`view_predicate`)."""
-        self._content = content
-        self._loaded: Loaded | None = None
-
-    async def loaded(self) -> Loaded:
-        if self._loaded is None:
-            content = self._content
-            if isinstance(content, bytes):
-                self._loaded = await parsed(content)
-            else:
-                self._loaded = await load(self.session, self.row)
-        return self._loaded
-
-    async def header(self, name: str) -> str | None:
-        if isinstance(self._content, Head):
-            root = self._content.root
-        else:
-            root = (await self.loaded()).root
-        value = header_value(root, name)
-        return None if value is None else _decoded_header(value)
-
-    async def text(self, *, headers: bool) -> str:
-        """What BODY (``headers=False``) or TEXT searches (RFC 9051 §6.4.4): the
-        text parts with transfer encoding and charset removed, the header fields
-        of embedded messages, and for TEXT the message's own header fields, with
-        RFC 2047 encoded words decoded."""
-        loaded = await self.loaded()
-        pieces: list[str] = []
-
-        def walk(part: Part, top: bool) -> None:
-            if headers or not top:
-                pieces.extend(f"{n}: {_decoded_header(unfold(v))}" for n, v in part.headers)
-            if part.is_multipart:
-                for child in part.children:
-                    walk(child, False)
-            elif part.is_message and part.message is not None:
-                walk(part.message, False)
-            elif part.maintype in ("text", "message"):
-                pieces.append(body_text(loaded.raw, part))
-
-        walk(loaded.root, True)
-        return "\n".join(pieces)
-
-
-def _decoded_header(value: bytes) -> str:
-    """An unfolded header value as text, RFC 2047 encoded words decoded."""
-    text = value.decode("utf-8", "replace")
-    try:
-        return str(email.header.make_header(email.header.decode_header(text)))
-    except (ValueError, LookupError, UnicodeError):
-        return text
-
-
-def _on_date(op: str, day: dt.date, target: dt.date) -> bool:
-    if op == "BEFORE":
-        return day < target
-    if op == "ON":
-        return day == target
-    return day >= target
-
-
-Predicate = Callable[[int, int, frozenset[str], int], bool]
-"""A test on what the session's view holds of a message: uid, sequence number,
-flags, modseq."""
-
-
-def view_predicate(session: Session, key: SearchKey) -> Predicate:
-    """A synchronous test for a key the view answers alone (flags, sets, modseqs;
-    see :func:`_needs_rows`), with its sequence sets resolved once for the whole
-    search rather than once per message."""
-    view = selected(session)
-    if isinstance(key, SearchAll):
-        return lambda uid, seq, flags, modseq: True
-    if isinstance(key, SearchFlag):
-        if key.flag == "\\Recent":
-            # mssd does not track \Recent (RFC 9051 dropped it).
-            absent = not key.present
-            return lambda uid, seq, flags, modseq: absent
-        flag, present = key.flag, key.present
-        return lambda uid, seq, flags, modseq: (flag in flags) is present
-    if isinstance(key, SearchSet):
-        if key.uid:
-            uids = frozenset(resolve(session, key.sequence, True))
-            return lambda uid, seq, flags, modseq: uid in uids
-        saved = [s for s in (view.seq_of(u) for u in view.saved) if s is not None]
-        seqs = frozenset(n for r in key.sequence.resolve(view.exists, saved) for n in r)
-        return lambda uid, seq, flags, modseq: seq in seqs
-    if isinstance(key, SearchModSeq):
-        floor = key.modseq
-        return lambda uid, seq, flags, modseq: modseq >= floor
-    if isinstance(key, SearchNot):
-        inner = view_predicate(session, key.key)
-        return lambda uid, seq, flags, modseq: not inner(uid, seq, flags, modseq)
-    if isinstance(key, SearchOr):
-        left, right = view_predicate(session, key.left), view_predicate(session, key.right)
-        return lambda uid, seq, flags, modseq: (
-            left(uid, seq, flags, modseq) or right(uid, seq, flags, modseq)
-        )
-    if isinstance(key, SearchAnd):
-        tests = [view_predicate(session, k) for k in key.keys]
-        return lambda uid, seq, flags, modseq: all(t(uid, seq, flags, modseq) for t in tests)
-    raise ValueError(f"search key {key!r} needs more than the view")
-
-
-async def matches(key: SearchKey, c: _Candidate) -> bool:
-    if not _needs_rows(key):
-        test = c.predicates.get(id(key))
-        if test is None:
-            test = c.predicates[id(key)] = view_predicate(c.session, key)
-        view = selected(c.session)
-        return test(c.row.uid, c.seq, view.flags.at(c.seq), view.modseqs.at(c.seq))
-    if isinstance(key, SearchSize):
-        return c.row.size > key.size if key.op == "LARGER" else c.row.size < key.size
-    if isinstance(key, SearchDate):
-        if key.field == "INTERNAL":
-            return _on_date(key.op, c.row.internal_date.date(), key.date)
-        sent = await c.header("Date")
-        if sent is None:
-            return False
-        try:
-            day = email.utils.parsedate_to_datetime(sent).date()
-        except (TypeError, ValueError, IndexError):
-            return False
-        return _on_date(key.op, day, key.date)
-    if isinstance(key, SearchHeader):
-        value = await c.header(key.field)
-        return value is not None and key.value.casefold() in value.casefold()
-    if isinstance(key, SearchText):
-        text = await c.text(headers=key.scope == "TEXT")
-        return key.value.casefold() in text.casefold()
-    if isinstance(key, SearchNot):
-        return not await matches(key.key, c)
-    if isinstance(key, SearchOr):
-        return await matches(key.left, c) or await matches(key.right, c)
-    if isinstance(key, SearchAnd):
-        for sub in key.keys:
-            if not await matches(sub, c):
-                return False
-        return True
-    return False
-
-
-def _flags_only(key: SearchKey) -> bool:
-    """Whether a search tests nothing but flags (UNSEEN, DELETED, FLAGGED...)."""
-    if isinstance(key, SearchNot):
-        return _flags_only(key.key)
-    if isinstance(key, SearchOr):
-        return _flags_only(key.left) and _flags_only(key.right)
-    if isinstance(key, SearchAnd):
-        return all(_flags_only(k) for k in key.keys)
-    return isinstance(key, (SearchAll, SearchFlag))
-
-
-def _needs_rows(key: SearchKey) -> bool:
-    """Whether a search needs more than the view (size, dates, headers, text)."""
-    if isinstance(key, SearchNot):
-        return _needs_rows(key.key)
-    if isinstance(key, SearchOr):
-        return _needs_rows(key.left) or _needs_rows(key.right)
-    if isinstance(key, SearchAnd):
-        return any(_needs_rows(k) for k in key.keys)
-    return not isinstance(key, (SearchAll, SearchFlag, SearchSet, SearchModSeq))
-
-
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
 
 def _view_row(view: SelectedView, uid: int) -> MessageRow:
     """What the view knows of a message, for searches that need nothing else."""
     return MessageRow(uid, view.flags[uid], view.modseqs[uid], _EPOCH, 0, "")
-
-
-_SEARCH_HEADS = 500
-"""Messages whose header blocks a header SEARCH reads per query."""
-
-
-async def matching(session: Session, key: SearchKey) -> list[tuple[int, MessageRow]]:
-    """(sequence number, stored row) of every message of the view ``key`` matches.
-    Header blocks or whole messages, when the key needs them, are read a batch
-    at a time: one query per batch, memory bounded by the batch."""
-    view = selected(session)
-    uids = list(view.uids)
-    services = session.services
-    rows = {r.uid: r for r in await services.mailstore.messages(view.folder.id, uids)}
-    needs = _needs_content(key)
-    step = _SEARCH_HEADS if needs == "head" else _FETCH_BATCH
-    predicates: dict[int, Predicate] = {}
-    found: list[tuple[int, MessageRow]] = []
-    for start in range(0, len(uids), step):
-        batch = [
-            (seq, rows[uid])
-            for seq, uid in enumerate(uids[start : start + step], start=start + 1)
-            if uid in rows
-        ]
-        contents: dict[str, bytes] | dict[str, Head] = {}
-        if needs == "head":
-            contents = await services.heads.heads(services.mailstore, [r for _, r in batch])
-        elif needs == "whole":
-            contents = await services.mailstore.blobs(
-                [r.sha256 for _, r in batch], octets=sum(r.size for _, r in batch)
-            )
-        for seq, row in batch:
-            candidate = _Candidate(session, row, seq, predicates, contents.get(row.sha256))
-            if await matches(key, candidate):
-                found.append((seq, row))
-    return found
-
-
-def _needs_content(key: SearchKey) -> Literal["head", "whole"] | None:
-    """What of the messages a search key reads: their header blocks, all of
-    them (BODY, TEXT), or nothing (the view and the stored rows answer)."""
-    if isinstance(key, SearchText):
-        return "whole"
-    if isinstance(key, SearchHeader) or (isinstance(key, SearchDate) and key.field == "SENT"):
-        return "head"
-    subkeys: tuple[SearchKey, ...] = ()
-    if isinstance(key, SearchNot):
-        subkeys = (key.key,)
-    elif isinstance(key, SearchOr):
-        subkeys = (key.left, key.right)
-    elif isinstance(key, SearchAnd):
-        subkeys = key.keys
-    needs = {_needs_content(k) for k in subkeys}
-    return "whole" if "whole" in needs else "head" if "head" in needs else None
-
-
-async def cmd_search(session: Session, command: Command) -> None:
-    assert isinstance(command.args, SearchArgs)
-    view = selected(session)
-    key = command.args.key
-    found: list[int] = []
-    if _needs_rows(key):
-        found = [row.uid for _, row in await matching(session, key)]
-    elif _flags_only(key):
-        test = view_predicate(session, key)
-        found = view.uids_where(lambda flags: test(0, 0, flags, 0))
-    else:
-        # Flags, sets and modseqs are in the view: no database round trip, and
-        # one synchronous test per message.
-        test = view_predicate(session, key)
-        states = zip(view.uids, view.flags.values(), view.modseqs.values(), strict=True)
-        found = [
-            uid
-            for seq, (uid, flags, modseq) in enumerate(states, start=1)
-            if test(uid, seq, flags, modseq)
-        ]
-    numbers = found if command.uid else [s for s in (view.seq_of(u) for u in found) if s]
-    options = command.args.return_options
-    if options is None:
-        await session.send(("* SEARCH" + "".join(f" {n}" for n in numbers) + "\r\n").encode())
-    else:
-        if "SAVE" in options:
-            view.saved = found
-        wanted = set(options) - {"SAVE"} or ({"ALL"} if "SAVE" not in options else set())
-        if wanted:
-            await session.send(
-                encode.esearch(
-                    tag=command.tag,
-                    uid=command.uid,
-                    min=min(numbers) if "MIN" in wanted and numbers else None,
-                    max=max(numbers) if "MAX" in wanted and numbers else None,
-                    count=len(numbers) if "COUNT" in wanted else None,
-                    all=numbers if "ALL" in wanted else None,
-                )
-            )
-    await session.sync(allow_expunge=False)
-    await session.tagged(command, "OK", "SEARCH completed")
 
 
 # -- COPY, MOVE, EXPUNGE, APPEND, CLOSE ----------------------------------------------

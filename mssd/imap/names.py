@@ -87,6 +87,15 @@ def decode_mailbox_name(name: bytes | str, utf8: bool) -> str:
     return "".join(out)
 
 
+def forbidden_character(name: str) -> str | None:
+    """The first character RFC 9051 §5.1 forbids in a mailbox name, if any: controls
+    (U+0000-U+001F, U+007F-U+009F), LINE SEPARATOR and PARAGRAPH SEPARATOR."""
+    for ch in name:
+        if ord(ch) < 0x20 or 0x7F <= ord(ch) <= 0x9F or ch in "\u2028\u2029":
+            return ch
+    return None
+
+
 def normalise_inbox(name: str) -> str:
     # RFC 9051 §5.1: "INBOX" is case-insensitive; other names are not.
     return "INBOX" if name.upper() == "INBOX" else name

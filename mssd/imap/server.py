@@ -1,6 +1,6 @@
 """The asyncio side of IMAP: listeners, the read loop, STARTTLS, AUTHENTICATE
 exchanges and IDLE. Protocol decisions are in ``protocol``, ``session``,
-``mailboxes`` and ``messages``; this module only moves bytes.
+``mailboxes``, ``messages`` and ``search``; this module only moves bytes.
 
 Invariants:
 - Plaintext that arrives before the TLS handshake completes is discarded
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from mssd.auth.networks import trusted_matcher
 from mssd.config import Settings
-from mssd.imap import acl, encode, mailboxes, messages, sort
+from mssd.imap import acl, encode, mailboxes, messages, search, sort
 from mssd.imap.commands import Command, IdleDone, NeedContinuation, ProtocolError, SaslResponse
 from mssd.imap.protocol import CommandReader
 from mssd.imap.session import Bye, Services, Session
@@ -65,7 +65,7 @@ _SELECTED: dict[str, Handler] = {
     "CLOSE": messages.cmd_close,
     "UNSELECT": messages.cmd_close,
     "EXPUNGE": messages.cmd_expunge,
-    "SEARCH": messages.cmd_search,
+    "SEARCH": search.cmd_search,
     "FETCH": messages.cmd_fetch,
     "STORE": messages.cmd_store,
     "COPY": messages.cmd_copy,
@@ -233,6 +233,9 @@ class Connection:
             await session.tagged(
                 command, "NO", "Internal error; nothing was changed", "UNAVAILABLE"
             )
+        # After ENABLE UTF8=ACCEPT or IMAP4rev2 the next commands are read as UTF-8
+        # (RFC 6855 §3, RFC 9051 §5.1); the reader parses them only after this one ends.
+        self.commands.utf8 = session.utf8
 
     async def starttls(self, command: Command) -> None:
         session = self.session

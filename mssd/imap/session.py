@@ -2,8 +2,8 @@
 and the commands that do not touch messages.
 
 The asyncio layer (``server.py``) feeds commands in and writes what
-:attr:`Session.send` is given; commands on messages live in ``messages.py``,
-mailbox commands in ``mailboxes.py``. Everything a command answers goes
+:attr:`Session.send` is given; commands on messages live in ``messages.py``
+(SEARCH in ``search.py``), mailbox commands in ``mailboxes.py``. Everything a command answers goes
 through ``send``; a command's tagged reply is always the last thing it sends.
 
 Invariants:
@@ -49,6 +49,9 @@ log = logging.getLogger(__name__)
 State = Literal["not-authenticated", "authenticated", "selected", "logout"]
 
 SERVER_ID = (("name", "mssd"), ("vendor", "mssd project"), ("support-url", None))
+
+ENABLEABLE = {n.upper(): n for n in ("CONDSTORE", "QRESYNC", "UTF8=ACCEPT", "IMAP4rev2")}
+"""What ENABLE accepts (RFC 5161 §3.1), upper-cased, to the name ENABLED answers."""
 
 
 class Bye(Exception):
@@ -99,8 +102,15 @@ class Session:
         self.last_read = 0.0
         self.enabled: set[str] = set()
         self.utf8 = False
+        """UTF-8 mailbox names and strings: UTF8=ACCEPT or IMAP4rev2 is enabled."""
 
     # -- helpers ---------------------------------------------------------------
+
+    @property
+    def rev2(self) -> bool:
+        """Whether the client enabled IMAP4rev2 (RFC 9051 §6.3.1); until it does,
+        the session speaks IMAP4rev1 (RFC 3501) and its extensions."""
+        return "IMAP4rev2" in self.enabled
 
     async def tagged(
         self, command: Command, status: str, text: str, code: str | None = None
@@ -132,9 +142,11 @@ class Session:
         )
 
     def capabilities(self) -> list[str]:
-        caps = ["IMAP4rev1", "LITERAL+", "SASL-IR", "ID", "ENABLE", "IDLE", "NAMESPACE"]
-        caps += ["UIDPLUS", "MOVE", "UNSELECT", "CHILDREN", "SPECIAL-USE", "CONDSTORE", "QRESYNC"]
-        caps += ["ESEARCH", "SEARCHRES", "BINARY", "UTF8=ACCEPT", "LIST-EXTENDED", "LIST-STATUS"]
+        # RFC 9051 §6.1.1: both revisions; a session is rev1 until it enables rev2.
+        caps = ["IMAP4rev1", "IMAP4rev2", "LITERAL+", "SASL-IR", "ID", "ENABLE", "IDLE"]
+        caps += ["NAMESPACE", "UIDPLUS", "MOVE", "UNSELECT", "CHILDREN", "SPECIAL-USE"]
+        caps += ["CONDSTORE", "QRESYNC", "ESEARCH", "SEARCHRES", "BINARY", "UTF8=ACCEPT"]
+        caps += ["LIST-EXTENDED", "LIST-STATUS", "STATUS=SIZE"]
         caps += ["SORT", "SORT=DISPLAY", "THREAD=REFERENCES", "THREAD=ORDEREDSUBJECT"]
         caps += ["ACL", "RIGHTS=texk", "QUOTA", "QUOTA=RES-STORAGE"]
         caps.append(f"APPENDLIMIT={self.services.append_limit}")
@@ -292,11 +304,12 @@ class Session:
         assert isinstance(command.args, EnableArgs)
         enabled = []
         for capability in command.args.capabilities:
-            name = capability.upper()
-            if name in ("CONDSTORE", "QRESYNC", "UTF8=ACCEPT") and name not in self.enabled:
+            name = ENABLEABLE.get(capability.upper())
+            if name is not None and name not in self.enabled:
                 self.enabled.add(name)
                 enabled.append(name)
-                if name == "UTF8=ACCEPT":
+                if name in ("UTF8=ACCEPT", "IMAP4rev2"):
+                    # RFC 6855 §3, RFC 9051 §5.1: UTF-8 names and strings from now on.
                     self.utf8 = True
                 if name == "QRESYNC" and "CONDSTORE" not in self.enabled:
                     # RFC 7162 §3.2.3: enabling QRESYNC enables CONDSTORE.

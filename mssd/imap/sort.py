@@ -1,7 +1,7 @@
 """SORT and THREAD (RFC 5256), with the DISPLAYFROM and DISPLAYTO sort keys of
 RFC 5957.
 
-Messages are chosen with the SEARCH machinery (``messages.matching``), then only
+Messages are chosen with the SEARCH machinery (``search.matching``), then only
 their header block is read from the blob and parsed (``mime.structure``), on a
 worker thread for big folders. The ordering rules (base subject, sent date,
 the REFERENCES algorithm) are pure functions over :class:`Headers`, so they can
@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from mssd.imap.commands import Command, SearchKey, SortArgs, ThreadArgs
-from mssd.imap.messages import matching
+from mssd.imap.search import matching
 from mssd.imap.session import Session
 from mssd.mime.structure import unfold
 
