@@ -258,11 +258,13 @@ def test_declared_size_that_does_not_fit_is_refused_at_rcpt(mssd: MssdProcess) -
         assert client.rcpt(address)[0] == 250
 
 
-def send_without_size(client: smtplib.SMTP, sender: str, to: list[str], content: bytes) -> None:
+def send_without_size(
+    client: smtplib.SMTP, sender: str, to: list[str], content: bytes, notify: str = "FAILURE"
+) -> None:
     """MAIL without SIZE (smtplib's sendmail declares it): every recipient passes RCPT."""
     assert client.mail(sender)[0] == 250
     for address in to:
-        assert client.rcpt(address)[0] == 250
+        assert client.rcpt(address, [f"NOTIFY={notify}"])[0] == 250
     code, reply = client.data(content)
     assert code == 250, reply
 
@@ -274,13 +276,17 @@ def test_mailbox_that_fills_before_data_is_reported_to_the_sender(mssd: MssdProc
     with mssd.smtp() as client:
         # Both recipients pass RCPT; the store finds there is no room for one. (With
         # the trace fields added, the message weighs 12 KiB.)
-        send_without_size(client, PER, [small, PER2], sized(11 * KIB, subject))
+        content = sized(11 * KIB, subject)
+        send_without_size(client, PER, [small, PER2], content, notify="SUCCESS,FAILURE")
     assert f"Subject: {subject}".encode() in inbox(mssd, PER2)[-1][1]
     assert len(inbox(mssd, small)) == 1
+    # Two reports, one per action: the failure for one, the success asked for the other.
     reports = [c for _, c in inbox(mssd, PER) if f"Subject: {subject}".encode() in c]
-    assert len(reports) == 1
-    report = reports[0]
-    assert b"Subject: =?utf-8?" in report and b"Content-Type: multipart/report" in report
+    assert len(reports) == 2
+    report, success = reports
+    assert b"Content-Type: multipart/report" in report
+    assert f"\r\nFinal-Recipient: rfc822; {PER2}\r\nAction: delivered\r\n".encode() in success
+    assert f"Final-Recipient: rfc822; {small}".encode() not in success
     for field in (
         f"Final-Recipient: rfc822; {small}",
         "Action: failed",

@@ -13,7 +13,13 @@ from dataclasses import dataclass, field
 from typing import Generic, Literal, Protocol, TypeVar
 
 from mssd import metrics
-from mssd.delivery.dsn import RecipientStatus, ReportedMessage, ReportFunction, wants_report
+from mssd.delivery.dsn import (
+    Action,
+    RecipientStatus,
+    ReportedMessage,
+    ReportFunction,
+    wants_report,
+)
 from mssd.mime import OFFLOAD_BYTES
 from mssd.mime.headers import complete_submission, received_field
 from mssd.store.accounts import LocalMailbox, StoreAccounts
@@ -318,38 +324,33 @@ class DeliveryPipeline:
         given, a failure is reported, never dropped. The report is stored after the
         message (a crash in between loses the report, never the message; the recipient
         row keeps ``over_quota``); the null sender never gets one (§6.2)."""
-        full = {refusal.address: refusal for refusal in stored.over_quota}
-        for refusal in stored.over_quota:
-            log.warning("%s: not delivered to <%s>: %s", stored.envelope_id, refusal.address,
-                        refusal.reason)  # fmt: skip
+        full = {refused.address: refused for refused in stored.over_quota}
+        for refused in stored.over_quota:
+            log.warning("%s: not delivered to <%s>: %s", stored.envelope_id, refused.address,
+                        refused.reason)  # fmt: skip
         if self._report is None or not transaction.mail_from:
             return
-        failed = [
-            RecipientStatus(
-                final_recipient=r.address,
-                action="failed",
-                status="5.2.2",
-                original_recipient=r.dsn_orcpt,
-                diagnostic=f"552 5.2.2 <{r.address}>: {full[r.address].reason}",
-                remote_mta=self._hostname,
+        reports: dict[Action, list[RecipientStatus]] = {"failed": [], "delivered": []}
+        for r in transaction.recipients:
+            refusal = full.get(r.address)
+            action: Action = "failed" if refusal else "delivered"
+            if r.mailbox_id is None or not wants_report(r.dsn_notify, action):
+                continue
+            reply = (
+                f"552 5.2.2 <{r.address}>: {refusal.reason}"
+                if refusal
+                else f"250 2.0.0 delivered to the mailbox as {stored.envelope_id}"
             )
-            for r in transaction.recipients
-            if r.address in full and wants_report(r.dsn_notify, "failed")
-        ]
-        delivered = [
-            RecipientStatus(
-                final_recipient=r.address,
-                action="delivered",
-                status="2.0.0",
-                original_recipient=r.dsn_orcpt,
-                diagnostic=f"250 2.0.0 delivered to the mailbox as {stored.envelope_id}",
-                remote_mta=self._hostname,
+            reports[action].append(
+                RecipientStatus(
+                    final_recipient=r.address,
+                    action=action,
+                    status="5.2.2" if refusal else "2.0.0",
+                    original_recipient=r.dsn_orcpt,
+                    diagnostic=reply,
+                    remote_mta=self._hostname,
+                )
             )
-            for r in transaction.recipients
-            if r.mailbox_id is not None
-            and r.address not in full
-            and wants_report(r.dsn_notify, "delivered")
-        ]
         reported = ReportedMessage(
             envelope_id=stored.envelope_id,
             mail_from=transaction.mail_from,
@@ -358,7 +359,7 @@ class DeliveryPipeline:
             dsn_ret=transaction.dsn_ret,
             dsn_envid=transaction.dsn_envid,
         )
-        for statuses in (failed, delivered):  # one action per report: it titles the report
+        for statuses in reports.values():  # one action per report: it titles the report
             if not statuses:
                 continue
             try:
