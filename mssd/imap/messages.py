@@ -791,7 +791,7 @@ async def cmd_append(session: Session, command: Command) -> None:
     ]
     try:
         uids = await session.services.mailstore.append_many(target.id, messages)
-    except MailStoreError as error:  # [OVERQUOTA] (RFC 9208 §4.3.1): nothing was stored
+    except MailStoreError as error:  # [OVERQUOTA] (RFC 9208 §4.3.1)...: nothing was stored
         await session.tagged(command, "NO", error.text, error.code)
         return
     if view is not None and view.folder.id == target.id:

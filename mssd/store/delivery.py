@@ -293,7 +293,7 @@ def _write_messages(
             _ADVANCE_FOLDER,
             [{"folder": f, "next": u, "modseq": m} for f, u, m in inbox.values()],
         )
-        quota.save(conn, usages.values())
+    quota.save(conn, usages.values())
     conn.execute(_INSERT_ENVELOPE, envelope_rows)
     conn.execute(_INSERT_RECIPIENT, recipient_rows)
     if placement_rows:
