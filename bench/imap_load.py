@@ -146,7 +146,7 @@ async def seed(url: str, mailbox_addresses: list[str], messages: int, scrypt_ln:
     from mssd.config import AuthSettings
     from mssd.store import admin
     from mssd.store.engine import create_engine, write_transaction
-    from mssd.store.schema import blobs, folders, mailboxes, placements
+    from mssd.store.schema import blobs, folders, mailbox_usage, mailboxes, placements
 
     password_hash = hash_password(PASSWORD, AuthSettings(scrypt_n=2**scrypt_ln))
     engine = create_engine(url)
@@ -181,9 +181,14 @@ async def seed(url: str, mailbox_addresses: list[str], messages: int, scrypt_ln:
         flag_choices = [rng.random() for _ in range(messages)]
         for address in mailbox_addresses:
             async with write_transaction(engine) as conn:
-                folder_id, uidnext, modseq = (
+                folder_id, mailbox_id, uidnext, modseq = (
                     await conn.execute(
-                        select(folders.c.id, folders.c.uidnext, folders.c.highestmodseq)
+                        select(
+                            folders.c.id,
+                            folders.c.mailbox_id,
+                            folders.c.uidnext,
+                            folders.c.highestmodseq,
+                        )
                         .join(mailboxes, mailboxes.c.id == folders.c.mailbox_id)
                         .where(mailboxes.c.address == address, folders.c.name == "INBOX")
                     )
@@ -214,6 +219,12 @@ async def seed(url: str, mailbox_addresses: list[str], messages: int, scrypt_ln:
                     update(folders)
                     .where(folders.c.id == folder_id)
                     .values(uidnext=uidnext + messages, highestmodseq=modseq + messages)
+                )
+                # Placements written directly count towards the mailbox's usage (quota.py).
+                await conn.execute(
+                    update(mailbox_usage)
+                    .where(mailbox_usage.c.mailbox_id == mailbox_id)
+                    .values(used_bytes=sum(size for _, size in shas))
                 )
         return time.monotonic() - began
     finally:

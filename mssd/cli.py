@@ -26,7 +26,7 @@ from mssd import __version__
 from mssd.auth.passwords import hash_password
 from mssd.auth.totp import generate_totp_secret, provisioning_uri
 from mssd.config import ConfigError, Settings, load
-from mssd.store import admin
+from mssd.store import admin, quota
 from mssd.store.audit import AuditLog, read_audit
 from mssd.store.engine import SchemaError, create_engine, current_revision, head_revision, upgrade
 from mssd.store.errors import StoreError
@@ -66,6 +66,13 @@ def check_address(address: str) -> str:
     except EmailNotValidError as error:
         raise UsageError(f"{address!r} is not a valid mail address: {error}") from None
     return valid.normalized.lower()
+
+
+def size_argument(text: str | None) -> int | None:
+    try:
+        return None if text is None else quota.parse_size(text)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
 
 
 def check_domain(name: str) -> str:
@@ -207,6 +214,7 @@ async def cmd_mailbox(settings: Settings, args: argparse.Namespace) -> None:
                 cert_dn=cert_dn,
                 display_name=args.name,
                 password_hash=password_hash,
+                quota_bytes=size_argument(args.quota),
                 actor=actor(),
             )
             print(f"{args.type} mailbox {address} created (owner {owner})")
@@ -246,6 +254,10 @@ async def cmd_mailbox(settings: Settings, args: argparse.Namespace) -> None:
                     f"\tlogin={info.account_login}\tmessages={info.message_count}"
                     + (f"\tdelegates={delegates}" if delegates else "")
                 )
+        elif command == "quota":
+            await admin.set_quota(engine, args.address, size_argument(args.size), actor=actor())
+            usage = await admin.mailbox_quota(engine, args.address)
+            print(f"mailbox {usage.root}: {usage.describe()}")
         elif command == "show":
             await show_mailbox(engine, args.address, args.folder)
 
@@ -265,6 +277,7 @@ async def show_mailbox(engine: Any, address: str, folder: str | None) -> None:
             details={"folder": folder} if folder else {},
         )
     )
+    print(f"quota: {(await admin.mailbox_quota(engine, address)).describe()}")
     for state in await folder_states(engine, address):
         if folder is None or state.name == folder:
             print(
@@ -511,6 +524,10 @@ def parser() -> argparse.ArgumentParser:
     create.add_argument("--name", help="display name")
     create.add_argument("--password-stdin", action="store_true")
     create.add_argument("--password-file")
+    create.add_argument("--quota", help="storage quota: octets, or 500M, 2G...; default none")
+    set_quota = msub.add_parser("quota", help="change a mailbox's storage quota")
+    set_quota.add_argument("address")
+    set_quota.add_argument("size", help="octets, or 500M, 2G...; none for no limit")
     grant = msub.add_parser("grant", help="delegate an ORG/CAB mailbox to an account")
     grant.add_argument("address")
     grant.add_argument("account", help="login of the delegated account")

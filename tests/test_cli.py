@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import datetime as dt
 import io
 import os
 import subprocess
@@ -13,7 +15,12 @@ import pytest
 from conftest import PkiBundle
 
 from mssd.cli import main
+from mssd.store.accounts import StoreAccounts
+from mssd.store.engine import create_engine
+from mssd.store.mailstore import MailStore
 from mssd.trust.identity import normalise_dn
+
+NOW = dt.datetime(2026, 12, 20, 9, 30, tzinfo=dt.UTC)
 
 
 class Cli:
@@ -376,3 +383,44 @@ def test_every_change_is_audited(cli: Cli) -> None:
     # A refused change leaves no audit line.
     cli("mailbox", "suspend", "accueil@clinique.mssd.test")
     assert len(cli.ok("audit", "--limit", "20").splitlines()) == 6
+
+
+def test_quota_is_set_at_creation_changed_and_shown_with_the_usage(cli: Cli) -> None:
+    address = "marie@clinique.mssd.test"
+    created = cli.ok(
+        "mailbox", "create", "--type", "PER", "--idnat", "810001234567", "--address", address,
+        "--quota", "10K",
+    )  # fmt: skip
+    assert created == f"PER mailbox {address} created (owner 810001234567)\n"
+    assert "quota: 0 KiB used of 10 KiB (0.0 %)\n" in cli.ok("mailbox", "show", address)
+
+    async def append() -> None:
+        engine = create_engine(cli.url)
+        try:
+            store = MailStore(engine)
+            account = await StoreAccounts(engine).by_login(address)
+            assert account is not None
+            inbox = await store.folder(account.id, "INBOX")
+            assert inbox is not None
+            content = b"Subject: compte rendu\r\n\r\n" + b"x" * 2500
+            await store.append(inbox.id, content, flags=frozenset(), internal_date=NOW)
+        finally:
+            await engine.dispose()
+
+    asyncio.run(append())
+    shown = cli.ok("mailbox", "show", address)
+    assert "quota: 3 KiB used of 10 KiB (24.7 %)\n" in shown
+    assert cli.ok("mailbox", "quota", address, "2MiB") == (
+        f"mailbox {address}: 3 KiB used of 2048 KiB (0.1 %)\n"
+    )
+    assert (
+        cli.ok("mailbox", "quota", address, "none") == f"mailbox {address}: 3 KiB used, no quota\n"
+    )
+    refused(cli("mailbox", "quota", address, "1,5G"), 2, "'1,5G' is not a size")
+    refused(cli("mailbox", "quota", "absent@clinique.mssd.test", "1G"), 1, "no mailbox absent@")
+    audit = cli.ok("audit", "--limit", "3").splitlines()
+    assert [line.split("\t")[1] for line in audit] == [
+        "mailbox.quota",
+        "mailbox.quota",
+        "mailbox.show",
+    ]

@@ -502,7 +502,6 @@ async def test_snapshot_of_ten_thousand_messages(engine: AsyncEngine) -> None:
     assert snapshot.messages[-1] == (10_000, frozenset(), 10_001)
     assert (snapshot.uidnext, snapshot.highestmodseq) == (10_001, 10_001)
     assert len(await store.messages(inbox.id, range(1, 10_001))) == 10_000
-    assert await store.usage(inbox.mailbox_id) == 10_000
 
 
 async def test_changes_are_reported_after_commit(engine: AsyncEngine) -> None:

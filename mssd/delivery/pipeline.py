@@ -13,7 +13,13 @@ from dataclasses import dataclass, field
 from typing import Generic, Literal, Protocol, TypeVar
 
 from mssd import metrics
-from mssd.delivery.dsn import RecipientStatus, ReportedMessage, ReportFunction, wants_report
+from mssd.delivery.dsn import (
+    Action,
+    RecipientStatus,
+    ReportedMessage,
+    ReportFunction,
+    wants_report,
+)
 from mssd.mime import OFFLOAD_BYTES
 from mssd.mime.headers import complete_submission, received_field
 from mssd.store.accounts import LocalMailbox, StoreAccounts
@@ -24,6 +30,7 @@ from mssd.store.delivery import (
     StoredMessage,
     new_envelope_id,
 )
+from mssd.store.quota import OverQuota, Usage
 from mssd.trust.whitelist import Whitelist
 
 Source = Literal["submission", "mta"]
@@ -123,6 +130,8 @@ class Transaction:
     body: str | None = None
     dsn_ret: str | None = None
     dsn_envid: str | None = None
+    size: int | None = None
+    """The SIZE declared on MAIL (RFC 1870), if any."""
     recipients: list[RecipientRecord] = field(default_factory=list)
 
 
@@ -207,6 +216,13 @@ class DeliveryPipeline:
             )
         if mailbox.status == "closed":
             raise PolicyRefusal(550, "5.2.1", f"<{address}>: mailbox closed")
+        # RFC 5321 §4.2.2 (552) and RFC 3463 §3.3 (X.2.2 mailbox full): refused now when
+        # the mailbox is full or the declared SIZE does not fit. As last committed, a
+        # few seconds old at most: the store decides again when it places the message.
+        usage = Usage(mailbox.id, mailbox.address, mailbox.used_bytes, mailbox.quota_bytes)
+        refusal = usage.refusal(max(transaction.size or 0, 1))
+        if refusal is not None:
+            raise PolicyRefusal(552, "5.2.2", f"<{address}>: {refusal.reason}")
         for check in self._checks:
             await check.check_recipient(transaction, address)
         return RecipientRecord(address=mailbox.address, mailbox_id=mailbox.id)
@@ -274,59 +290,80 @@ class DeliveryPipeline:
         else:
             content, digest = self._prepare(transaction, data, envelope_id, moment)
         session = transaction.session
-        stored = await self._committer.store(
-            NewMessage(
-                envelope_id=envelope_id,
-                content=content,
-                sha256=digest,
-                mail_from=transaction.mail_from,
-                recipients=tuple(transaction.recipients),
-                source=session.source,
-                remote=session.remote_ip,
-                received_at=moment,
-                auth_login=session.login,
-                dsn_ret=transaction.dsn_ret,
-                dsn_envid=transaction.dsn_envid,
-                body=transaction.body,
-                smtputf8=transaction.smtputf8,
-            )
+        message = NewMessage(
+            envelope_id=envelope_id,
+            content=content,
+            sha256=digest,
+            mail_from=transaction.mail_from,
+            recipients=tuple(transaction.recipients),
+            source=session.source,
+            remote=session.remote_ip,
+            received_at=moment,
+            auth_login=session.login,
+            dsn_ret=transaction.dsn_ret,
+            dsn_envid=transaction.dsn_envid,
+            body=transaction.body,
+            smtputf8=transaction.smtputf8,
         )
-        await self._report_local_success(transaction, stored, content, moment)
+        try:
+            stored = await self._committer.store(message)
+        except OverQuota as full:
+            # No recipient has room (RFC 5321 §4.2.2 552): nothing was stored.
+            raise PolicyRefusal(
+                552, "5.2.2", "; ".join(f"<{r.address}>: {r.reason}" for r in full.refusals)
+            ) from None
+        await self._report_local_outcomes(transaction, stored, content, moment)
         return stored
 
-    async def _report_local_success(
+    async def _report_local_outcomes(
         self, transaction: Transaction, stored: StoredMessage, content: bytes, moment: dt.datetime
     ) -> None:
-        """RFC 3461 §5.2.1: the final delivery MTA reports success when NOTIFY asked for it.
-        The report is stored after the message (a crash in between loses the report, never
-        the message); the null sender never gets one (§6.2)."""
+        """RFC 3461 §5.2.1: the final delivery MTA reports success when NOTIFY asked for
+        it, and failure (a full mailbox, found when placing the message after the others
+        were accepted at RCPT) unless NOTIFY says otherwise; RFC 5321 §6.1: once 250 is
+        given, a failure is reported, never dropped. The report is stored after the
+        message (a crash in between loses the report, never the message; the recipient
+        row keeps ``over_quota``); the null sender never gets one (§6.2)."""
+        full = {refused.address: refused for refused in stored.over_quota}
+        for refused in stored.over_quota:
+            log.warning("%s: not delivered to <%s>: %s", stored.envelope_id, refused.address,
+                        refused.reason)  # fmt: skip
         if self._report is None or not transaction.mail_from:
             return
-        delivered = [
-            RecipientStatus(
-                final_recipient=r.address,
-                action="delivered",
-                status="2.0.0",
-                original_recipient=r.dsn_orcpt,
-                diagnostic=f"250 2.0.0 delivered to the mailbox as {stored.envelope_id}",
-                remote_mta=self._hostname,
+        reports: dict[Action, list[RecipientStatus]] = {"failed": [], "delivered": []}
+        for r in transaction.recipients:
+            refusal = full.get(r.address)
+            action: Action = "failed" if refusal else "delivered"
+            if r.mailbox_id is None or not wants_report(r.dsn_notify, action):
+                continue
+            reply = (
+                f"552 5.2.2 <{r.address}>: {refusal.reason}"
+                if refusal
+                else f"250 2.0.0 delivered to the mailbox as {stored.envelope_id}"
             )
-            for r in transaction.recipients
-            if r.mailbox_id is not None and wants_report(r.dsn_notify, "delivered")
-        ]
-        if not delivered:
-            return
-        try:
-            await self._report(
-                ReportedMessage(
-                    envelope_id=stored.envelope_id,
-                    mail_from=transaction.mail_from,
-                    content=content,
-                    arrival=moment,
-                    dsn_ret=transaction.dsn_ret,
-                    dsn_envid=transaction.dsn_envid,
-                ),
-                delivered,
+            reports[action].append(
+                RecipientStatus(
+                    final_recipient=r.address,
+                    action=action,
+                    status="5.2.2" if refusal else "2.0.0",
+                    original_recipient=r.dsn_orcpt,
+                    diagnostic=reply,
+                    remote_mta=self._hostname,
+                )
             )
-        except Exception:
-            log.exception("%s: the success report could not be stored", stored.envelope_id)
+        reported = ReportedMessage(
+            envelope_id=stored.envelope_id,
+            mail_from=transaction.mail_from,
+            content=content,
+            arrival=moment,
+            dsn_ret=transaction.dsn_ret,
+            dsn_envid=transaction.dsn_envid,
+        )
+        for statuses in reports.values():  # one action per report: it titles the report
+            if not statuses:
+                continue
+            try:
+                await self._report(reported, statuses)
+            except Exception:
+                log.exception("%s: the %s report could not be stored", stored.envelope_id,
+                              statuses[0].action)  # fmt: skip

@@ -21,7 +21,8 @@ from mssd.imap.commands import AclArgs, Command, MailboxArgs, QuotaRootArgs, Set
 from mssd.imap.encode import Atom, ImapValue
 from mssd.imap.mailboxes import find_folder, name_out
 from mssd.imap.session import Session
-from mssd.store.mailstore import OWNER_RIGHTS, MailStoreError, QuotaInfo
+from mssd.store.mailstore import OWNER_RIGHTS, MailStoreError
+from mssd.store.quota import QuotaInfo
 
 # RFC 4314 §2.1.1: the obsolete "c" (create) is k and x, "d" (delete) is e and t.
 _VIRTUAL = {"c": "kx", "d": "et"}
@@ -140,9 +141,10 @@ async def cmd_setacl(session: Session, command: Command) -> None:
 
 async def _send_quota(session: Session, quota: QuotaInfo) -> None:
     resources: list[ImapValue] = []
-    if quota.limit is not None:
-        # RFC 9208 §5.1: STORAGE in units of 1024 octets; usage rounds up.
-        resources = [Atom("STORAGE"), (quota.used + 1023) // 1024, quota.limit // 1024]
+    if quota.limit_kib is not None:
+        # RFC 9208 §5.1: STORAGE in units of 1024 octets; usage rounds up, the limit
+        # down, as it is enforced (mssd/store/quota.py).
+        resources = [Atom("STORAGE"), quota.used_kib, quota.limit_kib]
     await session.untagged(Atom("QUOTA"), quota.root, resources)
 
 

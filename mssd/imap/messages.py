@@ -515,7 +515,11 @@ async def cmd_append(session: Session, command: Command) -> None:
         (m.data, frozenset(f for f in m.flags if f != "\\Recent"), m.date_time or now)
         for m in command.args.messages
     ]
-    uids = await session.services.mailstore.append_many(target.id, messages)
+    try:
+        uids = await session.services.mailstore.append_many(target.id, messages)
+    except MailStoreError as error:  # [OVERQUOTA] (RFC 9208 §4.3.1)...: nothing was stored
+        await session.tagged(command, "NO", error.text, error.code)
+        return
     if view is not None and view.folder.id == target.id:
         highest = session.own_change(len(uids))
         if highest is None:

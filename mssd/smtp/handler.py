@@ -84,6 +84,7 @@ class Handler:
             body=envelope.body,
             dsn_ret=envelope.dsn_ret,
             dsn_envid=envelope.dsn_envid,
+            size=envelope.size,
         )
         try:
             await self.pipeline.check_sender(transaction)

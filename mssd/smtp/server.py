@@ -82,6 +82,8 @@ class MssdEnvelope(Envelope):
         self.body: str | None = None
         self.dsn_ret: str | None = None
         self.dsn_envid: str | None = None
+        self.size: int | None = None
+        """The SIZE declared on MAIL (RFC 1870), for per-recipient quota checks."""
         self.recipients: list[Any] = []
         self.transaction: Any = None
 
@@ -436,6 +438,7 @@ class MssdSMTP(SMTP):
         envelope.body = body.upper() if body else None
         envelope.dsn_ret = ret.upper() if ret else None
         envelope.dsn_envid = envid
+        envelope.size = int(size) if size is not None else None
         status = await self._call_handler_hook("MAIL", address, raw_params)
         if isinstance(status, str) and status.startswith("250"):
             envelope.mail_from = address

@@ -9,6 +9,8 @@ Invariants a newcomer would otherwise break:
 - Messages are immutable blobs keyed by SHA-256, stored once; mailboxes hold
   placements (folder, UID, flags, modseq). Expunges are recorded before the
   placement disappears.
+- Whatever adds or removes placements moves the mailbox's usage counter by their
+  sizes in the same transaction, and checks the quota there (``quota.py``).
 - Every administrative change writes its audit row in the same transaction;
   audit rows are never updated or deleted (the schema enforces it).
 - On SQLite, a transaction that writes starts with BEGIN IMMEDIATE

@@ -14,7 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from mssd.store.engine import run_read, write_transaction
 from mssd.store.records import Account, BalType, Status
-from mssd.store.schema import accounts, delegations, domains, mailboxes
+from mssd.store.schema import accounts, delegations, domains, mailbox_usage, mailboxes
 
 
 @dataclass(frozen=True)
@@ -23,6 +23,9 @@ class LocalMailbox:
     address: str
     bal_type: BalType
     status: Status
+    used_bytes: int = 0
+    """What it holds as last committed (quota.py); a hint for RCPT, not a reservation."""
+    quota_bytes: int | None = None
 
 
 def _account(row: Row[tuple[object, ...]]) -> Account:
@@ -88,14 +91,30 @@ class StoreAccounts:
         return frozenset(str(address) for address in rows)
 
     async def local_mailbox(self, address: str) -> LocalMailbox | None:
-        query = select(
-            mailboxes.c.id, mailboxes.c.address, mailboxes.c.bal_type, mailboxes.c.status
-        ).where(mailboxes.c.address == address.lower())
+        query = (
+            select(
+                mailboxes.c.id,
+                mailboxes.c.address,
+                mailboxes.c.bal_type,
+                mailboxes.c.status,
+                mailbox_usage.c.used_bytes,
+                mailboxes.c.quota_bytes,
+            )
+            .select_from(
+                mailboxes.outerjoin(mailbox_usage, mailbox_usage.c.mailbox_id == mailboxes.c.id)
+            )
+            .where(mailboxes.c.address == address.lower())
+        )
         row = await run_read(self._engine, lambda conn: conn.execute(query).one_or_none())
         if row is None:
             return None
         return LocalMailbox(
-            id=row.id, address=row.address, bal_type=row.bal_type, status=row.status
+            id=row.id,
+            address=row.address,
+            bal_type=row.bal_type,
+            status=row.status,
+            used_bytes=int(row.used_bytes or 0),
+            quota_bytes=row.quota_bytes,
         )
 
     async def local_domains(self) -> frozenset[str]:

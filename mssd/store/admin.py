@@ -17,11 +17,21 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from mssd.store import quota
 from mssd.store.audit import insert_audit
 from mssd.store.engine import write_transaction
 from mssd.store.errors import Conflict, Invalid, NotFound
+from mssd.store.quota import QuotaInfo
 from mssd.store.records import AuditEvent, BalType, Status
-from mssd.store.schema import accounts, delegations, domains, folders, mailboxes, placements
+from mssd.store.schema import (
+    accounts,
+    delegations,
+    domains,
+    folders,
+    mailbox_usage,
+    mailboxes,
+    placements,
+)
 
 # Folders every mailbox has (RFC 6154 special-use attributes); issue 3's IMAP
 # server relies on them existing.
@@ -215,13 +225,49 @@ async def _create_mailbox(
                 for index, (name, special) in enumerate(DEFAULT_FOLDERS)
             ],
         )
+        await conn.execute(mailbox_usage.insert().values(mailbox_id=mailbox_id, used_bytes=0))
         details: dict[str, Any] = {"type": bal_type, "owner": owner_idnat}
         if cert_dn:
             details["cert_dn"] = cert_dn
+        if quota_bytes is not None:
+            details["quota_bytes"] = quota_bytes
         await insert_audit(
             conn, AuditEvent(actor=actor, action="mailbox.create", target=address, details=details)
         )
         return mailbox_id
+
+
+async def set_quota(
+    engine: AsyncEngine, address: str, quota_bytes: int | None, *, actor: str
+) -> None:
+    """Set a mailbox's storage quota in octets (None: no limit). A mailbox already
+    holding more keeps its messages and takes no new ones until it is below."""
+    if quota_bytes is not None and quota_bytes < 0:
+        raise Invalid("a quota cannot be negative")
+    async with write_transaction(engine) as conn:
+        row = await _mailbox_row(conn, address)
+        await conn.execute(
+            mailboxes.update()
+            .where(mailboxes.c.id == row.id)
+            .values(quota_bytes=quota_bytes, updated_at=now())
+        )
+        await insert_audit(
+            conn,
+            AuditEvent(
+                actor=actor,
+                action="mailbox.quota",
+                target=address.lower(),
+                details={"from": row.quota_bytes, "to": quota_bytes},
+            ),
+        )
+
+
+async def mailbox_quota(engine: AsyncEngine, address: str) -> QuotaInfo:
+    """A mailbox's usage and quota (RFC 9208 STORAGE), as last committed."""
+    async with engine.connect() as conn:
+        row = await _mailbox_row(conn, address)
+        used, limit = await quota.read(conn, row.id)
+    return QuotaInfo(row.address, used, limit)
 
 
 async def set_mailbox_status(

@@ -15,7 +15,12 @@ Invariants:
 - UIDs are allocated from ``folders.uidnext`` inside the transaction, with the
   folder rows locked (PostgreSQL ``FOR UPDATE``, SQLite ``BEGIN IMMEDIATE``), in
   folder-id order so concurrent writers cannot deadlock;
-- change notifications are published after COMMIT, never before.
+- change notifications are published after COMMIT, never before;
+- a local recipient whose mailbox has no room for the message (quota.py) gets no
+  placement: its recipient row says ``over_quota`` and :attr:`StoredMessage.over_quota`
+  tells the caller, who reports it to the sender. A message that reaches nobody
+  at all is not stored: :class:`~mssd.store.quota.OverQuota` rolls its transaction
+  back (the batch is then retried message by message, as for any failure).
 """
 
 from __future__ import annotations
@@ -33,8 +38,10 @@ from sqlalchemy import Connection, bindparam, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from mssd.store import quota
 from mssd.store.audit import audit_row
 from mssd.store.engine import run_write
+from mssd.store.quota import OverQuota, Refusal
 from mssd.store.records import AuditEvent
 from mssd.store.schema import (
     audit,
@@ -91,6 +98,8 @@ class StoredMessage:
     placements: tuple[Placement, ...]
     queued: int = 0
     """Recipients left to the relay: outbound queue entries created with the message."""
+    over_quota: tuple[Refusal, ...] = ()
+    """Local recipients refused because their mailbox is full (nothing placed for them)."""
 
 
 def new_envelope_id() -> str:
@@ -144,10 +153,11 @@ def write_batch(conn: Connection, items: Sequence[Item]) -> list[StoredMessage |
 def _write_messages(
     conn: Connection, batch: Sequence[NewMessage], audit_rows: list[dict[str, Any]]
 ) -> list[StoredMessage]:
-    """Six statements per batch whatever its size: the blobs, the INBOX folders
-    (read and locked, then advanced), envelopes, recipients and placements, each
-    as one executemany; the audit rows are added to ``audit_rows``. Recipients left
-    to the relay add one more: their outbound queue entries (DESIGN.md step 4).
+    """Eight statements per batch whatever its size: the blobs, the INBOX folders
+    (read and locked, then advanced), the mailboxes' usage counters (the same),
+    envelopes, recipients and placements, each as one executemany; the audit rows
+    are added to ``audit_rows``. Recipients left to the relay add one more: their
+    outbound queue entries (DESIGN.md step 4).
     """
     postgres = conn.dialect.name == "postgresql"
     unique_blobs: dict[str, NewMessage] = {m.sha256: m for m in batch}
@@ -169,6 +179,8 @@ def _write_messages(
         rows = conn.execute(query, {"mailbox_ids": mailbox_ids}).tuples()
         for folder_id, mailbox_id, uidnext, modseq in rows:
             inbox[mailbox_id] = [folder_id, uidnext, modseq]
+    # After the folders (quota.py's lock order): the room left in each mailbox.
+    usages = quota.lock(conn, mailbox_ids)
     results: list[StoredMessage] = []
     envelope_rows: list[dict[str, Any]] = []
     recipient_rows: list[dict[str, Any]] = []
@@ -192,12 +204,23 @@ def _write_messages(
             }
         )
         placed: list[Placement] = []
+        refused: list[Refusal] = []
         for recipient in message.recipients:
             status = "queued"
-            if recipient.mailbox_id is not None:
+            # Our own reports to our own senders are never refused (quota.py says why).
+            refusal = (
+                None
+                if recipient.mailbox_id is None or message.source == "report"
+                else usages[recipient.mailbox_id].refusal(len(message.content))
+            )
+            if refusal is not None:
+                refused.append(refusal)
+                status = "over_quota"
+            elif recipient.mailbox_id is not None:
                 state = inbox.get(recipient.mailbox_id)
                 if state is None:
                     raise LookupError(f"mailbox {recipient.address} has no INBOX folder")
+                usages[recipient.mailbox_id].add(len(message.content))
                 folder_id, uid, modseq = state
                 state[1], state[2] = uid + 1, modseq + 1
                 placement = Placement(recipient.mailbox_id, folder_id, uid, modseq + 1)
@@ -239,6 +262,19 @@ def _write_messages(
                     "status": status,
                 }
             )
+        queued = len(message.recipients) - len(placed) - len(refused)
+        if refused and not placed and not queued:
+            # RFC 5321 §4.2.2 552: nobody can take it, so nothing is kept.
+            raise OverQuota(refused)
+        details: dict[str, Any] = {
+            "from": message.mail_from,
+            "to": [r.address for r in message.recipients],
+            "size": len(message.content),
+            "sha256": message.sha256,
+            "source": message.source,
+        }
+        if refused:
+            details["over_quota"] = [r.address for r in refused]
         audit_rows.append(
             audit_row(
                 AuditEvent(
@@ -246,24 +282,18 @@ def _write_messages(
                     action="message.accept",
                     target=envelope_id,
                     remote=message.remote,
-                    details={
-                        "from": message.mail_from,
-                        "to": [r.address for r in message.recipients],
-                        "size": len(message.content),
-                        "sha256": message.sha256,
-                        "source": message.source,
-                    },
+                    details=details,
                     at=message.received_at,
                 )
             )
         )
-        queued = len(message.recipients) - len(placed)
-        results.append(StoredMessage(envelope_id, tuple(placed), queued))
+        results.append(StoredMessage(envelope_id, tuple(placed), queued, tuple(refused)))
     if inbox:
         conn.execute(
             _ADVANCE_FOLDER,
             [{"folder": f, "next": u, "modseq": m} for f, u, m in inbox.values()],
         )
+    quota.save(conn, usages.values())
     conn.execute(_INSERT_ENVELOPE, envelope_rows)
     conn.execute(_INSERT_RECIPIENT, recipient_rows)
     if placement_rows:

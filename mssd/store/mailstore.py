@@ -47,11 +47,13 @@ from sqlalchemy import Connection, bindparam, delete, func, insert, select, upda
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from mssd.store import quota as quotas
 from mssd.store.audit import insert_audit
 from mssd.store.changes import FlagState, FolderChange, FolderDelta
 from mssd.store.delivery import INSERT_BLOB
 from mssd.store.engine import run_read, run_write, write_transaction
 from mssd.store.messages import as_utc
+from mssd.store.quota import OverQuota, QuotaInfo
 from mssd.store.records import AuditEvent
 from mssd.store.schema import (
     accounts,
@@ -260,7 +262,7 @@ _DELETE_PLACEMENTS = delete(placements).where(
     placements.c.folder_id == bindparam("b_folder"),
     placements.c.uid.in_(bindparam("b_uids", expanding=True)),
 )
-_DELETED = select(placements.c.uid, placements.c.flags).where(
+_DELETED = select(placements.c.uid, placements.c.flags, placements.c.size).where(
     placements.c.folder_id == bindparam("b_folder"),
     placements.c.flags.contains("\\Deleted", autoescape=True),
 )
@@ -595,6 +597,13 @@ class MailStore:
                 await conn.scalar(select(folders.c.uidvalidity).where(folders.c.id == folder_id))
                 or 0
             )
+            # One SUM over the rows this deletes anyway: the mailbox's room comes back.
+            freed = await conn.scalar(
+                select(func.coalesce(func.sum(placements.c.size), 0)).where(
+                    placements.c.folder_id == folder_id
+                )
+            )
+            await conn.run_sync(quotas.release, folder_id, int(freed or 0))
             await conn.execute(delete(placements).where(placements.c.folder_id == folder_id))
             await conn.execute(delete(expunges).where(expunges.c.folder_id == folder_id))
             await conn.execute(delete(folders).where(folders.c.id == folder_id))
@@ -845,14 +854,11 @@ class MailStore:
         return changed, sorted({uid for uid, _ in expunged}), highest
 
     async def usage(self, mailbox_id: int) -> int:
-        """Octets stored in the mailbox's folders (RFC 9208 STORAGE counts KiB)."""
+        """Octets stored in the mailbox's folders (RFC 9208 STORAGE counts KiB): its
+        usage counter, kept by every writer (quota.py)."""
         async with self._engine.connect() as conn:
-            total = await conn.scalar(
-                select(func.coalesce(func.sum(placements.c.size), 0))
-                .select_from(placements.join(folders, folders.c.id == placements.c.folder_id))
-                .where(folders.c.mailbox_id == mailbox_id)
-            )
-        return int(total or 0)
+            used, _ = await quotas.read(conn, mailbox_id)
+        return used
 
     # -- writing messages ------------------------------------------------------------
 
@@ -924,17 +930,19 @@ class MailStore:
         def work(conn: Connection) -> tuple[list[int], int, int]:
             counters = _lock_folders(conn, [folder_id])
             since = counters[folder_id].highestmodseq
-            candidates: list[tuple[int, str]] = []
+            candidates: list[tuple[int, str, int]] = []
             if uids is None:
                 candidates.extend(conn.execute(_DELETED, {"b_folder": folder_id}).tuples())
             else:
                 for chunk in _chunks(uids):
                     rows = conn.execute(_DELETED_IN, {"b_folder": folder_id, "b_uids": chunk})
                     candidates.extend(rows.tuples())
-            doomed = sorted(uid for uid, stored in candidates if "\\Deleted" in stored.split())
+            sizes = {uid: size for uid, stored, size in candidates if "\\Deleted" in stored.split()}
+            doomed = sorted(sizes)
             if doomed:
                 _expunge_locked(conn, folder_id, counters[folder_id], doomed)
                 _save(conn, counters)
+                quotas.release(conn, folder_id, sum(sizes.values()))
             return doomed, since, counters[folder_id].highestmodseq
 
         doomed, since, highest = await run_write(self._engine, work)
@@ -969,6 +977,16 @@ class MailStore:
                 rows.extend(conn.execute(_TRANSFERRED, {"b_folder": src, "b_uids": chunk}).all())
             if not rows:
                 return [], []
+            usage = quotas.lock_for_folders(conn, [src, dst])
+            total = sum(int(row.size) for row in rows)
+            if not (move and usage[src] is usage[dst]):
+                # RFC 9208 §4.3.1: refused if the target's quota root would go over.
+                # A MOVE inside one mailbox adds nothing: allowed even over quota
+                # (to Trash, say), so that a full mailbox can be tidied.
+                usage[dst].take(total)
+                if move:
+                    usage[src].add(-total)
+                quotas.save(conn, usage.values())
             new_rows = []
             for uid, sha, flags, internal_date, size in rows:
                 new_uid = target.next_uid()
@@ -1005,7 +1023,10 @@ class MailStore:
                 changes.append(FolderChange(src, counters[src].highestmodseq, "expunge", delta))
             return pairs, changes
 
-        pairs, changes = await run_write(self._engine, work)
+        try:
+            pairs, changes = await run_write(self._engine, work)
+        except OverQuota as refused:
+            raise MailStoreError("OVERQUOTA", refused.text) from None
         self._emit(changes)
         return pairs
 
@@ -1045,6 +1066,10 @@ class MailStore:
             counters = _lock_folders(conn, [folder_id])
             folder = counters[folder_id]
             since = folder.highestmodseq
+            # RFC 9208 §4.3.1, RFC 3502 §6.3.11: the whole MULTIAPPEND fits, or none of it.
+            usage = quotas.lock_for_folders(conn, [folder_id])[folder_id]
+            usage.take(sum(len(content) for content, _, _ in messages))
+            quotas.save(conn, [usage])
             added = tuple(
                 FlagState(folder.next_uid(), parse_flags(format_flags(flags)), folder.next_modseq())
                 for _, flags, _ in messages
@@ -1067,7 +1092,10 @@ class MailStore:
             uids = [state.uid for state in added]
             return uids, FolderChange(folder_id, folder.highestmodseq, "exists", delta)
 
-        uids, change = await run_write(self._engine, work)
+        try:
+            uids, change = await run_write(self._engine, work)
+        except OverQuota as refused:
+            raise MailStoreError("OVERQUOTA", refused.text) from None
         self._emit([change])
         return uids
 
@@ -1183,18 +1211,5 @@ class MailStore:
             space = next((s for s in spaces if s.address == root.lower()), None)
             if space is None:
                 return None
-            limit = await conn.scalar(
-                select(mailboxes.c.quota_bytes).where(mailboxes.c.id == space.mailbox_id)
-            )
-        used = await self.usage(space.mailbox_id)
-        return QuotaInfo(space.address, used, None if limit is None else int(limit))
-
-
-@dataclass(frozen=True)
-class QuotaInfo:
-    """One quota root (RFC 9208 §3): a whole mailbox (BAL), in octets."""
-
-    root: str
-    used: int
-    limit: int | None
-    """None: no limit, so no resource is reported."""
+            used, limit = await quotas.read(conn, space.mailbox_id)
+        return QuotaInfo(space.address, used, limit)

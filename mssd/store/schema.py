@@ -78,6 +78,17 @@ mailboxes = Table(
     CheckConstraint("status IN ('active', 'suspended', 'closed')", name="status"),
 )
 
+# What each mailbox's placements weigh (migration 0006): the sum of their ``size``,
+# kept by the writers that add or remove placements, in the same transactions
+# (mssd/store/quota.py). A table of its own so that its row locks never meet the
+# mailbox row that folder creation, deletion and renaming lock.
+mailbox_usage = Table(
+    "mailbox_usage",
+    metadata,
+    Column("mailbox_id", Integer, ForeignKey("mailboxes.id"), primary_key=True),
+    Column("used_bytes", BigInteger, nullable=False),
+)
+
 delegations = Table(
     "delegations",
     metadata,
