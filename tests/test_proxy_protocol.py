@@ -1,15 +1,26 @@
 """The PROXY protocol header parser on the exact octets of haproxy's
 ``proxy-protocol.txt`` (cited as PP §n), and fuzzed: it never reads past a header
-and never fails with anything but HeaderError."""
+and never fails with anything but HeaderError. The listeners that use it are
+tested over real sockets in ``test_imap_proxy_protocol.py``."""
 
 from __future__ import annotations
+
+import asyncio
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from proxy_headers import SIGNATURE, V2_LOCAL, tlv, v1, v2
 
-from mssd.proxy_protocol import Endpoint, HeaderError, Incomplete, ProxyHeader, parse
+from mssd.proxy_protocol import (
+    Endpoint,
+    HeaderError,
+    Incomplete,
+    ProxyHeader,
+    parse,
+    start_proxied_server,
+)
+from mssd.proxy_protocol.accept import REFUSED
 from mssd.proxy_protocol.header import V1_MAX_LENGTH, V2_MAX_BLOCK
 
 IMAP_COMMAND = b"a1 CAPABILITY\r\n"
@@ -257,3 +268,64 @@ def test_damaged_input_is_refused_or_read_exactly(data: bytes, sizes: list[int])
         return
     assert parsed.length == read
     assert parsed.version in (1, 2)
+
+
+# -- the asyncio layer, in process ------------------------------------------------
+
+
+async def test_connections_closed_before_a_session_are_counted_by_reason() -> None:
+    served: list[ProxyHeader] = []
+
+    async def serve(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, header: ProxyHeader
+    ) -> None:
+        served.append(header)
+        writer.close()
+
+    async def listen(name: str, allowed: bool) -> int:
+        server = await start_proxied_server(
+            serve,
+            "127.0.0.1",
+            0,
+            name=name,
+            allowed=lambda address: allowed,
+            header_timeout=0.2,
+            tls=None,
+            limit=1024,
+            backlog=8,
+        )
+        servers.append(server)
+        return int(server.sockets[0].getsockname()[1])
+
+    async def closed_after(port: int, sent: bytes) -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(sent)
+        try:
+            return await asyncio.wait_for(reader.read(), 5)
+        except ConnectionResetError:
+            return b""
+        finally:
+            writer.close()
+
+    servers: list[asyncio.Server] = []
+    try:
+        balanced = await listen("test-balanced", allowed=True)
+        elsewhere = await listen("test-elsewhere", allowed=False)
+        before = {
+            reason: REFUSED.value(name, reason)
+            for name, reason in [
+                ("test-balanced", "invalid"),
+                ("test-balanced", "timeout"),
+                ("test-elsewhere", "not-allowed"),
+            ]
+        }
+        assert await closed_after(balanced, b"a1 NOOP\r\n\r\n\r\n") == b""
+        assert await closed_after(balanced, b"") == b""  # the timeout closes it
+        assert await closed_after(elsewhere, v2("192.0.2.1", "192.0.2.2", 1, 2)) == b""
+        assert REFUSED.value("test-balanced", "invalid") == before["invalid"] + 1
+        assert REFUSED.value("test-balanced", "timeout") == before["timeout"] + 1
+        assert REFUSED.value("test-elsewhere", "not-allowed") == before["not-allowed"] + 1
+        assert served == []
+    finally:
+        for server in servers:
+            server.close()

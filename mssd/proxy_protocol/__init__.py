@@ -18,6 +18,7 @@ Invariants:
   timeout closes the connection.
 """
 
+from mssd.proxy_protocol.accept import ProxiedHandler, start_proxied_server
 from mssd.proxy_protocol.header import (
     Endpoint,
     HeaderError,
@@ -30,6 +31,8 @@ __all__ = [
     "Endpoint",
     "HeaderError",
     "Incomplete",
+    "ProxiedHandler",
     "ProxyHeader",
     "parse",
+    "start_proxied_server",
 ]
