@@ -9,6 +9,9 @@ Invariants:
   whatever the mailbox size.
 - An unexpected error in a command is logged and answered with a tagged NO;
   the connection stays usable.
+- With ``imap.proxy_protocol`` the session's address (trusted networks, rate
+  limits, audit) is the PROXY header's source, read before the greeting and
+  before TLS on the implicit-TLS port (``mssd.proxy_protocol``).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from mssd.imap import acl, encode, mailboxes, messages, sort
 from mssd.imap.commands import Command, IdleDone, NeedContinuation, ProtocolError, SaslResponse
 from mssd.imap.protocol import CommandReader
 from mssd.imap.session import Bye, Services, Session
+from mssd.proxy_protocol import ProxyHeader, start_proxied_server
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +100,7 @@ class Connection:
         tls: ssl.SSLContext,
         implicit_tls: bool,
         trusted: Callable[[str], bool],
+        remote: str,
     ) -> None:
         self.reader = reader
         self.writer = writer
@@ -103,8 +108,6 @@ class Connection:
         self._output_size = 0
         self.settings = settings
         self.tls_context = tls
-        peer = writer.get_extra_info("peername")
-        remote = str(peer[0]) if peer else ""
         self.commands = self._new_reader(services)
         self.session = Session(
             services,
@@ -312,16 +315,34 @@ class Connection:
                 read_task.cancel()
 
 
+_Serve = Callable[[asyncio.StreamReader, asyncio.StreamWriter, ProxyHeader | None], Awaitable[None]]
+"""Serves one IMAP connection; the PROXY header, if the listener expects one."""
+
+
+def _without_header(
+    serve: _Serve,
+) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:
+    return lambda reader, writer: serve(reader, writer, None)
+
+
 async def start_imap(
     settings: Settings, services: Services, tls: ssl.SSLContext
 ) -> list[ImapListener]:
     trusted = trusted_matcher(settings.server.trusted_networks)
+    balancers = trusted_matcher(settings.imap.proxy_protocol_networks)
     listeners: list[ImapListener] = []
 
-    def handler(
-        implicit: bool,
-    ) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:
-        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def handler(implicit: bool) -> _Serve:
+        async def handle(
+            reader: asyncio.StreamReader, writer: asyncio.StreamWriter, header: ProxyHeader | None
+        ) -> None:
+            # Behind a load balancer the client is the header's source (DESIGN.md,
+            # Scale-out); without one (or with a LOCAL header) the socket's peer.
+            if header is not None and header.source is not None:
+                remote = header.source.address
+            else:
+                peer = writer.get_extra_info("peername")
+                remote = str(peer[0]) if peer else ""
             connection = Connection(
                 reader,
                 writer,
@@ -330,6 +351,7 @@ async def start_imap(
                 tls=tls,
                 implicit_tls=implicit,
                 trusted=trusted,
+                remote=remote,
             )
             try:
                 await connection.run()
@@ -351,15 +373,29 @@ async def start_imap(
         host, _, port = address.rpartition(":")
         host = host.strip("[]")
         try:
-            server = await asyncio.start_server(
-                handler(implicit),
-                host,
-                int(port),
-                ssl=tls if implicit else None,
-                reuse_address=True,
-                backlog=512,
-                limit=_READ_SIZE,
-            )
+            if settings.imap.proxy_protocol:
+                # The header comes first, before the greeting or the TLS handshake.
+                server = await start_proxied_server(
+                    handler(implicit),
+                    host,
+                    int(port),
+                    name=name,
+                    allowed=balancers,
+                    header_timeout=settings.imap.proxy_protocol_timeout_seconds,
+                    tls=tls if implicit else None,
+                    limit=_READ_SIZE,
+                    backlog=512,
+                )
+            else:
+                server = await asyncio.start_server(
+                    _without_header(handler(implicit)),
+                    host,
+                    int(port),
+                    ssl=tls if implicit else None,
+                    reuse_address=True,
+                    backlog=512,
+                    limit=_READ_SIZE,
+                )
         except OSError as error:
             for listener in listeners:
                 listener.server.close()
