@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from fuzzing import mutated
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from proxy_headers import SIGNATURE, V2_LOCAL, tlv, v1, v2
@@ -240,23 +241,8 @@ def test_any_valid_header_is_read_to_its_last_octet_and_no_further(
     assert parsed.source == source
 
 
-@st.composite
-def mutated_headers(draw: st.DrawFn) -> bytes:
-    data = bytearray(draw(headers())[0])
-    for _ in range(draw(st.integers(1, 4))):
-        at = draw(st.integers(0, len(data)))
-        operation = draw(st.integers(0, 2))
-        if operation == 0 and at < len(data):
-            del data[at]
-        elif operation == 1:
-            data[at:at] = draw(st.binary(min_size=1, max_size=3))
-        elif at < len(data):
-            data[at] = draw(st.integers(0, 255))
-    return bytes(data)
-
-
 @given(
-    st.one_of(mutated_headers(), st.binary(max_size=200)),
+    st.one_of(mutated(headers().map(lambda case: case[0])), st.binary(max_size=200)),
     st.lists(st.integers(1, 60), max_size=40),
 )
 @settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
