@@ -222,6 +222,12 @@ def test_tls_without_a_header_on_993_is_refused(proxied: MssdProcess) -> None:
         )
 
 
+def test_plaintext_after_the_header_on_993_fails_the_handshake(proxied: MssdProcess) -> None:
+    with socket.create_connection(("127.0.0.1", proxied.imaps), timeout=30) as raw:
+        raw.sendall(v2("198.51.100.60", "192.0.2.1", 50000, 993) + b"a1 CAPABILITY\r\n")
+        assert_closed_without_greeting(raw)
+
+
 def test_a_client_waiting_for_a_greeting_is_closed_after_the_header_timeout(
     proxied: MssdProcess,
 ) -> None:

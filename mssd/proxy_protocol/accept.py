@@ -159,9 +159,9 @@ class _HeaderProtocol(asyncio.BufferedProtocol):
             secured = await asyncio.get_running_loop().start_tls(
                 transport, stream, context, server_side=True
             )
-        except OSError as error:
-            # start_tls has closed the connection.
+        except OSError as error:  # ssl.SSLError, a reset, the handshake timeout
             log.info("%s: TLS handshake with %s failed: %s", self._listener.name, self._peer, error)
+            transport.close()
             return
         if secured is None:
             transport.close()

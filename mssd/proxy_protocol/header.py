@@ -189,7 +189,7 @@ def _check_tlvs(data: bytes) -> None:
     """PP §2.2: after the addresses, type (1 octet), length (2 octets), value.
 
     None is interpreted (PP §2.2: "A receiver may choose to skip over and ignore
-    the TLVs"; PP_TYPE_CRC32C is optional to support), but they must tile the rest
+    the TLVs"; checking PP2_TYPE_CRC32C is optional, PP §2.2.3), but they must tile the rest
     of the block exactly: anything else means the header is not what it claims."""
     offset = 0
     while offset < len(data):
