@@ -79,6 +79,11 @@ class ImapSettings:
     """Messages whose internal date, size and digest are kept in memory (0: none)."""
     workers: int = 1
     """Processes serving IMAP (``mssd.workers``); more than one needs PostgreSQL."""
+    proxy_protocol: bool = False
+    """Every connection starts with a PROXY header (v1 or v2) naming the client."""
+    proxy_protocol_networks: tuple[str, ...] = ()
+    """Load balancers allowed to send PROXY headers; required with proxy_protocol."""
+    proxy_protocol_timeout_seconds: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -385,13 +390,16 @@ def validate(settings: Settings) -> Settings:
         )
     if settings.auth.psc_leeway_seconds < 0:
         raise ConfigError("auth.psc_leeway_seconds: must not be negative")
-    for network in settings.server.trusted_networks:
-        try:
-            ipaddress.ip_network(network, strict=False)
-        except ValueError:
-            raise ConfigError(
-                f"server.trusted_networks: {network!r} is not an IP network (e.g. 127.0.0.0/8)"
-            ) from None
+    _validate_networks("server.trusted_networks", settings.server.trusted_networks)
+    _validate_networks("imap.proxy_protocol_networks", settings.imap.proxy_protocol_networks)
+    if settings.imap.proxy_protocol and not settings.imap.proxy_protocol_networks:
+        raise ConfigError(
+            "imap.proxy_protocol_networks: list the load balancers' networks (PROXY headers "
+            "from anywhere else would let any client choose its own address)"
+        )
+    if settings.imap.proxy_protocol_timeout_seconds < 3:
+        # proxy-protocol.txt §2: "at least 3 seconds to cover a TCP retransmit".
+        raise ConfigError("imap.proxy_protocol_timeout_seconds: must be 3 or more")
     if bool(settings.auth.psc_issuer) != bool(settings.auth.psc_jwks_url):
         raise ConfigError(
             "auth.psc_issuer and auth.psc_jwks_url: set both to enable Pro Santé Connect "
@@ -428,6 +436,16 @@ def validate(settings: Settings) -> Settings:
         raise ConfigError(f"server.hostname: invalid host name {settings.server.hostname!r}")
     _validate_annuaire(settings.annuaire)
     return settings
+
+
+def _validate_networks(key: str, networks: tuple[str, ...]) -> None:
+    for network in networks:
+        try:
+            ipaddress.ip_network(network, strict=False)
+        except ValueError:
+            raise ConfigError(
+                f"{key}: {network!r} is not an IP network (e.g. 127.0.0.0/8)"
+            ) from None
 
 
 def _validate_whitelist(whitelist: WhitelistSettings) -> None:

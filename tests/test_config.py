@@ -79,6 +79,21 @@ def test_environment_overrides_the_file(tmp_path: Path) -> None:
             "server.trusted_networks: '10.0.0.0/33'",
         ),
         (
+            "[imap]\nproxy_protocol = true\n",
+            {},
+            "imap.proxy_protocol_networks: list the load balancers' networks",
+        ),
+        (
+            "[imap]\nproxy_protocol_networks = ['balancer']\n",
+            {},
+            "imap.proxy_protocol_networks: 'balancer' is not an IP network",
+        ),
+        (
+            "[imap]\nproxy_protocol_timeout_seconds = 1.0\n",
+            {},
+            "imap.proxy_protocol_timeout_seconds: must be 3 or more",
+        ),
+        (
             "[pki]\noperator_structure = '42'\n",
             {},
             "pki.operator_structure: '42' is not an idNat_Struct",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 
 import pytest
+from fuzzing import mutated
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -766,22 +767,7 @@ def test_random_bytes_only_ever_yield_events(data: bytes) -> None:
         assert isinstance(event, Command | NeedContinuation | ProtocolError)
 
 
-@st.composite
-def mutated(draw: st.DrawFn) -> bytes:
-    data = bytearray(draw(st.sampled_from(VALID)))
-    for _ in range(draw(st.integers(1, 4))):
-        op = draw(st.integers(0, 2))
-        at = draw(st.integers(0, len(data)))
-        if op == 0 and at < len(data):
-            del data[at]
-        elif op == 1:
-            data[at:at] = draw(st.binary(min_size=1, max_size=3))
-        elif at < len(data):
-            data[at] = draw(st.integers(0, 255))
-    return bytes(data)
-
-
-@given(mutated(), st.lists(st.integers(0, 400), max_size=6))
+@given(mutated(st.sampled_from(VALID)), st.lists(st.integers(0, 400), max_size=6))
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 def test_mutated_commands_yield_the_same_events_however_chunked(
     data: bytes, cuts: list[int]

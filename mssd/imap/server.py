@@ -9,6 +9,9 @@ Invariants:
   whatever the mailbox size.
 - An unexpected error in a command is logged and answered with a tagged NO;
   the connection stays usable.
+- With ``imap.proxy_protocol`` the session's address (trusted networks, rate
+  limits, audit) is the PROXY header's source, read before the greeting and
+  before TLS on the implicit-TLS port (``mssd.proxy_protocol``).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from mssd.imap import acl, encode, mailboxes, messages, search, sort
 from mssd.imap.commands import Command, IdleDone, NeedContinuation, ProtocolError, SaslResponse
 from mssd.imap.protocol import CommandReader
 from mssd.imap.session import Bye, Services, Session
+from mssd.proxy_protocol import ProxyHeader, start_proxied_server
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +101,7 @@ class Connection:
         tls: ssl.SSLContext,
         implicit_tls: bool,
         trusted: Callable[[str], bool],
+        remote: str,
     ) -> None:
         self.reader = reader
         self.writer = writer
@@ -104,8 +109,6 @@ class Connection:
         self._output_size = 0
         self.settings = settings
         self.tls_context = tls
-        peer = writer.get_extra_info("peername")
-        remote = str(peer[0]) if peer else ""
         self.commands = self._new_reader(services)
         self.session = Session(
             services,
@@ -324,6 +327,16 @@ def imap_addresses(settings: Settings) -> list[tuple[str, str]]:
     return [(name, address) for name, address in plans if address]
 
 
+_Serve = Callable[[asyncio.StreamReader, asyncio.StreamWriter, ProxyHeader | None], Awaitable[None]]
+"""Serves one IMAP connection; the PROXY header, if the listener expects one."""
+
+
+def _without_header(
+    serve: _Serve,
+) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:
+    return lambda reader, writer: serve(reader, writer, None)
+
+
 async def start_imap(
     settings: Settings,
     services: Services,
@@ -334,12 +347,20 @@ async def start_imap(
     """The listeners on their configured addresses, or on ``sockets`` (by
     listener name) bound already (``mssd.workers``)."""
     trusted = trusted_matcher(settings.server.trusted_networks)
+    balancers = trusted_matcher(settings.imap.proxy_protocol_networks)
     listeners: list[ImapListener] = []
 
-    def handler(
-        implicit: bool,
-    ) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:
-        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def handler(implicit: bool) -> _Serve:
+        async def handle(
+            reader: asyncio.StreamReader, writer: asyncio.StreamWriter, header: ProxyHeader | None
+        ) -> None:
+            # Behind a load balancer the client is the header's source (DESIGN.md,
+            # Scale-out); without one (or with a LOCAL header) the socket's peer.
+            if header is not None and header.source is not None:
+                remote = header.source.address
+            else:
+                peer = writer.get_extra_info("peername")
+                remote = str(peer[0]) if peer else ""
             connection = Connection(
                 reader,
                 writer,
@@ -348,6 +369,7 @@ async def start_imap(
                 tls=tls,
                 implicit_tls=implicit,
                 trusted=trusted,
+                remote=remote,
             )
             try:
                 await connection.run()
@@ -364,16 +386,31 @@ async def start_imap(
         host, _, port = address.rpartition(":")
         host = host.strip("[]")
         try:
-            if sockets is not None:
-                server = await asyncio.start_server(
+            sock = sockets[name] if sockets is not None else None
+            if settings.imap.proxy_protocol:
+                # The header comes first, before the greeting or the TLS handshake.
+                server = await start_proxied_server(
                     handler(implicit),
-                    sock=sockets[name],
+                    host,
+                    int(port),
+                    name=name,
+                    allowed=balancers,
+                    header_timeout=settings.imap.proxy_protocol_timeout_seconds,
+                    tls=tls if implicit else None,
+                    limit=_READ_SIZE,
+                    backlog=512,
+                    sock=sock,
+                )
+            elif sock is not None:
+                server = await asyncio.start_server(
+                    _without_header(handler(implicit)),
+                    sock=sock,
                     ssl=tls if implicit else None,
                     limit=_READ_SIZE,
                 )
             else:
                 server = await asyncio.start_server(
-                    handler(implicit),
+                    _without_header(handler(implicit)),
                     host,
                     int(port),
                     ssl=tls if implicit else None,
