@@ -205,13 +205,20 @@ async def run_read(
                 await conn.execution_options(isolation_level="REPEATABLE READ")
             return await conn.run_sync(work)
     sync_engine, executor = reader
+    if small:
+        # The event loop keeps one connection: a pool check-out and its reset
+        # would cost twice the read itself.
+        inline: Connection | None = getattr(engine.sync_engine, "_mssd_inline_reader", None)
+        if inline is None or inline.closed or inline.invalidated:
+            inline = sync_engine.connect()
+            engine.sync_engine._mssd_inline_reader = inline  # type: ignore[attr-defined]
+        with inline.begin():
+            return work(inline)
 
     def transaction() -> T:
         with sync_engine.connect() as conn, conn.begin():
             return work(conn)
 
-    if small:
-        return transaction()
     return await asyncio.get_running_loop().run_in_executor(executor, transaction)
 
 
@@ -223,6 +230,10 @@ def _close_writer(writer: Engine, executor: concurrent.futures.ThreadPoolExecuto
 async def dispose(engine: AsyncEngine) -> None:
     """Close the engine's connections, its SQLite writer's included (after the
     writer's last transaction)."""
+    inline = getattr(engine.sync_engine, "_mssd_inline_reader", None)
+    if inline is not None:
+        del engine.sync_engine._mssd_inline_reader  # type: ignore[attr-defined]
+        inline.close()
     for attribute in ("_mssd_sqlite_writer", "_mssd_sqlite_reader"):
         held = getattr(engine.sync_engine, attribute, None)
         if held is not None:
