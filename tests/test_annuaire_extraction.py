@@ -221,6 +221,48 @@ async def test_reimport_replaces_the_previous_file_whole(
     assert events[0].details == {"entries": 10, "previous": before}
 
 
+def test_a_field_too_long_for_the_store_refuses_its_line_and_the_file(
+    store_url: str, tmp_path: Path
+) -> None:
+    # On PostgreSQL an over-long postcode or phone used to stop the import half-way
+    # with a DataError; now every such line is named and nothing is imported.
+    cli = Cli(store_url, tmp_path)
+    cli.ok("db", "upgrade")
+    first = tmp_path / "first.txt"
+    write_extraction(first, PEOPLE[:50])
+    cli.ok("annuaire", "import", str(first))
+    postcode = EXTRACTION_COLUMNS.index("Code postal structure BAL")
+    lines = []
+    for person in PEOPLE[50:80]:
+        fields = extraction_line(person).split("|")
+        phone = "01 02 03 04 05"
+        if len(lines) == 3:  # line 5
+            fields[postcode] = "75014" * 4
+        if len(lines) == 7:  # line 9
+            phone = "0" * 70
+        lines.append("|".join([*fields, phone]))
+    bad = tmp_path / "bad.txt"
+    bad.write_text("\n".join([HEADER + "|Téléphone", *lines]) + "\n", encoding="utf-8")
+    result = cli("annuaire", "import", str(bad))
+    refused(result, 2, "2 lines refused")
+    assert (
+        "line 5: Code postal is 20 characters long, at most 16 fit: '75014750147501475014'"
+        in result.stderr
+    )
+    assert "line 9: Téléphone is 70 characters long, at most 64 fit" in result.stderr
+    assert "nothing was imported" in result.stderr
+    # The previous import is whole; nothing of the refused file is there.
+    assert PEOPLE[3].address in cli.ok("annuaire", "lookup", PEOPLE[3].address)
+    refused(cli("annuaire", "lookup", PEOPLE[52].address), 1, "not found")
+    # The same file with the two lines mended imports, phone numbers included.
+    lines[3] = lines[3].replace("75014" * 4, "75014")
+    lines[7] = lines[7].replace("0" * 70, "+33 1 02 03 04 05")
+    bad.write_text("\n".join([HEADER + "|Téléphone", *lines]) + "\n", encoding="utf-8")
+    assert "30 mailboxes imported" in cli.ok("annuaire", "import", str(bad))
+    shown = cli.ok("annuaire", "lookup", PEOPLE[57].address, "--json")
+    assert '"phone": "+33 1 02 03 04 05"' in shown
+
+
 async def test_a_file_that_is_not_utf8_names_the_line(engine: AsyncEngine, tmp_path: Path) -> None:
     path = tmp_path / "latin1.txt"
     path.write_bytes((HEADER + "\n" + extraction_line(PEOPLE[0]) + "\n").encode("latin-1"))
