@@ -26,7 +26,6 @@ responsible, phone; CAB: + description, responsible).
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import urllib.parse
@@ -350,9 +349,7 @@ async def _publish_ldap(
                 out("")
                 continue
             try:
-                done = await asyncio.to_thread(
-                    publisher.write, mailbox, decision.action == "delete"
-                )
+                done = await publisher.write(mailbox, decision.action == "delete")
             except DirectoryError as error:
                 await _record(
                     engine,
@@ -383,7 +380,7 @@ async def _publish_ldap(
             out(f"ldap {mailbox.address}: {done} {dn}")
     finally:
         if publisher is not None:
-            await asyncio.to_thread(publisher.close)
+            await publisher.close()
 
 
 async def run_publication(
