@@ -291,6 +291,8 @@ class PublishedMailbox:
 class PublicationState:
     published: bool
     fingerprint: str | None
+    location: str | None
+    """Where the mailbox is published, when it is (and was recorded)."""
     action: str
     outcome: str
     http_status: int | None
@@ -394,6 +396,7 @@ async def publication_states(engine: AsyncEngine, target: str) -> dict[int, Publ
             row.mailbox_id: PublicationState(
                 published=row.published,
                 fingerprint=row.fingerprint,
+                location=row.location,
                 action=row.action,
                 outcome=row.outcome,
                 http_status=row.http_status,
@@ -411,6 +414,7 @@ async def record_publication(
     *,
     published: bool,
     fingerprint: str | None,
+    location: str | None,
     action: str,
     outcome: str,
     http_status: int | None,
@@ -423,6 +427,7 @@ async def record_publication(
         "target": target,
         "published": published,
         "fingerprint": fingerprint,
+        "location": location,
         "action": action,
         "outcome": outcome,
         "http_status": http_status,
@@ -438,6 +443,11 @@ async def record_publication(
                 action="annuaire.publish",
                 target=address,
                 result=outcome,
-                details={"target": target, "action": action, "status": http_status},
+                details={
+                    "target": target,
+                    "action": action,
+                    "status": http_status,
+                    "location": location,
+                },
             ),
         )
