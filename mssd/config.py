@@ -141,6 +141,8 @@ class AnnuaireSettings:
     """Longest a lookup may take; beyond, the caller gets "unknown"."""
     cache_ttl_seconds: int = 86400
     negative_ttl_seconds: int = 3600
+    cache_purge_seconds: float = 3600
+    """How often ``mssd serve`` deletes expired cache rows (0: never)."""
     search_limit: int = 50
     ldap_url: str = ""
     ldap_starttls: bool = False
@@ -520,7 +522,12 @@ def _validate_annuaire(annuaire: AnnuaireSettings) -> None:
     ):
         if getattr(annuaire, key) <= 0:
             raise ConfigError(f"annuaire.{key}: must be greater than 0")
-    for key in ("negative_ttl_seconds", "fhir_retries", "fhir_backoff_seconds"):
+    for key in (
+        "negative_ttl_seconds",
+        "cache_purge_seconds",
+        "fhir_retries",
+        "fhir_backoff_seconds",
+    ):
         if getattr(annuaire, key) < 0:
             raise ConfigError(f"annuaire.{key}: must not be negative")
     if "ldap" in annuaire.backends or "ldap" in annuaire.publish_targets:

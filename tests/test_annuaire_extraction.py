@@ -19,6 +19,8 @@ from annuaire_population import (
     rpps,
     write_extraction,
 )
+from conftest import PkiBundle, start_mssd
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 from test_cli import Cli, refused
 
@@ -30,6 +32,7 @@ from mssd.annuaire.resolver import Resolver, ResolverPolicy
 from mssd.store import annuaire as store
 from mssd.store.audit import read_audit
 from mssd.store.engine import create_engine, upgrade
+from mssd.store.schema import annuaire_cache
 
 PEOPLE = population(2000)
 HEADER = "|".join(EXTRACTION_COLUMNS)
@@ -338,6 +341,34 @@ async def test_cache_entries_expire(engine: AsyncEngine) -> None:
     await asyncio.sleep(0.3)
     assert (await directory.lookup_address("late@remote.test")).status == "found"
     assert backend.calls == 2
+
+
+async def cached_keys(engine: AsyncEngine) -> set[str]:
+    async with engine.connect() as conn:
+        return set((await conn.scalars(select(annuaire_cache.c.key))).all())
+
+
+async def test_mssd_serve_purges_expired_cache_answers_on_schedule(
+    engine: AsyncEngine, store_url: str, tmp_path: Path, test_pki: PkiBundle
+) -> None:
+    for key, ttl in (("address:old@remote.test", 0.01), ("address:fresh@remote.test", 3600)):
+        await store.cache_put(
+            engine, key, status="not_found", source="scripted", entries="[]", ttl_seconds=ttl
+        )
+    await asyncio.sleep(0.05)
+    # Expired answers are never served, but they stay until purged.
+    assert await cached_keys(engine) == {"address:old@remote.test", "address:fresh@remote.test"}
+    server = await asyncio.to_thread(
+        start_mssd, store_url, test_pki, tmp_path, MSSD_ANNUAIRE_CACHE_PURGE_SECONDS="0.3"
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while "address:old@remote.test" in await cached_keys(engine):
+            assert time.monotonic() < deadline, "the expired answer was never purged"
+            await asyncio.sleep(0.1)
+        assert await cached_keys(engine) == {"address:fresh@remote.test"}
+    finally:
+        await asyncio.to_thread(server.stop)
 
 
 async def test_a_failing_backend_gives_way_to_the_next(engine: AsyncEngine) -> None:
