@@ -31,13 +31,12 @@ from mssd.store.audit import AuditLog, read_audit
 from mssd.store.engine import SchemaError, create_engine, current_revision, head_revision, upgrade
 from mssd.store.errors import StoreError
 from mssd.store.messages import folder_states, list_messages, read_blob
-from mssd.store.records import AuditEvent
+from mssd.store.records import BAL_TYPES, AuditEvent
 from mssd.trust.identity import DnError, normalise_dn, parse_dn
 from mssd.trust.idnat import IdNatError, check_idnat_ps, check_idnat_struct
 from mssd.trust.pki import PkiError
 from mssd.trust.tls import TlsConfigError
 
-BAL_TYPES = ("PER", "ORG", "APP", "CAB")
 _OU = NameOID.ORGANIZATIONAL_UNIT_NAME
 
 

@@ -26,7 +26,7 @@ from test_cli import Cli, refused
 
 from mssd.annuaire.cache import StoreCache
 from mssd.annuaire.extraction import ExtractionError, ExtractionStats, parse_extraction
-from mssd.annuaire.model import DirectoryEntry, DirectoryError, SearchQuery
+from mssd.annuaire.model import DirectoryEntry, DirectoryError, SearchQuery, parse_yes_no
 from mssd.annuaire.offline import ExtractionBackend, import_file
 from mssd.annuaire.resolver import Resolver, ResolverPolicy
 from mssd.store import annuaire as store
@@ -96,6 +96,19 @@ def test_a_line_becomes_an_entry() -> None:
 def test_a_malformed_line_is_named(line: str, message: str) -> None:
     with pytest.raises(ExtractionError, match=message.replace("|", r"\|").replace("(", r"\(")):
         parse(line)
+
+
+@pytest.mark.parametrize(
+    ("text", "flag"),
+    [("True", True), ("O", True), (" oui ", True), ("YES", True), ("1", True),
+     ("False", False), ("N", False), ("Non", False), ("no", False), ("0", False),
+     ("Peut-être", None), ("", None)],
+)  # fmt: skip
+def test_one_yes_no_reading_for_the_file_the_cli_and_ldap(text: str, flag: bool | None) -> None:
+    assert parse_yes_no(text) is flag
+    if flag is not None:
+        (entry,) = parse(extraction_line(PEOPLE[0]).replace("|True|", f"|{text}|"))
+        assert entry.dematerialisation is flag
 
 
 def test_a_file_without_the_header_is_refused() -> None:

@@ -19,7 +19,13 @@ from conftest import PkiBundle, unavailable
 from sqlalchemy.ext.asyncio import AsyncEngine
 from test_cli import Cli
 
-from mssd.annuaire.publish import decide, fhir_location, fhir_patch, run_publication
+from mssd.annuaire.publish import (
+    Decision,
+    decide,
+    fhir_location,
+    fhir_patch,
+    run_publication,
+)
 from mssd.config import Settings
 from mssd.store import admin
 from mssd.store.annuaire import (
@@ -178,6 +184,10 @@ def test_what_is_sent_for_each_state() -> None:
     assert decide(closed, state(True, box)).action == "delete"
     suspended = dataclasses.replace(box, status="suspended")
     assert decide(suspended, state(True, box)).action == "skip"
+    # A site's own LDAP directory gets listed mailboxes written again even when
+    # unchanged (a lost entry comes back); what is not listed stays unwritten.
+    assert decide(box, state(True, box), rewrite_current=True) == Decision("replace", "rewritten")
+    assert decide(unlisted, None, rewrite_current=True).action == "skip"
     # A CAB follows its responsible's Practitioner: a new responsible moves it.
     cab = mailbox("CAB")
     handed_over = dataclasses.replace(cab, responsible=OTHER_PS)

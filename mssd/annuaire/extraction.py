@@ -22,7 +22,14 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from mssd.annuaire.model import BAL_TYPES, AddressError, DirectoryEntry, fold, normalise_address
+from mssd.annuaire.model import (
+    BAL_TYPES,
+    AddressError,
+    DirectoryEntry,
+    fold,
+    normalise_address,
+    parse_yes_no,
+)
 from mssd.store.annuaire import FIELD_LIMITS
 from mssd.trust.idnat import IdNatError, check_idnat_ps
 
@@ -76,8 +83,6 @@ _COLUMNS = {
     "codecategorieetablissement": "structure_category",
 }
 _REQUIRED = ("bal_type", "address")
-_TRUE = {"true", "o", "oui", "1", "y", "yes"}
-_FALSE = {"false", "n", "non", "0", "no", ""}
 _POSTCODE_PREFIX = re.compile(r"^\s*\d{5}\s+")
 
 
@@ -122,11 +127,9 @@ class ExtractionStats:
 
 
 def _flag(value: str, line: int, column: str) -> bool:
-    text = value.strip().lower()
-    if text in _TRUE:
-        return True
-    if text in _FALSE:
-        return False
+    flag = parse_yes_no(value) if value.strip() else False
+    if flag is not None:
+        return flag
     raise ExtractionError(f"line {line}: {column} is {value!r}, expected True/False (or O/N)")
 
 

@@ -44,6 +44,7 @@ from mssd.annuaire.model import (
     DirectoryEntry,
     DirectoryError,
     SearchQuery,
+    parse_yes_no,
     read_secret,
 )
 from mssd.config import AnnuaireSettings
@@ -302,7 +303,7 @@ def _text(values: Any) -> str | None:
 def _flag(value: str | None) -> bool | None:
     if value is None:
         return None
-    return value.strip().upper() in ("TRUE", "O", "OUI", "1", "Y", "YES")
+    return parse_yes_no(value) is True
 
 
 class LdapBackend:

@@ -143,10 +143,15 @@ def fingerprint(mailbox: PublishedMailbox) -> str:
 
 
 def decide(
-    mailbox: PublishedMailbox, state: PublicationState | None, location: str | None = None
+    mailbox: PublishedMailbox,
+    state: PublicationState | None,
+    location: str | None = None,
+    *,
+    rewrite_current: bool = False,
 ) -> Decision:
     """What to send for ``mailbox``, given its last publication and where it
-    belongs now (``location``, None when unknown)."""
+    belongs now (``location``, None when unknown). With ``rewrite_current``, a
+    listed mailbox that is up to date is written again rather than skipped."""
     published = state is not None and state.published
     if mailbox.status == "closed" or mailbox.liste_rouge:
         why = "closed" if mailbox.status == "closed" else "unlisted (liste rouge)"
@@ -162,6 +167,8 @@ def decide(
         return Decision("move", f"it now belongs on {location}, not {state.location}")
     if state.fingerprint != fingerprint(mailbox):
         return Decision("replace", "changed since the last publication")
+    if rewrite_current:
+        return Decision("replace", "rewritten")
     return Decision("skip", "up to date")
 
 
@@ -216,97 +223,82 @@ def fhir_patch(mailbox: PublishedMailbox, action: Patch, location: str | None = 
 # -- running it ------------------------------------------------------------------------
 
 
-async def _publish_fhir(
-    settings: Settings,
-    engine: AsyncEngine,
-    mailboxes: list[PublishedMailbox],
-    *,
-    dry_run: bool,
-    actor: str,
-    out: Callable[[str], None],
-) -> None:
-    from mssd.annuaire.fhir import FhirClient, FhirConfig, outcome_text
+@dataclass(frozen=True)
+class _Ledger:
+    """Records each publication outcome of one target in the store."""
 
-    states = await store.publication_states(engine, "fhir")
-    client = None if dry_run else FhirClient(FhirConfig.from_settings(settings.annuaire))
-    try:
-        for mailbox in mailboxes:
-            state = states.get(mailbox.mailbox_id)
-            decision = decide(mailbox, state, fhir_location(mailbox))
-            if decision.action == "skip":
-                out(f"# fhir {mailbox.address}: nothing to send ({decision.reason})")
-                continue
-            try:
-                patches = _fhir_patches(mailbox, decision.action, state)
-            except PublicationError as error:
-                out(f"# fhir {mailbox.address}: cannot publish: {error}")
-                if client is not None:
-                    await _record(
-                        engine,
-                        mailbox,
-                        "fhir",
-                        state,
-                        decision.action,
-                        "error",
-                        None,
-                        str(error),
-                        actor,
-                        published_after=None,
-                    )
-                continue
-            if client is None:
-                for patch in patches:
-                    out(f"PATCH {settings.annuaire.fhir_url.rstrip('/')}/{patch.query}")
-                    out(json.dumps(patch.body, ensure_ascii=False, indent=2))
-                continue
-            for patch in patches:
-                try:
-                    response = await client.request(
-                        "PATCH", client.url(patch.query), body=patch.body
-                    )
-                except DirectoryError as error:
-                    await _record(
-                        engine,
-                        mailbox,
-                        "fhir",
-                        state,
-                        decision.action,
-                        "error",
-                        None,
-                        str(error),
-                        actor,
-                        published_after=None,
-                    )
-                    out(f"fhir {mailbox.address}: {patch.action} failed: {error}")
-                    break
-                ok = 200 <= response.status < 300
-                message = "ok" if ok else outcome_text(response.body)
-                if response.status == 404:
-                    message = f"no {patch.resource} with {patch.system}|{patch.value}: {message}"
-                elif response.status == 412:
-                    message = (
-                        f"several {patch.resource} with {patch.system}|{patch.value}: {message}"
-                    )
-                out(f"fhir {mailbox.address}: {patch.action} -> {response.status} {message}")
-                if patch is not patches[-1] and (ok or response.status == 404):
-                    continue  # moved away (or the old resource is gone): now insert
-                published_after = (decision.action != "delete") if ok else None
-                await _record(
-                    engine,
-                    mailbox,
-                    "fhir",
-                    state,
-                    decision.action,
-                    "ok" if ok else "error",
-                    response.status,
-                    message,
-                    actor,
-                    published_after=published_after,
-                )
-                break
-    finally:
-        if client is not None:
-            await client.close()
+    engine: AsyncEngine
+    target: str
+    actor: str
+
+    async def done(
+        self,
+        mailbox: PublishedMailbox,
+        action: str,
+        *,
+        published: bool,
+        status: int | None = None,
+        message: str = "ok",
+    ) -> None:
+        """The directory now holds the mailbox (``published``) or no longer does."""
+        await self._write(
+            mailbox,
+            action,
+            "ok",
+            status,
+            message,
+            published=published,
+            fingerprint=fingerprint(mailbox) if published else None,
+            # Only a FHIR mailbox can move: an LDAP entry's DN is its address.
+            location=fhir_location(mailbox) if published and self.target == "fhir" else None,
+        )
+
+    async def failed(
+        self,
+        mailbox: PublishedMailbox,
+        state: PublicationState | None,
+        action: str,
+        message: str,
+        status: int | None = None,
+    ) -> None:
+        """Nothing changed in the directory: the previous state stands."""
+        await self._write(
+            mailbox,
+            action,
+            "error",
+            status,
+            message,
+            published=state.published if state else False,
+            fingerprint=state.fingerprint if state else None,
+            location=state.location if state else None,
+        )
+
+    async def _write(
+        self,
+        mailbox: PublishedMailbox,
+        action: str,
+        outcome: str,
+        status: int | None,
+        message: str,
+        *,
+        published: bool,
+        fingerprint: str | None,
+        location: str | None,
+    ) -> None:
+        await store.record_publication(
+            self.engine,
+            mailbox.mailbox_id,
+            self.target,
+            published=published,
+            fingerprint=fingerprint,
+            location=location,
+            action=action,
+            outcome=outcome,
+            http_status=status,
+            message=message,
+            actor=self.actor,
+            address=mailbox.address,
+        )
 
 
 def _fhir_patches(
@@ -322,43 +314,81 @@ def _fhir_patches(
     return [fhir_patch(mailbox, action)]
 
 
-async def _record(
+def _fhir_message(patch: FhirPatch, status: int, body: Any) -> str:
+    from mssd.annuaire.fhir import outcome_text
+
+    if 200 <= status < 300:
+        return "ok"
+    message = outcome_text(body)
+    if status == 404:
+        return f"no {patch.resource} with {patch.system}|{patch.value}: {message}"
+    if status == 412:
+        return f"several {patch.resource} with {patch.system}|{patch.value}: {message}"
+    return message
+
+
+async def _publish_fhir(
+    settings: Settings,
     engine: AsyncEngine,
-    mailbox: PublishedMailbox,
-    target: str,
-    state: PublicationState | None,
-    action: str,
-    outcome: str,
-    status: int | None,
-    message: str,
-    actor: str,
+    mailboxes: list[PublishedMailbox],
     *,
-    published_after: bool | None,
+    dry_run: bool,
+    actor: str,
+    out: Callable[[str], None],
 ) -> None:
-    """Keep what the directory holds: on failure, the previous state stands."""
-    if published_after is None:
-        published = state.published if state else False
-        kept = state.fingerprint if state else None
-        location = state.location if state else None
-    else:
-        published = published_after
-        kept = fingerprint(mailbox) if published_after else None
-        # Only a FHIR mailbox can move: an LDAP entry's DN is its address.
-        location = fhir_location(mailbox) if published_after and target == "fhir" else None
-    await store.record_publication(
-        engine,
-        mailbox.mailbox_id,
-        target,
-        published=published,
-        fingerprint=kept,
-        location=location,
-        action=action,
-        outcome=outcome,
-        http_status=status,
-        message=message,
-        actor=actor,
-        address=mailbox.address,
-    )
+    from mssd.annuaire.fhir import FhirClient, FhirConfig
+
+    ledger = _Ledger(engine, "fhir", actor)
+    states = await store.publication_states(engine, "fhir")
+    client = None if dry_run else FhirClient(FhirConfig.from_settings(settings.annuaire))
+    try:
+        for mailbox in mailboxes:
+            state = states.get(mailbox.mailbox_id)
+            decision = decide(mailbox, state, fhir_location(mailbox))
+            if decision.action == "skip":
+                out(f"# fhir {mailbox.address}: nothing to send ({decision.reason})")
+                continue
+            try:
+                patches = _fhir_patches(mailbox, decision.action, state)
+            except PublicationError as error:
+                out(f"# fhir {mailbox.address}: cannot publish: {error}")
+                if client is not None:
+                    await ledger.failed(mailbox, state, decision.action, str(error))
+                continue
+            if client is None:
+                for patch in patches:
+                    out(f"PATCH {settings.annuaire.fhir_url.rstrip('/')}/{patch.query}")
+                    out(json.dumps(patch.body, ensure_ascii=False, indent=2))
+                continue
+            for patch in patches:
+                try:
+                    response = await client.request(
+                        "PATCH", client.url(patch.query), body=patch.body
+                    )
+                except DirectoryError as error:
+                    await ledger.failed(mailbox, state, decision.action, str(error))
+                    out(f"fhir {mailbox.address}: {patch.action} failed: {error}")
+                    break
+                ok = 200 <= response.status < 300
+                message = _fhir_message(patch, response.status, response.body)
+                out(f"fhir {mailbox.address}: {patch.action} -> {response.status} {message}")
+                if patch is not patches[-1] and (ok or response.status == 404):
+                    continue  # moved away (or the old resource is gone): now insert
+                if ok:
+                    await ledger.done(
+                        mailbox,
+                        decision.action,
+                        published=decision.action != "delete",
+                        status=response.status,
+                    )
+                else:
+                    await ledger.failed(
+                        mailbox, state, decision.action, message, status=response.status
+                    )
+                break
+    finally:
+        if client is not None:
+            await client.close()
 
 
 async def _publish_ldap(
@@ -372,17 +402,16 @@ async def _publish_ldap(
 ) -> None:
     from mssd.annuaire.ldap_publish import LdapPublisher, ldap_attributes, mailbox_dn
 
+    ledger = _Ledger(engine, "ldap", actor)
     base = settings.annuaire.ldap_publish_base_dn
     states = await store.publication_states(engine, "ldap")
     publisher = None if dry_run else LdapPublisher.from_settings(settings.annuaire)
     try:
         for mailbox in mailboxes:
             state = states.get(mailbox.mailbox_id)
-            decision = decide(mailbox, state)
             # The directory is the site's own: a listed mailbox is written even
             # when unchanged, so that a lost entry comes back.
-            if decision.action == "skip" and decision.reason == "up to date":
-                decision = Decision("replace", "rewritten")
+            decision = decide(mailbox, state, rewrite_current=True)
             if decision.action == "skip":
                 out(f"# ldap {mailbox.address}: nothing to write ({decision.reason})")
                 continue
@@ -403,32 +432,10 @@ async def _publish_ldap(
             try:
                 done = await publisher.write(mailbox, decision.action == "delete")
             except DirectoryError as error:
-                await _record(
-                    engine,
-                    mailbox,
-                    "ldap",
-                    state,
-                    decision.action,
-                    "error",
-                    None,
-                    str(error),
-                    actor,
-                    published_after=None,
-                )
+                await ledger.failed(mailbox, state, decision.action, str(error))
                 out(f"ldap {mailbox.address}: {decision.action} failed: {error}")
                 continue
-            await _record(
-                engine,
-                mailbox,
-                "ldap",
-                state,
-                done,
-                "ok",
-                None,
-                "ok",
-                actor,
-                published_after=decision.action != "delete",
-            )
+            await ledger.done(mailbox, done, published=decision.action != "delete")
             out(f"ldap {mailbox.address}: {done} {dn}")
     finally:
         if publisher is not None:
