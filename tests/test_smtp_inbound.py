@@ -26,12 +26,16 @@ from conftest import (
     store_url_for,
     write_whitelist,
 )
+from test_cli import Cli
 
 from mssd.trust import pki
 
 B = "operateur-b.mssd.test"
 B_UNICODE = "hôpital-b.mssd.test"
 C = "operateur-c.mssd.test"
+LOCAL_IDN = "clinique-ébène.mssd.test"
+"""A domain hosted here, created with its U-labels through the command line."""
+LOCAL_IDN_A = LOCAL_IDN.encode("idna").decode()
 R = "operateur-r.mssd.test"
 
 
@@ -88,6 +92,12 @@ def server(
     workdir = tmp_path_factory.mktemp(f"inbound-{request.param}")
     for url in store_url_for(request.param, workdir):
         run(seed(url, test_pki))
+        cli = Cli(url, workdir)
+        assert f"({LOCAL_IDN_A}) added" in cli.ok("domain", "add", LOCAL_IDN)
+        cli.ok(
+            "mailbox", "create", "--type", "PER", "--idnat", "899700000001",
+            "--address", f"Accueil@{LOCAL_IDN}",
+        )  # fmt: skip
         process = start_mssd(
             url,
             test_pki,
@@ -231,6 +241,34 @@ def test_local_domains_need_our_own_certificate(
     code, text = mail_from(server, own, f"secretariat@{B}")
     assert code == 550
     assert text.startswith(f"5.7.1 <secretariat@{B}>: certificate"), text
+
+
+def test_an_idn_domain_hosted_here_is_one_domain_however_it_is_written(
+    server: MssdProcess, operators: Operators, test_pki: PkiBundle
+) -> None:
+    own = (test_pki.dev.server_cert, test_pki.dev.server_key)
+    with session(server, own) as client:
+        client.command_encoding = "utf-8"  # RFC 6531 §3.2
+        # Our own certificate vouches for our IDN domain written as an A-label...
+        assert client.docmd("MAIL", f"FROM:<secretariat@{LOCAL_IDN_A}>")[0] == 250
+        # ...and its mailbox is found under the A-label...
+        assert client.docmd("RCPT", f"TO:<ACCUEIL@{LOCAL_IDN_A.upper()}>")[0] == 250
+        code, _ = client.data(message("idn", f"secretariat@{LOCAL_IDN_A}"))
+        assert code == 250
+        # ...and under the U-labels (RFC 6531: with SMTPUTF8).
+        assert client.docmd("MAIL", f"FROM:<secretariat@{LOCAL_IDN}> SMTPUTF8")[0] == 250
+        assert client.docmd("RCPT", f"TO:<accueil@{LOCAL_IDN}>")[0] == 250
+        code, _ = client.data(message("idn-utf8", f"secretariat@{LOCAL_IDN_A}"))
+        assert code == 250
+    stored = inbox(server, f"accueil@{LOCAL_IDN_A}")
+    assert [b"Subject: idn\r\n" in data for _, data in stored] == [True, False]
+    assert b"Subject: idn-utf8\r\n" in stored[1][1]
+    # Another operator may not send as our IDN domain, in either spelling.
+    for domain in (LOCAL_IDN_A, LOCAL_IDN):
+        with session(server, operators.b) as client:
+            client.command_encoding = "utf-8"
+            code, text = client.docmd("MAIL", f"FROM:<x@{domain}> SMTPUTF8")
+        assert code == 550 and "is hosted here" in text.decode(), text
 
 
 def test_swaks_presenting_an_operator_certificate(

@@ -33,7 +33,8 @@ Invariants:
 - XML is parsed with DTDs, entities and external references refused (defusedxml); the
   list never needs them.
 - Domains are compared as IDNA A-labels in lower case (UTS #46 mapping), DNs through
-  ``mssd.trust.identity.normalise_dn``: never raw strings.
+  ``mssd.trust.identity.normalise_dn``: never raw strings. Our own domains and
+  mailboxes are stored in that form too (:func:`mailbox_key`).
 """
 
 from __future__ import annotations
@@ -104,6 +105,21 @@ def normalise_domain(name: str) -> str:
     except idna.IDNAError as error:
         raise ValueError(f"{name!r} is not a domain name: {error}") from None
     return encoded.lower()
+
+
+def mailbox_key(address: str) -> str:
+    """An address as mssd stores and compares its own mailboxes: the local part in
+    lower case, the domain as an A-label (:func:`normalise_domain`), so that
+    ``x@hôpital.test`` and ``X@xn--hpital-dxa.test`` are one mailbox. A domain
+    that is not a host name is only lower-cased (it then matches nothing)."""
+    local, sep, domain = address.rpartition("@")
+    if not sep:
+        return address.lower()
+    try:
+        domain = normalise_domain(domain)
+    except ValueError:
+        domain = domain.lower()
+    return f"{local.lower()}@{domain}"
 
 
 def display_domain(a_label: str) -> str:
