@@ -142,13 +142,62 @@ async def test_scheduled_refresh_picks_up_a_new_list(engine: AsyncEngine, tmp_pa
 # -- HTTPS -----------------------------------------------------------------------------------
 
 
+class PlainHttp:
+    """A loopback plain-HTTP server that records every request and serves the list."""
+
+    def __init__(self) -> None:
+        self.requests: list[str] = []
+        recorded = self.requests
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                recorded.append(self.path)
+                body = PARTIAL.read_bytes()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: object) -> None:
+                return None
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
 @pytest.fixture(scope="module")
-def https_server(test_pki: PkiBundle) -> Iterator[str]:
-    """A loopback HTTPS server (dev PKI certificate) publishing the partial list."""
+def plain_http() -> Iterator[PlainHttp]:
+    server = PlainHttp()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture(scope="module")
+def https_server(test_pki: PkiBundle, plain_http: PlainHttp) -> Iterator[str]:
+    """A loopback HTTPS server (dev PKI certificate) publishing the partial list;
+    ``/moved`` redirects to it over HTTPS, ``/to-http`` to the plain-HTTP server."""
     files = {"/listeblanchemssante.xml": PARTIAL, "/checksum": PARTIAL_CHECKSUM}
+    redirects = {
+        "/moved": "/listeblanchemssante.xml",
+        "/to-http": f"{plain_http.url}/listeblanchemssante.xml",
+        "/loop": "/loop",
+    }
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:
+            if self.path in redirects:
+                self.send_response(302)
+                self.send_header("Location", redirects[self.path])
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
             path = files.get(self.path)
             if path is None:
                 self.send_error(404)
@@ -189,6 +238,28 @@ async def test_list_and_checksum_over_https(
     assert keep.current is not None and len(keep.current.domains) == 516
     missing = await keep.refresh(source=f"{https_server}/nothing-here.xml")
     assert missing.status == "failed" and "HTTP 404" in missing.message
+
+
+async def test_redirects_are_followed_only_to_https(
+    engine: AsyncEngine,
+    tmp_path: Path,
+    https_server: str,
+    plain_http: PlainHttp,
+    test_pki: PkiBundle,
+) -> None:
+    keep = keeper(engine, tmp_path, ca_file=test_pki.dev.ca_bundle)
+    moved = await keep.refresh(source=f"{https_server}/moved")
+    assert moved.status == "updated", moved.message
+    # A hop to plain HTTP is refused before it is taken: nothing goes out in clear.
+    down = await keep.refresh(source=f"{https_server}/to-http")
+    assert down.status == "failed"
+    assert down.message == (
+        f"cannot fetch the list: {https_server}/to-http: redirected to "
+        f"{plain_http.url}/listeblanchemssante.xml; only https:// is followed"
+    )
+    assert plain_http.requests == []
+    looping = await keep.refresh(source=f"{https_server}/loop")
+    assert looping.status == "failed" and "more than 5 redirects" in looping.message
 
 
 async def test_https_server_must_verify(
