@@ -262,6 +262,20 @@ async def test_redirects_are_followed_only_to_https(
     assert looping.status == "failed" and "more than 5 redirects" in looping.message
 
 
+async def test_an_unusable_ca_file_is_a_clear_fetch_failure(
+    engine: AsyncEngine, tmp_path: Path, https_server: str
+) -> None:
+    missing = tmp_path / "missing-ca.pem"
+    keep = keeper(engine, tmp_path, ca_file=missing)
+    outcome = await keep.refresh(source=f"{https_server}/listeblanchemssante.xml")
+    assert outcome.status == "failed"
+    assert outcome.message == (
+        f"cannot fetch the list: {https_server}/listeblanchemssante.xml: "
+        f"whitelist.ca_file: CA file {missing} does not exist or is not a file"
+    )
+    assert keep.current is None
+
+
 async def test_https_server_must_verify(
     engine: AsyncEngine, tmp_path: Path, https_server: str
 ) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import httpx
 
-from mssd.trust.tls import client_context
+from mssd.trust.tls import TlsConfigError, client_context
 
 # The 2025 list is 3.7 MB; a source ten times larger than that is not the list.
 MAX_BYTES = 64 * 1024 * 1024
@@ -43,7 +43,11 @@ async def fetch(source: str, *, ca_file: Path | None, timeout_seconds: float) ->
         return await asyncio.to_thread(_read_file, Path(source))
     if not source.startswith("https://"):
         raise SourceError(f"{describe(source)}: only https:// URLs are fetched")
-    context = await asyncio.to_thread(client_context, ca_file=ca_file)
+    try:
+        context = await asyncio.to_thread(client_context, ca_file=ca_file)
+    except TlsConfigError as error:
+        # A broken CA setting is this source's failure, reported like the others.
+        raise SourceError(f"{describe(source)}: whitelist.ca_file: {error}") from None
     try:
         # Redirects are followed here, not by httpx, so that each hop's scheme is
         # checked before the request is sent (RFC 9110 §15.4: the target is the
