@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import http.server
 import logging
 import os
@@ -52,6 +53,35 @@ async def test_an_accepted_list_is_kept_in_the_store_and_on_disk(
     listed = await second.load()
     assert listed is not None and len(listed.domains) == 5001
     assert (await first.refresh()).status == "unchanged"
+
+
+async def test_a_refresh_hashes_the_list_once(
+    engine: AsyncEngine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hashed: list[int] = []
+    real = hashlib.sha256
+
+    class Counting:
+        """hashlib.sha256, counting the bytes it is given."""
+
+        def __init__(self, data: bytes = b"", **options: bool) -> None:
+            self._hash = real(data, **options)
+            hashed.append(len(data))
+
+        def update(self, data: bytes) -> None:
+            hashed.append(len(data))
+            self._hash.update(data)
+
+        def hexdigest(self) -> str:
+            return self._hash.hexdigest()
+
+    keep = keeper(engine, tmp_path, source=str(PARTIAL), checksum_source=str(PARTIAL_CHECKSUM))
+    monkeypatch.setattr(hashlib, "sha256", Counting)
+    assert (await keep.refresh()).status == "updated"
+    assert sum(hashed) == PARTIAL.stat().st_size
+    hashed.clear()
+    assert (await keep.refresh()).status == "unchanged"
+    assert sum(hashed) == PARTIAL.stat().st_size
 
 
 async def test_partial_list_over_the_full_one_is_refused_with_an_alert(
