@@ -124,6 +124,9 @@ class WhitelistSettings:
     ca_file: Path | None = None
     """CAs that verify the HTTPS server of the sources; None: the system store."""
     refresh_seconds: int = 3600
+    checksum_retry_seconds: float = 30.0
+    """After a checksum mismatch (the list and its checksum fetched while ANS publishes a
+    new pair), the first early retry; each next one waits twice as long, four at most."""
     max_shrink: float = 0.10
     """Largest fraction of the current list a new one may drop before it is refused."""
     timeout_seconds: float = 60.0
@@ -438,6 +441,8 @@ def _validate_whitelist(whitelist: WhitelistSettings) -> None:
         )
     if whitelist.timeout_seconds <= 0:
         raise ConfigError("whitelist.timeout_seconds: must be greater than 0")
+    if whitelist.checksum_retry_seconds <= 0:
+        raise ConfigError("whitelist.checksum_retry_seconds: must be greater than 0")
     if not 0.0 <= whitelist.max_shrink <= 1.0:
         raise ConfigError(
             f"whitelist.max_shrink: must be a fraction between 0 and 1, got {whitelist.max_shrink}"

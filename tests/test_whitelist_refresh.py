@@ -10,7 +10,7 @@ import os
 import subprocess
 import sys
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -119,6 +119,66 @@ async def test_checksum_failure_is_refused(engine: AsyncEngine, tmp_path: Path) 
     assert not (tmp_path / "kept" / "list.xml").exists()
     # The list the checksum file describes passes.
     assert (await keep.refresh(source=str(PARTIAL))).status == "updated"
+
+
+async def until(check: Callable[[], Awaitable[bool]], seconds: float) -> None:
+    deadline = asyncio.get_running_loop().time() + seconds
+    while not await check():
+        assert asyncio.get_running_loop().time() < deadline, "not within the time allowed"
+        await asyncio.sleep(0.05)
+
+
+async def test_a_checksum_mismatch_is_fetched_again_soon_a_few_times(
+    engine: AsyncEngine, tmp_path: Path
+) -> None:
+    # ANS replaces the pair: the new list is out, its checksum file not yet.
+    listed, checksum = tmp_path / "list.xml", tmp_path / "checksum"
+    listed.write_bytes(FULL.read_bytes())
+    checksum.write_bytes(PARTIAL_CHECKSUM.read_bytes())
+
+    def scheduled() -> WhitelistKeeper:
+        return keeper(
+            engine,
+            tmp_path,
+            source=str(listed),
+            checksum_source=str(checksum),
+            refresh_seconds=3600,
+            checksum_retry_seconds=0.2,
+        )
+
+    async def refused_count() -> int:
+        return (await refusals(engine))[0]
+
+    async def refused_five_times() -> bool:
+        return await refused_count() >= 5
+
+    async def refused_again() -> bool:
+        return await refused_count() >= 6
+
+    async def in_force() -> bool:
+        return keep.current is not None
+
+    # A checksum that never matches: fetched at start, again after 0.2, 0.4, 0.8 and
+    # 1.6 s, then only on the regular schedule (an hour).
+    keep = scheduled()
+    keep.start()
+    try:
+        await until(refused_five_times, 10)
+        await asyncio.sleep(2.0)
+        assert await refused_count() == 5
+        assert keep.current is None
+    finally:
+        await keep.stop()
+    # The checksum file arrives between two early retries: picked up then, not in an hour.
+    keep = scheduled()
+    keep.start()
+    try:
+        await until(refused_again, 10)
+        checksum.write_text(hashlib.sha256(FULL.read_bytes()).hexdigest() + "\n")
+        await until(in_force, 5)
+        assert keep.current is not None and len(keep.current.domains) == 5001
+    finally:
+        await keep.stop()
 
 
 async def test_garbage_is_refused_and_the_current_list_kept(

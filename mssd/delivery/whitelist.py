@@ -36,6 +36,7 @@ from mssd.store.whitelist import (
     save_whitelist,
 )
 from mssd.trust.whitelist import (
+    RefusalKind,
     Whitelist,
     WhitelistError,
     WhitelistRefused,
@@ -55,6 +56,8 @@ REFUSED = metrics.counter(
 )
 # Seconds before a failed fetch is retried, when that is sooner than the schedule.
 RETRY_SECONDS = 300.0
+# Early retries after a checksum mismatch (whitelist.checksum_retry_seconds, doubling).
+CHECKSUM_RETRIES = 4
 
 UPDATED = metrics.counter("mssd_whitelist_updates_total", "Whitelist updates accepted")
 
@@ -63,6 +66,8 @@ UPDATED = metrics.counter("mssd_whitelist_updates_total", "Whitelist updates acc
 class RefreshOutcome:
     status: Literal["updated", "unchanged", "refused", "failed"]
     message: str
+    refusal: RefusalKind | None = None
+    """Which rule refused the list, for ``refused``."""
 
 
 class WhitelistKeeper:
@@ -86,6 +91,7 @@ class WhitelistKeeper:
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
         self._last_outcome: RefreshOutcome | None = None
+        self._checksum_retries = 0
 
     @property
     def current(self) -> Whitelist | None:
@@ -236,7 +242,9 @@ class WhitelistKeeper:
             message=refusal.message,
             actor=self._actor,
         )
-        return RefreshOutcome("refused", f"refused ({refusal.kind}): {refusal.message}; {kept}")
+        return RefreshOutcome(
+            "refused", f"refused ({refusal.kind}): {refusal.message}; {kept}", refusal.kind
+        )
 
     async def _save(self, listed: Whitelist, data: bytes, digest: str, source: str) -> None:
         stored_id = await save_whitelist(
@@ -270,9 +278,19 @@ class WhitelistKeeper:
     def _pause(self) -> float:
         interval = float(self._settings.refresh_seconds)
         last = self._last_outcome
+        if last is not None and last.refusal == "checksum":
+            # The list and its checksum file were most likely fetched while ANS was
+            # replacing the pair: fetch again soon, a few times, backing off.
+            if self._checksum_retries < CHECKSUM_RETRIES:
+                delay = self._settings.checksum_retry_seconds * (1 << self._checksum_retries)
+                self._checksum_retries += 1
+                return min(interval, delay)
+            return interval
+        self._checksum_retries = 0
         if last is not None and last.status == "failed":
-            # Unreachable source: try again sooner than the schedule (a refused list is
-            # not retried early: it is what the source publishes until it changes).
+            # Unreachable source: try again sooner than the schedule (a list refused
+            # for its content is not retried early: it is what the source publishes
+            # until it changes).
             return min(interval, RETRY_SECONDS)
         return interval
 
