@@ -37,6 +37,26 @@ def revoked(test_pki: PkiBundle) -> pki.IssuedCertificate:
     return cert
 
 
+def test_the_most_recent_crl_of_an_issuer_decides(test_pki: PkiBundle) -> None:
+    cert = pki.issue_server_certificate(
+        test_pki.dev,
+        common_name="mx.revoque-tard.mssd.test",
+        idnat_struct="1750000019",
+        organisation="Revoque tard",
+        name="verify-revoked-later",
+    )
+    before = test_pki.dev.crl.read_bytes()
+    pki.revoke(test_pki.dev, cert.cert)
+    after = test_pki.dev.crl.read_bytes()
+    ca = test_pki.dev.ca_bundle.read_bytes()
+    # An old CRL left in the file beside the new one, before or after it.
+    for crls in (before + after, after + before):
+        with pytest.raises(CertificateRejected) as caught:
+            verify_certificate(der(cert), load_material(ca, crls))
+        assert caught.value.reason == "revoked"
+    verify_certificate(der(cert), load_material(ca, before))
+
+
 def material(test_pki: PkiBundle, *, crl: bool = True) -> TrustMaterial:
     return load_material(
         test_pki.dev.ca_bundle.read_bytes(), test_pki.dev.crl.read_bytes() if crl else None
