@@ -271,6 +271,85 @@ def test_an_idn_domain_hosted_here_is_one_domain_however_it_is_written(
         assert code == 550 and "is hosted here" in text.decode(), text
 
 
+def test_without_any_whitelist_every_operator_is_refused(
+    store_url: str, tmp_path: Path, test_pki: PkiBundle, operators: Operators
+) -> None:
+    # No source configured and none ever stored: nobody is in the trust space yet.
+    run(seed(store_url, test_pki))
+    server = start_mssd(
+        store_url,
+        test_pki,
+        tmp_path,
+        MSSD_WHITELIST_SOURCE="",
+        MSSD_SMTP_MTA_CLIENT_CA_FILE=str(test_pki.dev.org_ca),
+    )
+    try:
+        code, text = mail_from(server, operators.b, f"x@{B}")
+        assert (code, text) == (
+            550,
+            "5.7.1 No MSSanté whitelist is loaded on this server yet; try again later",
+        )
+        code, _ = mail_from(server, operators.b, "")
+        assert code == 550
+        # Our own server still delivers for our own domains: the list need not name it.
+        own = (test_pki.dev.server_cert, test_pki.dev.server_key)
+        with session(server, own) as client:
+            assert client.sendmail(PER2, [PER], message("sans liste", PER2)) == {}
+    finally:
+        server.stop()
+
+
+def test_refusals_are_counted_by_reason(test_pki: PkiBundle, operators: Operators) -> None:
+    from mssd import metrics
+    from mssd.delivery import PolicyRefusal
+    from mssd.delivery.pipeline import SessionInfo, Transaction
+    from mssd.smtp.inbound import REFUSED, InboundTrustCheck
+    from mssd.trust.verify import TrustFiles
+    from mssd.trust.whitelist import Whitelist, parse_whitelist
+
+    revoked = _revocable(test_pki.dev, "inbound-counted-revoked")
+    pki.revoke(test_pki.dev, revoked.cert)
+    listed = parse_whitelist(operators.whitelist.read_bytes())
+    whitelist: list[Whitelist | None] = [None]
+
+    async def local_domains() -> frozenset[str]:
+        return frozenset({DOMAIN})
+
+    check = InboundTrustCheck(
+        whitelist=lambda: whitelist[0],
+        trust=TrustFiles(test_pki.dev.org_ca, test_pki.dev.crl),
+        local_domains=local_domains,
+        own_dn="CN=mx.ours.mssd.test,O=Nous,C=FR",
+    )
+
+    def refusal(cert: pki.IssuedCertificate | None, sender: str) -> str:
+        der = None if cert is None else ssl.PEM_cert_to_DER_cert(cert.cert.read_text())
+        session = SessionInfo("mta", "192.0.2.7", "mx.peer", "TLSv1.3", peer_certificate=der)
+        with pytest.raises(PolicyRefusal) as caught:
+            run(check.check_sender(Transaction(session, sender)))
+        assert (caught.value.code, caught.value.enhanced) == (550, "5.7.1")
+        return caught.value.text
+
+    cases = [
+        ("no_certificate", None, f"x@{B}", "A client certificate is required"),
+        ("untrusted_chain", operators.foreign_b, f"x@{B}", "Client certificate refused"),
+        ("revoked", revoked, f"x@{R}", "Client certificate refused (certificate revoked)"),
+        ("no_whitelist", operators.b, f"x@{B}", "No MSSanté whitelist is loaded"),
+        ("unknown_domain", operators.b, "x@inconnu.mssd.test", "not in the MSSanté whitelist"),
+        ("dn_not_listed", operators.b, f"x@{C}", "is not listed for domain"),
+        ("dn_not_listed", operators.b, f"x@{DOMAIN}", "is hosted here"),
+    ]
+    for reason, cert, sender, text in cases:
+        if reason == "unknown_domain":
+            whitelist[0] = listed
+        before = REFUSED.value(reason)
+        assert text in refusal(cert, sender)
+        assert REFUSED.value(reason) == before + 1, reason
+    exported = metrics.render()
+    for reason in {case[0] for case in cases}:
+        assert f'mssd_mta_senders_refused_total{{reason="{reason}"}}' in exported
+
+
 def test_swaks_presenting_an_operator_certificate(
     server: MssdProcess, operators: Operators
 ) -> None:

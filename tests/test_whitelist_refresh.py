@@ -21,6 +21,7 @@ from test_trust_whitelist import FULL, PARTIAL, PARTIAL_CHECKSUM
 from mssd import metrics
 from mssd.config import ConfigError, WhitelistSettings, load
 from mssd.delivery.whitelist import REFUSED, WhitelistKeeper
+from mssd.store.audit import read_audit
 from mssd.store.engine import create_engine, upgrade
 from mssd.store.whitelist import latest_whitelist, refusals
 from mssd.trust.tls import server_context
@@ -82,6 +83,36 @@ async def test_a_refresh_hashes_the_list_once(
     hashed.clear()
     assert (await keep.refresh()).status == "unchanged"
     assert sum(hashed) == PARTIAL.stat().st_size
+
+
+async def test_every_update_and_refusal_is_audited(engine: AsyncEngine, tmp_path: Path) -> None:
+    keep = WhitelistKeeper(
+        engine, WhitelistSettings(source=str(PARTIAL)), tmp_path / "list.xml", actor="cli:ops"
+    )
+    assert (await keep.refresh()).status == "updated"
+    assert (await keep.refresh()).status == "unchanged"  # nothing to audit
+    assert (await keep.refresh(source=str(FULL), max_shrink=0.0)).status == "updated"
+    refused = await keep.refresh(source=str(PARTIAL), max_shrink=0.1)
+    assert refused.status == "refused"
+    events = await read_audit(engine, action_prefix="whitelist.")
+    assert [(e.actor, e.action, e.target, e.result) for e in events] == [
+        ("cli:ops", "whitelist.update", str(PARTIAL), "refused:shrink"),
+        ("cli:ops", "whitelist.update", str(FULL), "ok"),
+        ("cli:ops", "whitelist.update", str(PARTIAL), "ok"),
+    ]
+    partial_sha = hashlib.sha256(PARTIAL.read_bytes()).hexdigest()
+    assert events[0].details["sha256"] == partial_sha
+    assert events[0].details["reason"].startswith(
+        "the new list would shrink the current one by 91% (5001 -> 516 domains, "
+        "6525 -> 614 operator entries)"
+    )
+    assert events[1].details == {
+        "sha256": hashlib.sha256(FULL.read_bytes()).hexdigest(),
+        "domains": 5001,
+        "entries": 6525,
+        "generated_at": "2025-03-13T14:54:10Z",
+    }
+    assert events[2].details["sha256"] == partial_sha and events[2].details["domains"] == 516
 
 
 async def test_partial_list_over_the_full_one_is_refused_with_an_alert(
