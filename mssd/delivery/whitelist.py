@@ -11,8 +11,8 @@ Invariants:
 - The store is written before the in-memory list changes, so a process that restarts
   never falls back to an older list than the one it was enforcing.
 - Parsing (a few hundred milliseconds for the full list) runs in a worker thread.
-- A fetched list is hashed once (``sha256_hex``); the checksum check, the store
-  and the disk copy reuse that digest.
+- A fetched list is hashed once (``sha256_hex``); the checksum check and the store
+  reuse that digest, the disk copy is compared byte for byte.
 """
 
 from __future__ import annotations
@@ -285,7 +285,7 @@ class WhitelistKeeper:
                 delay = self._settings.checksum_retry_seconds * (1 << self._checksum_retries)
                 self._checksum_retries += 1
                 return min(interval, delay)
-            return interval
+        # A mismatch at a scheduled refresh starts a new round of early retries.
         self._checksum_retries = 0
         if last is not None and last.status == "failed":
             # Unreachable source: try again sooner than the schedule (a list refused
