@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from mssd.annuaire.cache import CachePurger
 from mssd.auth import Authenticator, PscTokenVerifier
 from mssd.config import Settings, dkim_key_dir, whitelist_cache_file
 from mssd.delivery import DeliveryPipeline
@@ -63,6 +64,7 @@ class Services:
     mta_tls: ssl.SSLContext | None = None
     relay: RelayWorker | None = None
     reporter: Reporter | None = None
+    cache_purger: CachePurger | None = None
 
     def after_commit(self, stored: Sequence[StoredMessage]) -> None:
         """Change notifications for IMAP; a wake-up for the relay when mail was queued."""
@@ -71,6 +73,8 @@ class Services:
             self.relay.wake()
 
     async def close(self) -> None:
+        if self.cache_purger is not None:
+            await self.cache_purger.stop()
         if self.relay is not None:
             await self.relay.stop()
         if self.whitelist is not None:
@@ -279,6 +283,8 @@ async def serve(
             services.whitelist.start()
         if services.relay is not None:
             services.relay.start()
+        services.cache_purger = CachePurger(services.engine, settings.annuaire.cache_purge_seconds)
+        services.cache_purger.start()
         imap_services = imap_services_for(
             settings, services.authenticator, services.mailstore, services.bus, services.committer
         )

@@ -31,13 +31,13 @@ from mssd.store.audit import AuditLog, read_audit
 from mssd.store.engine import SchemaError, create_engine, current_revision, head_revision, upgrade
 from mssd.store.errors import StoreError
 from mssd.store.messages import folder_states, list_messages, read_blob
-from mssd.store.records import AuditEvent
+from mssd.store.records import BAL_TYPES, AuditEvent
 from mssd.trust.identity import DnError, normalise_dn, parse_dn
 from mssd.trust.idnat import IdNatError, check_idnat_ps, check_idnat_struct
 from mssd.trust.pki import PkiError
 from mssd.trust.tls import TlsConfigError
+from mssd.trust.whitelist import display_domain, mailbox_key
 
-BAL_TYPES = ("PER", "ORG", "APP", "CAB")
 _OU = NameOID.ORGANIZATIONAL_UNIT_NAME
 
 
@@ -59,13 +59,15 @@ def actor() -> str:
 
 
 def check_address(address: str) -> str:
+    """The address as the store keeps it: local part in lower case, the domain as
+    an A-label (an IDN domain is one domain whichever way it is written)."""
     try:
         # No DNS look-up here; test_environment admits the RFC 6761 ".test"
         # domains that development and test deployments use.
         valid = validate_email(address, check_deliverability=False, test_environment=True)
     except EmailNotValidError as error:
         raise UsageError(f"{address!r} is not a valid mail address: {error}") from None
-    return valid.normalized.lower()
+    return mailbox_key(valid.normalized)
 
 
 def size_argument(text: str | None) -> int | None:
@@ -77,6 +79,12 @@ def size_argument(text: str | None) -> int | None:
 
 def check_domain(name: str) -> str:
     return check_address(f"postmaster@{name}").rpartition("@")[2]
+
+
+def shown_domain(a_label: str) -> str:
+    """A domain for people: its U-labels, with the A-label when they differ."""
+    shown = display_domain(a_label)
+    return a_label if shown == a_label else f"{shown} ({a_label})"
 
 
 def read_password(args: argparse.Namespace, *, required: bool) -> str | None:
@@ -144,7 +152,7 @@ async def cmd_domain(settings: Settings, args: argparse.Namespace) -> None:
         if args.domain_command == "add":
             name = check_domain(args.name)
             await admin.add_domain(engine, name, actor=actor())
-            print(f"domain {name} added")
+            print(f"domain {shown_domain(name)} added")
         else:
             for name in await admin.list_domains(engine):
                 print(name)
@@ -237,14 +245,20 @@ async def cmd_mailbox(settings: Settings, args: argparse.Namespace) -> None:
                 + ("" if args.no_send else " and send as it")
             )
         elif command == "revoke":
-            await admin.revoke(engine, args.address, args.account, actor=actor())
+            await admin.revoke(engine, mailbox_key(args.address), args.account, actor=actor())
             print(f"{args.account} no longer uses {args.address}")
         elif command in ("suspend", "close", "reactivate"):
             status = {"suspend": "suspended", "close": "closed", "reactivate": "active"}[command]
-            await admin.set_mailbox_status(engine, args.address, status, actor=actor())  # type: ignore[arg-type]
+            await admin.set_mailbox_status(
+                engine,
+                mailbox_key(args.address),
+                status,  # type: ignore[arg-type]
+                actor=actor(),
+            )
             print(f"mailbox {args.address} is now {status}")
         elif command == "list":
-            for info in await admin.list_mailboxes(engine, domain=args.domain):
+            domain = check_domain(args.domain) if args.domain else None
+            for info in await admin.list_mailboxes(engine, domain=domain):
                 delegates = "; ".join(
                     f"{login}:{rights}{'+send' if send else ''}"
                     for login, rights, send in info.delegates
@@ -259,7 +273,7 @@ async def cmd_mailbox(settings: Settings, args: argparse.Namespace) -> None:
             usage = await admin.mailbox_quota(engine, args.address)
             print(f"mailbox {usage.root}: {usage.describe()}")
         elif command == "show":
-            await show_mailbox(engine, args.address, args.folder)
+            await show_mailbox(engine, mailbox_key(args.address), args.folder)
 
     await with_engine(settings, work)
 
@@ -400,7 +414,7 @@ async def cmd_whitelist(settings: Settings, args: argparse.Namespace) -> None:
     from mssd.config import whitelist_cache_file
     from mssd.delivery.whitelist import WhitelistKeeper
     from mssd.store.whitelist import latest_whitelist, refusals
-    from mssd.trust.whitelist import display_domain, normalise_domain, parse_whitelist
+    from mssd.trust.whitelist import normalise_domain, parse_whitelist
 
     async def work(engine: Any) -> None:
         if args.whitelist_command == "refresh":
@@ -448,9 +462,7 @@ async def cmd_whitelist(settings: Settings, args: argparse.Namespace) -> None:
             domain = normalise_domain(args.domain)
         except ValueError as error:
             raise UsageError(str(error)) from None
-        shown = display_domain(domain)
-        if domain != shown:
-            shown = f"{shown} ({domain})"
+        shown = shown_domain(domain)
         operators = listed.operators_for(domain)
         if not operators:
             fail(f"{shown} is not in the MSSanté whitelist", 1)

@@ -133,6 +133,9 @@ class WhitelistSettings:
     ca_file: Path | None = None
     """CAs that verify the HTTPS server of the sources; None: the system store."""
     refresh_seconds: int = 3600
+    checksum_retry_seconds: float = 30.0
+    """After a checksum mismatch (the list and its checksum fetched while ANS publishes a
+    new pair), the first early retry; each next one waits twice as long, four at most."""
     max_shrink: float = 0.10
     """Largest fraction of the current list a new one may drop before it is refused."""
     timeout_seconds: float = 60.0
@@ -150,6 +153,8 @@ class AnnuaireSettings:
     """Longest a lookup may take; beyond, the caller gets "unknown"."""
     cache_ttl_seconds: int = 86400
     negative_ttl_seconds: int = 3600
+    cache_purge_seconds: float = 3600
+    """How often ``mssd serve`` deletes expired cache rows (0: never)."""
     search_limit: int = 50
     ldap_url: str = ""
     ldap_starttls: bool = False
@@ -464,6 +469,8 @@ def _validate_whitelist(whitelist: WhitelistSettings) -> None:
         )
     if whitelist.timeout_seconds <= 0:
         raise ConfigError("whitelist.timeout_seconds: must be greater than 0")
+    if whitelist.checksum_retry_seconds <= 0:
+        raise ConfigError("whitelist.checksum_retry_seconds: must be greater than 0")
     if not 0.0 <= whitelist.max_shrink <= 1.0:
         raise ConfigError(
             f"whitelist.max_shrink: must be a fraction between 0 and 1, got {whitelist.max_shrink}"
@@ -548,7 +555,12 @@ def _validate_annuaire(annuaire: AnnuaireSettings) -> None:
     ):
         if getattr(annuaire, key) <= 0:
             raise ConfigError(f"annuaire.{key}: must be greater than 0")
-    for key in ("negative_ttl_seconds", "fhir_retries", "fhir_backoff_seconds"):
+    for key in (
+        "negative_ttl_seconds",
+        "cache_purge_seconds",
+        "fhir_retries",
+        "fhir_backoff_seconds",
+    ):
         if getattr(annuaire, key) < 0:
             raise ConfigError(f"annuaire.{key}: must not be negative")
     if "ldap" in annuaire.backends or "ldap" in annuaire.publish_targets:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import shutil
 import socket
+import ssl
 import subprocess
 import threading
 import time
@@ -196,4 +197,39 @@ class StallingServer:
         self._thread.join()
         for connection in self.connections:
             connection.close()
+        self.socket.close()
+
+
+class TlsOnlyServer:
+    """Completes TLS handshakes (nothing more) with the given server context, and
+    records each outcome: a directory server whose TLS the client must judge."""
+
+    def __init__(self, context: ssl.SSLContext) -> None:
+        self.context = context
+        self.socket = socket.socket()
+        self.socket.bind(("127.0.0.1", 0))
+        self.socket.listen(16)
+        self.port = int(self.socket.getsockname()[1])
+        self.outcomes: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        self.socket.settimeout(0.2)
+        while not self._stop.is_set():
+            try:
+                connection, _ = self.socket.accept()
+            except OSError:
+                continue
+            connection.settimeout(5)
+            try:
+                with self.context.wrap_socket(connection, server_side=True) as tls:
+                    self.outcomes.append(f"handshake done: {tls.cipher()}")
+            except (ssl.SSLError, OSError) as error:
+                self.outcomes.append(f"handshake failed: {error}")
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
         self.socket.close()

@@ -19,17 +19,20 @@ from annuaire_population import (
     rpps,
     write_extraction,
 )
+from conftest import PkiBundle, start_mssd
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 from test_cli import Cli, refused
 
 from mssd.annuaire.cache import StoreCache
 from mssd.annuaire.extraction import ExtractionError, ExtractionStats, parse_extraction
-from mssd.annuaire.model import DirectoryEntry, DirectoryError, SearchQuery
+from mssd.annuaire.model import DirectoryEntry, DirectoryError, SearchQuery, parse_yes_no
 from mssd.annuaire.offline import ExtractionBackend, import_file
 from mssd.annuaire.resolver import Resolver, ResolverPolicy
 from mssd.store import annuaire as store
 from mssd.store.audit import read_audit
 from mssd.store.engine import create_engine, upgrade
+from mssd.store.schema import annuaire_cache
 
 PEOPLE = population(2000)
 HEADER = "|".join(EXTRACTION_COLUMNS)
@@ -93,6 +96,19 @@ def test_a_line_becomes_an_entry() -> None:
 def test_a_malformed_line_is_named(line: str, message: str) -> None:
     with pytest.raises(ExtractionError, match=message.replace("|", r"\|").replace("(", r"\(")):
         parse(line)
+
+
+@pytest.mark.parametrize(
+    ("text", "flag"),
+    [("True", True), ("O", True), (" oui ", True), ("YES", True), ("1", True),
+     ("False", False), ("N", False), ("Non", False), ("no", False), ("0", False),
+     ("Peut-être", None), ("", None)],
+)  # fmt: skip
+def test_one_yes_no_reading_for_the_file_the_cli_and_ldap(text: str, flag: bool | None) -> None:
+    assert parse_yes_no(text) is flag
+    if flag is not None:
+        (entry,) = parse(extraction_line(PEOPLE[0]).replace("|True|", f"|{text}|"))
+        assert entry.dematerialisation is flag
 
 
 def test_a_file_without_the_header_is_refused() -> None:
@@ -221,6 +237,48 @@ async def test_reimport_replaces_the_previous_file_whole(
     assert events[0].details == {"entries": 10, "previous": before}
 
 
+def test_a_field_too_long_for_the_store_refuses_its_line_and_the_file(
+    store_url: str, tmp_path: Path
+) -> None:
+    # On PostgreSQL an over-long postcode or phone used to stop the import half-way
+    # with a DataError; now every such line is named and nothing is imported.
+    cli = Cli(store_url, tmp_path)
+    cli.ok("db", "upgrade")
+    first = tmp_path / "first.txt"
+    write_extraction(first, PEOPLE[:50])
+    cli.ok("annuaire", "import", str(first))
+    postcode = EXTRACTION_COLUMNS.index("Code postal structure BAL")
+    lines = []
+    for person in PEOPLE[50:80]:
+        fields = extraction_line(person).split("|")
+        phone = "01 02 03 04 05"
+        if len(lines) == 3:  # line 5
+            fields[postcode] = "75014" * 4
+        if len(lines) == 7:  # line 9
+            phone = "0" * 70
+        lines.append("|".join([*fields, phone]))
+    bad = tmp_path / "bad.txt"
+    bad.write_text("\n".join([HEADER + "|Téléphone", *lines]) + "\n", encoding="utf-8")
+    result = cli("annuaire", "import", str(bad))
+    refused(result, 2, "2 lines refused")
+    assert (
+        "line 5: Code postal is 20 characters long, at most 16 fit: '75014750147501475014'"
+        in result.stderr
+    )
+    assert "line 9: Téléphone is 70 characters long, at most 64 fit" in result.stderr
+    assert "nothing was imported" in result.stderr
+    # The previous import is whole; nothing of the refused file is there.
+    assert PEOPLE[3].address in cli.ok("annuaire", "lookup", PEOPLE[3].address)
+    refused(cli("annuaire", "lookup", PEOPLE[52].address), 1, "not found")
+    # The same file with the two lines mended imports, phone numbers included.
+    lines[3] = lines[3].replace("75014" * 4, "75014")
+    lines[7] = lines[7].replace("0" * 70, "+33 1 02 03 04 05")
+    bad.write_text("\n".join([HEADER + "|Téléphone", *lines]) + "\n", encoding="utf-8")
+    assert "30 mailboxes imported" in cli.ok("annuaire", "import", str(bad))
+    shown = cli.ok("annuaire", "lookup", PEOPLE[57].address, "--json")
+    assert '"phone": "+33 1 02 03 04 05"' in shown
+
+
 async def test_a_file_that_is_not_utf8_names_the_line(engine: AsyncEngine, tmp_path: Path) -> None:
     path = tmp_path / "latin1.txt"
     path.write_bytes((HEADER + "\n" + extraction_line(PEOPLE[0]) + "\n").encode("latin-1"))
@@ -296,6 +354,34 @@ async def test_cache_entries_expire(engine: AsyncEngine) -> None:
     await asyncio.sleep(0.3)
     assert (await directory.lookup_address("late@remote.test")).status == "found"
     assert backend.calls == 2
+
+
+async def cached_keys(engine: AsyncEngine) -> set[str]:
+    async with engine.connect() as conn:
+        return set((await conn.scalars(select(annuaire_cache.c.key))).all())
+
+
+async def test_mssd_serve_purges_expired_cache_answers_on_schedule(
+    engine: AsyncEngine, store_url: str, tmp_path: Path, test_pki: PkiBundle
+) -> None:
+    for key, ttl in (("address:old@remote.test", 0.01), ("address:fresh@remote.test", 3600)):
+        await store.cache_put(
+            engine, key, status="not_found", source="scripted", entries="[]", ttl_seconds=ttl
+        )
+    await asyncio.sleep(0.05)
+    # Expired answers are never served, but they stay until purged.
+    assert await cached_keys(engine) == {"address:old@remote.test", "address:fresh@remote.test"}
+    server = await asyncio.to_thread(
+        start_mssd, store_url, test_pki, tmp_path, MSSD_ANNUAIRE_CACHE_PURGE_SECONDS="0.3"
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while "address:old@remote.test" in await cached_keys(engine):
+            assert time.monotonic() < deadline, "the expired answer was never purged"
+            await asyncio.sleep(0.1)
+        assert await cached_keys(engine) == {"address:fresh@remote.test"}
+    finally:
+        await asyncio.to_thread(server.stop)
 
 
 async def test_a_failing_backend_gives_way_to_the_next(engine: AsyncEngine) -> None:

@@ -3,7 +3,9 @@ mailboxes (tests/annuaire_population.py) under the shipped schema."""
 
 from __future__ import annotations
 
+import asyncio
 import re
+import ssl
 import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -27,6 +29,7 @@ from annuaire_servers import (
     SYSTEM_SCHEMAS,
     Slapd,
     StallingServer,
+    TlsOnlyServer,
     find_program,
 )
 from conftest import PkiBundle, unavailable
@@ -359,3 +362,64 @@ async def test_a_stalled_ldap_server_answers_unknown_within_the_budget(
         assert await directory.is_org_pharmacy(LISTED[0].address) is None
     finally:
         stalled.close()
+
+
+async def test_a_stalled_ldap_server_does_not_starve_other_worker_threads() -> None:
+    # Forty lookups against a server that never answers: they hold the LDAP
+    # threads, not the threads asyncio.to_thread shares with the rest of mssd.
+    stalled = StallingServer()
+    backend = LdapBackend(
+        LdapConfig(
+            url=f"ldap://127.0.0.1:{stalled.port}", base_dn=BASE_DN, timeout=2.0, pool_size=4
+        )
+    )
+    directory = Resolver([backend], policy=ResolverPolicy(budget_seconds=3.0))
+    try:
+        lookups = [
+            asyncio.create_task(directory.lookup_address(f"user{n}@{DOMAIN}")) for n in range(40)
+        ]
+        await asyncio.sleep(0.2)
+        started = time.monotonic()
+        assert await asyncio.to_thread(lambda: "free") == "free"
+        assert time.monotonic() - started < 0.5
+        answers = await asyncio.gather(*lookups)
+        assert {a.status for a in answers} == {"unknown"}
+        assert all("LDAP server" in a.reason or "within" in a.reason for a in answers)
+    finally:
+        await directory.close()
+        stalled.close()
+
+
+async def test_ldap_tls_follows_the_mssante_policy(test_pki: PkiBundle) -> None:
+    # A server offering on TLS 1.2 only a suite the MSSanté rules do not name
+    # (ECDHE-RSA-CHACHA20-POLY1305, which Python's own defaults accept).
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(str(test_pki.dev.server_cert), str(test_pki.dev.server_key))
+    context.maximum_version = ssl.TLSVersion.TLSv1_2
+    context.set_ciphers("ECDHE-RSA-CHACHA20-POLY1305")
+    server = TlsOnlyServer(context)
+    backend = LdapBackend(
+        LdapConfig(
+            url=f"ldaps://localhost:{server.port}",
+            base_dn=BASE_DN,
+            ca_file=test_pki.dev.ca_bundle,
+            timeout=2.0,
+        )
+    )
+    try:
+        with pytest.raises(DirectoryError, match=f"LDAP server ldaps://localhost:{server.port}"):
+            await backend.by_address(LISTED[0].address)
+        assert server.outcomes
+        assert all(o.startswith("handshake failed") for o in server.outcomes), server.outcomes
+    finally:
+        await backend.close()
+        server.close()
+
+
+def test_an_unreadable_ldap_ca_file_is_a_configuration_error(tmp_path: Path) -> None:
+    with pytest.raises(DirectoryConfigError, match=r"annuaire\.ldap_ca_file: CA file .* does not"):
+        LdapBackend(
+            LdapConfig(
+                url="ldaps://localhost:636", base_dn=BASE_DN, ca_file=tmp_path / "missing.pem"
+            )
+        )

@@ -19,7 +19,13 @@ from conftest import PkiBundle, unavailable
 from sqlalchemy.ext.asyncio import AsyncEngine
 from test_cli import Cli
 
-from mssd.annuaire.publish import decide, fhir_patch, run_publication
+from mssd.annuaire.publish import (
+    Decision,
+    decide,
+    fhir_location,
+    fhir_patch,
+    run_publication,
+)
 from mssd.config import Settings
 from mssd.store import admin
 from mssd.store.annuaire import (
@@ -38,6 +44,14 @@ KNOWN_PS = PEOPLE[0].idnat_ps
 ORG_PERSON = next(p for p in PEOPLE if p.bal_type == "ORG")
 APP_PERSON = next(p for p in PEOPLE if p.bal_type == "APP")
 TWICE_PS = "8" + rpps(900_000_050)
+OTHER_PS = next(
+    p.idnat_ps
+    for p in PEOPLE
+    if p.bal_type == "PER"
+    and p.idnat_ps != KNOWN_PS
+    and "." in p.address.split("@")[0]
+    and not p.address.startswith("double")
+)
 OURS = "ours.mssd.test"
 
 
@@ -142,11 +156,12 @@ def test_a_siret_structure_is_addressed_by_its_idnat_struct() -> None:
 def state(published: bool, box: PublishedMailbox | None = None) -> PublicationState:
     import datetime as dt
 
-    from mssd.annuaire.publish import fingerprint
+    from mssd.annuaire.publish import fhir_location, fingerprint
 
     return PublicationState(
         published=published,
         fingerprint=fingerprint(box) if box else None,
+        location=fhir_location(box) if box else None,
         action="insert",
         outcome="ok",
         http_status=200,
@@ -169,6 +184,19 @@ def test_what_is_sent_for_each_state() -> None:
     assert decide(closed, state(True, box)).action == "delete"
     suspended = dataclasses.replace(box, status="suspended")
     assert decide(suspended, state(True, box)).action == "skip"
+    # A site's own LDAP directory gets listed mailboxes written again even when
+    # unchanged (a lost entry comes back); what is not listed stays unwritten.
+    assert decide(box, state(True, box), rewrite_current=True) == Decision("replace", "rewritten")
+    assert decide(unlisted, None, rewrite_current=True).action == "skip"
+    # A CAB follows its responsible's Practitioner: a new responsible moves it.
+    cab = mailbox("CAB")
+    handed_over = dataclasses.replace(cab, responsible=OTHER_PS)
+    moved = decide(handed_over, state(True, cab), fhir_location(handed_over))
+    assert moved.action == "move"
+    assert moved.reason == (
+        f"it now belongs on Practitioner|urn:oid:1.2.250.1.71.4.2.1|{OTHER_PS}, "
+        f"not Practitioner|urn:oid:1.2.250.1.71.4.2.1|{KNOWN_PS}"
+    )
 
 
 # -- sending ----------------------------------------------------------------------------
@@ -315,6 +343,41 @@ async def test_publish_to_fhir_records_each_outcome(
     (accueil,) = [t for t in organization["telecom"] if t["value"] == f"accueil@{OURS}"]
     assert metadata(accueil)["description"]["valueString"] == "Nouvel accueil"
     assert len([m for m, _, _ in fhir.requests[sent:] if m == "PATCH"]) == 5
+
+
+async def test_a_cab_whose_responsible_changes_leaves_the_old_practitioner(
+    engine: AsyncEngine, fhir: FhirServer, test_pki: PkiBundle, tmp_path: Path
+) -> None:
+    settings = fhir_settings(fhir, test_pki, tmp_path)
+    lines: list[str] = []
+    await run_publication(settings, engine, dry_run=False, actor="test", out=lines.append)
+    cabinet = f"cabinet@{OURS}"
+    assert cabinet in telecoms(fhir, f"pra-{KNOWN_PS}")
+    assert cabinet not in telecoms(fhir, f"pra-{OTHER_PS}")
+    # The practice changes hands.
+    await set_mailbox_settings(engine, cabinet, actor="test", responsible=OTHER_PS)
+    lines.clear()
+    await run_publication(settings, engine, dry_run=True, actor="test", out=lines.append)
+    printed = "\n".join(lines)
+    old = urllib.parse.quote(f"urn:oid:1.2.250.1.71.4.2.1|{KNOWN_PS}", safe="")
+    new = urllib.parse.quote(f"urn:oid:1.2.250.1.71.4.2.1|{OTHER_PS}", safe="")
+    assert printed.index(f"/Practitioner?identifier={old}") < printed.index(
+        f"/Practitioner?identifier={new}"
+    )
+    await run_publication(settings, engine, dry_run=False, actor="test", out=lines.append)
+    assert cabinet not in telecoms(fhir, f"pra-{KNOWN_PS}")
+    assert telecoms(fhir, f"pra-{OTHER_PS}")[0] == cabinet
+    assert f"jeanne@{OURS}" in telecoms(fhir, f"pra-{KNOWN_PS}")  # the others stay
+    assert f"fhir {cabinet}: delete -> 200 ok" in lines
+    assert f"fhir {cabinet}: insert -> 200 ok" in lines
+    moved = (await by_address(engine, "fhir"))[cabinet]
+    assert (moved.action, moved.outcome, moved.published) == ("move", "ok", True)
+    assert moved.location == f"Practitioner|urn:oid:1.2.250.1.71.4.2.1|{OTHER_PS}"
+    # Published where it belongs: nothing more to send.
+    sent = len(fhir.requests)
+    await run_publication(settings, engine, dry_run=False, actor="test", out=lines.append)
+    assert cabinet not in {path for _, path, _ in fhir.requests[sent:]}
+    assert f"# fhir {cabinet}: nothing to send (up to date)" in lines
 
 
 def test_cli_set_and_publish_dry_run(store_url: str, tmp_path: Path) -> None:

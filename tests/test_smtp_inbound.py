@@ -26,12 +26,16 @@ from conftest import (
     store_url_for,
     write_whitelist,
 )
+from test_cli import Cli
 
 from mssd.trust import pki
 
 B = "operateur-b.mssd.test"
 B_UNICODE = "hôpital-b.mssd.test"
 C = "operateur-c.mssd.test"
+LOCAL_IDN = "clinique-ébène.mssd.test"
+"""A domain hosted here, created with its U-labels through the command line."""
+LOCAL_IDN_A = LOCAL_IDN.encode("idna").decode()
 R = "operateur-r.mssd.test"
 
 
@@ -88,6 +92,12 @@ def server(
     workdir = tmp_path_factory.mktemp(f"inbound-{request.param}")
     for url in store_url_for(request.param, workdir):
         run(seed(url, test_pki))
+        cli = Cli(url, workdir)
+        assert f"({LOCAL_IDN_A}) added" in cli.ok("domain", "add", LOCAL_IDN)
+        cli.ok(
+            "mailbox", "create", "--type", "PER", "--idnat", "899700000001",
+            "--address", f"Accueil@{LOCAL_IDN}",
+        )  # fmt: skip
         process = start_mssd(
             url,
             test_pki,
@@ -231,6 +241,113 @@ def test_local_domains_need_our_own_certificate(
     code, text = mail_from(server, own, f"secretariat@{B}")
     assert code == 550
     assert text.startswith(f"5.7.1 <secretariat@{B}>: certificate"), text
+
+
+def test_an_idn_domain_hosted_here_is_one_domain_however_it_is_written(
+    server: MssdProcess, operators: Operators, test_pki: PkiBundle
+) -> None:
+    own = (test_pki.dev.server_cert, test_pki.dev.server_key)
+    with session(server, own) as client:
+        client.command_encoding = "utf-8"  # RFC 6531 §3.2
+        # Our own certificate vouches for our IDN domain written as an A-label...
+        assert client.docmd("MAIL", f"FROM:<secretariat@{LOCAL_IDN_A}>")[0] == 250
+        # ...and its mailbox is found under the A-label...
+        assert client.docmd("RCPT", f"TO:<ACCUEIL@{LOCAL_IDN_A.upper()}>")[0] == 250
+        code, _ = client.data(message("idn", f"secretariat@{LOCAL_IDN_A}"))
+        assert code == 250
+        # ...and under the U-labels (RFC 6531: with SMTPUTF8).
+        assert client.docmd("MAIL", f"FROM:<secretariat@{LOCAL_IDN}> SMTPUTF8")[0] == 250
+        assert client.docmd("RCPT", f"TO:<accueil@{LOCAL_IDN}>")[0] == 250
+        code, _ = client.data(message("idn-utf8", f"secretariat@{LOCAL_IDN_A}"))
+        assert code == 250
+    stored = inbox(server, f"accueil@{LOCAL_IDN_A}")
+    assert [b"Subject: idn\r\n" in data for _, data in stored] == [True, False]
+    assert b"Subject: idn-utf8\r\n" in stored[1][1]
+    # Another operator may not send as our IDN domain, in either spelling.
+    for domain in (LOCAL_IDN_A, LOCAL_IDN):
+        with session(server, operators.b) as client:
+            client.command_encoding = "utf-8"
+            code, text = client.docmd("MAIL", f"FROM:<x@{domain}> SMTPUTF8")
+        assert code == 550 and "is hosted here" in text.decode(), text
+
+
+def test_without_any_whitelist_every_operator_is_refused(
+    store_url: str, tmp_path: Path, test_pki: PkiBundle, operators: Operators
+) -> None:
+    # No source configured and none ever stored: nobody is in the trust space yet.
+    run(seed(store_url, test_pki))
+    server = start_mssd(
+        store_url,
+        test_pki,
+        tmp_path,
+        MSSD_WHITELIST_SOURCE="",
+        MSSD_SMTP_MTA_CLIENT_CA_FILE=str(test_pki.dev.org_ca),
+    )
+    try:
+        code, text = mail_from(server, operators.b, f"x@{B}")
+        assert (code, text) == (
+            550,
+            "5.7.1 No MSSanté whitelist is loaded on this server yet; try again later",
+        )
+        code, _ = mail_from(server, operators.b, "")
+        assert code == 550
+        # Our own server still delivers for our own domains: the list need not name it.
+        own = (test_pki.dev.server_cert, test_pki.dev.server_key)
+        with session(server, own) as client:
+            assert client.sendmail(PER2, [PER], message("sans liste", PER2)) == {}
+    finally:
+        server.stop()
+
+
+def test_refusals_are_counted_by_reason(test_pki: PkiBundle, operators: Operators) -> None:
+    from mssd import metrics
+    from mssd.delivery import PolicyRefusal
+    from mssd.delivery.pipeline import SessionInfo, Transaction
+    from mssd.smtp.inbound import REFUSED, InboundTrustCheck
+    from mssd.trust.verify import TrustFiles
+    from mssd.trust.whitelist import Whitelist, parse_whitelist
+
+    revoked = _revocable(test_pki.dev, "inbound-counted-revoked")
+    pki.revoke(test_pki.dev, revoked.cert)
+    listed = parse_whitelist(operators.whitelist.read_bytes())
+    whitelist: list[Whitelist | None] = [None]
+
+    async def local_domains() -> frozenset[str]:
+        return frozenset({DOMAIN})
+
+    check = InboundTrustCheck(
+        whitelist=lambda: whitelist[0],
+        trust=TrustFiles(test_pki.dev.org_ca, test_pki.dev.crl),
+        local_domains=local_domains,
+        own_dn="CN=mx.ours.mssd.test,O=Nous,C=FR",
+    )
+
+    def refusal(cert: pki.IssuedCertificate | None, sender: str) -> str:
+        der = None if cert is None else ssl.PEM_cert_to_DER_cert(cert.cert.read_text())
+        session = SessionInfo("mta", "192.0.2.7", "mx.peer", "TLSv1.3", peer_certificate=der)
+        with pytest.raises(PolicyRefusal) as caught:
+            run(check.check_sender(Transaction(session, sender)))
+        assert (caught.value.code, caught.value.enhanced) == (550, "5.7.1")
+        return caught.value.text
+
+    cases = [
+        ("no_certificate", None, f"x@{B}", "A client certificate is required"),
+        ("untrusted_chain", operators.foreign_b, f"x@{B}", "Client certificate refused"),
+        ("revoked", revoked, f"x@{R}", "Client certificate refused (certificate revoked)"),
+        ("no_whitelist", operators.b, f"x@{B}", "No MSSanté whitelist is loaded"),
+        ("unknown_domain", operators.b, "x@inconnu.mssd.test", "not in the MSSanté whitelist"),
+        ("dn_not_listed", operators.b, f"x@{C}", "is not listed for domain"),
+        ("dn_not_listed", operators.b, f"x@{DOMAIN}", "is hosted here"),
+    ]
+    for reason, cert, sender, text in cases:
+        if reason == "unknown_domain":
+            whitelist[0] = listed
+        before = REFUSED.value(reason)
+        assert text in refusal(cert, sender)
+        assert REFUSED.value(reason) == before + 1, reason
+    exported = metrics.render()
+    for reason in {case[0] for case in cases}:
+        assert f'mssd_mta_senders_refused_total{{reason="{reason}"}}' in exported
 
 
 def test_swaks_presenting_an_operator_certificate(

@@ -60,6 +60,50 @@ async def test_migrations_match_the_schema_module(engine: AsyncEngine) -> None:
         assert await conn.run_sync(differences) == []
 
 
+async def test_upgrade_stores_hosted_idn_domains_as_a_labels(store_url: str) -> None:
+    # Before 0007, `mssd domain add` stored an IDN domain as typed (U-labels).
+    from alembic import command
+
+    from mssd.store.engine import _alembic_config, upgrade
+
+    engine = create_engine(store_url)
+    try:
+        async with engine.begin() as conn:
+            await conn.run_sync(lambda sync: command.upgrade(_alembic_config(sync), "0005"))
+            now = dt.datetime.now(dt.UTC)
+            await conn.execute(
+                text("INSERT INTO domains (id, name, created_at) VALUES (7, :n, :t)"),
+                {"n": "hôpital-é.test", "t": now},
+            )
+            await conn.execute(
+                text(
+                    "INSERT INTO accounts (id, login, status, created_at) "
+                    "VALUES (9, 'accueil@hôpital-é.test', 'active', :t)"
+                ),
+                {"t": now},
+            )
+            await conn.execute(
+                text(
+                    "INSERT INTO mailboxes (address, domain_id, bal_type, status, owner_idnat,"
+                    " account_id, created_at, updated_at) VALUES"
+                    " ('accueil@hôpital-é.test', 7, 'ORG', 'active', '1750000001', 9, :t, :t)"
+                ),
+                {"t": now},
+            )
+        await upgrade(engine)
+        async with engine.connect() as conn:
+            a_label = "hôpital-é.test".encode("idna").decode()
+            assert (await conn.execute(text("SELECT name FROM domains"))).scalar() == a_label
+            assert (await conn.execute(text("SELECT address FROM mailboxes"))).scalar() == (
+                f"accueil@{a_label}"
+            )
+            assert (await conn.execute(text("SELECT login FROM accounts"))).scalar() == (
+                f"accueil@{a_label}"
+            )
+    finally:
+        await engine.dispose()
+
+
 async def test_unknown_schema_revision_is_refused(engine: AsyncEngine) -> None:
     async with engine.begin() as conn:
         await conn.execute(text("UPDATE alembic_version SET version_num = 'ffff'"))

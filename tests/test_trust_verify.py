@@ -37,6 +37,26 @@ def revoked(test_pki: PkiBundle) -> pki.IssuedCertificate:
     return cert
 
 
+def test_the_most_recent_crl_of_an_issuer_decides(test_pki: PkiBundle) -> None:
+    cert = pki.issue_server_certificate(
+        test_pki.dev,
+        common_name="mx.revoque-tard.mssd.test",
+        idnat_struct="1750000019",
+        organisation="Revoque tard",
+        name="verify-revoked-later",
+    )
+    before = test_pki.dev.crl.read_bytes()
+    pki.revoke(test_pki.dev, cert.cert)
+    after = test_pki.dev.crl.read_bytes()
+    ca = test_pki.dev.ca_bundle.read_bytes()
+    # An old CRL left in the file beside the new one, before or after it.
+    for crls in (before + after, after + before):
+        with pytest.raises(CertificateRejected) as caught:
+            verify_certificate(der(cert), load_material(ca, crls))
+        assert caught.value.reason == "revoked"
+    verify_certificate(der(cert), load_material(ca, before))
+
+
 def material(test_pki: PkiBundle, *, crl: bool = True) -> TrustMaterial:
     return load_material(
         test_pki.dev.ca_bundle.read_bytes(), test_pki.dev.crl.read_bytes() if crl else None
@@ -101,9 +121,10 @@ def test_broken_files_keep_the_last_material_and_say_so_once(
     crl = tmp_path / "crl.pem"
     crl.write_bytes(test_pki.dev.crl.read_bytes())
     files = TrustFiles(test_pki.dev.ca_bundle, crl)
-    assert files.verify(der(test_pki.app)).subject == x509.load_pem_x509_certificate(
-        test_pki.app.cert.read_bytes()
-    ).subject
+    assert (
+        files.verify(der(test_pki.app)).subject
+        == x509.load_pem_x509_certificate(test_pki.app.cert.read_bytes()).subject
+    )
     crl.write_bytes(b"-----BEGIN X509 CRL-----\nnot base64\n-----END X509 CRL-----\n")
     with caplog.at_level("WARNING", logger="mssd.trust.verify"):
         for _ in range(3):

@@ -17,15 +17,17 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from mssd.annuaire.build import build_resolver
 from mssd.annuaire.extraction import ExtractionError
 from mssd.annuaire.model import (
+    BAL_TYPES,
     DirectoryConfigError,
     DirectoryEntry,
     DirectoryError,
     Lookup,
     SearchQuery,
+    parse_yes_no,
 )
 from mssd.config import Settings
 from mssd.store.engine import create_engine
-from mssd.trust.idnat import IdNatError, check_idnat_ps
+from mssd.trust.idnat import IdNatError, check_idnat_ps, check_rpps
 
 
 class BadInput(Exception):
@@ -37,11 +39,9 @@ class Failed(Exception):
 
 
 def _yes_no(value: str) -> bool:
-    text = value.strip().lower()
-    if text in ("yes", "y", "o", "oui", "true", "1"):
-        return True
-    if text in ("no", "n", "non", "false", "0"):
-        return False
+    flag = parse_yes_no(value)
+    if flag is not None:
+        return flag
     raise argparse.ArgumentTypeError(f"expected yes or no, got {value!r}")
 
 
@@ -59,7 +59,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     search.add_argument("--profession", default="", help="TRE_G15 code (10, 21...) or label")
     search.add_argument("--city", default="")
     search.add_argument("--postcode", default="")
-    search.add_argument("--type", default="", choices=("", "PER", "ORG", "APP", "CAB"))
+    search.add_argument("--type", default="", choices=("", *BAL_TYPES))
     search.add_argument(
         "--limit", type=_positive, help="most entries (default annuaire.search_limit)"
     )
@@ -189,8 +189,10 @@ async def _lookup(resolver: Any, args: argparse.Namespace) -> Lookup:
         except IdNatError as error:
             raise BadInput(str(error)) from None
         return await resolver.lookup_idnat_ps(args.idnat)  # type: ignore[no-any-return]
-    if not (args.rpps.isdigit() and len(args.rpps) == 11):
-        raise BadInput(f"--rpps: expected the 11-digit RPPS number, got {args.rpps!r}")
+    try:
+        check_rpps(args.rpps)
+    except IdNatError as error:
+        raise BadInput(f"--rpps: {error}") from None
     return await resolver.lookup_rpps(args.rpps)  # type: ignore[no-any-return]
 
 

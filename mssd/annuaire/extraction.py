@@ -4,8 +4,15 @@ UTF-8 text, fields separated by ``|``, one header line, then one line per
 mailbox. Columns are found by their header name (compared without accents,
 case, punctuation, and the `` structure BAL`` suffix some publications add), so
 a reordered or extended file still reads; ``Type de BAL`` and ``Adresse BAL``
-are required. A malformed line stops the import with :class:`ExtractionError`
-naming the line and the problem: the store keeps the previous import whole.
+are required.
+
+Every line is checked before anything is stored, the length of each bounded
+field included (``mssd.store.annuaire.FIELD_LIMITS``): a field too long for the
+store refuses its line, it is never cut (a truncated phone number or postcode
+is a wrong one). Refused lines do not stop the reading: the rest of the file is
+still checked, and the import then fails with :class:`ExtractionError` naming
+every refused line (the first :data:`REPORTED` of them) and the problem; the
+store keeps the previous import whole.
 """
 
 from __future__ import annotations
@@ -15,10 +22,19 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from mssd.annuaire.model import BAL_TYPES, AddressError, DirectoryEntry, fold, normalise_address
+from mssd.annuaire.model import (
+    BAL_TYPES,
+    AddressError,
+    DirectoryEntry,
+    fold,
+    normalise_address,
+    parse_yes_no,
+)
+from mssd.store.annuaire import FIELD_LIMITS
 from mssd.trust.idnat import IdNatError, check_idnat_ps
 
-MAX_ADDRESS = 320
+REPORTED = 20
+"""Refused lines named in the error; the others are counted."""
 
 
 class ExtractionError(ValueError):
@@ -67,9 +83,20 @@ _COLUMNS = {
     "codecategorieetablissement": "structure_category",
 }
 _REQUIRED = ("bal_type", "address")
-_TRUE = {"true", "o", "oui", "1", "y", "yes"}
-_FALSE = {"false", "n", "non", "0", "no", ""}
 _POSTCODE_PREFIX = re.compile(r"^\s*\d{5}\s+")
+
+
+# Field -> the column's name in the file, for messages.
+_LABELS = {
+    "address": "Adresse BAL",
+    "bal_type": "Type de BAL",
+    "idnat_ps": "Identification nationale PP",
+    "profession_code": "Code profession",
+    "structure_id": "Identification structure",
+    "structure_category": "Catégorie établissement",
+    "postcode": "Code postal",
+    "phone": "Téléphone",
+}
 
 
 @dataclass
@@ -78,14 +105,31 @@ class ExtractionStats:
     entries: int = 0
     duplicates: int = 0
     duplicate_examples: list[str] = field(default_factory=list)
+    refused: int = 0
+    refused_examples: list[str] = field(default_factory=list)
+    """The first :data:`REPORTED` refused lines, each ``line N: why``."""
+
+    def refuse(self, message: str) -> None:
+        self.refused += 1
+        if len(self.refused_examples) < REPORTED:
+            self.refused_examples.append(message)
+
+    def refusal(self) -> ExtractionError:
+        """The error that refuses the whole file, naming its refused lines."""
+        if self.refused == 1:
+            return ExtractionError(self.refused_examples[0])
+        more = self.refused - len(self.refused_examples)
+        return ExtractionError(
+            f"{self.refused} lines refused: "
+            + "; ".join(self.refused_examples)
+            + (f"; and {more} more" if more else "")
+        )
 
 
 def _flag(value: str, line: int, column: str) -> bool:
-    text = value.strip().lower()
-    if text in _TRUE:
-        return True
-    if text in _FALSE:
-        return False
+    flag = parse_yes_no(value) if value.strip() else False
+    if flag is not None:
+        return flag
     raise ExtractionError(f"line {line}: {column} is {value!r}, expected True/False (or O/N)")
 
 
@@ -110,7 +154,9 @@ def parse_extraction(
     lines: Iterable[str], stats: ExtractionStats | None = None
 ) -> Iterator[DirectoryEntry]:
     """Yield one entry per mailbox line; the first line is the header. A second
-    line for an address already seen is skipped and counted in ``stats``."""
+    line for an address already seen is skipped and counted in ``stats``. A
+    malformed line is counted in ``stats`` and the reading goes on; at the end,
+    :class:`ExtractionError` names the refused lines (a bad header raises at once)."""
     stats = stats if stats is not None else ExtractionStats()
     iterator = iter(lines)
     try:
@@ -128,10 +174,17 @@ def parse_extraction(
             continue
         fields = line.split("|")
         if len(fields) != width:
-            raise ExtractionError(
+            stats.refuse(
                 f"line {number}: {len(fields)} fields separated by |, the header has {width}"
             )
-        entry = _entry(fields, positions, number)
+            continue
+        try:
+            entry = _entry(fields, positions, number)
+        except ExtractionError as error:
+            stats.refuse(str(error))
+            continue
+        if stats.refused:
+            continue  # the file will be refused: only the checking goes on
         if entry.address in seen:
             stats.duplicates += 1
             if len(stats.duplicate_examples) < 5:
@@ -140,6 +193,8 @@ def parse_extraction(
         seen.add(entry.address)
         stats.entries += 1
         yield entry
+    if stats.refused:
+        raise stats.refusal()
 
 
 def _entry(fields: list[str], positions: dict[str, int], number: int) -> DirectoryEntry:
@@ -149,8 +204,6 @@ def _entry(fields: list[str], positions: dict[str, int], number: int) -> Directo
         address = normalise_address(raw_address)
     except AddressError as error:
         raise ExtractionError(f"line {number}: Adresse BAL: {error}") from None
-    if len(address) > MAX_ADDRESS:
-        raise ExtractionError(f"line {number}: Adresse BAL is longer than {MAX_ADDRESS} characters")
     bal_type = values["bal_type"].upper()
     if bal_type not in BAL_TYPES:
         raise ExtractionError(
@@ -208,6 +261,7 @@ def _entry(fields: list[str], positions: dict[str, int], number: int) -> Directo
     for name in text_fields:
         if values.get(name):
             extra[name] = values[name]
+    _check_lengths({"address": address, **extra}, number)
     return DirectoryEntry(
         address=address,
         bal_type=bal_type,
@@ -217,6 +271,16 @@ def _entry(fields: list[str], positions: dict[str, int], number: int) -> Directo
         source="extraction",
         **extra,
     )
+
+
+def _check_lengths(values: dict[str, Any], number: int) -> None:
+    for name, value in values.items():
+        limit = FIELD_LIMITS.get(name)
+        if limit is not None and isinstance(value, str) and len(value) > limit:
+            raise ExtractionError(
+                f"line {number}: {_LABELS.get(name, name)} is {len(value)} characters long, "
+                f"at most {limit} fit: {value[:40]!r}"
+            )
 
 
 def entry_row(entry: DirectoryEntry) -> dict[str, Any]:

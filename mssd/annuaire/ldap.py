@@ -3,9 +3,19 @@ or search; and, for publication, the entries of our own mailboxes.
 
 Every value from a user goes through RFC 4515 §3 escaping before it enters a
 filter (``escape_filter_chars``). Searches are paged (RFC 2696) and stop at the
-caller's limit. ldap3 is synchronous: each operation runs in a worker thread on
-a connection taken from a small pool; every operation has a timeout, and a
-connection that failed is dropped rather than returned to the pool.
+caller's limit. ldap3 is synchronous: each operation runs on a thread of the
+pool's own executor (``ldap_pool_size`` threads, never the loop's default
+executor, so a stalled directory server cannot starve other ``to_thread``
+users) on a connection taken from the pool. Every socket operation has
+``ldap_timeout_seconds``, and a whole operation that much per exchange with the
+server (connecting, binding, each page or write): past that deadline the caller
+gets :class:`DirectoryError`. A connection that failed is dropped rather than
+returned to the pool.
+
+TLS (ldaps:// or StartTLS) follows the project's policy (``mssd.trust.tls``:
+TLS 1.2 floor, the MSSanté suites, host name checked): ldap3 builds its own
+``SSLContext`` inside ``Tls.wrap_socket`` and takes none from outside, so
+:class:`PolicyTls` overrides that one method to wrap with ours.
 
 The field -> attribute mapping defaults to config/ldap/mssante.schema and can be
 overridden (``annuaire.ldap_attributes``) for a site's own directory.
@@ -14,15 +24,16 @@ overridden (``annuaire.ldap_attributes``) for a site's own directory.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import math
 import queue
 import ssl
 import threading
 import urllib.parse
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import ldap3
 from ldap3.core.exceptions import LDAPException
@@ -33,9 +44,13 @@ from mssd.annuaire.model import (
     DirectoryEntry,
     DirectoryError,
     SearchQuery,
+    parse_yes_no,
     read_secret,
 )
 from mssd.config import AnnuaireSettings
+from mssd.trust.tls import TlsConfigError, client_context
+
+T = TypeVar("T")
 
 DEFAULT_ATTRIBUTES: dict[str, str] = {
     "object_class": "mssanteMailbox",
@@ -63,6 +78,8 @@ DEFAULT_ATTRIBUTES: dict[str, str] = {
 }
 """DirectoryEntry field -> LDAP attribute; ``object_class`` selects mailbox entries."""
 
+_SETUP_EXCHANGES = 2
+"""Exchanges before the work itself: connecting (with StartTLS) and binding."""
 _FLAGS = ("dematerialisation", "liste_rouge")
 _PAGED_RESULTS = "1.2.840.113556.1.4.319"  # RFC 2696
 
@@ -119,6 +136,23 @@ class LdapConfig:
         )
 
 
+class PolicyTls(ldap3.Tls):
+    """ldap3's TLS step with an ``SSLContext`` of ``mssd.trust.tls``: the server's
+    certificate is verified and its name checked by OpenSSL during the handshake."""
+
+    def __init__(self, context: ssl.SSLContext) -> None:
+        super().__init__(validate=ssl.CERT_REQUIRED)
+        self.context = context
+
+    def wrap_socket(self, connection: Any, do_handshake: bool = False) -> None:
+        connection.socket = self.context.wrap_socket(
+            connection.socket,
+            server_side=False,
+            do_handshake_on_connect=do_handshake,
+            server_hostname=connection.server.host,
+        )
+
+
 def _server(config: LdapConfig) -> ldap3.Server:
     parsed = urllib.parse.urlsplit(config.url)
     if parsed.scheme not in ("ldap", "ldaps") or not parsed.hostname:
@@ -128,11 +162,10 @@ def _server(config: LdapConfig) -> ldap3.Server:
     use_ssl = parsed.scheme == "ldaps"
     tls = None
     if use_ssl or config.starttls:
-        tls = ldap3.Tls(
-            validate=ssl.CERT_REQUIRED,
-            version=ssl.PROTOCOL_TLS_CLIENT,
-            ca_certs_file=str(config.ca_file) if config.ca_file else None,
-        )
+        try:
+            tls = PolicyTls(client_context(ca_file=config.ca_file))
+        except TlsConfigError as error:
+            raise DirectoryConfigError(f"annuaire.ldap_ca_file: {error}") from None
     return ldap3.Server(
         parsed.hostname,
         port=parsed.port or (636 if use_ssl else 389),
@@ -144,7 +177,8 @@ def _server(config: LdapConfig) -> ldap3.Server:
 
 
 class LdapPool:
-    """At most ``size`` open connections, each used by one thread at a time."""
+    """At most ``size`` open connections, each used by one thread at a time, and
+    the ``size`` threads that use them."""
 
     def __init__(self, config: LdapConfig) -> None:
         self.config = config
@@ -153,6 +187,31 @@ class LdapPool:
         self._open = 0
         self._lock = threading.Lock()
         self._closed = False
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            config.pool_size, thread_name_prefix="mssd-ldap"
+        )
+
+    async def run(self, work: Callable[..., T], *args: Any, exchanges: int = 1) -> T:
+        """``work(*args)`` on one of the pool's threads, within the deadline of
+        ``exchanges`` round trips with the server (plus connecting and binding).
+        A caller that gives up (cancelled, deadline) takes back work not started
+        yet; a thread already talking to the server is freed by its socket
+        timeout."""
+        deadline = self.config.timeout * (_SETUP_EXCHANGES + exchanges)
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(deadline):
+                return await loop.run_in_executor(self._executor, work, *args)
+        except TimeoutError:
+            raise DirectoryError(
+                f"LDAP server {self.config.url}: no answer within {deadline:g} s"
+            ) from None
+
+    async def aclose(self) -> None:
+        """Unbind the idle connections, then stop the threads."""
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._executor, self.close)
+        self._executor.shutdown(wait=False, cancel_futures=True)
 
     def _connect(self) -> ldap3.Connection:
         config = self.config
@@ -244,7 +303,7 @@ def _text(values: Any) -> str | None:
 def _flag(value: str | None) -> bool | None:
     if value is None:
         return None
-    return value.strip().upper() in ("TRUE", "O", "OUI", "1", "Y", "YES")
+    return parse_yes_no(value) is True
 
 
 class LdapBackend:
@@ -261,7 +320,7 @@ class LdapBackend:
         return cls(LdapConfig.from_settings(settings))
 
     async def close(self) -> None:
-        await asyncio.to_thread(self.pool.close)
+        await self.pool.aclose()
 
     # -- filters (RFC 4515) -----------------------------------------------------------
 
@@ -329,7 +388,8 @@ class LdapBackend:
         return await self._search(self.search_filter(query), limit)
 
     async def _search(self, search_filter: str, limit: int) -> list[DirectoryEntry]:
-        return await asyncio.to_thread(self._search_sync, search_filter, limit)
+        pages = math.ceil(limit / self.config.page_size)
+        return await self.pool.run(self._search_sync, search_filter, limit, exchanges=pages + 1)
 
     def _search_sync(self, search_filter: str, limit: int) -> list[DirectoryEntry]:
         connection = self.pool.acquire()

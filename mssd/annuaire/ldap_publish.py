@@ -75,11 +75,15 @@ class LdapPublisher:
     def from_settings(cls, settings: AnnuaireSettings) -> LdapPublisher:
         return cls(LdapConfig.from_settings(settings, base_dn=settings.ldap_publish_base_dn))
 
-    def close(self) -> None:
-        self.pool.close()
+    async def close(self) -> None:
+        await self.pool.aclose()
 
-    def write(self, mailbox: PublishedMailbox, delete: bool) -> str:
+    async def write(self, mailbox: PublishedMailbox, delete: bool) -> str:
         """Make the directory match; returns what was done (add, modify, delete, absent)."""
+        # Two exchanges: whether the entry exists, then the add, modify or delete.
+        return await self.pool.run(self._write_sync, mailbox, delete, exchanges=2)
+
+    def _write_sync(self, mailbox: PublishedMailbox, delete: bool) -> str:
         connection = self.pool.acquire()
         broken = True
         try:

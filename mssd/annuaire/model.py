@@ -13,8 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-BAL_TYPES = ("PER", "ORG", "APP", "CAB")
-"""Mailbox types, MOS nomenclature TRE_R257."""
+from mssd.store.records import BAL_TYPES
+
+__all__ = ["BAL_TYPES"]
+
 
 PHARMACY_CATEGORY = "620"
 """FINESS establishment category "Pharmacie d'Officine" (TRE_R66)."""
@@ -50,6 +52,21 @@ def normalise_address(address: str) -> str:
     if not sep or not local or not domain or "." not in domain or any(c.isspace() for c in text):
         raise AddressError(f"{address!r} is not a mail address (expected local-part@domain)")
     return f"{local}@{domain.lower()}"
+
+
+_YES = frozenset({"true", "yes", "y", "oui", "o", "1"})
+_NO = frozenset({"false", "no", "n", "non", "0"})
+
+
+def parse_yes_no(text: str) -> bool | None:
+    """A yes/no value as the directory's sources and our users write it
+    (True/False, O/N, oui/non, yes/no, 1/0, any case); None when it is neither."""
+    value = text.strip().lower()
+    if value in _YES:
+        return True
+    if value in _NO:
+        return False
+    return None
 
 
 def fold(text: str | None) -> str:

@@ -1,8 +1,15 @@
-"""The extraction backend: answers from the file last loaded by `mssd annuaire import`."""
+"""The extraction backend: answers from the file last loaded by `mssd annuaire import`.
+
+The import reads and checks the file in a worker thread, :data:`CHUNK` lines at a
+time, so the event loop never parses; each checked chunk is then inserted in the
+import's one transaction (``mssd.store.annuaire.replace_extraction``).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import asyncio
+import itertools
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -49,14 +56,27 @@ class ExtractionBackend:
         return None
 
 
+CHUNK = 5000
+"""Lines parsed per hand-over to the worker thread (and rows per INSERT)."""
+
+
+async def _checked_chunks(rows: Iterator[dict[str, Any]]) -> AsyncIterator[list[dict[str, Any]]]:
+    # One thread at a time advances the generator: each chunk is awaited before
+    # the next is asked for.
+    while chunk := await asyncio.to_thread(lambda: list(itertools.islice(rows, CHUNK))):
+        yield chunk
+
+
 async def import_file(
     engine: AsyncEngine, path: Path, *, actor: str
 ) -> tuple[store.ImportReport, ExtractionStats]:
-    """Load an extraction file into the store, replacing the previous one whole."""
+    """Load an extraction file into the store, replacing the previous one whole;
+    :class:`~mssd.annuaire.extraction.ExtractionError` (nothing changed) when a
+    line is refused."""
     stats = ExtractionStats()
     with path.open("rb") as handle:
-        rows: Iterable[dict[str, Any]] = (
-            entry_row(entry) for entry in parse_extraction(read_lines(handle), stats)
+        rows = (entry_row(entry) for entry in parse_extraction(read_lines(handle), stats))
+        report = await store.replace_extraction(
+            engine, _checked_chunks(rows), actor=actor, origin=str(path)
         )
-        report = await store.replace_extraction(engine, rows, actor=actor, origin=str(path))
     return report, stats

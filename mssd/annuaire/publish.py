@@ -10,6 +10,13 @@ What is sent is decided from the store alone (``plan``, no I/O):
 | unlisted (liste rouge) or closed | yes | ``delete`` it |
 | unlisted or closed | no | nothing: never published |
 | suspended | either | nothing: left as it is |
+| active, listed, now on another resource | yes | ``move``: delete it there, insert it here |
+
+A mailbox moves when the resource that carries it changes: a CAB mailbox whose
+responsible changes belongs to the new responsible's Practitioner. Where each
+mailbox was published is recorded (``location``) so that the old resource
+stops listing it; rows published before that was recorded cannot be moved and
+get a ``replace`` as before.
 
 FHIR: a ``Parameters`` resource of FHIRPath Patch operations (FHIR R4 §3.1.0.6.2)
 on ``<Resource>.telecom``, sent as a conditional PATCH (R4 §3.1.0.7.1): PER on
@@ -26,7 +33,6 @@ responsible, phone; CAB: + description, responsible).
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import urllib.parse
@@ -51,7 +57,8 @@ from mssd.store import annuaire as store
 from mssd.store.annuaire import PublicationState, PublishedMailbox
 from mssd.trust.idnat import IdNatError, check_idnat_ps
 
-Action = Literal["insert", "replace", "delete", "skip"]
+Action = Literal["insert", "replace", "delete", "move", "skip"]
+Patch = Literal["insert", "replace", "delete"]
 
 
 class PublicationError(ValueError):
@@ -117,6 +124,15 @@ def fhir_target(mailbox: PublishedMailbox) -> tuple[str, str, str]:
     return "Organization", IDNAT_STRUCT_SYSTEM, structure
 
 
+def fhir_location(mailbox: PublishedMailbox) -> str | None:
+    """Where the mailbox belongs in the FHIR directory (``resource|system|value``);
+    None when it cannot be published as it stands."""
+    try:
+        return "|".join(fhir_target(mailbox))
+    except PublicationError:
+        return None
+
+
 def fingerprint(mailbox: PublishedMailbox) -> str:
     try:
         target = fhir_target(mailbox)
@@ -126,7 +142,16 @@ def fingerprint(mailbox: PublishedMailbox) -> str:
     return hashlib.sha256(data.encode()).hexdigest()
 
 
-def decide(mailbox: PublishedMailbox, state: PublicationState | None) -> Decision:
+def decide(
+    mailbox: PublishedMailbox,
+    state: PublicationState | None,
+    location: str | None = None,
+    *,
+    rewrite_current: bool = False,
+) -> Decision:
+    """What to send for ``mailbox``, given its last publication and where it
+    belongs now (``location``, None when unknown). With ``rewrite_current``, a
+    listed mailbox that is up to date is written again rather than skipped."""
     published = state is not None and state.published
     if mailbox.status == "closed" or mailbox.liste_rouge:
         why = "closed" if mailbox.status == "closed" else "unlisted (liste rouge)"
@@ -138,8 +163,12 @@ def decide(mailbox: PublishedMailbox, state: PublicationState | None) -> Decisio
     if not published:
         return Decision("insert", "not published yet")
     assert state is not None
+    if location is not None and state.location is not None and state.location != location:
+        return Decision("move", f"it now belongs on {location}, not {state.location}")
     if state.fingerprint != fingerprint(mailbox):
         return Decision("replace", "changed since the last publication")
+    if rewrite_current:
+        return Decision("replace", "rewritten")
     return Decision("skip", "up to date")
 
 
@@ -166,8 +195,13 @@ class FhirPatch:
         )
 
 
-def fhir_patch(mailbox: PublishedMailbox, action: Action) -> FhirPatch:
-    resource, system, value = fhir_target(mailbox)
+def fhir_patch(mailbox: PublishedMailbox, action: Patch, location: str | None = None) -> FhirPatch:
+    """The PATCH of ``action`` on the resource the mailbox belongs to, or on the
+    one at ``location`` (where it was published before)."""
+    if location is not None:
+        resource, system, value = location.split("|", 2)
+    else:
+        resource, system, value = fhir_target(mailbox)
     parts: list[dict[str, Any]] = [{"name": "type", "valueCode": action}]
     if action == "insert":
         parts += [
@@ -182,13 +216,115 @@ def fhir_patch(mailbox: PublishedMailbox, action: Action) -> FhirPatch:
         ]
     elif action == "delete":
         parts.append({"name": "path", "valueString": _telecom_where(resource, mailbox.address)})
-    else:
-        raise ValueError(f"no PATCH for {action!r}")
     body = {"resourceType": "Parameters", "parameter": [{"name": "operation", "part": parts}]}
     return FhirPatch(mailbox.address, action, resource, system, value, body)
 
 
 # -- running it ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Ledger:
+    """Records each publication outcome of one target in the store."""
+
+    engine: AsyncEngine
+    target: str
+    actor: str
+
+    async def done(
+        self,
+        mailbox: PublishedMailbox,
+        action: str,
+        *,
+        published: bool,
+        status: int | None = None,
+        message: str = "ok",
+    ) -> None:
+        """The directory now holds the mailbox (``published``) or no longer does."""
+        await self._write(
+            mailbox,
+            action,
+            "ok",
+            status,
+            message,
+            published=published,
+            fingerprint=fingerprint(mailbox) if published else None,
+            # Only a FHIR mailbox can move: an LDAP entry's DN is its address.
+            location=fhir_location(mailbox) if published and self.target == "fhir" else None,
+        )
+
+    async def failed(
+        self,
+        mailbox: PublishedMailbox,
+        state: PublicationState | None,
+        action: str,
+        message: str,
+        status: int | None = None,
+    ) -> None:
+        """Nothing changed in the directory: the previous state stands."""
+        await self._write(
+            mailbox,
+            action,
+            "error",
+            status,
+            message,
+            published=state.published if state else False,
+            fingerprint=state.fingerprint if state else None,
+            location=state.location if state else None,
+        )
+
+    async def _write(
+        self,
+        mailbox: PublishedMailbox,
+        action: str,
+        outcome: str,
+        status: int | None,
+        message: str,
+        *,
+        published: bool,
+        fingerprint: str | None,
+        location: str | None,
+    ) -> None:
+        await store.record_publication(
+            self.engine,
+            mailbox.mailbox_id,
+            self.target,
+            published=published,
+            fingerprint=fingerprint,
+            location=location,
+            action=action,
+            outcome=outcome,
+            http_status=status,
+            message=message,
+            actor=self.actor,
+            address=mailbox.address,
+        )
+
+
+def _fhir_patches(
+    mailbox: PublishedMailbox, action: Action, state: PublicationState | None
+) -> list[FhirPatch]:
+    """The PATCHes of an action, in order: a move deletes the mailbox where it
+    was, then inserts it where it belongs."""
+    if action == "move":
+        assert state is not None and state.location is not None
+        return [fhir_patch(mailbox, "delete", state.location), fhir_patch(mailbox, "insert")]
+    if action == "skip":
+        raise ValueError("no PATCH for skip")
+    return [fhir_patch(mailbox, action)]
+
+
+def _fhir_message(patch: FhirPatch, status: int, body: Any) -> str:
+    from mssd.annuaire.fhir import outcome_text
+
+    if 200 <= status < 300:
+        return "ok"
+    message = outcome_text(body)
+    if status == 404:
+        return f"no {patch.resource} with {patch.system}|{patch.value}: {message}"
+    if status == 412:
+        return f"several {patch.resource} with {patch.system}|{patch.value}: {message}"
+    return message
 
 
 async def _publish_fhir(
@@ -200,114 +336,59 @@ async def _publish_fhir(
     actor: str,
     out: Callable[[str], None],
 ) -> None:
-    from mssd.annuaire.fhir import FhirClient, FhirConfig, outcome_text
+    from mssd.annuaire.fhir import FhirClient, FhirConfig
 
+    ledger = _Ledger(engine, "fhir", actor)
     states = await store.publication_states(engine, "fhir")
     client = None if dry_run else FhirClient(FhirConfig.from_settings(settings.annuaire))
     try:
         for mailbox in mailboxes:
             state = states.get(mailbox.mailbox_id)
-            decision = decide(mailbox, state)
+            decision = decide(mailbox, state, fhir_location(mailbox))
             if decision.action == "skip":
                 out(f"# fhir {mailbox.address}: nothing to send ({decision.reason})")
                 continue
             try:
-                patch = fhir_patch(mailbox, decision.action)
+                patches = _fhir_patches(mailbox, decision.action, state)
             except PublicationError as error:
                 out(f"# fhir {mailbox.address}: cannot publish: {error}")
                 if client is not None:
-                    await _record(
-                        engine,
-                        mailbox,
-                        "fhir",
-                        state,
-                        decision.action,
-                        "error",
-                        None,
-                        str(error),
-                        actor,
-                        published_after=None,
-                    )
+                    await ledger.failed(mailbox, state, decision.action, str(error))
                 continue
             if client is None:
-                out(f"PATCH {settings.annuaire.fhir_url.rstrip('/')}/{patch.query}")
-                out(json.dumps(patch.body, ensure_ascii=False, indent=2))
+                for patch in patches:
+                    out(f"PATCH {settings.annuaire.fhir_url.rstrip('/')}/{patch.query}")
+                    out(json.dumps(patch.body, ensure_ascii=False, indent=2))
                 continue
-            try:
-                response = await client.request("PATCH", client.url(patch.query), body=patch.body)
-            except DirectoryError as error:
-                await _record(
-                    engine,
-                    mailbox,
-                    "fhir",
-                    state,
-                    decision.action,
-                    "error",
-                    None,
-                    str(error),
-                    actor,
-                    published_after=None,
-                )
-                out(f"fhir {mailbox.address}: {decision.action} failed: {error}")
-                continue
-            ok = 200 <= response.status < 300
-            message = "ok" if ok else outcome_text(response.body)
-            if response.status == 404:
-                message = f"no {patch.resource} with {patch.system}|{patch.value}: {message}"
-            elif response.status == 412:
-                message = f"several {patch.resource} with {patch.system}|{patch.value}: {message}"
-            published_after = (decision.action != "delete") if ok else None
-            await _record(
-                engine,
-                mailbox,
-                "fhir",
-                state,
-                decision.action,
-                "ok" if ok else "error",
-                response.status,
-                message,
-                actor,
-                published_after=published_after,
-            )
-            out(f"fhir {mailbox.address}: {decision.action} -> {response.status} {message}")
+            for patch in patches:
+                try:
+                    response = await client.request(
+                        "PATCH", client.url(patch.query), body=patch.body
+                    )
+                except DirectoryError as error:
+                    await ledger.failed(mailbox, state, decision.action, str(error))
+                    out(f"fhir {mailbox.address}: {patch.action} failed: {error}")
+                    break
+                ok = 200 <= response.status < 300
+                message = _fhir_message(patch, response.status, response.body)
+                out(f"fhir {mailbox.address}: {patch.action} -> {response.status} {message}")
+                if patch is not patches[-1] and (ok or response.status == 404):
+                    continue  # moved away (or the old resource is gone): now insert
+                if ok:
+                    await ledger.done(
+                        mailbox,
+                        decision.action,
+                        published=decision.action != "delete",
+                        status=response.status,
+                    )
+                else:
+                    await ledger.failed(
+                        mailbox, state, decision.action, message, status=response.status
+                    )
+                break
     finally:
         if client is not None:
             await client.close()
-
-
-async def _record(
-    engine: AsyncEngine,
-    mailbox: PublishedMailbox,
-    target: str,
-    state: PublicationState | None,
-    action: str,
-    outcome: str,
-    status: int | None,
-    message: str,
-    actor: str,
-    *,
-    published_after: bool | None,
-) -> None:
-    """Keep what the directory holds: on failure, the previous state stands."""
-    if published_after is None:
-        published = state.published if state else False
-        kept = state.fingerprint if state else None
-    else:
-        published = published_after
-        kept = fingerprint(mailbox) if published_after else None
-    await store.record_publication(
-        engine,
-        mailbox.mailbox_id,
-        target,
-        published=published,
-        fingerprint=kept,
-        action=action,
-        outcome=outcome,
-        http_status=status,
-        message=message,
-        actor=actor,
-        address=mailbox.address,
-    )
 
 
 async def _publish_ldap(
@@ -321,17 +402,16 @@ async def _publish_ldap(
 ) -> None:
     from mssd.annuaire.ldap_publish import LdapPublisher, ldap_attributes, mailbox_dn
 
+    ledger = _Ledger(engine, "ldap", actor)
     base = settings.annuaire.ldap_publish_base_dn
     states = await store.publication_states(engine, "ldap")
     publisher = None if dry_run else LdapPublisher.from_settings(settings.annuaire)
     try:
         for mailbox in mailboxes:
             state = states.get(mailbox.mailbox_id)
-            decision = decide(mailbox, state)
             # The directory is the site's own: a listed mailbox is written even
             # when unchanged, so that a lost entry comes back.
-            if decision.action == "skip" and decision.reason == "up to date":
-                decision = Decision("replace", "rewritten")
+            decision = decide(mailbox, state, rewrite_current=True)
             if decision.action == "skip":
                 out(f"# ldap {mailbox.address}: nothing to write ({decision.reason})")
                 continue
@@ -350,40 +430,16 @@ async def _publish_ldap(
                 out("")
                 continue
             try:
-                done = await asyncio.to_thread(
-                    publisher.write, mailbox, decision.action == "delete"
-                )
+                done = await publisher.write(mailbox, decision.action == "delete")
             except DirectoryError as error:
-                await _record(
-                    engine,
-                    mailbox,
-                    "ldap",
-                    state,
-                    decision.action,
-                    "error",
-                    None,
-                    str(error),
-                    actor,
-                    published_after=None,
-                )
+                await ledger.failed(mailbox, state, decision.action, str(error))
                 out(f"ldap {mailbox.address}: {decision.action} failed: {error}")
                 continue
-            await _record(
-                engine,
-                mailbox,
-                "ldap",
-                state,
-                done,
-                "ok",
-                None,
-                "ok",
-                actor,
-                published_after=decision.action != "delete",
-            )
+            await ledger.done(mailbox, done, published=decision.action != "delete")
             out(f"ldap {mailbox.address}: {done} {dn}")
     finally:
         if publisher is not None:
-            await asyncio.to_thread(publisher.close)
+            await publisher.close()
 
 
 async def run_publication(

@@ -31,7 +31,7 @@ from mssd.store.delivery import (
     new_envelope_id,
 )
 from mssd.store.quota import OverQuota, Usage
-from mssd.trust.whitelist import Whitelist
+from mssd.trust.whitelist import Whitelist, mailbox_key
 
 Source = Literal["submission", "mta"]
 log = logging.getLogger(__name__)
@@ -193,7 +193,7 @@ class DeliveryPipeline:
                     550, "5.7.1", "A submitted message needs a sender address (MAIL FROM:<>)"
                 )
             allowed = await self._senders.get(session.account_id, self._accounts.sendable_addresses)
-            if transaction.mail_from.lower() not in allowed:
+            if mailbox_key(transaction.mail_from) not in allowed:
                 raise PolicyRefusal(
                     550,
                     "5.7.1",
@@ -204,10 +204,13 @@ class DeliveryPipeline:
             await check.check_sender(transaction)
 
     async def check_recipient(self, transaction: Transaction, address: str) -> RecipientRecord:
-        domain = address.rpartition("@")[2].lower()
+        # Our domains and mailboxes are stored with A-label domains (RFC 5890 §2.3.2.1):
+        # a recipient written with U-labels (RFC 6531 SMTPUTF8) is the same mailbox.
+        key = mailbox_key(address)
+        domain = key.rpartition("@")[2]
         if domain not in await self.local_domains():
             return await self._remote_recipient(transaction, address, domain)
-        mailbox = await self._mailboxes.get(address.lower(), self._accounts.local_mailbox)
+        mailbox = await self._mailboxes.get(key, self._accounts.local_mailbox)
         if mailbox is None:
             raise PolicyRefusal(550, "5.1.1", f"<{address}>: no such mailbox here")
         if mailbox.status == "suspended":

@@ -11,13 +11,14 @@ Invariants:
 - The store is written before the in-memory list changes, so a process that restarts
   never falls back to an older list than the one it was enforcing.
 - Parsing (a few hundred milliseconds for the full list) runs in a worker thread.
+- A fetched list is hashed once (``sha256_hex``); the checksum check and the store
+  reuse that digest, the disk copy is compared byte for byte.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,12 +36,14 @@ from mssd.store.whitelist import (
     save_whitelist,
 )
 from mssd.trust.whitelist import (
+    RefusalKind,
     Whitelist,
     WhitelistError,
     WhitelistRefused,
     accept_update,
     check_checksum,
     parse_whitelist,
+    sha256_hex,
 )
 from mssd.trust.whitelist_source import SourceError, describe, fetch
 
@@ -53,6 +56,8 @@ REFUSED = metrics.counter(
 )
 # Seconds before a failed fetch is retried, when that is sooner than the schedule.
 RETRY_SECONDS = 300.0
+# Early retries after a checksum mismatch (whitelist.checksum_retry_seconds, doubling).
+CHECKSUM_RETRIES = 4
 
 UPDATED = metrics.counter("mssd_whitelist_updates_total", "Whitelist updates accepted")
 
@@ -61,6 +66,8 @@ UPDATED = metrics.counter("mssd_whitelist_updates_total", "Whitelist updates acc
 class RefreshOutcome:
     status: Literal["updated", "unchanged", "refused", "failed"]
     message: str
+    refusal: RefusalKind | None = None
+    """Which rule refused the list, for ``refused``."""
 
 
 class WhitelistKeeper:
@@ -84,6 +91,7 @@ class WhitelistKeeper:
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
         self._last_outcome: RefreshOutcome | None = None
+        self._checksum_retries = 0
 
     @property
     def current(self) -> Whitelist | None:
@@ -111,7 +119,7 @@ class WhitelistKeeper:
                     "the whitelist copy %s is unusable (%s); ignored", self._cache_file, error
                 )
                 return None
-            digest = hashlib.sha256(data).hexdigest()
+            digest = sha256_hex(data)
             # The store lost it (a new database): put it back, so other processes share it.
             await self._save(listed, data, digest, f"{self._cache_file} (kept copy)")
             log.info("whitelist loaded from the kept copy %s", self._cache_file)
@@ -131,12 +139,12 @@ class WhitelistKeeper:
             log.error("the whitelist in the store (id %d) is unusable: %s", stored.id, error)
             return False
         self._current, self._sha256, self._stored_id = listed, stored.sha256, stored.id
-        await self._keep_copy(stored.content, stored.sha256)
+        await self._keep_copy(stored.content)
         return True
 
-    async def _keep_copy(self, data: bytes, digest: str) -> None:
+    async def _keep_copy(self, data: bytes) -> None:
         try:
-            await asyncio.to_thread(_write_if_changed, self._cache_file, data, digest)
+            await asyncio.to_thread(_write_if_changed, self._cache_file, data)
         except OSError as error:
             # The store holds the list; a missing disk copy only matters without a database.
             log.error("cannot keep the whitelist copy %s: %s", self._cache_file, error)
@@ -175,11 +183,11 @@ class WhitelistKeeper:
                 REFUSED.inc("fetch")
                 log.warning("whitelist not refreshed, keeping the current list: %s", error)
                 return RefreshOutcome("failed", f"cannot fetch the list: {error}")
-            digest = hashlib.sha256(data).hexdigest()
+            digest = await asyncio.to_thread(sha256_hex, data)
             try:
                 if digest == self._sha256:
                     if checksum is not None:
-                        check_checksum(data, checksum)
+                        check_checksum(data, checksum, digest=digest)
                     return RefreshOutcome("unchanged", f"the list at {shown} is unchanged")
                 listed, digest = await asyncio.to_thread(
                     accept_update,
@@ -187,6 +195,7 @@ class WhitelistKeeper:
                     data,
                     checksum_file=checksum,
                     max_shrink=shrink,
+                    digest=digest,
                 )
             except WhitelistRefused as refusal:
                 return await self._refused(shown, digest, refusal)
@@ -233,7 +242,9 @@ class WhitelistKeeper:
             message=refusal.message,
             actor=self._actor,
         )
-        return RefreshOutcome("refused", f"refused ({refusal.kind}): {refusal.message}; {kept}")
+        return RefreshOutcome(
+            "refused", f"refused ({refusal.kind}): {refusal.message}; {kept}", refusal.kind
+        )
 
     async def _save(self, listed: Whitelist, data: bytes, digest: str, source: str) -> None:
         stored_id = await save_whitelist(
@@ -247,7 +258,7 @@ class WhitelistKeeper:
             actor=self._actor,
         )
         self._current, self._sha256, self._stored_id = listed, digest, stored_id
-        await self._keep_copy(data, digest)
+        await self._keep_copy(data)
 
     # -- schedule ------------------------------------------------------------------------------
 
@@ -267,9 +278,19 @@ class WhitelistKeeper:
     def _pause(self) -> float:
         interval = float(self._settings.refresh_seconds)
         last = self._last_outcome
+        if last is not None and last.refusal == "checksum":
+            # The list and its checksum file were most likely fetched while ANS was
+            # replacing the pair: fetch again soon, a few times, backing off.
+            if self._checksum_retries < CHECKSUM_RETRIES:
+                delay = self._settings.checksum_retry_seconds * (1 << self._checksum_retries)
+                self._checksum_retries += 1
+                return min(interval, delay)
+        # A mismatch at a scheduled refresh starts a new round of early retries.
+        self._checksum_retries = 0
         if last is not None and last.status == "failed":
-            # Unreachable source: try again sooner than the schedule (a refused list is
-            # not retried early: it is what the source publishes until it changes).
+            # Unreachable source: try again sooner than the schedule (a list refused
+            # for its content is not retried early: it is what the source publishes
+            # until it changes).
             return min(interval, RETRY_SECONDS)
         return interval
 
@@ -293,10 +314,10 @@ def _read_or_none(path: Path) -> bytes | None:
         return None
 
 
-def _write_if_changed(path: Path, data: bytes, digest: str) -> None:
-    """Replace ``path`` atomically with ``data`` unless it already holds it."""
-    current = _read_or_none(path)
-    if current is not None and hashlib.sha256(current).hexdigest() == digest:
+def _write_if_changed(path: Path, data: bytes) -> None:
+    """Replace ``path`` atomically with ``data`` unless it already holds it
+    (compared byte for byte: cheaper than hashing the file again)."""
+    if _read_or_none(path) == data:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, data, mode=0o644)

@@ -124,11 +124,9 @@ class InboundTrustCheck:
         if not transaction.mail_from:
             return True
         raw_domain = transaction.mail_from.rpartition("@")[2]
-        local = await self._local_domains()
-        if raw_domain.lower() in local:
-            return True
         try:
-            return normalise_domain(raw_domain) in local
+            # Our domains are stored as A-labels, like the whitelist's.
+            return normalise_domain(raw_domain) in await self._local_domains()
         except ValueError:
             return False
 

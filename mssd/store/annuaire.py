@@ -8,11 +8,11 @@ old set or the new one, never a mix, and a failed import changes nothing.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import AsyncIterable, Iterable, Sequence
+from collections.abc import AsyncIterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import and_, delete, func, select
+from sqlalchemy import String, and_, delete, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.sql.elements import ColumnElement
@@ -29,7 +29,6 @@ from mssd.store.schema import (
     mailboxes,
 )
 
-_BATCH = 5000
 ENTRY_FIELDS = (
     "address",
     "bal_type",
@@ -54,6 +53,15 @@ ENTRY_FIELDS = (
     "dematerialisation",
     "liste_rouge",
 )
+
+
+FIELD_LIMITS: dict[str, int] = {
+    name: int(column.type.length)
+    for name in ENTRY_FIELDS
+    if isinstance((column := annuaire_entries.c[name]).type, String) and column.type.length
+}
+"""The most characters each bounded text field holds (the column's length): the
+import checks them before it writes, rather than meet the database's error."""
 
 
 def now() -> dt.datetime:
@@ -91,36 +99,27 @@ class ImportReport:
 
 async def replace_extraction(
     engine: AsyncEngine,
-    entries: Iterable[Row] | AsyncIterable[Row],
+    batches: AsyncIterable[Sequence[Row]],
     *,
     actor: str,
     origin: str,
 ) -> ImportReport:
-    """Replace every extraction entry by ``entries`` (rows with ENTRY_FIELDS
-    and the *_key columns) in one transaction, and
-    empty the cache (its answers may predate the new file). ``entries`` is
-    consumed as it is inserted; an exception while reading it rolls back."""
+    """Replace every extraction entry by the rows of ``batches`` (rows with
+    ENTRY_FIELDS and the *_key columns, checked against :data:`FIELD_LIMITS` by
+    the caller) in one transaction, and empty the cache (its answers may predate
+    the new file). Each batch is inserted as it comes; an exception while
+    producing one rolls everything back."""
     imported_at = now()
     count = 0
     async with write_transaction(engine) as conn:
         previous = int(await conn.scalar(select(func.count()).select_from(annuaire_entries)) or 0)
         await conn.execute(delete(annuaire_entries))
-        batch: list[dict[str, Any]] = []
-        if isinstance(entries, AsyncIterable):
-            async for entry in entries:
-                batch.append(_stamped(entry, imported_at))
-                if len(batch) >= _BATCH:
-                    await conn.execute(annuaire_entries.insert(), batch)
-                    count, batch = count + len(batch), []
-        else:
-            for entry in entries:
-                batch.append(_stamped(entry, imported_at))
-                if len(batch) >= _BATCH:
-                    await conn.execute(annuaire_entries.insert(), batch)
-                    count, batch = count + len(batch), []
-        if batch:
-            await conn.execute(annuaire_entries.insert(), batch)
-            count += len(batch)
+        async for batch in batches:
+            if batch:
+                await conn.execute(
+                    annuaire_entries.insert(), [_stamped(row, imported_at) for row in batch]
+                )
+                count += len(batch)
         await conn.execute(delete(annuaire_cache))
         await insert_audit(
             conn,
@@ -292,6 +291,8 @@ class PublishedMailbox:
 class PublicationState:
     published: bool
     fingerprint: str | None
+    location: str | None
+    """Where the mailbox is published, when it is (and was recorded)."""
     action: str
     outcome: str
     http_status: int | None
@@ -395,6 +396,7 @@ async def publication_states(engine: AsyncEngine, target: str) -> dict[int, Publ
             row.mailbox_id: PublicationState(
                 published=row.published,
                 fingerprint=row.fingerprint,
+                location=row.location,
                 action=row.action,
                 outcome=row.outcome,
                 http_status=row.http_status,
@@ -412,6 +414,7 @@ async def record_publication(
     *,
     published: bool,
     fingerprint: str | None,
+    location: str | None,
     action: str,
     outcome: str,
     http_status: int | None,
@@ -424,6 +427,7 @@ async def record_publication(
         "target": target,
         "published": published,
         "fingerprint": fingerprint,
+        "location": location,
         "action": action,
         "outcome": outcome,
         "http_status": http_status,
@@ -439,6 +443,11 @@ async def record_publication(
                 action="annuaire.publish",
                 target=address,
                 result=outcome,
-                details={"target": target, "action": action, "status": http_status},
+                details={
+                    "target": target,
+                    "action": action,
+                    "status": http_status,
+                    "location": location,
+                },
             ),
         )

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 BalType = Literal["PER", "ORG", "APP", "CAB"]
 """Mailbox (BAL) types of the MSSanté nomenclature TRE_R257."""
+BAL_TYPES: tuple[BalType, ...] = get_args(BalType)
 
 Status = Literal["active", "suspended", "closed"]
 

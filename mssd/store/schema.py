@@ -291,6 +291,9 @@ annuaire_publications = Table(
     Column("target", String(16), nullable=False),
     Column("published", Boolean, nullable=False),
     Column("fingerprint", String(64)),
+    # Where the mailbox is published on FHIR (resource|system|value); NULL when it
+    # is not, for LDAP (the DN is the address), or when published before 0007.
+    Column("location", String(512)),
     Column("action", String(16), nullable=False),
     Column("outcome", String(16), nullable=False),
     Column("http_status", Integer),

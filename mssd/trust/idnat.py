@@ -21,6 +21,16 @@ _IDNAT_PS = re.compile(r"8\d{11}|0(?:\d{2}|2[AB])\d{7}")
 _IDNAT_STRUCT = re.compile(r"1(?:\d{2}|2[AB])\d{7}|3\d{14}")
 
 
+_RPPS = re.compile(r"\d{11}")
+
+
+def check_rpps(value: str) -> str:
+    """Return ``value`` if it is shaped like an RPPS number, else raise IdNatError."""
+    if not _RPPS.fullmatch(value):
+        raise IdNatError(f"expected the 11-digit RPPS number, got {value!r}")
+    return value
+
+
 def check_idnat_ps(value: str) -> str:
     """Return ``value`` if it is shaped like an idNat_PS, else raise IdNatError."""
     if not _IDNAT_PS.fullmatch(value):

@@ -12,7 +12,9 @@ Rules (RFC 5280 §6.1, simplified to what the trust space needs):
 - the leaf must be signed by one of them, and both must be within their validity period;
 - with a CRL file, the leaf's issuer must have a CRL there, signed by it and not expired,
   that does not list the leaf's serial number (RFC 5280 §6.3; like
-  ``VERIFY_CRL_CHECK_LEAF`` in ``mssd.trust.tls``).
+  ``VERIFY_CRL_CHECK_LEAF`` in ``mssd.trust.tls``). When the file holds several such
+  CRLs of one issuer (an old one left beside the new), the most recent decides: the
+  latest ``thisUpdate``, then the highest CRL number (RFC 5280 §5.1.2.4, §5.2.3).
 
 The files are read again when they change on disk (CRLs are republished), so a revocation
 takes effect without a restart. This module never decides what a certificate may do.
@@ -94,7 +96,7 @@ def _check_revocation(
     if material.crls is None:
         return
     public_key = issuer.public_key()
-    current = None
+    current: x509.CertificateRevocationList | None = None
     for crl in material.crls:
         if crl.issuer != issuer.subject:
             continue
@@ -107,8 +109,8 @@ def _check_revocation(
         next_update = crl.next_update_utc
         if next_update is not None and next_update < now:
             continue  # RFC 5280 §6.3.3 (a)(2): a stale CRL says nothing about today
-        current = crl
-        break
+        if current is None or _recency(crl) > _recency(current):
+            current = crl
     if current is None:
         raise CertificateRejected(
             "untrusted",
@@ -122,6 +124,15 @@ def _check_revocation(
             f"certificate serial {leaf.serial_number:x} was revoked by "
             f"{issuer.subject.rfc4514_string()} on {revoked.revocation_date_utc:%Y-%m-%d}",
         )
+
+
+def _recency(crl: x509.CertificateRevocationList) -> tuple[dt.datetime, int]:
+    """(thisUpdate, CRL number): the larger, the more recent the CRL."""
+    try:
+        number = crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+    except x509.ExtensionNotFound:
+        number = -1
+    return crl.last_update_utc, number
 
 
 def verify_certificate(

@@ -33,7 +33,8 @@ Invariants:
 - XML is parsed with DTDs, entities and external references refused (defusedxml); the
   list never needs them.
 - Domains are compared as IDNA A-labels in lower case (UTS #46 mapping), DNs through
-  ``mssd.trust.identity.normalise_dn``: never raw strings.
+  ``mssd.trust.identity.normalise_dn``: never raw strings. Our own domains and
+  mailboxes are stored in that form too (:func:`mailbox_key`).
 """
 
 from __future__ import annotations
@@ -104,6 +105,21 @@ def normalise_domain(name: str) -> str:
     except idna.IDNAError as error:
         raise ValueError(f"{name!r} is not a domain name: {error}") from None
     return encoded.lower()
+
+
+def mailbox_key(address: str) -> str:
+    """An address as mssd stores and compares its own mailboxes: the local part in
+    lower case, the domain as an A-label (:func:`normalise_domain`), so that
+    ``x@hôpital.test`` and ``X@xn--hpital-dxa.test`` are one mailbox. A domain
+    that is not a host name is only lower-cased (it then matches nothing)."""
+    local, sep, domain = address.rpartition("@")
+    if not sep:
+        return address.lower()
+    try:
+        domain = normalise_domain(domain)
+    except ValueError:
+        domain = domain.lower()
+    return f"{local.lower()}@{domain}"
 
 
 def display_domain(a_label: str) -> str:
@@ -230,21 +246,14 @@ class WhitelistParser:
         self._parser = DefusedXMLParser(
             target=self._builder, forbid_dtd=True, forbid_entities=True, forbid_external=True
         )
-        self._sha256 = hashlib.sha256()
 
     def feed(self, data: bytes) -> None:
-        self._sha256.update(data)
         try:
             self._parser.feed(data)
         except ElementTree.ParseError as error:
             raise WhitelistError(f"not well-formed XML: {error}") from None
         except DefusedXmlException as error:
             raise WhitelistError(f"forbidden XML construct: {error}") from None
-
-    @property
-    def sha256(self) -> str:
-        """SHA-256 (hex) of everything fed so far."""
-        return self._sha256.hexdigest()
 
     def close(self) -> Whitelist:
         builder = self._builder
@@ -334,10 +343,16 @@ def parse_checksum(text: str | bytes) -> str:
     return match[1].lower()
 
 
-def check_checksum(data: bytes, checksum_file: str | bytes) -> str:
-    """Verify ``data`` against a checksum file; return the SHA-256 (hex)."""
+def sha256_hex(data: bytes) -> str:
+    """The SHA-256 of a list (hex): what its checksum file and the store name it by."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def check_checksum(data: bytes, checksum_file: str | bytes, *, digest: str | None = None) -> str:
+    """Verify ``data`` (whose SHA-256 is ``digest`` when the caller has it already)
+    against a checksum file; return the SHA-256 (hex)."""
     expected = parse_checksum(checksum_file)
-    actual = hashlib.sha256(data).hexdigest()
+    actual = digest if digest is not None else sha256_hex(data)
     if actual != expected:
         raise WhitelistRefused(
             "checksum",
@@ -368,17 +383,20 @@ def accept_update(
     *,
     checksum_file: str | bytes | None,
     max_shrink: float,
+    digest: str | None = None,
 ) -> tuple[Whitelist, str]:
     """Decide whether ``data`` may replace ``current``; return (new list, its SHA-256).
 
     Refused (:class:`WhitelistRefused`) when the checksum file does not match, when the
     document does not parse, or when it would shrink the current list by more than
     ``max_shrink`` (a fraction). The first list (``current`` None) has no size to keep.
+    ``digest``: the SHA-256 of ``data``, when the caller has computed it (a list is
+    hashed once per refresh).
     """
+    if digest is None:
+        digest = sha256_hex(data)
     if checksum_file is not None:
-        digest = check_checksum(data, checksum_file)
-    else:
-        digest = hashlib.sha256(data).hexdigest()
+        check_checksum(data, checksum_file, digest=digest)
     try:
         candidate = parse_whitelist(data)
     except WhitelistError as error:
