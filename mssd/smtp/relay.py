@@ -18,7 +18,8 @@ Invariants:
   (:class:`_Recorder`); a process killed between the peer's 250 and that record sends the
   message again after the lease. Delivery is at least once: SMTP cannot do better (the
   comment on :class:`_Recorder` says why, and bounds the duplicates).
-- Connections are reused per peer (RSET before reuse) and limited per peer and in total.
+- Connections are reused per peer (RSET before reuse) and limited per peer and in total
+  (``mssd.smtp.pool``: the limits bound open connections, not handshakes).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import ssl
 import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -41,6 +42,7 @@ from mssd.config import RelaySettings, Settings
 from mssd.delivery.dkim import DkimSigner
 from mssd.delivery.dsn import RecipientStatus, ReportedMessage, ReportFunction, wants_report
 from mssd.smtp.client import ConnectionFailed, Reply, SmtpClient
+from mssd.smtp.pool import ConnectionPool
 from mssd.smtp.routes import Peer, RouteError, Router
 from mssd.store import queue
 from mssd.store.queue import Outcome, QueueEntry
@@ -77,16 +79,6 @@ def xtext(value: str) -> str:
         c if "!" <= c <= "~" and c not in "+=" else "".join(f"+{b:02X}" for b in c.encode())
         for c in value
     )
-
-
-@dataclass
-class _Pool:
-    """Connections to one peer: idle ones for reuse, and how many are open."""
-
-    limit: int
-    idle: list[tuple[SmtpClient, float]] = field(default_factory=list)
-    open: int = 0
-    changed: asyncio.Condition = field(default_factory=asyncio.Condition)
 
 
 @dataclass
@@ -189,8 +181,11 @@ class RelayWorker:
             check_hostname=False,
         )
         self._trust = TrustFiles(ca_file, settings.tls.crl_file)
-        self._pools: dict[Peer, _Pool] = {}
-        self._total = asyncio.Semaphore(settings.relay.max_connections)
+        self._pool = ConnectionPool(
+            total=settings.relay.max_connections,
+            per_peer=settings.relay.max_connections_per_peer,
+            keep_idle_seconds=settings.relay.idle_connection_seconds,
+        )
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._running: set[asyncio.Task[None]] = set()
@@ -216,10 +211,7 @@ class RelayWorker:
         for task in list(self._running):
             task.cancel()
         await asyncio.gather(*self._running, return_exceptions=True)
-        for pool in self._pools.values():
-            for client, _ in pool.idle:
-                await client.quit()
-            pool.idle.clear()
+        await self._pool.close()
         # There is no metrics endpoint yet: the log keeps the figures (bench/relay_load.py
         # reads the handshake count here to check that connections were reused).
         log.info(
@@ -230,6 +222,13 @@ class RelayWorker:
             RELAYED.value("failed"),
         )
 
+    async def run_once(self) -> int:
+        """Claim one batch of due entries and return, with the number claimed, once every
+        outcome is recorded (tests; the worker itself claims again as room frees up)."""
+        claimed = await self._claim()
+        await asyncio.gather(*self._running, return_exceptions=True)
+        return claimed
+
     async def _run(self) -> None:
         while True:
             try:
@@ -239,7 +238,7 @@ class RelayWorker:
                 claimed = 0
             if claimed:
                 continue
-            self._close_idle()
+            self._pool.close_idle()
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self._settings.poll_seconds)
@@ -339,7 +338,7 @@ class RelayWorker:
                     if not all(r.kind == "delivered" for r in sent):
                         reusable = await client.rset()
             finally:
-                await self._give_back(peer, client, reusable)
+                await self._pool.give_back(peer, client, reusable=reusable)
             return
         record(self._all(entries, "deferred", last_error, "4.4.1"))
 
@@ -349,54 +348,29 @@ class RelayWorker:
         return [_Result(e, kind, reason, status) for e in entries]
 
     async def _connection(self, peer: Peer, domain: str, operators: frozenset[str]) -> SmtpClient:
-        pool = self._pools.setdefault(peer, _Pool(self._settings.max_connections_per_peer))
-        async with pool.changed:
-            while True:
-                if pool.idle:
-                    client, _ = pool.idle.pop()
-                    if await client.rset():
-                        try:
-                            self._check_peer(client, domain, operators)
-                        except PeerRefused:
-                            pool.open -= 1
-                            raise
-                        return client
-                    client.close()
-                    pool.open -= 1
-                    continue
-                if pool.open < pool.limit:
-                    pool.open += 1
-                    break
-                await pool.changed.wait()
+        client = await self._pool.take(peer, lambda: self._open(peer))
         try:
-            async with self._total:
-                client = await self._open(peer)
             self._check_peer(client, domain, operators)
-            return client
-        except BaseException:
-            async with pool.changed:
-                pool.open -= 1
-                pool.changed.notify()
+        except PeerRefused:
+            await self._pool.discard(peer, client)
             raise
+        return client
 
     def _check_peer(self, client: SmtpClient, domain: str, operators: frozenset[str]) -> None:
+        """PeerRefused unless the peer's certificate is valid now and its DN is listed for
+        ``domain`` (the caller closes the connection: a peer's certificates rarely differ
+        per domain)."""
         der = client.peer_certificate()
         if der is None:
-            client.close()
             raise PeerRefused(f"{client.peer} presented no certificate")
         try:
             cert = self._trust.verify(der)
         except CertificateRejected as rejected:
-            client.close()
             raise PeerRefused(
                 f"{client.peer} presented a refused certificate: {rejected}"
             ) from None
         dn = normalise_dn(cert.subject)
         if dn not in operators:
-            # The connection stays usable for another domain this DN is listed for; it is
-            # closed here for simplicity (a peer's certificates rarely differ per domain).
-            with contextlib.suppress(Exception):
-                client.close()
             raise PeerRefused(
                 f"{client.peer} presented certificate {dn}, which the MSSanté whitelist does "
                 f"not list for {domain}"
@@ -429,28 +403,6 @@ class RelayWorker:
         except BaseException:
             await client.quit()
             raise
-
-    async def _give_back(self, peer: Peer, client: SmtpClient, reusable: bool) -> None:
-        pool = self._pools[peer]
-        async with pool.changed:
-            if reusable and self._settings.idle_connection_seconds > 0:
-                pool.idle.append((client, time.monotonic()))
-            else:
-                pool.open -= 1
-                client.close()
-            pool.changed.notify()
-
-    def _close_idle(self) -> None:
-        limit = time.monotonic() - self._settings.idle_connection_seconds
-        for pool in self._pools.values():
-            stale = [c for c, since in pool.idle if since < limit]
-            if stale:
-                pool.idle = [(c, s) for c, s in pool.idle if s >= limit]
-                pool.open -= len(stale)
-                for client in stale:
-                    task = asyncio.create_task(client.quit())
-                    self._running.add(task)
-                    task.add_done_callback(self._running.discard)
 
     # -- one envelope --------------------------------------------------------------------------
 
