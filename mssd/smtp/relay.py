@@ -119,11 +119,19 @@ class _Recorder:
         self._waiting: list[_Result] = []
         self._task: asyncio.Task[None] | None = None
         self._error: BaseException | None = None
+        self.handed: set[int] = set()
+        """Ids of the entries whose outcome was handed over (recorded or not)."""
         self.done: set[int] = set()
         """Ids of the entries whose outcome is recorded."""
 
+    @property
+    def failed(self) -> bool:
+        """Recording failed: nothing more may be sent, its outcome could not be kept."""
+        return self._error is not None
+
     def add(self, results: list[_Result]) -> None:
         self._waiting += results
+        self.handed.update(r.entry.id for r in results)
         if self._error is None and (self._task is None or self._task.done()):
             self._task = asyncio.create_task(self._flush())
 
@@ -133,8 +141,10 @@ class _Recorder:
             try:
                 await self._record(batch)
             except Exception as error:
-                # The entries stay claimed; ``close`` raises and the caller releases them.
+                # These entries stay claimed until their lease ends, as after a crash (the
+                # peer may hold them already); ``close`` raises.
                 self._error = error
+                log.error("relay: recording outcomes failed (%s); sending stops", error)
                 return
             self.done.update(r.entry.id for r in batch)
 
@@ -275,23 +285,25 @@ class RelayWorker:
     async def _deliver_domain(self, domain: str, entries: list[QueueEntry]) -> None:
         recorder = _Recorder(self._record)
         try:
-            await self._attempt_domain(domain, entries, recorder.add)
+            await self._attempt_domain(domain, entries, recorder)
         finally:
             try:
                 # Cancelled (shutdown) or failed midway: what the peer already accepted is
                 # recorded all the same, so that a clean stop sends nothing twice.
                 await asyncio.shield(recorder.close())
             finally:
-                # The rest goes back at once rather than wait for the lease.
-                rest = [(e.id, e.claim_token or "") for e in entries if e.id not in recorder.done]
+                # What was not attempted goes back at once rather than wait for the lease.
+                rest = [(e.id, e.claim_token or "") for e in entries if e.id not in recorder.handed]
                 if rest:
                     await asyncio.shield(queue.release(self._engine, rest))
 
     async def _attempt_domain(
-        self, domain: str, entries: list[QueueEntry], record: Callable[[list[_Result]], None]
+        self, domain: str, entries: list[QueueEntry], recorder: _Recorder
     ) -> None:
         """Send ``entries`` to a peer of ``domain``; hand each envelope's outcomes to
-        ``record`` as soon as the peer has answered for it."""
+        ``recorder`` as soon as the peer has answered for it, and stop sending as soon as
+        recording fails (the rest is left for a later attempt)."""
+        record = recorder.add
         listed = self._whitelist()
         operators = listed.operators_for(domain) if listed is not None else frozenset()
         if not operators:
@@ -322,7 +334,7 @@ class RelayWorker:
             reusable = True
             try:
                 for group in envelopes.values():
-                    if time.monotonic() > deadline:
+                    if time.monotonic() > deadline or recorder.failed:
                         break
                     if not reusable:
                         record(self._all(group, "deferred", last_error, "4.4.2"))
