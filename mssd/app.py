@@ -143,12 +143,11 @@ def add_relay(settings: Settings, services: Services) -> None:
     keeper = services.whitelist
     assert keeper is not None
     services.reporter = Reporter(
-        services.committer,
         services.accounts,
         hostname=settings.server.hostname,
         trust_space=lambda: keeper.current,
     )
-    services.pipeline.set_reporter(services.reporter.report)
+    services.pipeline.set_reporter(services.reporter)
     if settings.dkim.verify_inbound:
         records = read_txt_records(settings.dkim.txt_records_file)
         timeout = settings.dkim.dns_timeout_seconds
@@ -165,7 +164,8 @@ def add_relay(settings: Settings, services: Services) -> None:
         services.engine,
         settings,
         whitelist=lambda: keeper.current,
-        report=services.reporter.report,
+        reporter=services.reporter,
+        on_stored=services.after_commit,
         signer=signer if settings.dkim.sign else None,
     )
 

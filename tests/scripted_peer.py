@@ -227,13 +227,12 @@ class Relay:
             self.settings, relay=dataclasses.replace(self.settings.relay, **relay)
         )
         reporter = Reporter(
-            self.committer,
             StoreAccounts(self.engine),
             hostname=settings.server.hostname,
             trust_space=lambda: self.whitelist,
         )
         self.worker = RelayWorker(
-            self.engine, settings, whitelist=lambda: self.whitelist, report=reporter.report
+            self.engine, settings, whitelist=lambda: self.whitelist, reporter=reporter
         )
         return self.worker
 

@@ -125,7 +125,7 @@ async def test_an_outcome_from_a_lapsed_claim_is_ignored(store_url: str) -> None
         [second] = await queue.claim(engine, limit=10, lease_seconds=60, now=later)
         assert first.id == second.id and first.claim_token != second.claim_token
         stale = queue.Outcome(first.id, first.claim_token or "", "delivered")
-        assert await queue.record(engine, [stale]) == set()
+        assert (await queue.record(engine, [stale])).updated == set()
         deferred = queue.Outcome(
             second.id,
             second.claim_token or "",
@@ -133,7 +133,7 @@ async def test_an_outcome_from_a_lapsed_claim_is_ignored(store_url: str) -> None
             error="451 4.4.0 try later",
             next_attempt_at=later,
         )
-        assert await queue.record(engine, [deferred]) == {second.id}
+        assert (await queue.record(engine, [deferred])).updated == {second.id}
         shown = await queue.get_entry(engine, second.id)
         assert shown is not None and shown.state == "queued"
         assert shown.last_error == "451 4.4.0 try later" and shown.attempts == 2

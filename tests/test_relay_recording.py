@@ -9,7 +9,14 @@ from collections.abc import Iterator
 
 import pytest
 from conftest import PkiBundle
-from scripted_peer import PeerIdentity, ScriptedPeer, message, peer_identity, relay_for
+from scripted_peer import (
+    PeerIdentity,
+    ScriptedPeer,
+    message,
+    peer_identity,
+    relay_for,
+    report_fields,
+)
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 DOMAIN = "pair.mssd.test"
@@ -73,3 +80,38 @@ async def test_when_outcomes_cannot_be_recorded_the_relay_stops_sending(
         # the rest is due again at once, this attempt not counted.
         assert sorted(e.state for e in entries) == ["queued"] * (10 - sent) + ["sending"] * sent
         assert all(e.attempts == 0 for e in entries if e.state == "queued")
+
+
+async def test_a_failure_is_never_recorded_without_its_report(
+    store_url: str, test_pki: PkiBundle, identity: PeerIdentity
+) -> None:
+    def script(command: str) -> str | None:
+        return "550 5.1.1 no such user here" if command.startswith("RCPT") else None
+
+    peer = await ScriptedPeer(identity.context, script=script).start()
+    async with relay_for(
+        store_url, test_pki, {DOMAIN: peer}, identity.cert.subject_dn, lease_seconds=3
+    ) as relay:
+        await relay.queue([f"inconnu@{DOMAIN}"], message("refus"), envid="ENV-42")
+        # Reports have the null sender (RFC 3461 §6.2): the store refuses to write them.
+        await refuse(relay.engine, "refuse_report", "envelopes", "INSERT", "NEW.mail_from = ''")
+        await relay.run_once()
+        [entry] = (await relay.entries()).values()
+        # The failure could not be written with its report, so it was not written at
+        # all: the entry comes back when its lease ends.
+        assert entry.state == "sending" and await relay.reports() == []
+        await allow(relay.engine, "refuse_report", "envelopes")
+        await asyncio.sleep(3.1)
+        await relay.run_once()
+        [entry] = (await relay.entries()).values()
+        assert entry.state == "failed"
+        assert entry.last_error == "127.0.0.1 said: 550 5.1.1 no such user here"
+        [report] = await relay.reports()
+        about, recipient = report_fields(report)
+        assert about["Original-Envelope-Id"] == "ENV-42"
+        assert (recipient["Final-Recipient"], recipient["Action"], recipient["Status"]) == (
+            f"rfc822; inconnu@{DOMAIN}",
+            "failed",
+            "5.1.1",
+        )
+        assert recipient["Diagnostic-Code"] == "smtp; 127.0.0.1 said: 550 5.1.1 no such user here"

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Generic, Literal, Protocol, TypeVar
 
 from mssd import metrics
-from mssd.delivery.dsn import RecipientStatus, ReportedMessage, ReportFunction, wants_report
+from mssd.delivery.dsn import RecipientStatus, ReportedMessage, Reporter, wants_report
 from mssd.mime import OFFLOAD_BYTES
 from mssd.mime.headers import complete_submission, received_field
 from mssd.store.accounts import LocalMailbox, StoreAccounts
@@ -152,7 +152,7 @@ class DeliveryPipeline:
         self._mailboxes: TtlCache[str, LocalMailbox | None] = TtlCache(_LOOKUP_TTL)
         self._senders: TtlCache[int, frozenset[str]] = TtlCache(_LOOKUP_TTL)
         self._trust_space: Callable[[], Whitelist | None] = lambda: None
-        self._report: ReportFunction | None = None
+        self._reporter: Reporter | None = None
         self._authenticate: Callable[[bytes], Awaitable[bytes]] | None = None
 
     def add_check(self, check: PolicyCheck) -> None:
@@ -163,9 +163,9 @@ class DeliveryPipeline:
         add to a received message (DKIM; never a reason to refuse)."""
         self._authenticate = header
 
-    def set_reporter(self, report: ReportFunction) -> None:
-        """Where delivery reports go (mssd answers NOTIFY=SUCCESS for local deliveries)."""
-        self._report = report
+    def set_reporter(self, reporter: Reporter) -> None:
+        """Who makes delivery reports (mssd answers NOTIFY=SUCCESS for local deliveries)."""
+        self._reporter = reporter
 
     def set_trust_space(self, whitelist: Callable[[], Whitelist | None]) -> None:
         """Where the ANS whitelist in force is read: the domains mail may be relayed to."""
@@ -300,7 +300,7 @@ class DeliveryPipeline:
         """RFC 3461 §5.2.1: the final delivery MTA reports success when NOTIFY asked for it.
         The report is stored after the message (a crash in between loses the report, never
         the message); the null sender never gets one (§6.2)."""
-        if self._report is None or not transaction.mail_from:
+        if self._reporter is None or not transaction.mail_from:
             return
         delivered = [
             RecipientStatus(
@@ -317,7 +317,7 @@ class DeliveryPipeline:
         if not delivered:
             return
         try:
-            await self._report(
+            report = await self._reporter.prepare(
                 ReportedMessage(
                     envelope_id=stored.envelope_id,
                     mail_from=transaction.mail_from,
@@ -328,5 +328,7 @@ class DeliveryPipeline:
                 ),
                 delivered,
             )
+            if report is not None:
+                await self._committer.store(report)
         except Exception:
             log.exception("%s: the success report could not be stored", stored.envelope_id)

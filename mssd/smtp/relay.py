@@ -11,13 +11,15 @@ Invariants:
 - Replies are judged per recipient (RFC 5321 §4.2.1, §6.1): 2xx delivered, 4xx deferred
   with exponential backoff and jitter, 5xx failed at once; a deferral past
   ``relay.give_up_seconds`` fails. A failure and a delay (once, after
-  ``relay.delay_report_seconds``) produce a report to the sender as NOTIFY asks.
+  ``relay.delay_report_seconds``) produce a report to the sender as NOTIFY asks, written
+  with the outcome (``mssd.smtp.outcomes``).
 - RFC 3461 parameters travel with the message (RET, ENVID on MAIL; NOTIFY, ORCPT on RCPT)
   when the peer offers DSN.
 - An outcome is recorded only after the peer's reply, and as soon as it comes
-  (:class:`_Recorder`); a process killed between the peer's 250 and that record sends the
-  message again after the lease. Delivery is at least once: SMTP cannot do better (the
-  comment on :class:`_Recorder` says why, and bounds the duplicates).
+  (:class:`~mssd.smtp.outcomes.Recorder`); a process killed between the peer's 250 and
+  that record sends the message again after the lease. Delivery is at least once: SMTP
+  cannot do better (the comment on ``Recorder`` says why, and bounds the duplicates).
+  When recording fails, sending stops.
 - Connections are reused per peer (RSET before reuse) and limited per peer and in total
   (``mssd.smtp.pool``: the limits bound open connections, not handshakes).
 """
@@ -26,26 +28,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime as dt
 import logging
-import random
 import ssl
 import time
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from mssd import metrics
-from mssd.config import RelaySettings, Settings
+from mssd.config import Settings
 from mssd.delivery.dkim import DkimSigner
-from mssd.delivery.dsn import RecipientStatus, ReportedMessage, ReportFunction, wants_report
+from mssd.delivery.dsn import Reporter
 from mssd.smtp.client import ConnectionFailed, Reply, SmtpClient
+from mssd.smtp.outcomes import RELAYED, OutcomeWriter, Recorder, Result, all_results
 from mssd.smtp.pool import ConnectionPool
 from mssd.smtp.routes import Peer, RouteError, Router
 from mssd.store import queue
-from mssd.store.queue import Outcome, QueueEntry
+from mssd.store.delivery import StoredMessage
+from mssd.store.queue import QueueEntry
 from mssd.trust.identity import normalise_dn
 from mssd.trust.tls import client_context
 from mssd.trust.verify import CertificateRejected, TrustFiles
@@ -53,9 +54,6 @@ from mssd.trust.whitelist import Whitelist
 
 log = logging.getLogger(__name__)
 
-RELAYED = metrics.counter(
-    "mssd_relay_recipients_total", "Queue entries relayed, by outcome", ("outcome",)
-)
 HANDSHAKES = metrics.counter(
     "mssd_relay_tls_handshakes_total", "TLS connections opened by the relay to other operators"
 )
@@ -63,14 +61,6 @@ HANDSHAKES = metrics.counter(
 
 class PeerRefused(Exception):
     """The peer cannot be used for this domain (no STARTTLS, DN not whitelisted...)."""
-
-
-def backoff_seconds(attempts: int, settings: RelaySettings, rng: random.Random) -> float:
-    """Wait after the ``attempts``-th failed attempt: doubling from the base, capped,
-    with jitter so that deferred messages do not all come back at the same instant."""
-    base = min(settings.retry_max_seconds, settings.retry_base_seconds * 2 ** max(0, attempts - 1))
-    jitter = settings.retry_jitter
-    return float(base * rng.uniform(1.0 - jitter, 1.0 + jitter))
 
 
 def xtext(value: str) -> str:
@@ -81,81 +71,6 @@ def xtext(value: str) -> str:
     )
 
 
-@dataclass
-class _Result:
-    """Per-entry outcome of one attempt before it is recorded."""
-
-    entry: QueueEntry
-    kind: str  # "delivered", "deferred", "failed"
-    reply: str
-    status: str
-    remote: str | None = None
-    relayed: bool = False
-    """Delivered to a peer that does not offer DSN (RFC 3461 §5.2.2)."""
-
-
-class _Recorder:
-    """Records outcomes as soon as the peer has answered, while the next message is sent.
-
-    One record transaction at a time, each taking every outcome that arrived meanwhile (a
-    group commit), so the store's commit latency does not slow the conversation down.
-
-    Why as soon as possible: this is the only place where the relay loses track of a
-    message it handed over. Responsibility passes to the peer with its 250 after the data
-    (RFC 5321 §6.1); if this process dies after that 250 and before the "delivered"
-    record commits, the entry is still ``sending`` and is claimed again when its lease
-    ends, so the peer receives the message twice. SMTP cannot do better: the peer's 250
-    and our record cannot be made atomic, and a sender that waited for some further
-    acknowledgement would only move the window (the "duplicate messages" problem of
-    RFC 1047). Delivery is therefore at least once; RFC 5321 §6.1 prefers a duplicate to
-    a loss. Recording each outcome at once bounds the duplicates after a crash to the
-    messages accepted during the last record transaction and the one in the pipe, instead
-    of a whole claimed batch; the hard bound stays ``relay.batch_size`` (what one worker
-    may hold unrecorded), and ``tests/test_relay_outage.py`` counts them after a SIGKILL.
-    """
-
-    def __init__(self, record: Callable[[list[_Result]], Awaitable[None]]) -> None:
-        self._record = record
-        self._waiting: list[_Result] = []
-        self._task: asyncio.Task[None] | None = None
-        self._error: BaseException | None = None
-        self.handed: set[int] = set()
-        """Ids of the entries whose outcome was handed over (recorded or not)."""
-        self.done: set[int] = set()
-        """Ids of the entries whose outcome is recorded."""
-
-    @property
-    def failed(self) -> bool:
-        """Recording failed: nothing more may be sent, its outcome could not be kept."""
-        return self._error is not None
-
-    def add(self, results: list[_Result]) -> None:
-        self._waiting += results
-        self.handed.update(r.entry.id for r in results)
-        if self._error is None and (self._task is None or self._task.done()):
-            self._task = asyncio.create_task(self._flush())
-
-    async def _flush(self) -> None:
-        while self._waiting:
-            batch, self._waiting = self._waiting, []
-            try:
-                await self._record(batch)
-            except Exception as error:
-                # These entries stay claimed until their lease ends, as after a crash (the
-                # peer may hold them already); ``close`` raises.
-                self._error = error
-                log.error("relay: recording outcomes failed (%s); sending stops", error)
-                return
-            self.done.update(r.entry.id for r in batch)
-
-    async def close(self) -> None:
-        """Wait until everything handed over is recorded; raise if recording failed."""
-        if self._task is not None:
-            await self._task
-        if self._error is not None:
-            raise self._error
-
-
 class RelayWorker:
     def __init__(
         self,
@@ -163,7 +78,8 @@ class RelayWorker:
         settings: Settings,
         *,
         whitelist: Callable[[], Whitelist | None],
-        report: ReportFunction | None = None,
+        reporter: Reporter | None = None,
+        on_stored: Callable[[Sequence[StoredMessage]], None] | None = None,
         signer: DkimSigner | None = None,
         router: Router | None = None,
         tls: ssl.SSLContext | None = None,
@@ -172,7 +88,9 @@ class RelayWorker:
         self._settings = settings.relay
         self._hostname = settings.server.hostname
         self._whitelist = whitelist
-        self._report = report
+        self._outcomes = OutcomeWriter(
+            engine, settings.relay, reporter=reporter, on_stored=on_stored
+        )
         self._signer = signer
         self._router = router or Router(
             settings.relay.routes, timeout=settings.relay.dns_timeout_seconds
@@ -200,7 +118,6 @@ class RelayWorker:
         self._task: asyncio.Task[None] | None = None
         self._running: set[asyncio.Task[None]] = set()
         self._in_flight = 0
-        self._rng = random.Random()
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -283,7 +200,7 @@ class RelayWorker:
     # -- one domain --------------------------------------------------------------------------
 
     async def _deliver_domain(self, domain: str, entries: list[QueueEntry]) -> None:
-        recorder = _Recorder(self._record)
+        recorder = Recorder(self._outcomes.record)
         try:
             await self._attempt_domain(domain, entries, recorder)
         finally:
@@ -298,7 +215,7 @@ class RelayWorker:
                     await asyncio.shield(queue.release(self._engine, rest))
 
     async def _attempt_domain(
-        self, domain: str, entries: list[QueueEntry], recorder: _Recorder
+        self, domain: str, entries: list[QueueEntry], recorder: Recorder
     ) -> None:
         """Send ``entries`` to a peer of ``domain``; hand each envelope's outcomes to
         ``recorder`` as soon as the peer has answered for it, and stop sending as soon as
@@ -307,14 +224,14 @@ class RelayWorker:
         listed = self._whitelist()
         operators = listed.operators_for(domain) if listed is not None else frozenset()
         if not operators:
-            record(self._all(entries, "deferred", f"domain {domain} is not in the MSSanté "
+            record(all_results(entries, "deferred", f"domain {domain} is not in the MSSanté "
                              "whitelist in force", "4.7.1"))  # fmt: skip
             return
         try:
             peers = await self._router.peers(domain)
         except RouteError as error:
             kind = "failed" if error.permanent else "deferred"
-            record(self._all(entries, kind, str(error), "5.1.2" if error.permanent else "4.4.3"))
+            record(all_results(entries, kind, str(error), "5.1.2" if error.permanent else "4.4.3"))
             return
         envelopes: dict[str, list[QueueEntry]] = defaultdict(list)
         for entry in entries:
@@ -337,14 +254,14 @@ class RelayWorker:
                     if time.monotonic() > deadline or recorder.failed:
                         break
                     if not reusable:
-                        record(self._all(group, "deferred", last_error, "4.4.2"))
+                        record(all_results(group, "deferred", last_error, "4.4.2"))
                         continue
                     try:
                         sent = await self._send(client, peer, group)
                     except ConnectionFailed as error:
                         reusable = False
                         last_error = str(error)
-                        record(self._all(group, "deferred", last_error, "4.4.2"))
+                        record(all_results(group, "deferred", last_error, "4.4.2"))
                         continue
                     record(sent)
                     if not all(r.kind == "delivered" for r in sent):
@@ -352,12 +269,7 @@ class RelayWorker:
             finally:
                 await self._pool.give_back(peer, client, reusable=reusable)
             return
-        record(self._all(entries, "deferred", last_error, "4.4.1"))
-
-    def _all(
-        self, entries: Sequence[QueueEntry], kind: str, reason: str, status: str
-    ) -> list[_Result]:
-        return [_Result(e, kind, reason, status) for e in entries]
+        record(all_results(entries, "deferred", last_error, "4.4.1"))
 
     async def _connection(self, peer: Peer, domain: str, operators: frozenset[str]) -> SmtpClient:
         client = await self._pool.take(peer, lambda: self._open(peer))
@@ -420,7 +332,7 @@ class RelayWorker:
 
     async def _send(
         self, client: SmtpClient, peer: Peer, entries: list[QueueEntry]
-    ) -> list[_Result]:
+    ) -> list[Result]:
         first = entries[0]
         content = await queue.read_content(self._engine, first.blob_sha256)
         if self._signer is not None and first.mail_from:
@@ -435,7 +347,7 @@ class RelayWorker:
         if first.smtputf8:
             if "SMTPUTF8" not in extensions:
                 # RFC 6531 §3.2: no downgrade of internationalised addresses.
-                return self._all(entries, "failed", f"{peer} does not offer SMTPUTF8", "5.6.7")
+                return all_results(entries, "failed", f"{peer} does not offer SMTPUTF8", "5.6.7")
             mail_params.append("SMTPUTF8")
         if dsn and first.dsn_ret:
             mail_params.append(f"RET={first.dsn_ret}")
@@ -452,7 +364,7 @@ class RelayWorker:
             recipients.append((entry.address, params))
         outcome = await client.transaction(first.mail_from, mail_params, recipients, content)
         remote = peer.host
-        results: list[_Result] = []
+        results: list[Result] = []
         for entry, reply in zip(entries, outcome.recipients, strict=True):
             if not outcome.mail.positive:
                 reply = outcome.mail
@@ -461,89 +373,9 @@ class RelayWorker:
             results.append(self._judge(entry, reply, remote, relayed=not dsn))
         return results
 
-    def _judge(self, entry: QueueEntry, reply: Reply, remote: str, *, relayed: bool) -> _Result:
+    def _judge(self, entry: QueueEntry, reply: Reply, remote: str, *, relayed: bool) -> Result:
         status = reply.enhanced or f"{str(reply.code)[0]}.0.0"
         if reply.positive and reply.code != 354:
-            return _Result(entry, "delivered", str(reply), "2.0.0", remote, relayed)
+            return Result(entry, "delivered", str(reply), "2.0.0", remote, relayed)
         kind = "failed" if reply.permanent else "deferred"
-        return _Result(entry, kind, f"{remote} said: {reply}", status, remote)
-
-    # -- outcomes --------------------------------------------------------------------------
-
-    async def _record(self, results: list[_Result]) -> None:
-        now = dt.datetime.now(dt.UTC)
-        outcomes: list[Outcome] = []
-        reports: dict[tuple[str, str], list[tuple[_Result, RecipientStatus]]] = defaultdict(list)
-        give_up = dt.timedelta(seconds=self._settings.give_up_seconds)
-        for r in results:
-            entry, token = r.entry, r.entry.claim_token or ""
-            if r.kind == "deferred" and now - entry.created_at >= give_up:
-                r = _Result(entry, "failed", f"gave up after {entry.attempts} attempts over "
-                            f"{give_up}: {r.reply}", "4.4.7", r.remote)  # fmt: skip
-            if r.kind == "delivered":
-                outcomes.append(Outcome(entry.id, token, "delivered", r.reply, r.remote))
-                RELAYED.inc("delivered")
-                log.info("%s relayed to <%s> via %s: %s", entry.envelope_id, entry.address,
-                         r.remote, r.reply)  # fmt: skip
-                if r.relayed and wants_report(entry.dsn_notify, "relayed"):
-                    reports[(entry.envelope_id, "relayed")].append((r, self._status(r, "relayed")))
-            elif r.kind == "failed":
-                outcomes.append(Outcome(entry.id, token, "failed", r.reply, r.remote))
-                RELAYED.inc("failed")
-                log.warning("%s to <%s> failed: %s", entry.envelope_id, entry.address, r.reply)
-                if wants_report(entry.dsn_notify, "failed"):
-                    reports[(entry.envelope_id, "failed")].append((r, self._status(r, "failed")))
-            else:
-                wait = backoff_seconds(entry.attempts, self._settings, self._rng)
-                later = now + dt.timedelta(seconds=wait)
-                delay_due = (
-                    not entry.delay_reported
-                    and now - entry.created_at
-                    >= dt.timedelta(seconds=self._settings.delay_report_seconds)
-                    and wants_report(entry.dsn_notify, "delayed")
-                )
-                outcomes.append(
-                    Outcome(entry.id, token, "queued", r.reply, r.remote, later, delay_due)
-                )
-                RELAYED.inc("deferred")
-                log.info("%s to <%s> deferred %.0fs: %s", entry.envelope_id, entry.address,
-                         wait, r.reply)  # fmt: skip
-                if delay_due:
-                    status = self._status(r, "delayed", until=entry.created_at + give_up)
-                    reports[(entry.envelope_id, "delayed")].append((r, status))
-        updated = await queue.record(self._engine, outcomes)
-        if self._report is None:
-            return
-        for (_, _action), items in reports.items():
-            kept = [(r, s) for r, s in items if r.entry.id in updated]
-            if not kept:
-                continue
-            entry = kept[0][0].entry
-            try:
-                content = await queue.read_content(self._engine, entry.blob_sha256)
-                await self._report(
-                    ReportedMessage(
-                        envelope_id=entry.envelope_id,
-                        mail_from=entry.mail_from,
-                        content=content,
-                        arrival=entry.created_at,
-                        dsn_ret=entry.dsn_ret,
-                        dsn_envid=entry.dsn_envid,
-                    ),
-                    [s for _, s in kept],
-                )
-            except Exception:
-                log.exception("%s: the delivery report could not be stored", entry.envelope_id)
-
-    def _status(
-        self, r: _Result, action: str, *, until: dt.datetime | None = None
-    ) -> RecipientStatus:
-        return RecipientStatus(
-            final_recipient=r.entry.address,
-            action=action,  # type: ignore[arg-type]
-            status=r.status if action != "relayed" else "2.0.0",
-            original_recipient=r.entry.dsn_orcpt,
-            diagnostic=r.reply,
-            remote_mta=r.remote,
-            will_retry_until=until,
-        )
+        return Result(entry, kind, f"{remote} said: {reply}", status, remote)
