@@ -216,6 +216,7 @@ def message(subject: str, body: str = "Compte rendu.\n", to: str = "c@pair.mssd.
 class Relay:
     """The real relay worker, queue and reports, on a real store (see the module text)."""
 
+    url: str
     engine: Any
     committer: GroupCommitter
     settings: Settings
@@ -335,7 +336,7 @@ async def relay_for(
     whitelist = Whitelist(
         {d: listed for d in routes} | {SENDER_DOMAIN: frozenset({normalise_dn("CN=us")})}
     )
-    rig = Relay(engine, committer, settings, whitelist)
+    rig = Relay(store_url, engine, committer, settings, whitelist)
     try:
         yield rig
     finally:

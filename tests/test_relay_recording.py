@@ -1,6 +1,6 @@
 """What the relay does when the store refuses to record: it stops sending rather than
 hand over messages whose outcomes it cannot keep. The store's refusal is real (a trigger
-that makes the database raise, as a full disk would). SQLite and PostgreSQL."""
+that makes the database raise, ``store_faults.py``). SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from scripted_peer import (
     relay_for,
     report_fields,
 )
-from sqlalchemy.ext.asyncio import AsyncEngine
+from store_faults import allow, refuse
 
 DOMAIN = "pair.mssd.test"
 
@@ -25,35 +25,6 @@ DOMAIN = "pair.mssd.test"
 @pytest.fixture(scope="module")
 def identity(test_pki: PkiBundle) -> Iterator[PeerIdentity]:
     yield peer_identity(test_pki)
-
-
-async def refuse(engine: AsyncEngine, name: str, table: str, event: str, condition: str) -> None:
-    """Make the database raise on ``event`` (e.g. ``UPDATE``) of ``table`` rows matching
-    ``condition`` (on ``NEW``)."""
-    async with engine.begin() as conn:
-        if conn.dialect.name == "sqlite":
-            await conn.exec_driver_sql(
-                f"CREATE TRIGGER {name} BEFORE {event} ON {table} WHEN {condition} "
-                "BEGIN SELECT RAISE(ABORT, 'the store refuses (test)'); END"
-            )
-        else:
-            await conn.exec_driver_sql(
-                f"CREATE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql AS "
-                "$$ BEGIN RAISE EXCEPTION 'the store refuses (test)'; END $$"
-            )
-            await conn.exec_driver_sql(
-                f"CREATE TRIGGER {name} BEFORE {event} ON {table} FOR EACH ROW "
-                f"WHEN ({condition}) EXECUTE FUNCTION {name}()"
-            )
-
-
-async def allow(engine: AsyncEngine, name: str, table: str) -> None:
-    async with engine.begin() as conn:
-        if conn.dialect.name == "sqlite":
-            await conn.exec_driver_sql(f"DROP TRIGGER {name}")
-        else:
-            await conn.exec_driver_sql(f"DROP TRIGGER {name} ON {table}")
-            await conn.exec_driver_sql(f"DROP FUNCTION {name}()")
 
 
 async def test_when_outcomes_cannot_be_recorded_the_relay_stops_sending(
@@ -68,7 +39,7 @@ async def test_when_outcomes_cannot_be_recorded_the_relay_stops_sending(
     async with relay_for(store_url, test_pki, {DOMAIN: peer}, identity.cert.subject_dn) as relay:
         for n in range(10):
             await relay.queue([f"patient{n}@{DOMAIN}"], message(f"m{n}"))
-        await refuse(relay.engine, "refuse_outcome", "outbound_queue", "UPDATE",
+        await refuse(relay.url, "refuse_outcome", "outbound_queue", "UPDATE",
                      "NEW.state = 'delivered'")  # fmt: skip
         await relay.run_once()
         entries = list((await relay.entries()).values())
@@ -94,13 +65,13 @@ async def test_a_failure_is_never_recorded_without_its_report(
     ) as relay:
         await relay.queue([f"inconnu@{DOMAIN}"], message("refus"), envid="ENV-42")
         # Reports have the null sender (RFC 3461 §6.2): the store refuses to write them.
-        await refuse(relay.engine, "refuse_report", "envelopes", "INSERT", "NEW.mail_from = ''")
+        await refuse(relay.url, "refuse_report", "envelopes", "INSERT", "NEW.mail_from = ''")
         await relay.run_once()
         [entry] = (await relay.entries()).values()
         # The failure could not be written with its report, so it was not written at
         # all: the entry comes back when its lease ends.
         assert entry.state == "sending" and await relay.reports() == []
-        await allow(relay.engine, "refuse_report", "envelopes")
+        await allow(relay.url, "refuse_report", "envelopes")
         await asyncio.sleep(3.1)
         await relay.run_once()
         [entry] = (await relay.entries()).values()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import hashlib
-import logging
 import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -27,7 +26,6 @@ from mssd.store.delivery import (
 from mssd.trust.whitelist import Whitelist
 
 Source = Literal["submission", "mta"]
-log = logging.getLogger(__name__)
 
 MSS_NIL = metrics.counter(
     "mssd_mss_nil_total",
@@ -274,7 +272,8 @@ class DeliveryPipeline:
         else:
             content, digest = self._prepare(transaction, data, envelope_id, moment)
         session = transaction.session
-        stored = await self._committer.store(
+        report = await self._success_report(transaction, envelope_id, content, moment)
+        return await self._committer.store(
             NewMessage(
                 envelope_id=envelope_id,
                 content=content,
@@ -289,46 +288,41 @@ class DeliveryPipeline:
                 dsn_envid=transaction.dsn_envid,
                 body=transaction.body,
                 smtputf8=transaction.smtputf8,
+                reports=(report,) if report is not None else (),
             )
         )
-        await self._report_local_success(transaction, stored, content, moment)
-        return stored
 
-    async def _report_local_success(
-        self, transaction: Transaction, stored: StoredMessage, content: bytes, moment: dt.datetime
-    ) -> None:
+    async def _success_report(
+        self, transaction: Transaction, envelope_id: str, content: bytes, moment: dt.datetime
+    ) -> NewMessage | None:
         """RFC 3461 §5.2.1: the final delivery MTA reports success when NOTIFY asked for it.
-        The report is stored after the message (a crash in between loses the report, never
-        the message); the null sender never gets one (§6.2)."""
+        The report is committed with the message, in the same transaction (no second
+        commit before the 250, and no crash can keep one without the other); the null
+        sender never gets one (§6.2)."""
         if self._reporter is None or not transaction.mail_from:
-            return
+            return None
         delivered = [
             RecipientStatus(
                 final_recipient=r.address,
                 action="delivered",
                 status="2.0.0",
                 original_recipient=r.dsn_orcpt,
-                diagnostic=f"250 2.0.0 delivered to the mailbox as {stored.envelope_id}",
+                diagnostic=f"250 2.0.0 delivered to the mailbox as {envelope_id}",
                 remote_mta=self._hostname,
             )
             for r in transaction.recipients
             if r.mailbox_id is not None and wants_report(r.dsn_notify, "delivered")
         ]
         if not delivered:
-            return
-        try:
-            report = await self._reporter.prepare(
-                ReportedMessage(
-                    envelope_id=stored.envelope_id,
-                    mail_from=transaction.mail_from,
-                    content=content,
-                    arrival=moment,
-                    dsn_ret=transaction.dsn_ret,
-                    dsn_envid=transaction.dsn_envid,
-                ),
-                delivered,
-            )
-            if report is not None:
-                await self._committer.store(report)
-        except Exception:
-            log.exception("%s: the success report could not be stored", stored.envelope_id)
+            return None
+        return await self._reporter.prepare(
+            ReportedMessage(
+                envelope_id=envelope_id,
+                mail_from=transaction.mail_from,
+                content=content,
+                arrival=moment,
+                dsn_ret=transaction.dsn_ret,
+                dsn_envid=transaction.dsn_envid,
+            ),
+            delivered,
+        )

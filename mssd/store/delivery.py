@@ -21,6 +21,7 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import logging
 import secrets
@@ -75,6 +76,9 @@ class NewMessage:
     dsn_envid: str | None = None
     body: str | None = None
     smtputf8: bool = False
+    reports: tuple[NewMessage, ...] = ()
+    """Delivery reports this message causes, written in its transaction (a success
+    report for a local delivery, RFC 3461 §5.2.1): never one without the other."""
 
 
 @dataclass(frozen=True)
@@ -91,6 +95,8 @@ class StoredMessage:
     placements: tuple[Placement, ...]
     queued: int = 0
     """Recipients left to the relay: outbound queue entries created with the message."""
+    reports: tuple[StoredMessage, ...] = ()
+    """The reports written with it (:attr:`NewMessage.reports`)."""
 
 
 def new_envelope_id() -> str:
@@ -133,12 +139,25 @@ event that rides along in the same transaction (authentication outcomes)."""
 def write_batch(conn: Connection, items: Sequence[Item]) -> list[StoredMessage | None]:
     """Write a batch inside the caller's transaction (synchronous form); the
     result for each item is its StoredMessage, or None for an audit event."""
-    messages = [item for item in items if isinstance(item, NewMessage)]
+    messages = [
+        written
+        for item in items
+        if isinstance(item, NewMessage)
+        for written in (item, *item.reports)
+    ]
     audit_rows = [audit_row(item) for item in items if isinstance(item, AuditEvent)]
     stored = iter(_write_messages(conn, messages, audit_rows) if messages else [])
     if audit_rows:
         conn.execute(_INSERT_AUDIT, audit_rows)
-    return [next(stored) if isinstance(item, NewMessage) else None for item in items]
+    results: list[StoredMessage | None] = []
+    for item in items:
+        if isinstance(item, NewMessage):
+            message = next(stored)
+            reports = tuple(next(stored) for _ in item.reports)
+            results.append(dataclasses.replace(message, reports=reports) if reports else message)
+        else:
+            results.append(None)
+    return results
 
 
 def _write_messages(
@@ -340,7 +359,7 @@ class GroupCommitter:
         for (_, future), result in zip(batch, results, strict=True):
             if not future.done():
                 future.set_result(result)
-        stored = [result for result in results if result is not None]
+        stored = [s for result in results if result is not None for s in (result, *result.reports)]
         if self._on_commit is not None and stored:
             try:
                 self._on_commit(stored)
