@@ -3,9 +3,15 @@ and the X-MSS-NIL usage counter."""
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import socket
 import stat
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import dns.resolver
 import pytest
 
 from mssd.delivery.dkim import (
@@ -72,6 +78,38 @@ def test_unsigned_unknown_key_and_no_key(keyed: tuple[DkimSigner, dict[str, byte
     )
     # A domain without a key is sent unsigned.
     assert signer.sign(MESSAGE, "autre.mssd.test") == MESSAGE
+
+
+@pytest.fixture
+def silent_dns() -> Iterator[dns.resolver.Resolver]:
+    """A resolver whose only server, on a loopback UDP port, never answers."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:
+        silent.bind(("127.0.0.1", 0))
+        resolver = dns.resolver.Resolver(configure=False)
+        resolver.nameservers = ["127.0.0.1"]
+        resolver.port = silent.getsockname()[1]
+        yield resolver
+
+
+async def test_a_hung_key_look_up_leaves_the_shared_threads_free(
+    keyed: tuple[DkimSigner, dict[str, bytes]], silent_dns: dns.resolver.Resolver
+) -> None:
+    signer, _ = keyed
+    signed = MESSAGE
+    for _ in range(4):  # four signatures: four key look-ups of a second each
+        signed = signer.sign(signed, DOMAIN)
+    lookup = make_dns_function({}, use_dns=True, timeout=1, resolver=silent_dns)
+    verifier = DkimVerifier("mx.b.mssd.test", lookup, timeout=1)
+    # The executor that name resolution and the store's threads share, one thread wide.
+    asyncio.get_running_loop().set_default_executor(concurrent.futures.ThreadPoolExecutor(1))
+    started = time.monotonic()
+    header = await verifier.header_async(signed)
+    assert time.monotonic() - started < 3.5
+    assert header.startswith(b"Authentication-Results: mx.b.mssd.test; dkim=")
+    assert b"dkim=pass" not in header
+    # The verification gave up on time and left no thread of the shared executor busy.
+    free = await asyncio.wait_for(asyncio.to_thread(lambda: "free"), 0.5)
+    assert free == "free"
 
 
 def test_records_file(tmp_path: Path) -> None:
