@@ -31,6 +31,7 @@ from typing import Any
 from conftest import PkiBundle
 
 from mssd.config import RelaySettings, ServerSettings, Settings, TlsSettings
+from mssd.delivery.dkim import DkimSigner
 from mssd.delivery.dsn import Reporter
 from mssd.smtp.relay import RelayWorker
 from mssd.store import admin, queue
@@ -223,7 +224,7 @@ class Relay:
     whitelist: Whitelist
     worker: RelayWorker | None = None
 
-    def start_worker(self, **relay: Any) -> RelayWorker:
+    def start_worker(self, signer: DkimSigner | None = None, **relay: Any) -> RelayWorker:
         settings = dataclasses.replace(
             self.settings, relay=dataclasses.replace(self.settings.relay, **relay)
         )
@@ -233,7 +234,11 @@ class Relay:
             trust_space=lambda: self.whitelist,
         )
         self.worker = RelayWorker(
-            self.engine, settings, whitelist=lambda: self.whitelist, reporter=reporter
+            self.engine,
+            settings,
+            whitelist=lambda: self.whitelist,
+            reporter=reporter,
+            signer=signer,
         )
         return self.worker
 
@@ -294,6 +299,7 @@ def report_fields(report: email.message.EmailMessage) -> list[dict[str, str]]:
     status = next(p for p in report.walk() if p.get_content_type() == "message/delivery-status")
     raw = status.as_bytes().decode("utf-8", "replace").split("\n\n", 1)[1]
     blocks = [b for b in re.split(r"\r?\n\r?\n", raw.strip()) if b.strip()]
+    blocks = [re.sub(r"\r?\n[ \t]+", " ", block) for block in blocks]  # RFC 5322 §2.2.3
     return [
         {m[1]: m[2] for m in re.finditer(r"^([A-Za-z-]+): (.*?)\r?$", block, re.M)}
         for block in blocks

@@ -15,6 +15,8 @@ Invariants:
   with the outcome (``mssd.smtp.outcomes``).
 - RFC 3461 parameters travel with the message (RET, ENVID on MAIL; NOTIFY, ORCPT on RCPT)
   when the peer offers DSN.
+- An 8-bit message goes with BODY=8BITMIME, or converted to 7 bits for a peer that does
+  not offer 8BITMIME (RFC 6152 §3, ``mssd.mime.sevenbit``), or fails when it cannot be.
 - An outcome is recorded only after the peer's reply, and as soon as it comes
   (:class:`~mssd.smtp.outcomes.Recorder`); a process killed between the peer's 250 and
   that record sends the message again after the lease. Delivery is at least once: SMTP
@@ -40,6 +42,7 @@ from mssd import metrics
 from mssd.config import Settings
 from mssd.delivery.dkim import DkimSigner
 from mssd.delivery.dsn import Reporter
+from mssd.mime.sevenbit import CannotConvert, to_seven_bit
 from mssd.smtp.client import ConnectionFailed, Reply, SmtpClient
 from mssd.smtp.outcomes import RELAYED, OutcomeWriter, Recorder, Result, all_results
 from mssd.smtp.pool import ConnectionPool
@@ -334,20 +337,32 @@ class RelayWorker:
         self, client: SmtpClient, peer: Peer, entries: list[QueueEntry]
     ) -> list[Result]:
         first = entries[0]
+        extensions = client.extensions
+        if first.smtputf8 and "SMTPUTF8" not in extensions:
+            # RFC 6531 §3.2: no downgrade of internationalised addresses.
+            return all_results(entries, "failed", f"{peer} does not offer SMTPUTF8", "5.6.7")
         content = await queue.read_content(self._engine, first.blob_sha256)
+        # Whatever the submitter declared, the octets decide (a report quoting 8-bit
+        # headers is 8-bit too).
+        eight_bit = not content.isascii()
+        if eight_bit and "8BITMIME" not in extensions:
+            # RFC 6152 §3: convert to 7 bits or return the message; converted before
+            # signing, so that the signature covers what the peer receives.
+            try:
+                content = await asyncio.to_thread(to_seven_bit, content)
+            except CannotConvert as error:
+                reason = f"{peer} does not offer 8BITMIME and the message cannot be made 7-bit"
+                return all_results(entries, "failed", f"{reason}: {error}", "5.6.3")
+            eight_bit = False
         if self._signer is not None and first.mail_from:
             content = await self._signer.sign_async(content, first.mail_from.rpartition("@")[2])
-        extensions = client.extensions
         dsn = "DSN" in extensions
         mail_params: list[str] = []
         if "SIZE" in extensions:
             mail_params.append(f"SIZE={len(content)}")
-        if first.body == "8BITMIME" and "8BITMIME" in extensions:
-            mail_params.append("BODY=8BITMIME")
+        if eight_bit:
+            mail_params.append("BODY=8BITMIME")  # RFC 6152 §2
         if first.smtputf8:
-            if "SMTPUTF8" not in extensions:
-                # RFC 6531 §3.2: no downgrade of internationalised addresses.
-                return all_results(entries, "failed", f"{peer} does not offer SMTPUTF8", "5.6.7")
             mail_params.append("SMTPUTF8")
         if dsn and first.dsn_ret:
             mail_params.append(f"RET={first.dsn_ret}")
