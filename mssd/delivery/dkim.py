@@ -170,7 +170,8 @@ def make_dns_function(
     resolver: dns.resolver.Resolver | None = None,
 ) -> DnsFunction:
     """A dkimpy ``dnsfunc``: the given records first, then DNS (bounded; ``resolver``, or
-    the system's), else None."""
+    the system's). None when there is no such record (the name does not exist, or holds
+    no TXT); ``dkim.DnsTimeoutError`` when DNS did not say (timeout, server failure)."""
 
     def lookup(name: bytes | str, timeout: float = timeout) -> bytes | None:
         text = (name.decode("ascii") if isinstance(name, bytes) else name).rstrip(".").lower()
@@ -182,8 +183,10 @@ def make_dns_function(
             answer = (resolver or dns.resolver.get_default_resolver()).resolve(
                 text, "TXT", lifetime=timeout
             )
-        except (dns.exception.DNSException, OSError):
+        except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
             return None
+        except (dns.exception.DNSException, OSError) as error:
+            raise dkim.DnsTimeoutError(f"key look-up for {text} failed: {error}") from None
         for rdata in answer:
             return b"".join(rdata.strings)
         return None
@@ -233,7 +236,9 @@ class DkimVerifier:
 
     def _verify(self, verifier: dkim.DKIM, index: int, deadline: float) -> str:
         """The RFC 8601 §2.7.1 result of one signature. dkimpy answers a verification
-        whose key could not be had with a plain False; what the look-up did tells why."""
+        whose key could not be had with a plain False; what the look-up did tells why
+        (RFC 6376 §6.1.2): no answer is ``temperror``, no key record or an unusable one
+        ``permerror``, and only a signature checked against a key can ``fail``."""
         looked_up: list[bytes | Exception | None] = []
 
         def lookup(name: bytes | str, timeout: float = self._timeout) -> bytes | None:
@@ -250,8 +255,17 @@ class DkimVerifier:
 
         if verifier.verify(idx=index, dnsfunc=lookup):
             return "pass"
-        if looked_up and isinstance(looked_up[-1], dkim.DnsTimeoutError):
+        if not looked_up:
+            return "fail"
+        record = looked_up[-1]
+        if isinstance(record, Exception):
             return "temperror"
+        if not record:
+            return "permerror"  # "no key for signature"
+        try:
+            dkim.evaluate_pk(b"key", record)
+        except (dkim.KeyFormatError, ValueError):
+            return "permerror"  # "key syntax error"
         return "fail"
 
     def header(self, content: bytes, deadline: float | None = None) -> bytes:
