@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from mssd.auth import Authenticator, PscTokenVerifier
-from mssd.config import Settings, dkim_key_dir, whitelist_cache_file
+from mssd.config import Settings, dkim_key_dir, operator_ca_file, whitelist_cache_file
 from mssd.delivery import DeliveryPipeline
 from mssd.delivery.dkim import DkimSigner, DkimVerifier, make_dns_function, read_txt_records
 from mssd.delivery.dsn import Reporter
@@ -115,11 +115,7 @@ async def add_trust_space(
     if keeper.current is None and settings.whitelist.source:
         # No list was ever kept: fetch one before accepting operators, not an hour later.
         await keeper.refresh()
-    trust = await asyncio.to_thread(
-        TrustFiles,
-        settings.smtp.mta_client_ca_file or settings.tls.client_ca_file,
-        settings.tls.crl_file,
-    )
+    trust = await asyncio.to_thread(TrustFiles, operator_ca_file(settings), settings.tls.crl_file)
     try:
         own_dn = own_certificate_dn(settings.tls.cert_file)
     except (OSError, ValueError) as error:

@@ -328,6 +328,7 @@ async def relay_for(
             key_file=test_pki.dev.server_key,
             client_ca_file=test_pki.dev.ca_bundle,
             crl_file=test_pki.dev.crl,
+            operator_ca_file=test_pki.dev.org_ca,
         ),
         relay=RelaySettings(
             routes=tuple(f"{d}=127.0.0.1:{p.port}" for d, p in routes.items()),

@@ -39,7 +39,7 @@ from collections.abc import Callable, Sequence
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from mssd import metrics
-from mssd.config import Settings
+from mssd.config import Settings, operator_ca_file
 from mssd.delivery.dkim import DkimSigner
 from mssd.delivery.dsn import Reporter
 from mssd.mime.sevenbit import CannotConvert, to_seven_bit
@@ -100,16 +100,18 @@ class RelayWorker:
         )
         # The peer's identity is its whitelisted DN, not a host name (MX host names need
         # not match operator certificates; static routes point at addresses).
-        # The handshake checks the chain; revocation is checked on the peer's
-        # certificate after it, against the CRL as it is now (TrustFiles re-reads
-        # it when it changes): a CRL loaded once into the context would miss new
-        # revocations and, past its nextUpdate, fail every handshake.
-        ca_file = settings.relay.ca_file or settings.tls.client_ca_file
+        # The handshake checks the chain up to a CA of tls.operator_ca_file, the same
+        # CAs port 25 checks the peers' client certificates against; revocation is
+        # checked on the peer's certificate after it, against the CRL as it is now
+        # (TrustFiles re-reads it when it changes): a CRL loaded once into the context
+        # would miss new revocations and, past its nextUpdate, fail every handshake.
+        ca_file = operator_ca_file(settings)
         self._tls = tls or client_context(
             ca_file=ca_file,
             cert_file=settings.tls.cert_file,
             key_file=settings.tls.key_file,
             check_hostname=False,
+            partial_chain=True,
         )
         self._trust = TrustFiles(ca_file, settings.tls.crl_file)
         self._pool = ConnectionPool(
