@@ -30,7 +30,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, select, update
+from sqlalchemy import Connection, bindparam, false, literal, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -128,7 +128,24 @@ _INSERT_ENVELOPE = envelopes.insert()
 _INSERT_RECIPIENT = envelope_recipients.insert()
 _INSERT_PLACEMENT = placements.insert()
 _INSERT_AUDIT = audit.insert()
-_INSERT_QUEUE = outbound_queue.insert()
+# One queue entry per recipient left to the relay, referring to its recipient row (the
+# rows' ids are not known before they are inserted: read back in the same statement).
+_INSERT_QUEUE = outbound_queue.insert().from_select(
+    ["recipient_id", "state", "attempts", "next_attempt_at", "delay_reported"],
+    select(
+        envelope_recipients.c.id,
+        literal("queued"),
+        literal(0),
+        envelopes.c.received_at,
+        false(),
+    )
+    .join(envelopes, envelopes.c.id == envelope_recipients.c.envelope_id)
+    .where(
+        envelope_recipients.c.envelope_id.in_(bindparam("envelope_ids", expanding=True)),
+        envelope_recipients.c.mailbox_id.is_(None),
+    )
+    .order_by(envelope_recipients.c.id),
+)
 
 
 Item = NewMessage | AuditEvent
@@ -192,7 +209,7 @@ def _write_messages(
     envelope_rows: list[dict[str, Any]] = []
     recipient_rows: list[dict[str, Any]] = []
     placement_rows: list[dict[str, Any]] = []
-    queue_rows: list[dict[str, Any]] = []
+    queued_envelopes: list[str] = []
     for message in batch:
         envelope_id = message.envelope_id
         envelope_rows.append(
@@ -233,21 +250,6 @@ def _write_messages(
                     }
                 )
                 status = "delivered"
-            else:
-                queue_rows.append(
-                    {
-                        "envelope_id": envelope_id,
-                        "address": recipient.address,
-                        "domain": recipient.address.rpartition("@")[2].lower(),
-                        "dsn_notify": recipient.dsn_notify,
-                        "dsn_orcpt": recipient.dsn_orcpt,
-                        "state": "queued",
-                        "attempts": 0,
-                        "next_attempt_at": message.received_at,
-                        "delay_reported": False,
-                        "created_at": message.received_at,
-                    }
-                )
             recipient_rows.append(
                 {
                     "envelope_id": envelope_id,
@@ -277,6 +279,8 @@ def _write_messages(
             )
         )
         queued = len(message.recipients) - len(placed)
+        if queued:
+            queued_envelopes.append(envelope_id)
         results.append(StoredMessage(envelope_id, tuple(placed), queued))
     if inbox:
         conn.execute(
@@ -287,8 +291,8 @@ def _write_messages(
     conn.execute(_INSERT_RECIPIENT, recipient_rows)
     if placement_rows:
         conn.execute(_INSERT_PLACEMENT, placement_rows)
-    if queue_rows:
-        conn.execute(_INSERT_QUEUE, queue_rows)
+    if queued_envelopes:
+        conn.execute(_INSERT_QUEUE, {"envelope_ids": queued_envelopes})
     return results
 
 

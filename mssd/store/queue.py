@@ -89,11 +89,10 @@ def _aware(moment: dt.datetime) -> dt.datetime:
 
 _COLUMNS = (
     outbound_queue.c.id,
-    outbound_queue.c.envelope_id,
-    outbound_queue.c.address,
-    outbound_queue.c.domain,
-    outbound_queue.c.dsn_notify,
-    outbound_queue.c.dsn_orcpt,
+    envelope_recipients.c.envelope_id,
+    envelope_recipients.c.address,
+    envelope_recipients.c.dsn_notify,
+    envelope_recipients.c.dsn_orcpt,
     outbound_queue.c.state,
     outbound_queue.c.attempts,
     outbound_queue.c.next_attempt_at,
@@ -102,7 +101,7 @@ _COLUMNS = (
     outbound_queue.c.remote_mta,
     outbound_queue.c.claim_token,
     outbound_queue.c.delay_reported,
-    outbound_queue.c.created_at,
+    envelopes.c.received_at,
     envelopes.c.mail_from,
     envelopes.c.blob_sha256,
     envelopes.c.dsn_ret,
@@ -111,8 +110,12 @@ _COLUMNS = (
     envelopes.c.smtputf8,
     blobs.c.size,
 )
-_JOINED = outbound_queue.join(envelopes, envelopes.c.id == outbound_queue.c.envelope_id).join(
-    blobs, blobs.c.sha256 == envelopes.c.blob_sha256
+_JOINED = (
+    outbound_queue.join(
+        envelope_recipients, envelope_recipients.c.id == outbound_queue.c.recipient_id
+    )
+    .join(envelopes, envelopes.c.id == envelope_recipients.c.envelope_id)
+    .join(blobs, blobs.c.sha256 == envelopes.c.blob_sha256)
 )
 
 
@@ -122,7 +125,7 @@ def _entry(row: object) -> QueueEntry:
         id=int(m["id"]),
         envelope_id=str(m["envelope_id"]),
         address=str(m["address"]),
-        domain=str(m["domain"]),
+        domain=str(m["address"]).rpartition("@")[2].lower(),
         dsn_notify=m["dsn_notify"],
         dsn_orcpt=m["dsn_orcpt"],
         state=str(m["state"]),
@@ -133,7 +136,7 @@ def _entry(row: object) -> QueueEntry:
         remote_mta=m["remote_mta"],
         claim_token=m["claim_token"],
         delay_reported=bool(m["delay_reported"]),
-        created_at=_aware(m["created_at"]),
+        created_at=_aware(m["received_at"]),
         mail_from=str(m["mail_from"]),
         blob_sha256=str(m["blob_sha256"]),
         dsn_ret=m["dsn_ret"],
@@ -247,17 +250,12 @@ def _record_one(conn: Connection, outcome: Outcome) -> bool:
     if result.rowcount != 1:
         return False
     if outcome.state != "queued":
-        envelope_id, address = conn.execute(
-            select(outbound_queue.c.envelope_id, outbound_queue.c.address).where(
-                outbound_queue.c.id == outcome.entry_id
-            )
-        ).one()
+        recipient = select(outbound_queue.c.recipient_id).where(
+            outbound_queue.c.id == outcome.entry_id
+        )
         conn.execute(
             update(envelope_recipients)
-            .where(
-                envelope_recipients.c.envelope_id == envelope_id,
-                envelope_recipients.c.address == address,
-            )
+            .where(envelope_recipients.c.id == recipient.scalar_subquery())
             .values(status="relayed" if outcome.state == "delivered" else "failed")
         )
     return True
