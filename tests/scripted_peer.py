@@ -331,12 +331,14 @@ async def relay_for(
             operator_ca_file=test_pki.dev.org_ca,
         ),
         relay=RelaySettings(
-            routes=tuple(f"{d}=127.0.0.1:{p.port}" for d, p in routes.items()),
-            connect_timeout_seconds=5,
-            command_timeout_seconds=5,
-            retry_base_seconds=3600,
-            retry_max_seconds=3600,
-            **relay,
+            **{
+                "routes": tuple(f"{d}=127.0.0.1:{p.port}" for d, p in routes.items()),
+                "connect_timeout_seconds": 5,
+                "command_timeout_seconds": 5,
+                "retry_base_seconds": 3600,
+                "retry_max_seconds": 3600,
+            }
+            | relay
         ),
     )
     listed = frozenset({normalise_dn(dn)})
