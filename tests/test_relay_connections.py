@@ -75,3 +75,28 @@ async def test_a_slow_rset_on_a_reused_connection_holds_up_no_other_delivery(
         assert {e.state for e in entries.values()} == {"delivered"}
         assert len(peer.received) == 3 and peer.sessions == 2
         assert rset_waited_for_nothing == [True]
+
+
+async def test_one_domain_is_spread_over_max_connections_per_peer(
+    store_url: str, test_pki: PkiBundle, identity: PeerIdentity
+) -> None:
+    async def script(command: str) -> str | None:
+        if command == ".":
+            await asyncio.sleep(0.1)  # a peer that takes its time over each message
+        return None
+
+    peer = await ScriptedPeer(identity.context, script=script).start()
+    async with relay_for(
+        store_url, test_pki, {"un.mssd.test": peer}, identity.cert.subject_dn,
+        max_connections_per_peer=3,
+    ) as relay:  # fmt: skip
+        for n in range(12):
+            await relay.queue([f"patient{n}@un.mssd.test"])
+        await relay.run_once()
+        entries = await relay.entries()
+        assert [e.state for e in entries.values()] == ["delivered"] * 12
+    # Every message once, over three connections open together.
+    assert sorted(r.recipients[0].split()[1] for r in peer.received) == sorted(
+        f"TO:<patient{n}@un.mssd.test>" for n in range(12)
+    )
+    assert peer.sessions == 3 and peer.gauge.most == 3

@@ -36,7 +36,10 @@ async def test_when_outcomes_cannot_be_recorded_the_relay_stops_sending(
         return None
 
     peer = await ScriptedPeer(identity.context, script=script).start()
-    async with relay_for(store_url, test_pki, {DOMAIN: peer}, identity.cert.subject_dn) as relay:
+    # One connection, so that what "already on its way" means is one message.
+    async with relay_for(
+        store_url, test_pki, {DOMAIN: peer}, identity.cert.subject_dn, max_connections_per_peer=1
+    ) as relay:
         for n in range(10):
             await relay.queue([f"patient{n}@{DOMAIN}"], message(f"m{n}"))
         await refuse(relay.url, "refuse_outcome", "outbound_queue", "UPDATE",

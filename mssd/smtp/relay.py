@@ -1,9 +1,10 @@
 """The relay worker: delivers the outbound queue to the other operators of the trust space.
 
 Each round claims due entries (``mssd.store.queue``), groups them by recipient domain and
-envelope, and sends each envelope once per domain with all its recipients. A peer is used
+envelope, and sends each envelope once per domain with all its recipients, a domain's
+envelopes spread over up to ``relay.max_connections_per_peer`` connections. A peer is used
 only over TLS (STARTTLS is required, RFC 3207), presenting our operator certificate, after
-its chain was verified against the configured IGC-Santé roots and CRLs and its subject DN
+its chain was verified against ``tls.operator_ca_file`` and the CRLs and its subject DN
 found in the ANS whitelist for the recipient domain; otherwise the entries are deferred
 with the reason, which ``mssd queue show`` displays.
 
@@ -33,7 +34,7 @@ import contextlib
 import logging
 import ssl
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Callable, Sequence
 
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -245,36 +246,62 @@ class RelayWorker:
         # new envelope is started (the rest goes back to the queue, see
         # _deliver_domain), so no other worker can claim an entry while it is sent.
         deadline = time.monotonic() + self._settings.lease_seconds / 2
-        last_error = "no peer"
+        # The envelopes are spread over up to max_connections_per_peer connections, each
+        # taking the next one as it is free (SMTP promises no order between messages).
+        pending = deque(envelopes.values())
+        lanes = min(self._settings.max_connections_per_peer, len(pending))
+        async with asyncio.TaskGroup() as running:
+            tasks = [
+                running.create_task(
+                    self._lane(domain, peers, operators, pending, recorder, deadline)
+                )
+                for _ in range(lanes)
+            ]
+        if pending and time.monotonic() <= deadline and not recorder.failed:
+            # Every connection broke, or no peer could be used: the rest waits for later.
+            stops = [task.result() for task in tasks]
+            reason, status = next((stop for stop in stops if stop), ("no peer", "4.4.1"))
+            record(all_results([e for group in pending for e in group], "deferred", reason, status))
+
+    async def _lane(
+        self,
+        domain: str,
+        peers: Sequence[Peer],
+        operators: frozenset[str],
+        pending: deque[list[QueueEntry]],
+        recorder: Recorder,
+        deadline: float,
+    ) -> tuple[str, str] | None:
+        """Send envelopes taken from ``pending`` over one connection, to the first of
+        ``peers`` that can be used; None, or why it stopped early (reason, status)."""
+        stopped = ("no peer", "4.4.1")
         for peer in peers:
+            if not pending:
+                return None
             try:
                 client = await self._connection(peer, domain, operators)
             except (ConnectionFailed, PeerRefused) as error:
-                last_error = str(error)
+                stopped = (str(error), "4.4.1")
                 log.warning("relay to %s via %s: %s", domain, peer, error)
                 continue
             reusable = True
             try:
-                for group in envelopes.values():
-                    if time.monotonic() > deadline or recorder.failed:
-                        break
-                    if not reusable:
-                        record(all_results(group, "deferred", last_error, "4.4.2"))
-                        continue
+                while pending and time.monotonic() <= deadline and not recorder.failed:
+                    group = pending.popleft()
+                    reusable = False  # until this transaction is known to be over
                     try:
                         sent = await self._send(client, peer, group)
                     except ConnectionFailed as error:
-                        reusable = False
-                        last_error = str(error)
-                        record(all_results(group, "deferred", last_error, "4.4.2"))
-                        continue
-                    record(sent)
-                    if not all(r.kind == "delivered" for r in sent):
-                        reusable = await client.rset()
+                        recorder.add(all_results(group, "deferred", str(error), "4.4.2"))
+                        return (str(error), "4.4.2")
+                    recorder.add(sent)
+                    reusable = all(r.kind == "delivered" for r in sent) or await client.rset()
+                    if not reusable:
+                        return (f"{peer} did not answer RSET", "4.4.2")
+                return None
             finally:
                 await self._pool.give_back(peer, client, reusable=reusable)
-            return
-        record(all_results(entries, "deferred", last_error, "4.4.1"))
+        return stopped
 
     async def _connection(self, peer: Peer, domain: str, operators: frozenset[str]) -> SmtpClient:
         client = await self._pool.take(peer, lambda: self._open(peer))
