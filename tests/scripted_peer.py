@@ -17,10 +17,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import datetime as dt
 import email
 import email.policy
-import hashlib
 import re
 import ssl
 import time
@@ -28,7 +26,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from conftest import PkiBundle
+from conftest import PkiBundle, new_message
 
 from mssd.config import RelaySettings, ServerSettings, Settings, TlsSettings
 from mssd.delivery.dkim import DkimSigner
@@ -36,9 +34,10 @@ from mssd.delivery.dsn import Reporter
 from mssd.smtp.relay import RelayWorker
 from mssd.store import admin, queue
 from mssd.store.accounts import StoreAccounts
-from mssd.store.delivery import GroupCommitter, NewMessage, RecipientRecord, new_envelope_id
+from mssd.store.delivery import GroupCommitter, RecipientRecord
 from mssd.store.engine import create_engine, dispose, upgrade
 from mssd.store.messages import list_messages, read_blob
+from mssd.store.queue import QueueEntry
 from mssd.trust import pki
 from mssd.trust.identity import normalise_dn
 from mssd.trust.tls import server_context
@@ -195,7 +194,7 @@ class PeerIdentity:
     context: ssl.SSLContext
 
 
-def peer_identity(test_pki: PkiBundle, name: str = "pair") -> PeerIdentity:
+def make_peer_identity(test_pki: PkiBundle, name: str = "pair") -> PeerIdentity:
     cert = pki.issue_server_certificate(
         test_pki.dev,
         common_name=f"mx.{name}.mssd.test",
@@ -258,19 +257,7 @@ class Relay:
             for r in recipients
         )
         stored = await self.committer.store(
-            NewMessage(
-                envelope_id=new_envelope_id(),
-                content=content,
-                sha256=hashlib.sha256(content).hexdigest(),
-                mail_from=SENDER,
-                recipients=records,
-                source="submission",
-                remote="127.0.0.1",
-                received_at=dt.datetime.now(dt.UTC),
-                dsn_ret=ret,
-                dsn_envid=envid,
-                body=body,
-            )
+            new_message(content, records, mail_from=SENDER, dsn_ret=ret, dsn_envid=envid, body=body)
         )
         return stored.envelope_id
 
@@ -279,7 +266,7 @@ class Relay:
         worker = self.worker or self.start_worker()
         await worker.run_once()
 
-    async def entries(self) -> dict[str, Any]:
+    async def entries(self) -> dict[str, QueueEntry]:
         """Every queue entry by recipient address."""
         found = await queue.list_entries(self.engine, states=ALL_STATES, limit=1000)
         return {e.address: e for e in found}
@@ -308,10 +295,14 @@ def report_fields(report: email.message.EmailMessage) -> list[dict[str, str]]:
 
 @contextlib.asynccontextmanager
 async def relay_for(
-    store_url: str, test_pki: PkiBundle, routes: dict[str, ScriptedPeer], dn: str, **relay: Any
+    store_url: str,
+    test_pki: PkiBundle,
+    routes: dict[str, ScriptedPeer],
+    identity: PeerIdentity,
+    **relay: Any,
 ) -> AsyncIterator[Relay]:
     """A store with the sender's domain and mailbox, and a relay routing each domain of
-    ``routes`` to its peer, whose certificate DN ``dn`` the whitelist lists for them."""
+    ``routes`` to its peer, whose certificate (``identity``) the whitelist lists for them."""
     engine = create_engine(store_url)
     await upgrade(engine)
     await admin.add_domain(engine, SENDER_DOMAIN, actor="test")
@@ -341,7 +332,7 @@ async def relay_for(
             | relay
         ),
     )
-    listed = frozenset({normalise_dn(dn)})
+    listed = frozenset({normalise_dn(identity.cert.subject_dn)})
     whitelist = Whitelist(
         {d: listed for d in routes} | {SENDER_DOMAIN: frozenset({normalise_dn("CN=us")})}
     )

@@ -15,6 +15,7 @@ from conftest import (
     PER,
     MssdProcess,
     PkiBundle,
+    new_message,
     run,
     seed,
     start_mssd,
@@ -25,7 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from test_cli import Cli
 
 from mssd.store import queue
-from mssd.store.delivery import GroupCommitter, NewMessage, RecipientRecord, new_envelope_id
+from mssd.store.delivery import GroupCommitter, NewMessage, RecipientRecord
 from mssd.store.engine import create_engine, downgrade, upgrade
 
 REMOTE = f"confrere@{OTHER_OPERATOR_DOMAIN}"
@@ -33,20 +34,7 @@ REMOTE = f"confrere@{OTHER_OPERATOR_DOMAIN}"
 
 def _message(recipients: tuple[RecipientRecord, ...], n: int = 0) -> NewMessage:
     content = f"Subject: test {n}\r\n\r\nbody {n}\r\n".encode()
-    import hashlib
-
-    return NewMessage(
-        envelope_id=new_envelope_id(),
-        content=content,
-        sha256=hashlib.sha256(content).hexdigest(),
-        mail_from=PER,
-        recipients=recipients,
-        source="submission",
-        remote="127.0.0.1",
-        received_at=dt.datetime.now(dt.UTC),
-        dsn_ret="HDRS",
-        dsn_envid="ENV+2B1",
-    )
+    return new_message(content, recipients, dsn_ret="HDRS", dsn_envid="ENV+2B1")
 
 
 async def _store(url: str, messages: list[NewMessage]) -> None:

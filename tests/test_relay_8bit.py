@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import email
 import email.policy
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,6 @@ from scripted_peer import (
     SENDER_DOMAIN,
     PeerIdentity,
     ScriptedPeer,
-    peer_identity,
     relay_for,
     report_fields,
 )
@@ -50,11 +48,6 @@ MIXED = (
 )
 
 
-@pytest.fixture(scope="module")
-def identity(test_pki: PkiBundle) -> Iterator[PeerIdentity]:
-    yield peer_identity(test_pki)
-
-
 @pytest.fixture
 def dkim(tmp_path: Path) -> tuple[DkimSigner, DkimVerifier]:
     _, record = generate_key(tmp_path / "dkim", SENDER_DOMAIN, "mssd")
@@ -75,12 +68,12 @@ def _parts(data: bytes) -> list[tuple[str, str | None, object]]:
 async def test_a_peer_without_8bitmime_gets_the_message_in_7_bits_and_signed(
     store_url: str,
     test_pki: PkiBundle,
-    identity: PeerIdentity,
+    peer_identity: PeerIdentity,
     dkim: tuple[DkimSigner, DkimVerifier],
 ) -> None:
     signer, verifier = dkim
-    peer = await ScriptedPeer(identity.context, extensions=WITHOUT_8BITMIME).start()
-    async with relay_for(store_url, test_pki, {DOMAIN: peer}, identity.cert.subject_dn) as relay:
+    peer = await ScriptedPeer(peer_identity.context, extensions=WITHOUT_8BITMIME).start()
+    async with relay_for(store_url, test_pki, {DOMAIN: peer}, peer_identity) as relay:
         relay.start_worker(signer=signer)
         await relay.queue([RECIPIENT], SINGLE, body="8BITMIME")
         await relay.queue([RECIPIENT], MIXED, body="8BITMIME")
@@ -107,10 +100,10 @@ async def test_a_peer_without_8bitmime_gets_the_message_in_7_bits_and_signed(
 
 
 async def test_a_peer_with_8bitmime_gets_the_message_as_it_is(
-    store_url: str, test_pki: PkiBundle, identity: PeerIdentity
+    store_url: str, test_pki: PkiBundle, peer_identity: PeerIdentity
 ) -> None:
-    peer = await ScriptedPeer(identity.context).start()
-    async with relay_for(store_url, test_pki, {DOMAIN: peer}, identity.cert.subject_dn) as relay:
+    peer = await ScriptedPeer(peer_identity.context).start()
+    async with relay_for(store_url, test_pki, {DOMAIN: peer}, peer_identity) as relay:
         # Declared 7BIT by a careless client: the octets decide.
         await relay.queue([RECIPIENT], SINGLE, body="7BIT")
         await relay.run_once()
@@ -119,11 +112,11 @@ async def test_a_peer_with_8bitmime_gets_the_message_as_it_is(
 
 
 async def test_a_message_that_cannot_be_made_7_bit_fails_with_a_report(
-    store_url: str, test_pki: PkiBundle, identity: PeerIdentity
+    store_url: str, test_pki: PkiBundle, peer_identity: PeerIdentity
 ) -> None:
     raw_header = SINGLE.replace(b"Subject: CR", "Subject: Compte rendu d'hémato".encode())
-    peer = await ScriptedPeer(identity.context, extensions=WITHOUT_8BITMIME).start()
-    async with relay_for(store_url, test_pki, {DOMAIN: peer}, identity.cert.subject_dn) as relay:
+    peer = await ScriptedPeer(peer_identity.context, extensions=WITHOUT_8BITMIME).start()
+    async with relay_for(store_url, test_pki, {DOMAIN: peer}, peer_identity) as relay:
         await relay.queue([RECIPIENT], raw_header)
         await relay.run_once()
         entry = (await relay.entries())[RECIPIENT]

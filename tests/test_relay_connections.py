@@ -6,27 +6,20 @@ Real relay, real store on SQLite and PostgreSQL, scripted peers on loopback sock
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 
-import pytest
 from conftest import PkiBundle
-from scripted_peer import Gauge, PeerIdentity, ScriptedPeer, peer_identity, relay_for
-
-
-@pytest.fixture(scope="module")
-def identity(test_pki: PkiBundle) -> Iterator[PeerIdentity]:
-    yield peer_identity(test_pki)
+from scripted_peer import Gauge, PeerIdentity, ScriptedPeer, relay_for
 
 
 async def test_max_connections_bounds_open_connections_not_handshakes(
-    store_url: str, test_pki: PkiBundle, identity: PeerIdentity
+    store_url: str, test_pki: PkiBundle, peer_identity: PeerIdentity
 ) -> None:
     gauge = Gauge()
-    first = await ScriptedPeer(identity.context, gauge=gauge).start()
-    second = await ScriptedPeer(identity.context, gauge=gauge).start()
+    first = await ScriptedPeer(peer_identity.context, gauge=gauge).start()
+    second = await ScriptedPeer(peer_identity.context, gauge=gauge).start()
     routes = {"un.mssd.test": first, "deux.mssd.test": second}
     async with relay_for(
-        store_url, test_pki, routes, identity.cert.subject_dn,
+        store_url, test_pki, routes, peer_identity,
         max_connections=1, idle_connection_seconds=30,
     ) as relay:  # fmt: skip
         for domain in routes:
@@ -42,7 +35,7 @@ async def test_max_connections_bounds_open_connections_not_handshakes(
 
 
 async def test_a_slow_rset_on_a_reused_connection_holds_up_no_other_delivery(
-    store_url: str, test_pki: PkiBundle, identity: PeerIdentity
+    store_url: str, test_pki: PkiBundle, peer_identity: PeerIdentity
 ) -> None:
     second_connection = asyncio.Event()
     rset_waited_for_nothing: list[bool] = []
@@ -60,10 +53,10 @@ async def test_a_slow_rset_on_a_reused_connection_holds_up_no_other_delivery(
                 rset_waited_for_nothing.append(False)
         return None
 
-    peer = await ScriptedPeer(identity.context, script=script).start()
+    peer = await ScriptedPeer(peer_identity.context, script=script).start()
     routes = {"un.mssd.test": peer, "deux.mssd.test": peer}
     async with relay_for(
-        store_url, test_pki, routes, identity.cert.subject_dn,
+        store_url, test_pki, routes, peer_identity,
         max_connections_per_peer=2, idle_connection_seconds=30,
     ) as relay:  # fmt: skip
         await relay.queue(["premier@un.mssd.test"])
@@ -78,16 +71,16 @@ async def test_a_slow_rset_on_a_reused_connection_holds_up_no_other_delivery(
 
 
 async def test_one_domain_is_spread_over_max_connections_per_peer(
-    store_url: str, test_pki: PkiBundle, identity: PeerIdentity
+    store_url: str, test_pki: PkiBundle, peer_identity: PeerIdentity
 ) -> None:
     async def script(command: str) -> str | None:
         if command == ".":
             await asyncio.sleep(0.1)  # a peer that takes its time over each message
         return None
 
-    peer = await ScriptedPeer(identity.context, script=script).start()
+    peer = await ScriptedPeer(peer_identity.context, script=script).start()
     async with relay_for(
-        store_url, test_pki, {"un.mssd.test": peer}, identity.cert.subject_dn,
+        store_url, test_pki, {"un.mssd.test": peer}, peer_identity,
         max_connections_per_peer=3,
     ) as relay:  # fmt: skip
         for n in range(12):

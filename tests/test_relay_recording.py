@@ -5,15 +5,12 @@ that makes the database raise, ``store_faults.py``). SQLite and PostgreSQL."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 
-import pytest
 from conftest import PkiBundle
 from scripted_peer import (
     PeerIdentity,
     ScriptedPeer,
     message,
-    peer_identity,
     relay_for,
     report_fields,
 )
@@ -22,23 +19,22 @@ from store_faults import allow, refuse
 DOMAIN = "pair.mssd.test"
 
 
-@pytest.fixture(scope="module")
-def identity(test_pki: PkiBundle) -> Iterator[PeerIdentity]:
-    yield peer_identity(test_pki)
-
-
 async def test_when_outcomes_cannot_be_recorded_the_relay_stops_sending(
-    store_url: str, test_pki: PkiBundle, identity: PeerIdentity
+    store_url: str, test_pki: PkiBundle, peer_identity: PeerIdentity
 ) -> None:
     async def script(command: str) -> str | None:
         if command == ".":
             await asyncio.sleep(0.2)  # meanwhile the first outcome fails to be recorded
         return None
 
-    peer = await ScriptedPeer(identity.context, script=script).start()
+    peer = await ScriptedPeer(peer_identity.context, script=script).start()
     # One connection, so that what "already on its way" means is one message.
     async with relay_for(
-        store_url, test_pki, {DOMAIN: peer}, identity.cert.subject_dn, max_connections_per_peer=1
+        store_url,
+        test_pki,
+        {DOMAIN: peer},
+        peer_identity,
+        max_connections_per_peer=1,
     ) as relay:
         for n in range(10):
             await relay.queue([f"patient{n}@{DOMAIN}"], message(f"m{n}"))
@@ -57,14 +53,14 @@ async def test_when_outcomes_cannot_be_recorded_the_relay_stops_sending(
 
 
 async def test_a_failure_is_never_recorded_without_its_report(
-    store_url: str, test_pki: PkiBundle, identity: PeerIdentity
+    store_url: str, test_pki: PkiBundle, peer_identity: PeerIdentity
 ) -> None:
     def script(command: str) -> str | None:
         return "550 5.1.1 no such user here" if command.startswith("RCPT") else None
 
-    peer = await ScriptedPeer(identity.context, script=script).start()
+    peer = await ScriptedPeer(peer_identity.context, script=script).start()
     async with relay_for(
-        store_url, test_pki, {DOMAIN: peer}, identity.cert.subject_dn, lease_seconds=3
+        store_url, test_pki, {DOMAIN: peer}, peer_identity, lease_seconds=3
     ) as relay:
         await relay.queue([f"inconnu@{DOMAIN}"], message("refus"), envid="ENV-42")
         # Reports have the null sender (RFC 3461 §6.2): the store refuses to write them.

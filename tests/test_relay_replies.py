@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-from collections.abc import Iterator
 
 import pytest
 from conftest import PkiBundle
@@ -22,18 +21,14 @@ from scripted_peer import (
     Script,
     ScriptedPeer,
     message,
-    peer_identity,
     relay_for,
     report_fields,
 )
 
+from mssd.store.queue import QueueEntry
+
 DOMAIN = "pair.mssd.test"
 A, B, C = (f"{name}@{DOMAIN}" for name in ("alice", "bruno", "chloe"))
-
-
-@pytest.fixture(scope="module")
-def identity(test_pki: PkiBundle) -> Iterator[PeerIdentity]:
-    yield peer_identity(test_pki)
 
 
 def answer(replies: dict[str, str]) -> Script:
@@ -49,18 +44,18 @@ def answer(replies: dict[str, str]) -> Script:
 async def attempt(
     store_url: str,
     test_pki: PkiBundle,
-    identity: PeerIdentity,
+    peer_identity: PeerIdentity,
     script: Script,
     recipients: list[str | tuple[str, str | None]],
     *,
     extensions: tuple[str, ...] = DEFAULT_EXTENSIONS,
     **relay_settings: object,
-) -> tuple[Relay, ScriptedPeer, dict[str, object], list[dict[str, str]]]:
+) -> tuple[Relay, ScriptedPeer, dict[str, QueueEntry], list[dict[str, str]]]:
     """One relay attempt of one message to the scripted peer: the entries by address, and
     the per-recipient blocks of the reports the sender got (in report order)."""
-    peer = await ScriptedPeer(identity.context, extensions=extensions, script=script).start()
+    peer = await ScriptedPeer(peer_identity.context, extensions=extensions, script=script).start()
     async with relay_for(
-        store_url, test_pki, {DOMAIN: peer}, identity.cert.subject_dn, **relay_settings
+        store_url, test_pki, {DOMAIN: peer}, peer_identity, **relay_settings
     ) as relay:
         await relay.queue(recipients, message("essai"), envid="ENV-1")
         if relay.settings.relay.delay_report_seconds <= 1:
@@ -71,35 +66,31 @@ async def attempt(
     return relay, peer, entries, reports
 
 
-def _later(entry: object) -> bool:
-    due = entry.next_attempt_at  # type: ignore[attr-defined]
-    return bool(due > dt.datetime.now(dt.UTC) + dt.timedelta(minutes=30))
+def assert_deferred(entries: dict[str, QueueEntry], addresses: list[str], reason: str) -> None:
+    """Each entry waits for a later attempt (not before the backoff), saying why."""
+    for address in addresses:
+        entry = entries[address]
+        assert (entry.state, entry.last_error, entry.attempts) == ("queued", reason, 1)
+        assert entry.next_attempt_at > dt.datetime.now(dt.UTC) + dt.timedelta(minutes=30)
 
 
 async def test_4xx_at_mail_defers_every_recipient_without_a_report(
-    store_url: str, test_pki: PkiBundle, identity: PeerIdentity
+    store_url: str, test_pki: PkiBundle, peer_identity: PeerIdentity
 ) -> None:
     script = answer({"MAIL": "451 4.3.0 try again later"})
-    _, peer, entries, reports = await attempt(store_url, test_pki, identity, script, [A, B])
-    for address in (A, B):
-        entry = entries[address]
-        assert (entry.state, entry.last_error, entry.attempts) == (  # type: ignore[attr-defined]
-            "queued",
-            "127.0.0.1 said: 451 4.3.0 try again later",
-            1,
-        )
-        assert _later(entry)
+    _, peer, entries, reports = await attempt(store_url, test_pki, peer_identity, script, [A, B])
+    assert_deferred(entries, [A, B], "127.0.0.1 said: 451 4.3.0 try again later")
     assert reports == [] and peer.received == []
 
 
 async def test_a_long_deferral_sends_one_delay_report(
-    store_url: str, test_pki: PkiBundle, identity: PeerIdentity
+    store_url: str, test_pki: PkiBundle, peer_identity: PeerIdentity
 ) -> None:
     script = answer({"MAIL": "421 4.3.2 shutting down"})
     _, _, entries, reports = await attempt(
-        store_url, test_pki, identity, script, [(A, "DELAY,FAILURE")], delay_report_seconds=1
+        store_url, test_pki, peer_identity, script, [(A, "DELAY,FAILURE")], delay_report_seconds=1
     )
-    assert entries[A].state == "queued" and entries[A].delay_reported  # type: ignore[attr-defined]
+    assert entries[A].state == "queued" and entries[A].delay_reported
     [delayed] = reports
     assert (delayed["Action"], delayed["Status"]) == ("delayed", "4.3.2")
     assert delayed["Diagnostic-Code"] == "smtp; 127.0.0.1 said: 421 4.3.2 shutting down"
@@ -107,11 +98,11 @@ async def test_a_long_deferral_sends_one_delay_report(
 
 
 async def test_5xx_at_mail_fails_every_recipient_with_one_report(
-    store_url: str, test_pki: PkiBundle, identity: PeerIdentity
+    store_url: str, test_pki: PkiBundle, peer_identity: PeerIdentity
 ) -> None:
     script = answer({"MAIL": "553 5.7.1 sender refused"})
-    _, peer, entries, reports = await attempt(store_url, test_pki, identity, script, [A, B])
-    assert {a: e.state for a, e in entries.items()} == {A: "failed", B: "failed"}  # type: ignore[attr-defined]
+    _, peer, entries, reports = await attempt(store_url, test_pki, peer_identity, script, [A, B])
+    assert {a: e.state for a, e in entries.items()} == {A: "failed", B: "failed"}
     assert [(r["Final-Recipient"], r["Action"], r["Status"]) for r in reports] == [
         (f"rfc822; {A}", "failed", "5.7.1"),
         (f"rfc822; {B}", "failed", "5.7.1"),
@@ -121,19 +112,19 @@ async def test_5xx_at_mail_fails_every_recipient_with_one_report(
 
 @pytest.mark.parametrize("pipelining", [True, False], ids=["pipelined", "one-by-one"])
 async def test_each_recipient_is_judged_by_its_own_rcpt_reply(
-    store_url: str, test_pki: PkiBundle, identity: PeerIdentity, pipelining: bool
+    store_url: str, test_pki: PkiBundle, peer_identity: PeerIdentity, pipelining: bool
 ) -> None:
     script = answer(
         {f"RCPT TO:<{B}>": "550 5.1.1 no such user", f"RCPT TO:<{C}>": "452 4.2.2 full"}
     )
     extensions = tuple(e for e in DEFAULT_EXTENSIONS if pipelining or e != "PIPELINING")
     _, peer, entries, reports = await attempt(
-        store_url, test_pki, identity, script, [(A, "SUCCESS"), B, C], extensions=extensions
+        store_url, test_pki, peer_identity, script, [(A, "SUCCESS"), B, C], extensions=extensions
     )
-    assert {a: e.state for a, e in entries.items()} == {  # type: ignore[attr-defined]
+    assert {a: e.state for a, e in entries.items()} == {
         A: "delivered", B: "failed", C: "queued",
     }  # fmt: skip
-    assert entries[A].last_error == "250 2.0.0 accepted"  # type: ignore[attr-defined]
+    assert entries[A].last_error == "250 2.0.0 accepted"
     # The message went once, to the one recipient accepted.
     [received] = peer.received
     assert [r.split(" ")[1] for r in received.recipients] == [f"TO:<{A}>"]
@@ -144,82 +135,74 @@ async def test_each_recipient_is_judged_by_its_own_rcpt_reply(
 
 
 async def test_a_refused_data_command_fails_the_recipients_it_accepted(
-    store_url: str, test_pki: PkiBundle, identity: PeerIdentity
+    store_url: str, test_pki: PkiBundle, peer_identity: PeerIdentity
 ) -> None:
     script = answer({"DATA": "554 5.3.4 message too big for this system"})
-    _, peer, entries, reports = await attempt(store_url, test_pki, identity, script, [A])
-    assert entries[A].state == "failed" and peer.received == []  # type: ignore[attr-defined]
+    _, peer, entries, reports = await attempt(store_url, test_pki, peer_identity, script, [A])
+    assert entries[A].state == "failed" and peer.received == []
     [failed] = reports
     assert (failed["Action"], failed["Status"]) == ("failed", "5.3.4")
 
 
 async def test_a_4xx_after_the_data_defers(
-    store_url: str, test_pki: PkiBundle, identity: PeerIdentity
+    store_url: str, test_pki: PkiBundle, peer_identity: PeerIdentity
 ) -> None:
     script = answer({".": "452 4.3.1 insufficient system storage"})
-    _, _, entries, reports = await attempt(store_url, test_pki, identity, script, [A, B])
-    for address in (A, B):
-        entry = entries[address]
-        assert entry.state == "queued" and _later(entry)  # type: ignore[attr-defined]
-        assert entry.last_error == "127.0.0.1 said: 452 4.3.1 insufficient system storage"  # type: ignore[attr-defined]
+    _, _, entries, reports = await attempt(store_url, test_pki, peer_identity, script, [A, B])
+    assert_deferred(entries, [A, B], "127.0.0.1 said: 452 4.3.1 insufficient system storage")
     assert reports == []
 
 
 async def test_a_multi_line_reply_is_kept_whole_and_its_code_read_from_the_first_line(
-    store_url: str, test_pki: PkiBundle, identity: PeerIdentity
+    store_url: str, test_pki: PkiBundle, peer_identity: PeerIdentity
 ) -> None:
     script = answer({"RCPT": "550-5.7.1 this mailbox is closed\n550-see our site\n550 5.7.1 bye"})
-    _, _, entries, reports = await attempt(store_url, test_pki, identity, script, [A])
+    _, _, entries, reports = await attempt(store_url, test_pki, peer_identity, script, [A])
     text = "127.0.0.1 said: 550 5.7.1 this mailbox is closed / see our site / 5.7.1 bye"
-    assert (entries[A].state, entries[A].last_error) == ("failed", text)  # type: ignore[attr-defined]
+    assert (entries[A].state, entries[A].last_error) == ("failed", text)
     [failed] = reports
     assert (failed["Status"], failed["Diagnostic-Code"]) == ("5.7.1", f"smtp; {text}")
 
 
 async def test_a_reply_without_an_enhanced_code_gets_the_generic_one(
-    store_url: str, test_pki: PkiBundle, identity: PeerIdentity
+    store_url: str, test_pki: PkiBundle, peer_identity: PeerIdentity
 ) -> None:
     script = answer({"RCPT": "550 unknown user"})
-    _, _, entries, reports = await attempt(store_url, test_pki, identity, script, [A])
-    assert entries[A].state == "failed"  # type: ignore[attr-defined]
+    _, _, entries, reports = await attempt(store_url, test_pki, peer_identity, script, [A])
+    assert entries[A].state == "failed"
     assert reports[0]["Status"] == "5.0.0"  # RFC 3463 §3.1: the class, nothing more known
 
 
 @pytest.mark.parametrize("when", ["DATA", "."], ids=["at-data", "after-the-data"])
 async def test_a_connection_closed_mid_transaction_defers_without_a_report(
-    store_url: str, test_pki: PkiBundle, identity: PeerIdentity, when: str
+    store_url: str, test_pki: PkiBundle, peer_identity: PeerIdentity, when: str
 ) -> None:
     _, peer, entries, reports = await attempt(
-        store_url, test_pki, identity, answer({when: CLOSE}), [A, B]
+        store_url, test_pki, peer_identity, answer({when: CLOSE}), [A, B]
     )
-    for address in (A, B):
-        entry = entries[address]
-        assert entry.state == "queued" and _later(entry)  # type: ignore[attr-defined]
-        assert entry.last_error == f"127.0.0.1:{peer.port} closed the connection"  # type: ignore[attr-defined]
+    assert_deferred(entries, [A, B], f"127.0.0.1:{peer.port} closed the connection")
     assert reports == [] and peer.received == []
 
 
 async def test_a_peer_that_never_answers_is_given_up_on_after_the_timeout(
-    store_url: str, test_pki: PkiBundle, identity: PeerIdentity
+    store_url: str, test_pki: PkiBundle, peer_identity: PeerIdentity
 ) -> None:
     _, peer, entries, reports = await attempt(
-        store_url, test_pki, identity, answer({"MAIL": SILENT}), [A],
+        store_url, test_pki, peer_identity, answer({"MAIL": SILENT}), [A],
         command_timeout_seconds=1,
     )  # fmt: skip
-    entry = entries[A]
-    assert entry.state == "queued" and _later(entry)  # type: ignore[attr-defined]
-    assert entry.last_error == f"127.0.0.1:{peer.port}: no reply within 1s"  # type: ignore[attr-defined]
+    assert_deferred(entries, [A], f"127.0.0.1:{peer.port}: no reply within 1s")
     assert reports == []
 
 
 async def test_a_peer_without_dsn_gets_no_dsn_parameters_and_success_is_reported_relayed(
-    store_url: str, test_pki: PkiBundle, identity: PeerIdentity
+    store_url: str, test_pki: PkiBundle, peer_identity: PeerIdentity
 ) -> None:
     extensions = tuple(e for e in DEFAULT_EXTENSIONS if e != "DSN")
     _, peer, entries, reports = await attempt(
-        store_url, test_pki, identity, answer({}), [(A, "SUCCESS")], extensions=extensions
+        store_url, test_pki, peer_identity, answer({}), [(A, "SUCCESS")], extensions=extensions
     )
-    assert entries[A].state == "delivered"  # type: ignore[attr-defined]
+    assert entries[A].state == "delivered"
     [received] = peer.received
     assert "ENVID" not in received.mail and received.recipients == (f"RCPT TO:<{A}>",)
     # RFC 3461 §5.2.2: the peer cannot report the success, so we say it was relayed.
