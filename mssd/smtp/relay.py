@@ -43,6 +43,7 @@ from mssd import metrics
 from mssd.config import Settings, operator_ca_file
 from mssd.delivery.dkim import DkimSigner
 from mssd.delivery.dsn import Reporter
+from mssd.mime import OFFLOAD_BYTES
 from mssd.mime.sevenbit import CannotConvert, to_seven_bit
 from mssd.smtp.client import ConnectionFailed, Reply, SmtpClient
 from mssd.smtp.outcomes import RELAYED, OutcomeWriter, Recorder, Result, all_results
@@ -378,7 +379,10 @@ class RelayWorker:
             # RFC 6152 §3: convert to 7 bits or return the message; converted before
             # signing, so that the signature covers what the peer receives.
             try:
-                content = await asyncio.to_thread(to_seven_bit, content)
+                if len(content) > OFFLOAD_BYTES:
+                    content = await asyncio.to_thread(to_seven_bit, content)
+                else:
+                    content = to_seven_bit(content)
             except CannotConvert as error:
                 reason = f"{peer} does not offer 8BITMIME and the message cannot be made 7-bit"
                 return all_results(entries, "failed", f"{reason}: {error}", "5.6.3")
