@@ -144,7 +144,7 @@ def operator_env(
             # whose DN the whitelist lists for the sender's domain.
             "MSSD_SMTP_MTA_LISTEN": f"127.0.0.1:{mta_port}",
             "MSSD_SMTP_MTA_REQUIRE_CLIENT_CERT": "true",
-            "MSSD_SMTP_MTA_CLIENT_CA_FILE": str(pki_dir / "org-ca.pem"),
+            "MSSD_TLS_OPERATOR_CA_FILE": str(pki_dir / "org-ca.pem"),
             "MSSD_WHITELIST_SOURCE": str(whitelist),
             "MSSD_RELAY_ENABLED": "true" if relay else "false",
             "MSSD_RELAY_ROUTES": f"{peer.domain}=127.0.0.1:{peer_port}",

@@ -19,7 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from mssd.annuaire.cache import CachePurger
 from mssd.auth import Authenticator, PscTokenVerifier
-from mssd.config import Settings, dkim_key_dir, whitelist_cache_file
+from mssd.config import Settings, dkim_key_dir, operator_ca_file, whitelist_cache_file
 from mssd.delivery import DeliveryPipeline
 from mssd.delivery.dkim import DkimSigner, DkimVerifier, make_dns_function, read_txt_records
 from mssd.delivery.dsn import Reporter
@@ -128,11 +128,7 @@ async def add_trust_space(
     if keeper.current is None and settings.whitelist.source:
         # No list was ever kept: fetch one before accepting operators, not an hour later.
         await keeper.refresh()
-    trust = await asyncio.to_thread(
-        TrustFiles,
-        settings.smtp.mta_client_ca_file or settings.tls.client_ca_file,
-        settings.tls.crl_file,
-    )
+    trust = await asyncio.to_thread(TrustFiles, operator_ca_file(settings), settings.tls.crl_file)
     try:
         own_dn = own_certificate_dn(settings.tls.cert_file)
     except (OSError, ValueError) as error:
@@ -156,12 +152,11 @@ def add_relay(settings: Settings, services: Services) -> None:
     keeper = services.whitelist
     assert keeper is not None
     services.reporter = Reporter(
-        services.committer,
         services.accounts,
         hostname=settings.server.hostname,
         trust_space=lambda: keeper.current,
     )
-    services.pipeline.set_reporter(services.reporter.report)
+    services.pipeline.set_reporter(services.reporter)
     if settings.dkim.verify_inbound:
         records = read_txt_records(settings.dkim.txt_records_file)
         timeout = settings.dkim.dns_timeout_seconds
@@ -178,7 +173,8 @@ def add_relay(settings: Settings, services: Services) -> None:
         services.engine,
         settings,
         whitelist=lambda: keeper.current,
-        report=services.reporter.report,
+        reporter=services.reporter,
+        on_stored=services.after_commit,
         signer=signer if settings.dkim.sign else None,
     )
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import logging
 import os
 import tomllib
 from collections.abc import Callable, Mapping
@@ -22,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from mssd.trust.idnat import IdNatError, check_idnat_struct
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(Exception):
@@ -61,8 +64,6 @@ class SmtpSettings:
     proxy_protocol: bool = False
     mta_require_client_cert: bool = True
     """Port 25 refuses MAIL from a peer without a TLS client certificate."""
-    mta_client_ca_file: Path | None = None
-    """CAs that operator certificates on port 25 must be issued by; None: tls.client_ca_file."""
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,10 @@ class TlsSettings:
     key_file: Path = Path("var/pki/server.key")
     client_ca_file: Path = Path("var/pki/ca-bundle.pem")
     crl_file: Path | None = Path("var/pki/crl.pem")
+    operator_ca_file: Path | None = None
+    """CAs that issue other operators' certificates, trusted both ways: their client
+    certificate on port 25, their server certificate for the relay; None:
+    client_ca_file. Formerly smtp.mta_client_ca_file and relay.ca_file."""
 
 
 @dataclass(frozen=True)
@@ -200,8 +205,6 @@ class RelaySettings:
     retry_jitter: float = 0.2
     give_up_seconds: int = 5 * 86400
     delay_report_seconds: int = 4 * 3600
-    ca_file: Path | None = None
-    """Roots that peer operators' server certificates must chain to; None: tls.client_ca_file."""
     dns_timeout_seconds: float = 10.0
 
 
@@ -237,6 +240,12 @@ SECTIONS: dict[str, type[Any]] = {
     f.name: f.default_factory  # type: ignore[misc]
     for f in dataclasses.fields(Settings)
 }
+DEPRECATED: dict[tuple[str, str], tuple[str, str]] = {
+    # One per direction, both naming the IGC-Santé CAs of operator certificates.
+    ("smtp", "mta_client_ca_file"): ("tls", "operator_ca_file"),
+    ("relay", "ca_file"): ("tls", "operator_ca_file"),
+}
+"""Old names still read, with a warning: (section, key) -> its new (section, key)."""
 
 
 def _parse_bool(key: str, value: object) -> bool:
@@ -516,6 +525,11 @@ def _validate_relay(relay: RelaySettings) -> None:
         raise ConfigError(f"relay.retry_jitter: must be in [0, 1), got {relay.retry_jitter}")
 
 
+def operator_ca_file(settings: Settings) -> Path:
+    """The CAs other operators' certificates are checked against, in both directions."""
+    return settings.tls.operator_ca_file or settings.tls.client_ca_file
+
+
 def dkim_key_dir(settings: Settings) -> Path:
     """Where DKIM private keys live (outside the repository: under the var directory)."""
     return settings.dkim.key_dir or settings.server.var_dir / "dkim"
@@ -590,6 +604,33 @@ def _validate_annuaire(annuaire: AnnuaireSettings) -> None:
         raise ConfigError(f"annuaire.fhir_url: expected an https:// URL, got {annuaire.fhir_url!r}")
 
 
+def _renamed(
+    document: dict[str, object], env: Mapping[str, str]
+) -> tuple[dict[str, object], dict[str, str]]:
+    """The file and the environment with each deprecated name moved to its new one."""
+    tables = {name: dict(t) if isinstance(t, dict) else t for name, t in document.items()}
+    variables = dict(env)
+    for (section, key), (new_section, new_key) in DEPRECATED.items():
+        new = f"{new_section}.{new_key}"
+        table, new_table = tables.get(section), tables.setdefault(new_section, {})
+        if isinstance(table, dict) and isinstance(new_table, dict):
+            _move(table, key, new_table, new_key, f"{section}.{key}", new)
+        old_env, new_env = env_name(section, key), env_name(new_section, new_key)
+        _move(variables, old_env, variables, new_env, old_env, new)
+    return tables, variables
+
+
+def _move(
+    source: dict[str, Any], name: str, target: dict[str, Any], new_name: str, old: str, new: str
+) -> None:
+    if name in source:
+        value = source.pop(name)
+        log.warning("%s is deprecated: it is now %s", old, new)
+        if target.get(new_name, value) != value:
+            raise ConfigError(f"{old}: deprecated name of {new}, which is set to another value")
+        target[new_name] = value
+
+
 def load(path: Path | None = None, env: Mapping[str, str] | None = None) -> Settings:
     """Read the TOML file (if any), apply ``MSSD_*`` overrides, validate.
 
@@ -612,6 +653,7 @@ def load(path: Path | None = None, env: Mapping[str, str] | None = None) -> Sett
             raise ConfigError(f"{section}: unknown section (known: {', '.join(SECTIONS)})")
         if not isinstance(table, dict):
             raise ConfigError(f"{section}: expected a table [{section}]")
+    document, env = _renamed(document, env)
     known_env = {env_name(s, k) for s, k in all_keys()} | {"MSSD_CONFIG", "MSSD_REQUIRE_ALL"}
     for name in env:
         if name.startswith("MSSD_") and not name.startswith("MSSD_TEST_") and name not in known_env:

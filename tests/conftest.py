@@ -8,6 +8,8 @@ the reason; with ``MSSD_REQUIRE_ALL=1`` (set by ``.ci/run``) they fail instead.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
+import hashlib
 import json
 import os
 import secrets
@@ -18,7 +20,7 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,7 @@ import pytest
 from mssd.auth.passwords import hash_password
 from mssd.config import AuthSettings
 from mssd.store import admin
+from mssd.store.delivery import NewMessage, RecipientRecord, new_envelope_id
 from mssd.store.engine import create_engine, upgrade
 from mssd.trust import pki
 from mssd.trust.identity import normalise_dn
@@ -192,6 +195,32 @@ APP = f"labo@{DOMAIN}"
 SUSPENDED = f"suspendu@{DOMAIN}"
 CLOSED = f"ferme@{DOMAIN}"
 STRUCTURE = "1750000000"
+
+
+def new_message(
+    content: bytes, recipients: Iterable[RecipientRecord], *, mail_from: str = PER, **fields: Any
+) -> NewMessage:
+    """A submitted message as the group committer takes it (``fields``: the envelope's
+    other attributes, e.g. ``dsn_ret``)."""
+    return NewMessage(
+        envelope_id=new_envelope_id(),
+        content=content,
+        sha256=hashlib.sha256(content).hexdigest(),
+        mail_from=mail_from,
+        recipients=tuple(recipients),
+        source="submission",
+        remote="127.0.0.1",
+        received_at=dt.datetime.now(dt.UTC),
+        **fields,
+    )
+
+
+@pytest.fixture(scope="session")
+def peer_identity(test_pki: PkiBundle) -> Any:
+    """The operator certificate of the scripted SMTP peers (``scripted_peer.py``)."""
+    from scripted_peer import make_peer_identity
+
+    return make_peer_identity(test_pki)
 
 
 async def seed(url: str, test_pki: PkiBundle) -> None:

@@ -105,7 +105,7 @@ def start_operator(
         "MSSD_SMTP_MTA_LISTEN": f"127.0.0.1:{operator.mta_port}",
         "MSSD_TLS_CERT_FILE": str(operator.cert.cert),
         "MSSD_TLS_KEY_FILE": str(operator.cert.key),
-        "MSSD_SMTP_MTA_CLIENT_CA_FILE": str(test_pki.dev.org_ca),
+        "MSSD_TLS_OPERATOR_CA_FILE": str(test_pki.dev.org_ca),
         "MSSD_WHITELIST_SOURCE": str(whitelist),
         "MSSD_RELAY_ROUTES": ",".join(o.route() for o in routes),
         "MSSD_RELAY_POLL_SECONDS": "0.3",

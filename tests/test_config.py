@@ -115,3 +115,24 @@ def test_bad_values_name_the_key(
 def test_missing_file_is_named(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         load(tmp_path / "absent.toml", env={})
+
+
+def test_the_old_names_of_the_operator_cas_are_read_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = tmp_path / "mssd.toml"
+    config.write_text('[smtp]\nmta_client_ca_file = "igc-sante-org.pem"\n')
+    settings = load(config, env={"MSSD_RELAY_CA_FILE": "igc-sante-org.pem"})
+    assert settings.tls.operator_ca_file == Path("igc-sante-org.pem")
+    assert [r.getMessage() for r in caplog.records] == [
+        "smtp.mta_client_ca_file is deprecated: it is now tls.operator_ca_file",
+        "MSSD_RELAY_CA_FILE is deprecated: it is now tls.operator_ca_file",
+    ]
+    # One setting for both directions: two old names that disagree cannot be merged.
+    config.write_text('[smtp]\nmta_client_ca_file = "org.pem"\n[relay]\nca_file = "autre.pem"\n')
+    with pytest.raises(ConfigError) as refused:
+        load(config, env={})
+    assert str(refused.value) == (
+        "relay.ca_file: deprecated name of tls.operator_ca_file, which is set to another value"
+    )
+    assert load(EXAMPLE, env={}).tls.operator_ca_file is None

@@ -3,9 +3,18 @@ and the X-MSS-NIL usage counter."""
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import socket
 import stat
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import dns.message
+import dns.rcode
+import dns.resolver
 import pytest
 
 from mssd.delivery.dkim import (
@@ -59,19 +68,92 @@ def test_a_changed_mssante_field_fails(keyed: tuple[DkimSigner, dict[str, bytes]
     assert b"dkim=fail" in _verify(records, signed)
 
 
-def test_unsigned_unknown_key_and_no_key(keyed: tuple[DkimSigner, dict[str, bytes]]) -> None:
-    signer, _ = keyed
+def _result(outcome: str, signatures: int = 1) -> bytes:
+    one = f"dkim={outcome} header.d={DOMAIN} header.s=mssd"
+    return f"Authentication-Results: mx.b.mssd.test; {'; '.join([one] * signatures)}\r\n".encode()
+
+
+def test_unsigned_unknown_key_and_no_key(
+    keyed: tuple[DkimSigner, dict[str, bytes]], tmp_path: Path
+) -> None:
+    signer, records = keyed
     assert _verify({}, MESSAGE) == b"Authentication-Results: mx.b.mssd.test; dkim=none\r\n"
-    # No published key: not a pass, and never an exception (dkimpy reports the
-    # missing key as a failed verification).
-    assert (
-        _verify({}, signer.sign(MESSAGE, DOMAIN))
-        == (
-            f"Authentication-Results: mx.b.mssd.test; dkim=fail header.d={DOMAIN} header.s=mssd\r\n"
-        ).encode()
-    )
+    signed = signer.sign(MESSAGE, DOMAIN)
+    # RFC 6376 §6.1.2, RFC 8601 §2.7.1: no key record, or one that is not a key, is a
+    # permanent error, not a failed signature (and never an exception).
+    assert _verify({}, signed) == _result("permerror")
+    [name] = records
+    assert _verify({name: b"v=DKIM1; k=rsa; p=pas-du-base64!"}, signed) == _result("permerror")
+    # A key that does not match the signature: that one fails.
+    _, other = generate_key(tmp_path / "other", DOMAIN, "mssd")
+    assert _verify({name: other.encode()}, signed) == _result("fail")
     # A domain without a key is sent unsigned.
     assert signer.sign(MESSAGE, "autre.mssd.test") == MESSAGE
+
+
+@pytest.fixture
+def silent_dns() -> Iterator[dns.resolver.Resolver]:
+    """A resolver whose only server, on a loopback UDP port, never answers."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:
+        silent.bind(("127.0.0.1", 0))
+        resolver = dns.resolver.Resolver(configure=False)
+        resolver.nameservers = ["127.0.0.1"]
+        resolver.port = silent.getsockname()[1]
+        yield resolver
+
+
+async def test_a_hung_key_look_up_leaves_the_shared_threads_free(
+    keyed: tuple[DkimSigner, dict[str, bytes]], silent_dns: dns.resolver.Resolver
+) -> None:
+    signer, _ = keyed
+    signed = MESSAGE
+    for _ in range(4):  # four signatures: four key look-ups of a second each
+        signed = signer.sign(signed, DOMAIN)
+    lookup = make_dns_function({}, use_dns=True, timeout=1, resolver=silent_dns)
+    verifier = DkimVerifier("mx.b.mssd.test", lookup, timeout=1)
+    # The executor that name resolution and the store's threads share, one thread wide.
+    asyncio.get_running_loop().set_default_executor(concurrent.futures.ThreadPoolExecutor(1))
+    started = time.monotonic()
+    header = await verifier.header_async(signed)
+    assert time.monotonic() - started < 3.5
+    # Two look-ups time out, then the message's time is up: none could be checked.
+    assert header == _result("temperror", signatures=4)
+    # The verification gave up on time and left no thread of the shared executor busy.
+    free = await asyncio.wait_for(asyncio.to_thread(lambda: "free"), 0.5)
+    assert free == "free"
+
+
+def test_dns_says_no_key_or_does_not_answer(
+    keyed: tuple[DkimSigner, dict[str, bytes]], silent_dns: dns.resolver.Resolver
+) -> None:
+    signer, _ = keyed
+    signed = signer.sign(MESSAGE, DOMAIN)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as server:
+        server.bind(("127.0.0.1", 0))
+        answered = threading.Thread(target=_answer_nxdomain, args=(server,), daemon=True)
+        answered.start()
+        resolver = dns.resolver.Resolver(configure=False)
+        resolver.nameservers = ["127.0.0.1"]
+        resolver.port = server.getsockname()[1]
+        lookup = make_dns_function({}, use_dns=True, timeout=2, resolver=resolver)
+        # The name does not exist: no key for this signature, for good.
+        assert DkimVerifier("mx.b.mssd.test", lookup, timeout=2).header(signed) == _result(
+            "permerror"
+        )
+        answered.join(5)
+    # No answer at all: perhaps later.
+    lookup = make_dns_function({}, use_dns=True, timeout=0.5, resolver=silent_dns)
+    assert DkimVerifier("mx.b.mssd.test", lookup, timeout=0.5).header(signed) == _result(
+        "temperror"
+    )
+
+
+def _answer_nxdomain(server: socket.socket) -> None:
+    """A DNS server for one query, whose answer is NXDOMAIN (RFC 1035 §4.1.1, RCODE 3)."""
+    data, client = server.recvfrom(4096)
+    response = dns.message.make_response(dns.message.from_wire(data))
+    response.set_rcode(dns.rcode.NXDOMAIN)
+    server.sendto(response.to_wire(), client)
 
 
 def test_records_file(tmp_path: Path) -> None:

@@ -20,7 +20,8 @@ from mssd.delivery.dsn import (
     wants_report,
 )
 from mssd.smtp.client import ConnectionFailed, Reply, ReplyParser, dot_stuff
-from mssd.smtp.relay import backoff_seconds, xtext
+from mssd.smtp.outcomes import backoff_seconds
+from mssd.smtp.relay import xtext
 
 ORIGINAL = (
     b"From: <docteur@a.mssd.test>\r\nTo: <confrere@b.mssd.test>\r\n"
@@ -126,10 +127,10 @@ def test_notify_rules(notify: str | None, action: str, wanted: bool) -> None:
 async def test_never_a_report_about_a_report() -> None:
     # RFC 3461 §6.2: a message with the null reverse-path gets no report; nothing else is
     # even consulted.
-    reporter = Reporter(None, None, hostname="mx", trust_space=lambda: None)  # type: ignore[arg-type]
+    reporter = Reporter(None, hostname="mx", trust_space=lambda: None)  # type: ignore[arg-type]
     message = ReportedMessage("E2", "", ORIGINAL, ARRIVAL)
     status = RecipientStatus("x@b.mssd.test", "failed", "5.0.0")
-    assert await reporter.report(message, [status]) is None
+    assert await reporter.prepare(message, [status]) is None
 
 
 def test_reply_parser_multiline_and_split() -> None:

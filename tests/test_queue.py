@@ -15,36 +15,26 @@ from conftest import (
     PER,
     MssdProcess,
     PkiBundle,
+    new_message,
     run,
     seed,
     start_mssd,
     store_url_for,
 )
+from sqlalchemy import inspect, text
+from sqlalchemy.ext.asyncio import AsyncEngine
 from test_cli import Cli
 
 from mssd.store import queue
-from mssd.store.delivery import GroupCommitter, NewMessage, RecipientRecord, new_envelope_id
-from mssd.store.engine import create_engine, upgrade
+from mssd.store.delivery import GroupCommitter, NewMessage, RecipientRecord
+from mssd.store.engine import create_engine, downgrade, upgrade
 
 REMOTE = f"confrere@{OTHER_OPERATOR_DOMAIN}"
 
 
 def _message(recipients: tuple[RecipientRecord, ...], n: int = 0) -> NewMessage:
     content = f"Subject: test {n}\r\n\r\nbody {n}\r\n".encode()
-    import hashlib
-
-    return NewMessage(
-        envelope_id=new_envelope_id(),
-        content=content,
-        sha256=hashlib.sha256(content).hexdigest(),
-        mail_from=PER,
-        recipients=recipients,
-        source="submission",
-        remote="127.0.0.1",
-        received_at=dt.datetime.now(dt.UTC),
-        dsn_ret="HDRS",
-        dsn_envid="ENV+2B1",
-    )
+    return new_message(content, recipients, dsn_ret="HDRS", dsn_envid="ENV+2B1")
 
 
 async def _store(url: str, messages: list[NewMessage]) -> None:
@@ -125,7 +115,7 @@ async def test_an_outcome_from_a_lapsed_claim_is_ignored(store_url: str) -> None
         [second] = await queue.claim(engine, limit=10, lease_seconds=60, now=later)
         assert first.id == second.id and first.claim_token != second.claim_token
         stale = queue.Outcome(first.id, first.claim_token or "", "delivered")
-        assert await queue.record(engine, [stale]) == set()
+        assert (await queue.record(engine, [stale])).updated == set()
         deferred = queue.Outcome(
             second.id,
             second.claim_token or "",
@@ -133,7 +123,7 @@ async def test_an_outcome_from_a_lapsed_claim_is_ignored(store_url: str) -> None
             error="451 4.4.0 try later",
             next_attempt_at=later,
         )
-        assert await queue.record(engine, [deferred]) == {second.id}
+        assert (await queue.record(engine, [deferred])).updated == {second.id}
         shown = await queue.get_entry(engine, second.id)
         assert shown is not None and shown.state == "queued"
         assert shown.last_error == "451 4.4.0 try later" and shown.attempts == 2
@@ -199,3 +189,91 @@ def test_port_25_never_relays(relay_off: MssdProcess) -> None:
         assert client.docmd("MAIL", f"FROM:<x@{OTHER_OPERATOR_DOMAIN}>")[0] == 250
         code, text = client.docmd("RCPT", f"TO:<y@{OTHER_OPERATOR_DOMAIN}>")
         assert code == 550 and b"relaying denied" in text
+
+
+async def test_migration_0008_keeps_every_entry_and_drops_the_copies(store_url: str) -> None:
+    """Up to 0007 each remote recipient was copied into its queue entry; 0008 refers to
+    the recipient instead. Entries written the old way read the same after the
+    migration, and come back with their copies after a downgrade."""
+    engine = create_engine(store_url)
+    try:
+        await upgrade(engine, "0007")
+        arrival = dt.datetime(2026, 12, 1, 8, 30, tzinfo=dt.UTC)
+        async with engine.begin() as conn:
+            await conn.execute(
+                text("INSERT INTO blobs (sha256, size, data, created_at) VALUES ('ab', 1, :d, :t)"),
+                {"d": b"x", "t": arrival},
+            )
+            await conn.execute(
+                text(
+                    "INSERT INTO envelopes (id, blob_sha256, mail_from, source, remote, smtputf8,"
+                    " received_at) VALUES ('E1', 'ab', :f, 'submission', '127.0.0.1', :u, :t)"
+                ),
+                {"f": PER, "u": False, "t": arrival},
+            )
+            recipients = [
+                (REMOTE, "SUCCESS", "rfc822;x@y", "relayed", "delivered"),
+                # Its entry was deleted (mssd queue delete): the recipient stays alone.
+                (f"supprime@{OTHER_OPERATOR_DOMAIN}", None, None, "queued", None),
+                (f"autre@{OTHER_OPERATOR_DOMAIN}", None, None, "queued", "queued"),
+            ]
+            for address, notify, orcpt, status, state in recipients:
+                await conn.execute(
+                    text(
+                        "INSERT INTO envelope_recipients (envelope_id, address, mailbox_id,"
+                        " dsn_notify, dsn_orcpt, status) VALUES ('E1', :a, NULL, :n, :o, :s)"
+                    ),
+                    {"a": address, "n": notify, "o": orcpt, "s": status},
+                )
+                if state is not None:
+                    await conn.execute(
+                        text(
+                            "INSERT INTO outbound_queue (envelope_id, address, domain,"
+                            " dsn_notify, dsn_orcpt, state, attempts, next_attempt_at,"
+                            " delay_reported, created_at) VALUES ('E1', :a, :d, :n, :o, :s, 1,"
+                            " :t, :r, :t)"
+                        ),
+                        {
+                            "a": address,
+                            "d": address.rpartition("@")[2],
+                            "n": notify,
+                            "o": orcpt,
+                            "s": state,
+                            "t": arrival,
+                            "r": False,
+                        },
+                    )
+
+        def described(e: queue.QueueEntry) -> tuple[object, ...]:
+            return (e.envelope_id, e.address, e.domain, e.dsn_notify, e.dsn_orcpt, e.state,
+                    e.created_at)  # fmt: skip
+
+        await upgrade(engine)
+        every = ("queued", "sending", "delivered", "failed")
+        assert [described(e) for e in await queue.list_entries(engine, states=every)] == [
+            ("E1", REMOTE, OTHER_OPERATOR_DOMAIN, "SUCCESS", "rfc822;x@y", "delivered", arrival),
+            ("E1", f"autre@{OTHER_OPERATOR_DOMAIN}", OTHER_OPERATOR_DOMAIN, None, None, "queued",
+             arrival),
+        ]  # fmt: skip
+        assert await _columns(engine) == [
+            "attempts", "claim_token", "delay_reported", "id", "last_attempt_at", "last_error",
+            "next_attempt_at", "recipient_id", "remote_mta", "state",
+        ]  # fmt: skip
+        await downgrade(engine, "0007")
+        async with engine.connect() as conn:
+            rows = await conn.execute(
+                text("SELECT address, domain, dsn_notify, state FROM outbound_queue ORDER BY id")
+            )
+            assert [tuple(row) for row in rows] == [
+                (REMOTE, OTHER_OPERATOR_DOMAIN, "SUCCESS", "delivered"),
+                (f"autre@{OTHER_OPERATOR_DOMAIN}", OTHER_OPERATOR_DOMAIN, None, "queued"),
+            ]
+    finally:
+        await engine.dispose()
+
+
+async def _columns(engine: AsyncEngine) -> list[str]:
+    async with engine.connect() as conn:
+        return await conn.run_sync(
+            lambda c: sorted(col["name"] for col in inspect(c).get_columns("outbound_queue"))
+        )

@@ -104,7 +104,7 @@ def server(
             workdir,
             MSSD_WHITELIST_SOURCE=str(operators.whitelist),
             # Operator certificates come from the organisation CA, not the personal one.
-            MSSD_SMTP_MTA_CLIENT_CA_FILE=str(test_pki.dev.org_ca),
+            MSSD_TLS_OPERATOR_CA_FILE=str(test_pki.dev.org_ca),
         )
         try:
             yield process

@@ -22,6 +22,7 @@ from conftest import (
     require_program,
     run,
 )
+from store_faults import allow, refuse
 
 from mssd.store.audit import read_audit
 from mssd.store.engine import create_engine
@@ -240,6 +241,38 @@ def test_dsn_parameters_are_accepted_and_stored(mssd: MssdProcess) -> None:
             await engine.dispose()
 
     assert run(stored()) == ("HDRS", "QQ+2B123", "FAILURE,SUCCESS", "rfc822;" + PER2)
+
+
+def test_a_success_report_is_committed_with_the_delivery(mssd: MssdProcess) -> None:
+    """RFC 3461 §5.2.1: the report mssd makes for NOTIFY=SUCCESS is written in the
+    delivery's own transaction: if it cannot be stored, neither is the message (and the
+    client is told to try again); once it can, both are there when the 250 comes."""
+    before = (len(inbox(mssd, PER)), len(inbox(mssd, PER2)))
+
+    def send(subject: str) -> tuple[int, bytes]:
+        with mssd.smtp() as client:
+            client.mail(PER, ["ENVID=succes-local"])
+            client.rcpt(PER2, ["NOTIFY=SUCCESS"])
+            return client.data(message(subject))
+
+    # Reports have the null sender (RFC 3461 §6.2): the store refuses them.
+    run(refuse(mssd.url, "refuse_report", "envelopes", "INSERT", "NEW.mail_from = ''"))
+    try:
+        code, text = send("sans accuse")
+    finally:
+        run(allow(mssd.url, "refuse_report", "envelopes"))
+    assert (code, text[:5]) == (451, b"4.3.0")
+    assert (len(inbox(mssd, PER)), len(inbox(mssd, PER2))) == before
+    code, text = send("avec accuse")
+    assert code == 250
+    queued_as = text.decode().rpartition(" ")[2]
+    assert len(inbox(mssd, PER2)) == before[1] + 1
+    reports = inbox(mssd, PER)[before[0] :]
+    assert len(reports) == 1
+    report = reports[0][1]
+    assert b"Action: delivered" in report and f"Final-Recipient: rfc822; {PER2}".encode() in report
+    assert b"Original-Envelope-Id: succes-local" in report
+    assert f"delivered to the mailbox as {queued_as}".encode() in report
 
 
 def test_message_id_and_date_are_added_only_when_missing(mssd: MssdProcess) -> None:

@@ -10,12 +10,12 @@ from collections.abc import AsyncIterator
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from conftest import ORG, PER, PER2, PkiBundle, seed
+from conftest import ORG, PER, PER2, PkiBundle, new_message, seed
 from sqlalchemy import Connection, func, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from mssd.store.accounts import StoreAccounts
-from mssd.store.delivery import GroupCommitter, NewMessage, RecipientRecord, new_envelope_id
+from mssd.store.delivery import GroupCommitter, RecipientRecord
 from mssd.store.engine import SchemaError, check_schema, create_engine
 from mssd.store.messages import folder_states, list_messages, read_blob
 from mssd.store.records import AuditEvent
@@ -28,20 +28,6 @@ async def engine(store_url: str, test_pki: PkiBundle) -> AsyncIterator[AsyncEngi
     engine = create_engine(store_url)
     yield engine
     await engine.dispose()
-
-
-def new_message(body: bytes, recipients: list[RecipientRecord]) -> NewMessage:
-    return NewMessage(
-        envelope_id=new_envelope_id(),
-        content=body,
-        sha256=hashlib.sha256(body).hexdigest(),
-        mail_from=PER,
-        recipients=tuple(recipients),
-        source="submission",
-        remote="127.0.0.1",
-        received_at=dt.datetime.now(dt.UTC),
-        auth_login=PER,
-    )
 
 
 async def recipient(engine: AsyncEngine, address: str) -> RecipientRecord:

@@ -11,18 +11,24 @@ Invariants:
 - Key look-ups are bounded by ``dkim.dns_timeout_seconds`` and can be answered from a
   file of TXT records (``dkim.txt_records_file``) before DNS: tests and closed networks
   never depend on public DNS.
-- dkimpy is synchronous: signing and verification run in a worker thread.
+- dkimpy is synchronous: signing and verification run in this module's own bounded
+  pool of threads (:func:`dkim_threads`), never in the event loop's default executor,
+  which name resolution and the store share. Verification also bounds its own work (a
+  deadline for the key look-ups, at most ``MAX_SIGNATURES`` signatures tried), so a
+  thread whose caller stopped waiting finishes soon after instead of running on.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import concurrent.futures
 import logging
 import os
 import re
 import time
 from collections.abc import Callable
+from functools import cache
 from pathlib import Path
 
 import authres
@@ -44,8 +50,19 @@ _SIGNED = (
 )  # fmt: skip
 _KEY_CACHE_SECONDS = 60.0
 _DOMAIN = re.compile(r"^[a-z0-9.-]+$")
+MAX_SIGNATURES = 5
+"""Signatures tried per message; RFC 6376 §6.1 lets a verifier limit them (a message
+with many signatures would otherwise cost one key look-up and one body hash each)."""
+_THREADS = 4
 
 DnsFunction = Callable[..., bytes | None]
+
+
+@cache
+def dkim_threads() -> concurrent.futures.ThreadPoolExecutor:
+    """The threads DKIM work runs on, shared by signing and verification (see the
+    module docstring); a job that waits for a thread is cancelled if its caller gives up."""
+    return concurrent.futures.ThreadPoolExecutor(_THREADS, thread_name_prefix="mssd-dkim")
 
 
 def key_path(key_dir: Path, domain: str, selector: str) -> Path:
@@ -127,7 +144,8 @@ class DkimSigner:
         return bytes(signature) + content
 
     async def sign_async(self, content: bytes, domain: str) -> bytes:
-        return await asyncio.to_thread(self.sign, content, domain)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(dkim_threads(), self.sign, content, domain)
 
 
 def read_txt_records(path: Path | None) -> dict[str, bytes]:
@@ -144,8 +162,16 @@ def read_txt_records(path: Path | None) -> dict[str, bytes]:
     return records
 
 
-def make_dns_function(records: dict[str, bytes], *, use_dns: bool, timeout: float) -> DnsFunction:
-    """A dkimpy ``dnsfunc``: the given records first, then DNS (bounded), else None."""
+def make_dns_function(
+    records: dict[str, bytes],
+    *,
+    use_dns: bool,
+    timeout: float,
+    resolver: dns.resolver.Resolver | None = None,
+) -> DnsFunction:
+    """A dkimpy ``dnsfunc``: the given records first, then DNS (bounded; ``resolver``, or
+    the system's). None when there is no such record (the name does not exist, or holds
+    no TXT); ``dkim.DnsTimeoutError`` when DNS did not say (timeout, server failure)."""
 
     def lookup(name: bytes | str, timeout: float = timeout) -> bytes | None:
         text = (name.decode("ascii") if isinstance(name, bytes) else name).rstrip(".").lower()
@@ -154,9 +180,13 @@ def make_dns_function(records: dict[str, bytes], *, use_dns: bool, timeout: floa
         if not use_dns:
             return None
         try:
-            answer = dns.resolver.resolve(text, "TXT", lifetime=timeout)
-        except (dns.exception.DNSException, OSError):
+            answer = (resolver or dns.resolver.get_default_resolver()).resolve(
+                text, "TXT", lifetime=timeout
+            )
+        except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
             return None
+        except (dns.exception.DNSException, OSError) as error:
+            raise dkim.DnsTimeoutError(f"key look-up for {text} failed: {error}") from None
         for rdata in answer:
             return b"".join(rdata.strings)
         return None
@@ -172,7 +202,11 @@ class DkimVerifier:
         self._dnsfunc = dnsfunc
         self._timeout = timeout
 
-    def results(self, content: bytes) -> list[authres.DKIMAuthenticationResult]:
+    def results(
+        self, content: bytes, deadline: float | None = None
+    ) -> list[authres.DKIMAuthenticationResult]:
+        """One result per signature tried; past ``deadline`` (time.monotonic) no key is
+        looked up any more (``temperror`` for the signatures left)."""
         try:
             headers, _ = dkim.rfc822_parse(content)
         except dkim.DKIMException:
@@ -180,7 +214,9 @@ class DkimVerifier:
         signatures = [value for name, value in headers if name.lower() == b"dkim-signature"]
         results = []
         verifier = dkim.DKIM(content, timeout=int(self._timeout) or 1)
-        for index, value in enumerate(signatures):
+        if deadline is None:
+            deadline = time.monotonic() + self._timeout * 2
+        for index, value in enumerate(signatures[:MAX_SIGNATURES]):
             try:
                 tags = parse_tag_value(b"".join(value.split()))
                 domain = tags.get(b"d", b"").decode("ascii", "replace")
@@ -188,12 +224,7 @@ class DkimVerifier:
             except dkim.DKIMException:
                 domain = selector = ""
             try:
-                ok = verifier.verify(idx=index, dnsfunc=self._dnsfunc)
-                outcome = "pass" if ok else "fail"
-            except dkim.KeyFormatError:
-                outcome = "permerror"
-            except dkim.DnsTimeoutError:
-                outcome = "temperror"
+                outcome = self._verify(verifier, index, deadline)
             except dkim.DKIMException:
                 outcome = "neutral" if not domain else "permerror"
             results.append(
@@ -203,9 +234,43 @@ class DkimVerifier:
             )
         return results
 
-    def header(self, content: bytes) -> bytes:
+    def _verify(self, verifier: dkim.DKIM, index: int, deadline: float) -> str:
+        """The RFC 8601 §2.7.1 result of one signature. dkimpy answers a verification
+        whose key could not be had with a plain False; what the look-up did tells why
+        (RFC 6376 §6.1.2): no answer is ``temperror``, no key record or an unusable one
+        ``permerror``, and only a signature checked against a key can ``fail``."""
+        looked_up: list[bytes | Exception | None] = []
+
+        def lookup(name: bytes | str, timeout: float = self._timeout) -> bytes | None:
+            left = deadline - time.monotonic()
+            try:
+                if left <= 0:
+                    raise dkim.DnsTimeoutError("no time left for this message's key look-ups")
+                record = self._dnsfunc(name, timeout=min(timeout, left))
+            except dkim.DnsTimeoutError as error:
+                looked_up.append(error)
+                raise
+            looked_up.append(record)
+            return record
+
+        if verifier.verify(idx=index, dnsfunc=lookup):
+            return "pass"
+        if not looked_up:
+            return "fail"
+        record = looked_up[-1]
+        if isinstance(record, Exception):
+            return "temperror"
+        if not record:
+            return "permerror"  # "no key for signature"
+        try:
+            dkim.evaluate_pk(b"key", record)
+        except (dkim.KeyFormatError, ValueError):
+            return "permerror"  # "key syntax error"
+        return "fail"
+
+    def header(self, content: bytes, deadline: float | None = None) -> bytes:
         """The ``Authentication-Results:`` field, CRLF-terminated (RFC 8601 §2.2)."""
-        found = self.results(content)
+        found = self.results(content, deadline)
         field = authres.AuthenticationResultsHeader(
             authserv_id=self._authserv_id,
             results=found or [authres.DKIMAuthenticationResult(result="none")],
@@ -213,11 +278,14 @@ class DkimVerifier:
         return str(field).encode("utf-8") + b"\r\n"
 
     async def header_async(self, content: bytes) -> bytes:
-        """:meth:`header`, in a thread, bounded in time (``dkim=temperror`` past it)."""
+        """:meth:`header`, on the DKIM threads, bounded in time (``dkim=temperror`` past
+        it); the thread itself stops looking keys up at the same deadline."""
+        budget = self._timeout * 2
+        work = asyncio.get_running_loop().run_in_executor(
+            dkim_threads(), self.header, content, time.monotonic() + budget
+        )
         try:
-            return await asyncio.wait_for(
-                asyncio.to_thread(self.header, content), self._timeout * 2 + 1
-            )
+            return await asyncio.wait_for(work, budget + 1)
         except TimeoutError:
             field = authres.AuthenticationResultsHeader(
                 authserv_id=self._authserv_id,

@@ -3,8 +3,9 @@
 :func:`build_report` is pure: values in, the bytes of a ``multipart/report`` out (a French
 and English text part from ``templates/dsn.txt.j2``, the ``message/delivery-status`` part,
 then the original message or only its header, per RET, RFC 3461 §4.3). :class:`Reporter`
-decides whether a report is due and stores it through the group committer: placed in the
-sender's INBOX when the sender is ours, queued for the relay otherwise.
+decides whether a report is due and to whom (the sender's INBOX when the sender is ours,
+the relay otherwise), and builds the message the store writes in the same transaction
+as what caused it.
 
 Invariants:
 - A report has the null reverse-path (RFC 3461 §6.2, RFC 5321 §4.5.5), and no report is
@@ -24,7 +25,7 @@ import logging
 import quopri
 import re
 import secrets
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from email.header import Header
 from pathlib import Path
@@ -33,7 +34,7 @@ from typing import Literal
 import jinja2
 
 from mssd.store.accounts import StoreAccounts
-from mssd.store.delivery import GroupCommitter, NewMessage, RecipientRecord, new_envelope_id
+from mssd.store.delivery import NewMessage, RecipientRecord, new_envelope_id
 from mssd.trust.whitelist import Whitelist
 
 log = logging.getLogger(__name__)
@@ -201,67 +202,79 @@ def build_report(
 
 
 class Reporter:
-    """Builds reports and hands them to the store for delivery."""
+    """Builds reports for the store to write with what causes them.
+
+    A report is written in the transaction that records its cause (the relay's outcome,
+    the local delivery), never after it: a crash in between would lose it. So this class
+    does not store anything; :meth:`prepare` gives the message to store, and the caller
+    writes it with the cause.
+    """
 
     def __init__(
         self,
-        committer: GroupCommitter,
         accounts: StoreAccounts,
         *,
         hostname: str,
         trust_space: Callable[[], Whitelist | None],
     ) -> None:
-        self._committer = committer
         self._accounts = accounts
         self._hostname = hostname
         self._trust_space = trust_space
 
-    async def report(
-        self, message: ReportedMessage, recipients: Sequence[RecipientStatus]
-    ) -> str | None:
-        """Store a report to the sender; returns its envelope id, or None when none is due
-        (a report about a report) or the sender cannot be reached."""
-        if not message.mail_from or not recipients:
+    async def addressee(self, message: ReportedMessage) -> RecipientRecord | None:
+        """Where a report on ``message`` goes: the sender's mailbox when it is ours, the
+        relay when its domain is in the trust space; None when no report is due (a
+        report about a report) or the sender cannot be reached."""
+        if not message.mail_from:
             return None  # RFC 3461 §6.2: never a report about a report.
         sender = message.mail_from
         domain = sender.rpartition("@")[2].lower()
-        record: RecipientRecord
         if domain in await self._accounts.local_domains():
             mailbox = await self._accounts.local_mailbox(sender)
             if mailbox is None or mailbox.status == "closed":
                 log.warning("%s: report to <%s> dropped: no such mailbox",
                             message.envelope_id, sender)  # fmt: skip
                 return None
-            record = RecipientRecord(mailbox.address, mailbox.id)
-        else:
-            listed = self._trust_space()
-            if listed is None or not listed.has_domain(domain):
-                log.warning("%s: report to <%s> dropped: outside the trust space",
-                            message.envelope_id, sender)  # fmt: skip
-                return None
-            record = RecipientRecord(sender, None)
+            return RecipientRecord(mailbox.address, mailbox.id)
+        listed = self._trust_space()
+        if listed is None or not listed.has_domain(domain):
+            log.warning("%s: report to <%s> dropped: outside the trust space",
+                        message.envelope_id, sender)  # fmt: skip
+            return None
+        return RecipientRecord(sender, None)
+
+    def build(
+        self,
+        message: ReportedMessage,
+        recipients: Sequence[RecipientStatus],
+        addressee: RecipientRecord,
+    ) -> NewMessage:
+        """The report to store (pure: no I/O, so it can be built inside a transaction)."""
         content = build_report(reporting_mta=self._hostname, message=message, recipients=recipients)
-        moment = dt.datetime.now(dt.UTC)
-        stored = await self._committer.store(
-            NewMessage(
-                envelope_id=new_envelope_id(),
-                content=content,
-                sha256=hashlib.sha256(content).hexdigest(),
-                mail_from="",
-                recipients=(record,),
-                source="report",
-                remote="127.0.0.1",
-                received_at=moment,
-            )
+        report = NewMessage(
+            envelope_id=new_envelope_id(),
+            content=content,
+            sha256=hashlib.sha256(content).hexdigest(),
+            mail_from="",
+            recipients=(addressee,),
+            source="report",
+            remote="127.0.0.1",
+            received_at=dt.datetime.now(dt.UTC),
         )
         log.info(
-            "%s: %s report for %s stored as %s",
+            "%s: %s report for %s is %s",
             message.envelope_id,
             recipients[0].action,
             ", ".join(r.final_recipient for r in recipients),
-            stored.envelope_id,
+            report.envelope_id,
         )
-        return stored.envelope_id
+        return report
 
-
-ReportFunction = Callable[[ReportedMessage, Sequence[RecipientStatus]], Awaitable[str | None]]
+    async def prepare(
+        self, message: ReportedMessage, recipients: Sequence[RecipientStatus]
+    ) -> NewMessage | None:
+        """The report to store with its cause, or None when none is due."""
+        if not recipients:
+            return None
+        addressee = await self.addressee(message)
+        return None if addressee is None else self.build(message, recipients, addressee)

@@ -17,7 +17,7 @@ from mssd.delivery.dsn import (
     Action,
     RecipientStatus,
     ReportedMessage,
-    ReportFunction,
+    Reporter,
     wants_report,
 )
 from mssd.mime import OFFLOAD_BYTES
@@ -161,7 +161,7 @@ class DeliveryPipeline:
         self._mailboxes: TtlCache[str, LocalMailbox | None] = TtlCache(_LOOKUP_TTL)
         self._senders: TtlCache[int, frozenset[str]] = TtlCache(_LOOKUP_TTL)
         self._trust_space: Callable[[], Whitelist | None] = lambda: None
-        self._report: ReportFunction | None = None
+        self._reporter: Reporter | None = None
         self._authenticate: Callable[[bytes], Awaitable[bytes]] | None = None
 
     def add_check(self, check: PolicyCheck) -> None:
@@ -172,9 +172,9 @@ class DeliveryPipeline:
         add to a received message (DKIM; never a reason to refuse)."""
         self._authenticate = header
 
-    def set_reporter(self, report: ReportFunction) -> None:
-        """Where delivery reports go (mssd answers NOTIFY=SUCCESS for local deliveries)."""
-        self._report = report
+    def set_reporter(self, reporter: Reporter) -> None:
+        """Who makes delivery reports (mssd answers NOTIFY=SUCCESS for local deliveries)."""
+        self._reporter = reporter
 
     def set_trust_space(self, whitelist: Callable[[], Whitelist | None]) -> None:
         """Where the ANS whitelist in force is read: the domains mail may be relayed to."""
@@ -293,45 +293,86 @@ class DeliveryPipeline:
         else:
             content, digest = self._prepare(transaction, data, envelope_id, moment)
         session = transaction.session
-        message = NewMessage(
-            envelope_id=envelope_id,
-            content=content,
-            sha256=digest,
-            mail_from=transaction.mail_from,
-            recipients=tuple(transaction.recipients),
-            source=session.source,
-            remote=session.remote_ip,
-            received_at=moment,
-            auth_login=session.login,
-            dsn_ret=transaction.dsn_ret,
-            dsn_envid=transaction.dsn_envid,
-            body=transaction.body,
-            smtputf8=transaction.smtputf8,
-        )
+        report = await self._success_report(transaction, envelope_id, content, moment)
         try:
-            stored = await self._committer.store(message)
+            stored = await self._committer.store(
+                NewMessage(
+                    envelope_id=envelope_id,
+                    content=content,
+                    sha256=digest,
+                    mail_from=transaction.mail_from,
+                    recipients=tuple(transaction.recipients),
+                    source=session.source,
+                    remote=session.remote_ip,
+                    received_at=moment,
+                    auth_login=session.login,
+                    dsn_ret=transaction.dsn_ret,
+                    dsn_envid=transaction.dsn_envid,
+                    body=transaction.body,
+                    smtputf8=transaction.smtputf8,
+                    reports=(report,) if report is not None else (),
+                )
+            )
         except OverQuota as full:
             # No recipient has room (RFC 5321 §4.2.2 552): nothing was stored.
             raise PolicyRefusal(
                 552, "5.2.2", "; ".join(f"<{r.address}>: {r.reason}" for r in full.refusals)
             ) from None
-        await self._report_local_outcomes(transaction, stored, content, moment)
+        if stored.over_quota:
+            await self._report_local_outcomes(transaction, stored, content, moment)
         return stored
+
+    async def _success_report(
+        self, transaction: Transaction, envelope_id: str, content: bytes, moment: dt.datetime
+    ) -> NewMessage | None:
+        """RFC 3461 §5.2.1: the final delivery MTA reports success when NOTIFY asked for it.
+        The report is committed with the message, in the same transaction (no second
+        commit before the 250, and no crash can keep one without the other); the null
+        sender never gets one (§6.2)."""
+        if self._reporter is None or not transaction.mail_from:
+            return None
+        delivered = [
+            RecipientStatus(
+                final_recipient=r.address,
+                action="delivered",
+                status="2.0.0",
+                original_recipient=r.dsn_orcpt,
+                diagnostic=f"250 2.0.0 delivered to the mailbox as {envelope_id}",
+                remote_mta=self._hostname,
+            )
+            for r in transaction.recipients
+            if r.mailbox_id is not None and wants_report(r.dsn_notify, "delivered")
+        ]
+        if not delivered:
+            return None
+        return await self._reporter.prepare(
+            ReportedMessage(
+                envelope_id=envelope_id,
+                mail_from=transaction.mail_from,
+                content=content,
+                arrival=moment,
+                dsn_ret=transaction.dsn_ret,
+                dsn_envid=transaction.dsn_envid,
+            ),
+            delivered,
+        )
 
     async def _report_local_outcomes(
         self, transaction: Transaction, stored: StoredMessage, content: bytes, moment: dt.datetime
     ) -> None:
-        """RFC 3461 §5.2.1: the final delivery MTA reports success when NOTIFY asked for
-        it, and failure (a full mailbox, found when placing the message after the others
-        were accepted at RCPT) unless NOTIFY says otherwise; RFC 5321 §6.1: once 250 is
-        given, a failure is reported, never dropped. The report is stored after the
-        message (a crash in between loses the report, never the message; the recipient
-        row keeps ``over_quota``); the null sender never gets one (§6.2)."""
+        """When a mailbox turned out full as the message was placed (after the others
+        were accepted at RCPT): RFC 3461 §5.2.1, the final delivery MTA reports
+        success when NOTIFY asked for it, and failure unless NOTIFY says otherwise;
+        RFC 5321 §6.1: once 250 is given, a failure is reported, never dropped. These
+        reports are stored after the message (a crash in between loses them, never
+        the message; the recipient row keeps ``over_quota``); the null sender never
+        gets one (§6.2). Without a full mailbox, the success report went in the
+        message's own transaction (:meth:`_success_report`)."""
         full = {refused.address: refused for refused in stored.over_quota}
         for refused in stored.over_quota:
             log.warning("%s: not delivered to <%s>: %s", stored.envelope_id, refused.address,
                         refused.reason)  # fmt: skip
-        if self._report is None or not transaction.mail_from:
+        if self._reporter is None or not transaction.mail_from:
             return
         reports: dict[Action, list[RecipientStatus]] = {"failed": [], "delivered": []}
         for r in transaction.recipients:
@@ -366,7 +407,9 @@ class DeliveryPipeline:
             if not statuses:
                 continue
             try:
-                await self._report(reported, statuses)
+                report = await self._reporter.prepare(reported, statuses)
+                if report is not None:
+                    await self._committer.store(report)
             except Exception:
                 log.exception("%s: the %s report could not be stored", stored.envelope_id,
                               statuses[0].action)  # fmt: skip

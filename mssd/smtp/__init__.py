@@ -1,5 +1,6 @@
 """SMTP: the MTA listener (port 25, between operators) and submission (587
-STARTTLS, 465 implicit TLS) on aiosmtpd, and later the outbound relay client.
+STARTTLS, 465 implicit TLS) on aiosmtpd, and the outbound relay (``relay.py``, with its
+connections in ``pool.py`` and its outcomes in ``outcomes.py``).
 
 Invariants:
 - TLS before any mail command: STARTTLS is required on 25 and 587 (except from

@@ -1,9 +1,10 @@
 """The relay worker: delivers the outbound queue to the other operators of the trust space.
 
 Each round claims due entries (``mssd.store.queue``), groups them by recipient domain and
-envelope, and sends each envelope once per domain with all its recipients. A peer is used
+envelope, and sends each envelope once per domain with all its recipients, a domain's
+envelopes spread over up to ``relay.max_connections_per_peer`` connections. A peer is used
 only over TLS (STARTTLS is required, RFC 3207), presenting our operator certificate, after
-its chain was verified against the configured IGC-Santé roots and CRLs and its subject DN
+its chain was verified against ``tls.operator_ca_file`` and the CRLs and its subject DN
 found in the ANS whitelist for the recipient domain; otherwise the entries are deferred
 with the reason, which ``mssd queue show`` displays.
 
@@ -11,39 +12,46 @@ Invariants:
 - Replies are judged per recipient (RFC 5321 §4.2.1, §6.1): 2xx delivered, 4xx deferred
   with exponential backoff and jitter, 5xx failed at once; a deferral past
   ``relay.give_up_seconds`` fails. A failure and a delay (once, after
-  ``relay.delay_report_seconds``) produce a report to the sender as NOTIFY asks.
+  ``relay.delay_report_seconds``) produce a report to the sender as NOTIFY asks, written
+  with the outcome (``mssd.smtp.outcomes``).
 - RFC 3461 parameters travel with the message (RET, ENVID on MAIL; NOTIFY, ORCPT on RCPT)
   when the peer offers DSN.
+- An 8-bit message goes with BODY=8BITMIME, or converted to 7 bits for a peer that does
+  not offer 8BITMIME (RFC 6152 §3, ``mssd.mime.sevenbit``), or fails when it cannot be.
 - An outcome is recorded only after the peer's reply, and as soon as it comes
-  (:class:`_Recorder`); a process killed between the peer's 250 and that record sends the
-  message again after the lease. Delivery is at least once: SMTP cannot do better (the
-  comment on :class:`_Recorder` says why, and bounds the duplicates).
-- Connections are reused per peer (RSET before reuse) and limited per peer and in total.
+  (:class:`~mssd.smtp.outcomes.Recorder`); a process killed between the peer's 250 and
+  that record sends the message again after the lease. Delivery is at least once: SMTP
+  cannot do better (the comment on ``Recorder`` says why, and bounds the duplicates).
+  When recording fails, sending stops.
+- Connections are reused per peer (RSET before reuse) and limited per peer and in total
+  (``mssd.smtp.pool``: the limits bound open connections, not handshakes).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime as dt
 import logging
-import random
 import ssl
 import time
-from collections import defaultdict
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from collections import defaultdict, deque
+from collections.abc import Callable, Sequence
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from mssd import metrics
-from mssd.config import RelaySettings, Settings
+from mssd.config import Settings, operator_ca_file
 from mssd.delivery.dkim import DkimSigner
-from mssd.delivery.dsn import RecipientStatus, ReportedMessage, ReportFunction, wants_report
+from mssd.delivery.dsn import Reporter
+from mssd.mime import OFFLOAD_BYTES
+from mssd.mime.sevenbit import CannotConvert, to_seven_bit
 from mssd.smtp.client import ConnectionFailed, Reply, SmtpClient
+from mssd.smtp.outcomes import RELAYED, OutcomeWriter, Recorder, Result, all_results
+from mssd.smtp.pool import ConnectionPool
 from mssd.smtp.routes import Peer, RouteError, Router
 from mssd.store import queue
-from mssd.store.queue import Outcome, QueueEntry
+from mssd.store.delivery import StoredMessage
+from mssd.store.queue import QueueEntry
 from mssd.trust.identity import normalise_dn
 from mssd.trust.tls import client_context
 from mssd.trust.verify import CertificateRejected, TrustFiles
@@ -51,9 +59,6 @@ from mssd.trust.whitelist import Whitelist
 
 log = logging.getLogger(__name__)
 
-RELAYED = metrics.counter(
-    "mssd_relay_recipients_total", "Queue entries relayed, by outcome", ("outcome",)
-)
 HANDSHAKES = metrics.counter(
     "mssd_relay_tls_handshakes_total", "TLS connections opened by the relay to other operators"
 )
@@ -61,14 +66,6 @@ HANDSHAKES = metrics.counter(
 
 class PeerRefused(Exception):
     """The peer cannot be used for this domain (no STARTTLS, DN not whitelisted...)."""
-
-
-def backoff_seconds(attempts: int, settings: RelaySettings, rng: random.Random) -> float:
-    """Wait after the ``attempts``-th failed attempt: doubling from the base, capped,
-    with jitter so that deferred messages do not all come back at the same instant."""
-    base = min(settings.retry_max_seconds, settings.retry_base_seconds * 2 ** max(0, attempts - 1))
-    jitter = settings.retry_jitter
-    return float(base * rng.uniform(1.0 - jitter, 1.0 + jitter))
 
 
 def xtext(value: str) -> str:
@@ -79,81 +76,6 @@ def xtext(value: str) -> str:
     )
 
 
-@dataclass
-class _Pool:
-    """Connections to one peer: idle ones for reuse, and how many are open."""
-
-    limit: int
-    idle: list[tuple[SmtpClient, float]] = field(default_factory=list)
-    open: int = 0
-    changed: asyncio.Condition = field(default_factory=asyncio.Condition)
-
-
-@dataclass
-class _Result:
-    """Per-entry outcome of one attempt before it is recorded."""
-
-    entry: QueueEntry
-    kind: str  # "delivered", "deferred", "failed"
-    reply: str
-    status: str
-    remote: str | None = None
-    relayed: bool = False
-    """Delivered to a peer that does not offer DSN (RFC 3461 §5.2.2)."""
-
-
-class _Recorder:
-    """Records outcomes as soon as the peer has answered, while the next message is sent.
-
-    One record transaction at a time, each taking every outcome that arrived meanwhile (a
-    group commit), so the store's commit latency does not slow the conversation down.
-
-    Why as soon as possible: this is the only place where the relay loses track of a
-    message it handed over. Responsibility passes to the peer with its 250 after the data
-    (RFC 5321 §6.1); if this process dies after that 250 and before the "delivered"
-    record commits, the entry is still ``sending`` and is claimed again when its lease
-    ends, so the peer receives the message twice. SMTP cannot do better: the peer's 250
-    and our record cannot be made atomic, and a sender that waited for some further
-    acknowledgement would only move the window (the "duplicate messages" problem of
-    RFC 1047). Delivery is therefore at least once; RFC 5321 §6.1 prefers a duplicate to
-    a loss. Recording each outcome at once bounds the duplicates after a crash to the
-    messages accepted during the last record transaction and the one in the pipe, instead
-    of a whole claimed batch; the hard bound stays ``relay.batch_size`` (what one worker
-    may hold unrecorded), and ``tests/test_relay_outage.py`` counts them after a SIGKILL.
-    """
-
-    def __init__(self, record: Callable[[list[_Result]], Awaitable[None]]) -> None:
-        self._record = record
-        self._waiting: list[_Result] = []
-        self._task: asyncio.Task[None] | None = None
-        self._error: BaseException | None = None
-        self.done: set[int] = set()
-        """Ids of the entries whose outcome is recorded."""
-
-    def add(self, results: list[_Result]) -> None:
-        self._waiting += results
-        if self._error is None and (self._task is None or self._task.done()):
-            self._task = asyncio.create_task(self._flush())
-
-    async def _flush(self) -> None:
-        while self._waiting:
-            batch, self._waiting = self._waiting, []
-            try:
-                await self._record(batch)
-            except Exception as error:
-                # The entries stay claimed; ``close`` raises and the caller releases them.
-                self._error = error
-                return
-            self.done.update(r.entry.id for r in batch)
-
-    async def close(self) -> None:
-        """Wait until everything handed over is recorded; raise if recording failed."""
-        if self._task is not None:
-            await self._task
-        if self._error is not None:
-            raise self._error
-
-
 class RelayWorker:
     def __init__(
         self,
@@ -161,7 +83,8 @@ class RelayWorker:
         settings: Settings,
         *,
         whitelist: Callable[[], Whitelist | None],
-        report: ReportFunction | None = None,
+        reporter: Reporter | None = None,
+        on_stored: Callable[[Sequence[StoredMessage]], None] | None = None,
         signer: DkimSigner | None = None,
         router: Router | None = None,
         tls: ssl.SSLContext | None = None,
@@ -170,32 +93,38 @@ class RelayWorker:
         self._settings = settings.relay
         self._hostname = settings.server.hostname
         self._whitelist = whitelist
-        self._report = report
+        self._outcomes = OutcomeWriter(
+            engine, settings.relay, reporter=reporter, on_stored=on_stored
+        )
         self._signer = signer
         self._router = router or Router(
             settings.relay.routes, timeout=settings.relay.dns_timeout_seconds
         )
         # The peer's identity is its whitelisted DN, not a host name (MX host names need
         # not match operator certificates; static routes point at addresses).
-        # The handshake checks the chain; revocation is checked on the peer's
-        # certificate after it, against the CRL as it is now (TrustFiles re-reads
-        # it when it changes): a CRL loaded once into the context would miss new
-        # revocations and, past its nextUpdate, fail every handshake.
-        ca_file = settings.relay.ca_file or settings.tls.client_ca_file
+        # The handshake checks the chain up to a CA of tls.operator_ca_file, the same
+        # CAs port 25 checks the peers' client certificates against; revocation is
+        # checked on the peer's certificate after it, against the CRL as it is now
+        # (TrustFiles re-reads it when it changes): a CRL loaded once into the context
+        # would miss new revocations and, past its nextUpdate, fail every handshake.
+        ca_file = operator_ca_file(settings)
         self._tls = tls or client_context(
             ca_file=ca_file,
             cert_file=settings.tls.cert_file,
             key_file=settings.tls.key_file,
             check_hostname=False,
+            partial_chain=True,
         )
         self._trust = TrustFiles(ca_file, settings.tls.crl_file)
-        self._pools: dict[Peer, _Pool] = {}
-        self._total = asyncio.Semaphore(settings.relay.max_connections)
+        self._pool = ConnectionPool(
+            total=settings.relay.max_connections,
+            per_peer=settings.relay.max_connections_per_peer,
+            keep_idle_seconds=settings.relay.idle_connection_seconds,
+        )
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._running: set[asyncio.Task[None]] = set()
         self._in_flight = 0
-        self._rng = random.Random()
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -216,10 +145,7 @@ class RelayWorker:
         for task in list(self._running):
             task.cancel()
         await asyncio.gather(*self._running, return_exceptions=True)
-        for pool in self._pools.values():
-            for client, _ in pool.idle:
-                await client.quit()
-            pool.idle.clear()
+        await self._pool.close()
         # There is no metrics endpoint yet: the log keeps the figures (bench/relay_load.py
         # reads the handshake count here to check that connections were reused).
         log.info(
@@ -230,6 +156,13 @@ class RelayWorker:
             RELAYED.value("failed"),
         )
 
+    async def run_once(self) -> int:
+        """Claim one batch of due entries and return, with the number claimed, once every
+        outcome is recorded (tests; the worker itself claims again as room frees up)."""
+        claimed = await self._claim()
+        await asyncio.gather(*self._running, return_exceptions=True)
+        return claimed
+
     async def _run(self) -> None:
         while True:
             try:
@@ -239,7 +172,7 @@ class RelayWorker:
                 claimed = 0
             if claimed:
                 continue
-            self._close_idle()
+            self._pool.close_idle()
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self._settings.poll_seconds)
@@ -274,36 +207,38 @@ class RelayWorker:
     # -- one domain --------------------------------------------------------------------------
 
     async def _deliver_domain(self, domain: str, entries: list[QueueEntry]) -> None:
-        recorder = _Recorder(self._record)
+        recorder = Recorder(self._outcomes.record)
         try:
-            await self._attempt_domain(domain, entries, recorder.add)
+            await self._attempt_domain(domain, entries, recorder)
         finally:
             try:
                 # Cancelled (shutdown) or failed midway: what the peer already accepted is
                 # recorded all the same, so that a clean stop sends nothing twice.
                 await asyncio.shield(recorder.close())
             finally:
-                # The rest goes back at once rather than wait for the lease.
-                rest = [(e.id, e.claim_token or "") for e in entries if e.id not in recorder.done]
+                # What was not attempted goes back at once rather than wait for the lease.
+                rest = [(e.id, e.claim_token or "") for e in entries if e.id not in recorder.handed]
                 if rest:
                     await asyncio.shield(queue.release(self._engine, rest))
 
     async def _attempt_domain(
-        self, domain: str, entries: list[QueueEntry], record: Callable[[list[_Result]], None]
+        self, domain: str, entries: list[QueueEntry], recorder: Recorder
     ) -> None:
         """Send ``entries`` to a peer of ``domain``; hand each envelope's outcomes to
-        ``record`` as soon as the peer has answered for it."""
+        ``recorder`` as soon as the peer has answered for it, and stop sending as soon as
+        recording fails (the rest is left for a later attempt)."""
+        record = recorder.add
         listed = self._whitelist()
         operators = listed.operators_for(domain) if listed is not None else frozenset()
         if not operators:
-            record(self._all(entries, "deferred", f"domain {domain} is not in the MSSanté "
+            record(all_results(entries, "deferred", f"domain {domain} is not in the MSSanté "
                              "whitelist in force", "4.7.1"))  # fmt: skip
             return
         try:
             peers = await self._router.peers(domain)
         except RouteError as error:
             kind = "failed" if error.permanent else "deferred"
-            record(self._all(entries, kind, str(error), "5.1.2" if error.permanent else "4.4.3"))
+            record(all_results(entries, kind, str(error), "5.1.2" if error.permanent else "4.4.3"))
             return
         envelopes: dict[str, list[QueueEntry]] = defaultdict(list)
         for entry in entries:
@@ -312,91 +247,87 @@ class RelayWorker:
         # new envelope is started (the rest goes back to the queue, see
         # _deliver_domain), so no other worker can claim an entry while it is sent.
         deadline = time.monotonic() + self._settings.lease_seconds / 2
-        last_error = "no peer"
+        # The envelopes are spread over up to max_connections_per_peer connections, each
+        # taking the next one as it is free (SMTP promises no order between messages).
+        pending = deque(envelopes.values())
+        lanes = min(self._settings.max_connections_per_peer, len(pending))
+        async with asyncio.TaskGroup() as running:
+            tasks = [
+                running.create_task(
+                    self._lane(domain, peers, operators, pending, recorder, deadline)
+                )
+                for _ in range(lanes)
+            ]
+        if pending and time.monotonic() <= deadline and not recorder.failed:
+            # Every connection broke, or no peer could be used: the rest waits for later.
+            stops = [task.result() for task in tasks]
+            reason, status = next((stop for stop in stops if stop), ("no peer", "4.4.1"))
+            record(all_results([e for group in pending for e in group], "deferred", reason, status))
+
+    async def _lane(
+        self,
+        domain: str,
+        peers: Sequence[Peer],
+        operators: frozenset[str],
+        pending: deque[list[QueueEntry]],
+        recorder: Recorder,
+        deadline: float,
+    ) -> tuple[str, str] | None:
+        """Send envelopes taken from ``pending`` over one connection, to the first of
+        ``peers`` that can be used; None, or why it stopped early (reason, status)."""
+        stopped = ("no peer", "4.4.1")
         for peer in peers:
+            if not pending:
+                return None
             try:
                 client = await self._connection(peer, domain, operators)
             except (ConnectionFailed, PeerRefused) as error:
-                last_error = str(error)
+                stopped = (str(error), "4.4.1")
                 log.warning("relay to %s via %s: %s", domain, peer, error)
                 continue
             reusable = True
             try:
-                for group in envelopes.values():
-                    if time.monotonic() > deadline:
-                        break
-                    if not reusable:
-                        record(self._all(group, "deferred", last_error, "4.4.2"))
-                        continue
+                while pending and time.monotonic() <= deadline and not recorder.failed:
+                    group = pending.popleft()
+                    reusable = False  # until this transaction is known to be over
                     try:
                         sent = await self._send(client, peer, group)
                     except ConnectionFailed as error:
-                        reusable = False
-                        last_error = str(error)
-                        record(self._all(group, "deferred", last_error, "4.4.2"))
-                        continue
-                    record(sent)
-                    if not all(r.kind == "delivered" for r in sent):
-                        reusable = await client.rset()
+                        recorder.add(all_results(group, "deferred", str(error), "4.4.2"))
+                        return (str(error), "4.4.2")
+                    recorder.add(sent)
+                    reusable = all(r.kind == "delivered" for r in sent) or await client.rset()
+                    if not reusable:
+                        return (f"{peer} did not answer RSET", "4.4.2")
+                return None
             finally:
-                await self._give_back(peer, client, reusable)
-            return
-        record(self._all(entries, "deferred", last_error, "4.4.1"))
-
-    def _all(
-        self, entries: Sequence[QueueEntry], kind: str, reason: str, status: str
-    ) -> list[_Result]:
-        return [_Result(e, kind, reason, status) for e in entries]
+                await self._pool.give_back(peer, client, reusable=reusable)
+        return stopped
 
     async def _connection(self, peer: Peer, domain: str, operators: frozenset[str]) -> SmtpClient:
-        pool = self._pools.setdefault(peer, _Pool(self._settings.max_connections_per_peer))
-        async with pool.changed:
-            while True:
-                if pool.idle:
-                    client, _ = pool.idle.pop()
-                    if await client.rset():
-                        try:
-                            self._check_peer(client, domain, operators)
-                        except PeerRefused:
-                            pool.open -= 1
-                            raise
-                        return client
-                    client.close()
-                    pool.open -= 1
-                    continue
-                if pool.open < pool.limit:
-                    pool.open += 1
-                    break
-                await pool.changed.wait()
+        client = await self._pool.take(peer, lambda: self._open(peer))
         try:
-            async with self._total:
-                client = await self._open(peer)
             self._check_peer(client, domain, operators)
-            return client
-        except BaseException:
-            async with pool.changed:
-                pool.open -= 1
-                pool.changed.notify()
+        except PeerRefused:
+            await self._pool.discard(peer, client)
             raise
+        return client
 
     def _check_peer(self, client: SmtpClient, domain: str, operators: frozenset[str]) -> None:
+        """PeerRefused unless the peer's certificate is valid now and its DN is listed for
+        ``domain`` (the caller closes the connection: a peer's certificates rarely differ
+        per domain)."""
         der = client.peer_certificate()
         if der is None:
-            client.close()
             raise PeerRefused(f"{client.peer} presented no certificate")
         try:
             cert = self._trust.verify(der)
         except CertificateRejected as rejected:
-            client.close()
             raise PeerRefused(
                 f"{client.peer} presented a refused certificate: {rejected}"
             ) from None
         dn = normalise_dn(cert.subject)
         if dn not in operators:
-            # The connection stays usable for another domain this DN is listed for; it is
-            # closed here for simplicity (a peer's certificates rarely differ per domain).
-            with contextlib.suppress(Exception):
-                client.close()
             raise PeerRefused(
                 f"{client.peer} presented certificate {dn}, which the MSSanté whitelist does "
                 f"not list for {domain}"
@@ -430,48 +361,41 @@ class RelayWorker:
             await client.quit()
             raise
 
-    async def _give_back(self, peer: Peer, client: SmtpClient, reusable: bool) -> None:
-        pool = self._pools[peer]
-        async with pool.changed:
-            if reusable and self._settings.idle_connection_seconds > 0:
-                pool.idle.append((client, time.monotonic()))
-            else:
-                pool.open -= 1
-                client.close()
-            pool.changed.notify()
-
-    def _close_idle(self) -> None:
-        limit = time.monotonic() - self._settings.idle_connection_seconds
-        for pool in self._pools.values():
-            stale = [c for c, since in pool.idle if since < limit]
-            if stale:
-                pool.idle = [(c, s) for c, s in pool.idle if s >= limit]
-                pool.open -= len(stale)
-                for client in stale:
-                    task = asyncio.create_task(client.quit())
-                    self._running.add(task)
-                    task.add_done_callback(self._running.discard)
-
     # -- one envelope --------------------------------------------------------------------------
 
     async def _send(
         self, client: SmtpClient, peer: Peer, entries: list[QueueEntry]
-    ) -> list[_Result]:
+    ) -> list[Result]:
         first = entries[0]
+        extensions = client.extensions
+        if first.smtputf8 and "SMTPUTF8" not in extensions:
+            # RFC 6531 §3.2: no downgrade of internationalised addresses.
+            return all_results(entries, "failed", f"{peer} does not offer SMTPUTF8", "5.6.7")
         content = await queue.read_content(self._engine, first.blob_sha256)
+        # Whatever the submitter declared, the octets decide (a report quoting 8-bit
+        # headers is 8-bit too).
+        eight_bit = not content.isascii()
+        if eight_bit and "8BITMIME" not in extensions:
+            # RFC 6152 §3: convert to 7 bits or return the message; converted before
+            # signing, so that the signature covers what the peer receives.
+            try:
+                if len(content) > OFFLOAD_BYTES:
+                    content = await asyncio.to_thread(to_seven_bit, content)
+                else:
+                    content = to_seven_bit(content)
+            except CannotConvert as error:
+                reason = f"{peer} does not offer 8BITMIME and the message cannot be made 7-bit"
+                return all_results(entries, "failed", f"{reason}: {error}", "5.6.3")
+            eight_bit = False
         if self._signer is not None and first.mail_from:
             content = await self._signer.sign_async(content, first.mail_from.rpartition("@")[2])
-        extensions = client.extensions
         dsn = "DSN" in extensions
         mail_params: list[str] = []
         if "SIZE" in extensions:
             mail_params.append(f"SIZE={len(content)}")
-        if first.body == "8BITMIME" and "8BITMIME" in extensions:
-            mail_params.append("BODY=8BITMIME")
+        if eight_bit:
+            mail_params.append("BODY=8BITMIME")  # RFC 6152 §2
         if first.smtputf8:
-            if "SMTPUTF8" not in extensions:
-                # RFC 6531 §3.2: no downgrade of internationalised addresses.
-                return self._all(entries, "failed", f"{peer} does not offer SMTPUTF8", "5.6.7")
             mail_params.append("SMTPUTF8")
         if dsn and first.dsn_ret:
             mail_params.append(f"RET={first.dsn_ret}")
@@ -488,7 +412,7 @@ class RelayWorker:
             recipients.append((entry.address, params))
         outcome = await client.transaction(first.mail_from, mail_params, recipients, content)
         remote = peer.host
-        results: list[_Result] = []
+        results: list[Result] = []
         for entry, reply in zip(entries, outcome.recipients, strict=True):
             if not outcome.mail.positive:
                 reply = outcome.mail
@@ -497,89 +421,9 @@ class RelayWorker:
             results.append(self._judge(entry, reply, remote, relayed=not dsn))
         return results
 
-    def _judge(self, entry: QueueEntry, reply: Reply, remote: str, *, relayed: bool) -> _Result:
+    def _judge(self, entry: QueueEntry, reply: Reply, remote: str, *, relayed: bool) -> Result:
         status = reply.enhanced or f"{str(reply.code)[0]}.0.0"
         if reply.positive and reply.code != 354:
-            return _Result(entry, "delivered", str(reply), "2.0.0", remote, relayed)
+            return Result(entry, "delivered", str(reply), "2.0.0", remote, relayed)
         kind = "failed" if reply.permanent else "deferred"
-        return _Result(entry, kind, f"{remote} said: {reply}", status, remote)
-
-    # -- outcomes --------------------------------------------------------------------------
-
-    async def _record(self, results: list[_Result]) -> None:
-        now = dt.datetime.now(dt.UTC)
-        outcomes: list[Outcome] = []
-        reports: dict[tuple[str, str], list[tuple[_Result, RecipientStatus]]] = defaultdict(list)
-        give_up = dt.timedelta(seconds=self._settings.give_up_seconds)
-        for r in results:
-            entry, token = r.entry, r.entry.claim_token or ""
-            if r.kind == "deferred" and now - entry.created_at >= give_up:
-                r = _Result(entry, "failed", f"gave up after {entry.attempts} attempts over "
-                            f"{give_up}: {r.reply}", "4.4.7", r.remote)  # fmt: skip
-            if r.kind == "delivered":
-                outcomes.append(Outcome(entry.id, token, "delivered", r.reply, r.remote))
-                RELAYED.inc("delivered")
-                log.info("%s relayed to <%s> via %s: %s", entry.envelope_id, entry.address,
-                         r.remote, r.reply)  # fmt: skip
-                if r.relayed and wants_report(entry.dsn_notify, "relayed"):
-                    reports[(entry.envelope_id, "relayed")].append((r, self._status(r, "relayed")))
-            elif r.kind == "failed":
-                outcomes.append(Outcome(entry.id, token, "failed", r.reply, r.remote))
-                RELAYED.inc("failed")
-                log.warning("%s to <%s> failed: %s", entry.envelope_id, entry.address, r.reply)
-                if wants_report(entry.dsn_notify, "failed"):
-                    reports[(entry.envelope_id, "failed")].append((r, self._status(r, "failed")))
-            else:
-                wait = backoff_seconds(entry.attempts, self._settings, self._rng)
-                later = now + dt.timedelta(seconds=wait)
-                delay_due = (
-                    not entry.delay_reported
-                    and now - entry.created_at
-                    >= dt.timedelta(seconds=self._settings.delay_report_seconds)
-                    and wants_report(entry.dsn_notify, "delayed")
-                )
-                outcomes.append(
-                    Outcome(entry.id, token, "queued", r.reply, r.remote, later, delay_due)
-                )
-                RELAYED.inc("deferred")
-                log.info("%s to <%s> deferred %.0fs: %s", entry.envelope_id, entry.address,
-                         wait, r.reply)  # fmt: skip
-                if delay_due:
-                    status = self._status(r, "delayed", until=entry.created_at + give_up)
-                    reports[(entry.envelope_id, "delayed")].append((r, status))
-        updated = await queue.record(self._engine, outcomes)
-        if self._report is None:
-            return
-        for (_, _action), items in reports.items():
-            kept = [(r, s) for r, s in items if r.entry.id in updated]
-            if not kept:
-                continue
-            entry = kept[0][0].entry
-            try:
-                content = await queue.read_content(self._engine, entry.blob_sha256)
-                await self._report(
-                    ReportedMessage(
-                        envelope_id=entry.envelope_id,
-                        mail_from=entry.mail_from,
-                        content=content,
-                        arrival=entry.created_at,
-                        dsn_ret=entry.dsn_ret,
-                        dsn_envid=entry.dsn_envid,
-                    ),
-                    [s for _, s in kept],
-                )
-            except Exception:
-                log.exception("%s: the delivery report could not be stored", entry.envelope_id)
-
-    def _status(
-        self, r: _Result, action: str, *, until: dt.datetime | None = None
-    ) -> RecipientStatus:
-        return RecipientStatus(
-            final_recipient=r.entry.address,
-            action=action,  # type: ignore[arg-type]
-            status=r.status if action != "relayed" else "2.0.0",
-            original_recipient=r.entry.dsn_orcpt,
-            diagnostic=r.reply,
-            remote_mta=r.remote,
-            will_retry_until=until,
-        )
+        return Result(entry, kind, f"{remote} said: {reply}", status, remote)

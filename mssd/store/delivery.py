@@ -26,6 +26,7 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import logging
 import secrets
@@ -34,7 +35,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, select, update
+from sqlalchemy import Connection, bindparam, false, literal, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -82,6 +83,9 @@ class NewMessage:
     dsn_envid: str | None = None
     body: str | None = None
     smtputf8: bool = False
+    reports: tuple[NewMessage, ...] = ()
+    """Delivery reports this message causes, written in its transaction (a success
+    report for a local delivery, RFC 3461 §5.2.1): never one without the other."""
 
 
 @dataclass(frozen=True)
@@ -100,6 +104,8 @@ class StoredMessage:
     """Recipients left to the relay: outbound queue entries created with the message."""
     over_quota: tuple[Refusal, ...] = ()
     """Local recipients refused because their mailbox is full (nothing placed for them)."""
+    reports: tuple[StoredMessage, ...] = ()
+    """The reports written with it (:attr:`NewMessage.reports`)."""
 
 
 def new_envelope_id() -> str:
@@ -131,7 +137,24 @@ _INSERT_ENVELOPE = envelopes.insert()
 _INSERT_RECIPIENT = envelope_recipients.insert()
 _INSERT_PLACEMENT = placements.insert()
 _INSERT_AUDIT = audit.insert()
-_INSERT_QUEUE = outbound_queue.insert()
+# One queue entry per recipient left to the relay, referring to its recipient row (the
+# rows' ids are not known before they are inserted: read back in the same statement).
+_INSERT_QUEUE = outbound_queue.insert().from_select(
+    ["recipient_id", "state", "attempts", "next_attempt_at", "delay_reported"],
+    select(
+        envelope_recipients.c.id,
+        literal("queued"),
+        literal(0),
+        envelopes.c.received_at,
+        false(),
+    )
+    .join(envelopes, envelopes.c.id == envelope_recipients.c.envelope_id)
+    .where(
+        envelope_recipients.c.envelope_id.in_(bindparam("envelope_ids", expanding=True)),
+        envelope_recipients.c.mailbox_id.is_(None),
+    )
+    .order_by(envelope_recipients.c.id),
+)
 
 
 Item = NewMessage | AuditEvent
@@ -144,10 +167,33 @@ def write_batch(conn: Connection, items: Sequence[Item]) -> list[StoredMessage |
     result for each item is its StoredMessage, or None for an audit event."""
     messages = [item for item in items if isinstance(item, NewMessage)]
     audit_rows = [audit_row(item) for item in items if isinstance(item, AuditEvent)]
-    stored = iter(_write_messages(conn, messages, audit_rows) if messages else [])
+    stored = _write_messages(conn, messages, audit_rows) if messages else []
+    # A message's reports go in its transaction, unless one of its mailboxes
+    # turned out full: those reports would say "delivered" to a recipient that
+    # got nothing, and the pipeline reports on that message itself.
+    due = [
+        (message, written)
+        for message, written in zip(messages, stored, strict=True)
+        if message.reports and not written.over_quota
+    ]
+    flat = [report for message, _ in due for report in message.reports]
+    stored_reports = iter(_write_messages(conn, flat, audit_rows) if flat else [])
+    with_reports = {
+        written.envelope_id: tuple(next(stored_reports) for _ in message.reports)
+        for message, written in due
+    }
     if audit_rows:
         conn.execute(_INSERT_AUDIT, audit_rows)
-    return [next(stored) if isinstance(item, NewMessage) else None for item in items]
+    results: list[StoredMessage | None] = []
+    found = iter(stored)
+    for item in items:
+        if isinstance(item, NewMessage):
+            message = next(found)
+            reports = with_reports.get(message.envelope_id, ())
+            results.append(dataclasses.replace(message, reports=reports) if reports else message)
+        else:
+            results.append(None)
+    return results
 
 
 def _write_messages(
@@ -185,7 +231,7 @@ def _write_messages(
     envelope_rows: list[dict[str, Any]] = []
     recipient_rows: list[dict[str, Any]] = []
     placement_rows: list[dict[str, Any]] = []
-    queue_rows: list[dict[str, Any]] = []
+    queued_envelopes: list[str] = []
     for message in batch:
         envelope_id = message.envelope_id
         envelope_rows.append(
@@ -237,21 +283,6 @@ def _write_messages(
                     }
                 )
                 status = "delivered"
-            else:
-                queue_rows.append(
-                    {
-                        "envelope_id": envelope_id,
-                        "address": recipient.address,
-                        "domain": recipient.address.rpartition("@")[2].lower(),
-                        "dsn_notify": recipient.dsn_notify,
-                        "dsn_orcpt": recipient.dsn_orcpt,
-                        "state": "queued",
-                        "attempts": 0,
-                        "next_attempt_at": message.received_at,
-                        "delay_reported": False,
-                        "created_at": message.received_at,
-                    }
-                )
             recipient_rows.append(
                 {
                     "envelope_id": envelope_id,
@@ -287,6 +318,8 @@ def _write_messages(
                 )
             )
         )
+        if queued:
+            queued_envelopes.append(envelope_id)
         results.append(StoredMessage(envelope_id, tuple(placed), queued, tuple(refused)))
     if inbox:
         conn.execute(
@@ -298,8 +331,8 @@ def _write_messages(
     conn.execute(_INSERT_RECIPIENT, recipient_rows)
     if placement_rows:
         conn.execute(_INSERT_PLACEMENT, placement_rows)
-    if queue_rows:
-        conn.execute(_INSERT_QUEUE, queue_rows)
+    if queued_envelopes:
+        conn.execute(_INSERT_QUEUE, {"envelope_ids": queued_envelopes})
     return results
 
 
@@ -370,7 +403,7 @@ class GroupCommitter:
         for (_, future), result in zip(batch, results, strict=True):
             if not future.done():
                 future.set_result(result)
-        stored = [result for result in results if result is not None]
+        stored = [s for result in results if result is not None for s in (result, *result.reports)]
         if self._on_commit is not None and stored:
             try:
                 self._on_commit(stored)

@@ -292,16 +292,22 @@ async def current_revision(engine: AsyncEngine) -> str | None:
         return await conn.run_sync(_current_revision)
 
 
-async def upgrade(engine: AsyncEngine) -> tuple[str | None, str]:
-    """Migrate the schema to the newest revision; return (before, after)."""
+async def upgrade(engine: AsyncEngine, revision: str = "head") -> tuple[str | None, str]:
+    """Migrate the schema to ``revision`` (the newest by default); return (before, after)."""
 
     def run(connection: Connection) -> tuple[str | None, str]:
         before = _current_revision(connection)
-        command.upgrade(_alembic_config(connection), "head")
-        return before, head_revision()
+        command.upgrade(_alembic_config(connection), revision)
+        return before, _current_revision(connection) or ""
 
     async with engine.begin() as conn:
         return await conn.run_sync(run)
+
+
+async def downgrade(engine: AsyncEngine, revision: str) -> None:
+    """Migrate the schema back to ``revision`` (each migration says how)."""
+    async with engine.begin() as conn:
+        await conn.run_sync(lambda c: command.downgrade(_alembic_config(c), revision))
 
 
 async def check_schema(engine: AsyncEngine) -> None:

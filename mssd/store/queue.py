@@ -5,6 +5,8 @@ A relay worker *claims* due entries: in one short transaction it selects them an
 them ``sending`` with a fresh ``claim_token`` and a lease (``next_attempt_at`` moved to the
 end of the lease). It then talks to the peer with no transaction open, and records the
 outcome with the token as a condition: an outcome whose claim was taken over is ignored.
+The delivery reports an outcome causes are written in the same transaction as the
+outcome (a crash between the two would lose them).
 
 Invariants:
 - PostgreSQL: the claim selects ``FOR UPDATE SKIP LOCKED``, so concurrent workers, in one
@@ -21,15 +23,16 @@ from __future__ import annotations
 
 import datetime as dt
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from sqlalchemy import and_, delete, func, or_, select, update
+from sqlalchemy import Connection, and_, delete, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from mssd.store.audit import insert_audit
-from mssd.store.engine import write_transaction
+from mssd.store.delivery import NewMessage, StoredMessage, write_batch
+from mssd.store.engine import run_write, write_transaction
 from mssd.store.records import AuditEvent
 from mssd.store.schema import blobs, envelope_recipients, envelopes, outbound_queue
 
@@ -86,11 +89,10 @@ def _aware(moment: dt.datetime) -> dt.datetime:
 
 _COLUMNS = (
     outbound_queue.c.id,
-    outbound_queue.c.envelope_id,
-    outbound_queue.c.address,
-    outbound_queue.c.domain,
-    outbound_queue.c.dsn_notify,
-    outbound_queue.c.dsn_orcpt,
+    envelope_recipients.c.envelope_id,
+    envelope_recipients.c.address,
+    envelope_recipients.c.dsn_notify,
+    envelope_recipients.c.dsn_orcpt,
     outbound_queue.c.state,
     outbound_queue.c.attempts,
     outbound_queue.c.next_attempt_at,
@@ -99,7 +101,7 @@ _COLUMNS = (
     outbound_queue.c.remote_mta,
     outbound_queue.c.claim_token,
     outbound_queue.c.delay_reported,
-    outbound_queue.c.created_at,
+    envelopes.c.received_at,
     envelopes.c.mail_from,
     envelopes.c.blob_sha256,
     envelopes.c.dsn_ret,
@@ -108,8 +110,12 @@ _COLUMNS = (
     envelopes.c.smtputf8,
     blobs.c.size,
 )
-_JOINED = outbound_queue.join(envelopes, envelopes.c.id == outbound_queue.c.envelope_id).join(
-    blobs, blobs.c.sha256 == envelopes.c.blob_sha256
+_JOINED = (
+    outbound_queue.join(
+        envelope_recipients, envelope_recipients.c.id == outbound_queue.c.recipient_id
+    )
+    .join(envelopes, envelopes.c.id == envelope_recipients.c.envelope_id)
+    .join(blobs, blobs.c.sha256 == envelopes.c.blob_sha256)
 )
 
 
@@ -119,7 +125,7 @@ def _entry(row: object) -> QueueEntry:
         id=int(m["id"]),
         envelope_id=str(m["envelope_id"]),
         address=str(m["address"]),
-        domain=str(m["domain"]),
+        domain=str(m["address"]).rpartition("@")[2].lower(),
         dsn_notify=m["dsn_notify"],
         dsn_orcpt=m["dsn_orcpt"],
         state=str(m["state"]),
@@ -130,7 +136,7 @@ def _entry(row: object) -> QueueEntry:
         remote_mta=m["remote_mta"],
         claim_token=m["claim_token"],
         delay_reported=bool(m["delay_reported"]),
-        created_at=_aware(m["created_at"]),
+        created_at=_aware(m["received_at"]),
         mail_from=str(m["mail_from"]),
         blob_sha256=str(m["blob_sha256"]),
         dsn_ret=m["dsn_ret"],
@@ -186,53 +192,73 @@ async def claim(
         return sorted((_entry(row) for row in rows), key=lambda e: e.id)
 
 
-async def record(engine: AsyncEngine, outcomes: Sequence[Outcome]) -> set[int]:
-    """Record outcomes of claimed entries; returns the ids actually updated (an entry
-    whose claim was taken over by another worker, or deleted, is left alone)."""
+ReportMaker = Callable[[set[int]], Sequence[NewMessage]]
+"""Given the ids of the entries whose outcome is being recorded, the reports to write in
+the same transaction (called inside it: it must do no I/O)."""
+
+
+@dataclass(frozen=True)
+class Recorded:
+    updated: set[int]
+    """Entries whose outcome was recorded (an entry whose claim was taken over by another
+    worker, or deleted, is left alone)."""
+    reports: list[StoredMessage]
+    """The reports written with the outcomes."""
+
+
+async def record(
+    engine: AsyncEngine, outcomes: Sequence[Outcome], reports: ReportMaker | None = None
+) -> Recorded:
+    """Record outcomes of claimed entries and, in the same transaction, the reports
+    ``reports`` makes for those actually recorded."""
     if not outcomes:
-        return set()
-    updated: set[int] = set()
-    async with write_transaction(engine) as conn:
+        return Recorded(set(), [])
+
+    def work(conn: Connection) -> Recorded:
+        updated: set[int] = set()
         for outcome in outcomes:
-            values: dict[str, object] = {
-                "state": outcome.state,
-                "last_error": outcome.error,
-                "claim_token": None,
-            }
-            if outcome.remote_mta is not None:
-                values["remote_mta"] = outcome.remote_mta[:255]
-            if outcome.next_attempt_at is not None:
-                values["next_attempt_at"] = outcome.next_attempt_at
-            if outcome.delay_reported:
-                values["delay_reported"] = True
-            result = await conn.execute(
-                update(outbound_queue)
-                .where(
-                    outbound_queue.c.id == outcome.entry_id,
-                    outbound_queue.c.state == "sending",
-                    outbound_queue.c.claim_token == outcome.claim_token,
-                )
-                .values(**values)
-            )
-            if result.rowcount != 1:
-                continue
-            updated.add(outcome.entry_id)
-            if outcome.state != "queued":
-                entry = await conn.execute(
-                    select(outbound_queue.c.envelope_id, outbound_queue.c.address).where(
-                        outbound_queue.c.id == outcome.entry_id
-                    )
-                )
-                envelope_id, address = entry.one()
-                await conn.execute(
-                    update(envelope_recipients)
-                    .where(
-                        envelope_recipients.c.envelope_id == envelope_id,
-                        envelope_recipients.c.address == address,
-                    )
-                    .values(status="relayed" if outcome.state == "delivered" else "failed")
-                )
-    return updated
+            if _record_one(conn, outcome):
+                updated.add(outcome.entry_id)
+        made = list(reports(updated)) if reports is not None and updated else []
+        stored = write_batch(conn, made) if made else []
+        return Recorded(updated, [s for s in stored if s is not None])
+
+    return await run_write(engine, work)
+
+
+def _record_one(conn: Connection, outcome: Outcome) -> bool:
+    values: dict[str, object] = {
+        "state": outcome.state,
+        "last_error": outcome.error,
+        "claim_token": None,
+    }
+    if outcome.remote_mta is not None:
+        values["remote_mta"] = outcome.remote_mta[:255]
+    if outcome.next_attempt_at is not None:
+        values["next_attempt_at"] = outcome.next_attempt_at
+    if outcome.delay_reported:
+        values["delay_reported"] = True
+    result = conn.execute(
+        update(outbound_queue)
+        .where(
+            outbound_queue.c.id == outcome.entry_id,
+            outbound_queue.c.state == "sending",
+            outbound_queue.c.claim_token == outcome.claim_token,
+        )
+        .values(**values)
+    )
+    if result.rowcount != 1:
+        return False
+    if outcome.state != "queued":
+        recipient = select(outbound_queue.c.recipient_id).where(
+            outbound_queue.c.id == outcome.entry_id
+        )
+        conn.execute(
+            update(envelope_recipients)
+            .where(envelope_recipients.c.id == recipient.scalar_subquery())
+            .values(status="relayed" if outcome.state == "delivered" else "failed")
+        )
+    return True
 
 
 async def release(engine: AsyncEngine, entries: Sequence[tuple[int, str]]) -> None:

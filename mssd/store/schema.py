@@ -302,8 +302,10 @@ annuaire_publications = Table(
     UniqueConstraint("mailbox_id", "target"),
 )
 
-# The outbound queue (migration 0005): one entry per (envelope, remote recipient), written
-# in the transaction that stores the message. ``state``: queued (waiting for
+# The outbound queue (migrations 0005, 0008): one entry per remote recipient of an
+# envelope, written in the transaction that stores the message. What the recipient is
+# (address, NOTIFY, ORCPT) and when the message arrived are in envelope_recipients and
+# envelopes; an entry holds only its delivery state. ``state``: queued (waiting for
 # ``next_attempt_at``), sending (claimed by a worker until ``next_attempt_at``, its lease),
 # delivered, failed. ``claim_token`` identifies the claim, so a worker whose lease ran out
 # cannot overwrite the outcome of the worker that took the entry over.
@@ -311,11 +313,13 @@ outbound_queue = Table(
     "outbound_queue",
     metadata,
     Column("id", Integer, primary_key=True),
-    Column("envelope_id", String(32), ForeignKey("envelopes.id"), nullable=False, index=True),
-    Column("address", String(320), nullable=False),
-    Column("domain", String(253), nullable=False),
-    Column("dsn_notify", String(64)),
-    Column("dsn_orcpt", String(500)),
+    Column(
+        "recipient_id",
+        Integer,
+        ForeignKey("envelope_recipients.id"),
+        nullable=False,
+        unique=True,
+    ),
     Column("state", String(16), nullable=False),
     Column("attempts", Integer, nullable=False),
     Column("next_attempt_at", Timestamp, nullable=False),
@@ -324,7 +328,6 @@ outbound_queue = Table(
     Column("remote_mta", String(255)),
     Column("claim_token", String(32)),
     Column("delay_reported", Boolean, nullable=False),
-    Column("created_at", Timestamp, nullable=False),
     CheckConstraint("state IN ('queued', 'sending', 'delivered', 'failed')", name="state"),
     Index("ix_outbound_queue_state_next_attempt_at", "state", "next_attempt_at"),
 )

@@ -122,15 +122,20 @@ def client_context(
     key_file: Path | None = None,
     check_hostname: bool = True,
     crl_file: Path | None = None,
+    partial_chain: bool = False,
 ) -> ssl.SSLContext:
     """A context for outgoing connections (relay to other operators, DMP, directory).
 
     The server is always verified: against ``ca_file`` (the IGC-Santé roots), or the system
     store when it is None. ``cert_file``/``key_file`` is our own certificate for mutual TLS.
+    With ``partial_chain``, every certificate of ``ca_file`` is a trust anchor, a root or
+    not (OpenSSL's partial-chain mode, as ``mssd.trust.verify`` reads a CA file).
     """
     context = _base_context(server=False)
     context.check_hostname = check_hostname
     context.verify_mode = ssl.CERT_REQUIRED
+    if partial_chain:
+        context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
     if ca_file is not None:
         _load_trust(context, ca_file, crl_file)
     elif crl_file is not None:
