@@ -248,25 +248,89 @@ async def run_write(engine: AsyncEngine, work: Callable[[Connection], T]) -> T:
     """Run ``work`` as one write transaction on a synchronous connection:
     committed when it returns, rolled back when it raises.
 
-    On a SQLite file the whole transaction runs in one call on a thread of its
-    own (stdlib ``sqlite3``, same PRAGMAs, ``BEGIN IMMEDIATE``), in turn with
-    this process's other writers (:func:`writer_lock`): one hand-over between
-    threads per transaction instead of one per statement. Elsewhere it runs
+    On a SQLite file it runs on a thread of its own (stdlib ``sqlite3``, same
+    PRAGMAs, ``BEGIN IMMEDIATE``), in turn with this process's other writers
+    (:func:`writer_lock`), and the works that arrive while one transaction
+    runs share the next one (:class:`_WriteBatches`): one hand-over between
+    threads and one ``fsync`` for all of them, each in a savepoint of its own
+    so that one failing leaves the others as they were. Elsewhere it runs
     through ``AsyncConnection.run_sync`` in :func:`write_transaction`."""
     writer = _sqlite_writer(engine)
     if writer is None:
         async with write_transaction(engine) as conn:
             return await conn.run_sync(work)
-    sync_engine, executor = writer
+    batches: _WriteBatches | None = getattr(engine.sync_engine, "_mssd_write_batches", None)
+    loop = asyncio.get_running_loop()
+    if batches is None or batches.loop is not loop:
+        batches = _WriteBatches(engine, *writer)
+        engine.sync_engine._mssd_write_batches = batches  # type: ignore[attr-defined]
+    return await batches.submit(work)
 
-    def transaction() -> T:
-        with sync_engine.connect() as conn:
+
+class _WriteBatches:
+    """Group commit for :func:`run_write` on SQLite: while a transaction runs on
+    the writer thread, the works submitted meanwhile wait, and then run
+    together in the next one. An idle store adds no delay: a work submitted
+    while nothing runs starts at once."""
+
+    def __init__(
+        self, engine: AsyncEngine, writer: Engine, executor: concurrent.futures.ThreadPoolExecutor
+    ) -> None:
+        self._engine = engine
+        self._writer = writer
+        self._executor = executor
+        self.loop = asyncio.get_running_loop()
+        self._pending: list[tuple[Callable[[Connection], Any], asyncio.Future[Any]]] = []
+        self._running: asyncio.Task[None] | None = None
+
+    async def submit(self, work: Callable[[Connection], T]) -> T:
+        future: asyncio.Future[T] = self.loop.create_future()
+        self._pending.append((work, future))
+        if self._running is None:
+            self._running = self.loop.create_task(self._drain(), name="mssd-sqlite-writes")
+        return await future
+
+    async def _drain(self) -> None:
+        try:
+            while self._pending:
+                batch, self._pending = self._pending, []
+                try:
+                    async with writer_lock(self._engine):
+                        outcomes = await self.loop.run_in_executor(
+                            self._executor, self._transaction, [work for work, _ in batch]
+                        )
+                except BaseException as error:  # the COMMIT (or BEGIN) failed: nothing stays
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_exception(error)
+                    if not isinstance(error, Exception):
+                        raise
+                    continue
+                for (_, future), (ok, value) in zip(batch, outcomes, strict=True):
+                    if future.done():
+                        continue
+                    if ok:
+                        future.set_result(value)
+                    else:
+                        future.set_exception(value)
+        finally:
+            self._running = None
+
+    def _transaction(self, works: list[Callable[[Connection], Any]]) -> list[tuple[bool, Any]]:
+        outcomes: list[tuple[bool, Any]] = []
+        with self._writer.connect() as conn:
             conn.execution_options(mssd_write=True)
             with conn.begin():
-                return work(conn)
-
-    async with writer_lock(engine):
-        return await asyncio.get_running_loop().run_in_executor(executor, transaction)
+                for work in works:
+                    if len(works) == 1:
+                        outcomes.append((True, work(conn)))  # as a transaction of its own
+                        continue
+                    try:
+                        with conn.begin_nested():
+                            outcomes.append((True, work(conn)))
+                    except Exception as error:
+                        outcomes.append((False, error))
+        return outcomes
 
 
 def _alembic_config(connection: Connection | None = None) -> Config:
