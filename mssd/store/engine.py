@@ -329,6 +329,10 @@ class _WriteBatches:
                         with conn.begin_nested():
                             outcomes.append((True, work(conn)))
                     except Exception as error:
+                        if not conn.connection.driver_connection.in_transaction:  # type: ignore[union-attr]
+                            # SQLite undid the whole transaction (disk full, I/O
+                            # error): every work of the batch fails with it.
+                            raise
                         outcomes.append((False, error))
         return outcomes
 
