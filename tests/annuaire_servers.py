@@ -229,6 +229,14 @@ class TlsOnlyServer:
             except (ssl.SSLError, OSError) as error:
                 self.outcomes.append(f"handshake failed: {error}")
 
+    def wait_for_outcomes(self, timeout: float = 5.0) -> list[str]:
+        """The outcomes, once the server has recorded at least one (its thread
+        records a handshake after the client may already have given up)."""
+        deadline = time.monotonic() + timeout
+        while not self.outcomes and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return list(self.outcomes)
+
     def close(self) -> None:
         self._stop.set()
         self._thread.join()

@@ -409,8 +409,9 @@ async def test_ldap_tls_follows_the_mssante_policy(test_pki: PkiBundle) -> None:
     try:
         with pytest.raises(DirectoryError, match=f"LDAP server ldaps://localhost:{server.port}"):
             await backend.by_address(LISTED[0].address)
-        assert server.outcomes
-        assert all(o.startswith("handshake failed") for o in server.outcomes), server.outcomes
+        outcomes = server.wait_for_outcomes()
+        assert outcomes
+        assert all(o.startswith("handshake failed") for o in outcomes), outcomes
     finally:
         await backend.close()
         server.close()
