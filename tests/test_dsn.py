@@ -172,3 +172,25 @@ def test_dot_stuffing_and_xtext_and_backoff() -> None:
     waits = [backoff_seconds(n, settings, rng) for n in (1, 2, 3, 4, 5, 9)]
     for wait, nominal in zip(waits, (60, 120, 240, 480, 600, 600), strict=True):
         assert nominal * 0.8 <= wait <= nominal * 1.2
+
+
+@pytest.mark.parametrize(
+    ("header", "subject"),
+    [
+        (b"Subject: =?utf-8?q?R=C3=A9sultats?=\r\n", "Résultats"),
+        # RFC 5322 §2.2.3: unfolded, and no line break of the message left in it.
+        (b"Subject: Compte rendu\r\n de biologie\r\n", "Compte rendu de biologie"),
+        (b"Subject: Compte rendu\r\n", "Compte rendu"),
+    ],
+)
+def test_the_report_quotes_the_subject_without_line_breaks(header: bytes, subject: str) -> None:
+    report = build_report(
+        reporting_mta="mx.a.mssd.test",
+        message=ReportedMessage(
+            "E1", "docteur@a.mssd.test", header + b"X-A: 1\r\n\r\nCorps\r\n", ARRIVAL, None, None
+        ),
+        recipients=[RecipientStatus("confrere@b.mssd.test", "failed", "5.1.1")],
+    )
+    text = _parse(report).get_body(("plain",)).get_content()
+    assert f"objet « {subject} »." in text
+    assert f'subject "{subject}".' in text

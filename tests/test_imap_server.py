@@ -63,6 +63,8 @@ def test_starttls_then_login_and_capabilities(mssd: MssdProcess) -> None:
     assert "AUTH=PLAIN" in client.capabilities
     typ, data = client.login(PER2, PASSWORD)
     assert typ == "OK" and b"CAPABILITY IMAP4rev1" in data[0]
+    # RFC 3502 §3: APPEND of several messages is advertised (APPEND takes them all or none).
+    assert b" MULTIAPPEND " in data[0]
     client.logout()
 
 

@@ -102,10 +102,13 @@ def _header_block(content: bytes) -> bytes:
 
 
 def _subject(content: bytes) -> str | None:
-    match = re.search(rb"^subject:[ \t]*(.*(?:\r\n[ \t].*)*)", _header_block(content), re.I | re.M)
+    # RFC 5322 §2.2.3: a folded field goes on over lines that start with white space.
+    match = re.search(
+        rb"^subject:[ \t]*([^\r\n]*(?:\r?\n[ \t][^\r\n]*)*)", _header_block(content), re.I | re.M
+    )
     if match is None:
         return None
-    raw = match[1].replace(b"\r\n", b"").decode("utf-8", "replace")
+    raw = re.sub(rb"\r?\n", b"", match[1]).decode("utf-8", "replace")
     try:
         decoded = str(email.header.make_header(email.header.decode_header(raw)))
     except (ValueError, LookupError):

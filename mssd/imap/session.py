@@ -145,6 +145,7 @@ class Session:
         # RFC 9051 §6.1.1: both revisions; a session is rev1 until it enables rev2.
         caps = ["IMAP4rev1", "IMAP4rev2", "LITERAL+", "SASL-IR", "ID", "ENABLE", "IDLE"]
         caps += ["NAMESPACE", "UIDPLUS", "MOVE", "UNSELECT", "CHILDREN", "SPECIAL-USE"]
+        caps += ["MULTIAPPEND"]  # RFC 3502: APPEND takes several messages, all or none
         caps += ["CONDSTORE", "QRESYNC", "ESEARCH", "SEARCHRES", "BINARY", "UTF8=ACCEPT"]
         caps += ["LIST-EXTENDED", "LIST-STATUS", "STATUS=SIZE"]
         caps += ["SORT", "SORT=DISPLAY", "THREAD=REFERENCES", "THREAD=ORDEREDSUBJECT"]
