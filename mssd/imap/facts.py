@@ -30,8 +30,6 @@ class FactCache:
     def __init__(self, max_entries: int) -> None:
         self.max_entries = max_entries
         self._rows: OrderedDict[tuple[int, int], MessageRow] = OrderedDict()
-        self.hits = 0
-        self.misses = 0
 
     def __len__(self) -> int:
         return len(self._rows)
@@ -55,8 +53,6 @@ class FactCache:
             elif present(uid):
                 cached.move_to_end((folder_id, uid))
                 found[uid] = row
-        self.hits += len(found)
-        self.misses += len(missing)
         if missing:
             for row in await store.messages(folder_id, missing):
                 found[row.uid] = row

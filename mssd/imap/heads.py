@@ -60,8 +60,6 @@ class HeadCache:
         self.max_bytes = max_bytes
         self._entries: OrderedDict[str, Head] = OrderedDict()
         self._size = 0
-        self.hits = 0
-        self.misses = 0
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -91,8 +89,6 @@ class HeadCache:
             else:
                 self._entries.move_to_end(row.sha256)
                 found[row.sha256] = head
-        self.hits += len(found)
-        self.misses += len(missing)
         if not missing:
             return found
         longer: list[str] = []
