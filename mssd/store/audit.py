@@ -11,10 +11,11 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import Connection, select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from mssd.store.engine import write_transaction
+from mssd.store.fastpath import FastInsert
 from mssd.store.records import AuditEvent
 from mssd.store.schema import audit
 
@@ -29,6 +30,16 @@ def audit_row(event: AuditEvent) -> dict[str, Any]:
         "result": event.result,
         "details": json.dumps(event.details, sort_keys=True, ensure_ascii=False),
     }
+
+
+_INSERT_AUDIT = FastInsert(audit)
+
+
+def write_audit_rows(conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
+    """Write :func:`audit_row` rows inside the caller's transaction (synchronous
+    form, through the fast path: the group committer writes one for every
+    authentication and every IMAP content fetch)."""
+    _INSERT_AUDIT.rows(conn, rows)
 
 
 async def insert_audit(conn: AsyncConnection, *events: AuditEvent) -> None:

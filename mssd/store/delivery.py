@@ -40,12 +40,11 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from mssd.store import quota
-from mssd.store.audit import audit_row
+from mssd.store.audit import audit_row, write_audit_rows
 from mssd.store.engine import run_write
 from mssd.store.quota import OverQuota, Refusal
 from mssd.store.records import AuditEvent
 from mssd.store.schema import (
-    audit,
     blobs,
     envelope_recipients,
     envelopes,
@@ -136,7 +135,6 @@ _ADVANCE_FOLDER = (
 _INSERT_ENVELOPE = envelopes.insert()
 _INSERT_RECIPIENT = envelope_recipients.insert()
 _INSERT_PLACEMENT = placements.insert()
-_INSERT_AUDIT = audit.insert()
 # One queue entry per recipient left to the relay, referring to its recipient row (the
 # rows' ids are not known before they are inserted: read back in the same statement).
 _INSERT_QUEUE = outbound_queue.insert().from_select(
@@ -183,7 +181,7 @@ def write_batch(conn: Connection, items: Sequence[Item]) -> list[StoredMessage |
         for message, written in due
     }
     if audit_rows:
-        conn.execute(_INSERT_AUDIT, audit_rows)
+        write_audit_rows(conn, audit_rows)
     results: list[StoredMessage | None] = []
     found = iter(stored)
     for item in items:

@@ -52,6 +52,7 @@ from mssd.store.audit import insert_audit
 from mssd.store.changes import FlagState, FolderChange, FolderDelta
 from mssd.store.delivery import INSERT_BLOB
 from mssd.store.engine import run_read, run_write, write_transaction
+from mssd.store.fastpath import FastInsert, FastStatement
 from mssd.store.messages import as_utc
 from mssd.store.quota import OverQuota, QuotaInfo
 from mssd.store.records import AuditEvent
@@ -184,20 +185,19 @@ class _Namespace:
     """The account owns the mailbox (else it is a delegate)."""
 
 
-_ADVANCE = (
+# The statements of the IMAP hot paths, built once and run through the fast path
+# (fastpath.py: compiled by SQLAlchemy once per dialect, executed on the DBAPI
+# connection without Connection.execute's per-call machinery). Rows are tuples.
+_ADVANCE = FastStatement(
     update(folders)
     .where(folders.c.id == bindparam("b_id"))
     .values(uidnext=bindparam("b_uidnext"), highestmodseq=bindparam("b_modseq"))
 )
-_SET_FLAGS = (
+_SET_FLAGS = FastStatement(
     update(placements)
     .where(placements.c.folder_id == bindparam("b_folder"), placements.c.uid == bindparam("b_uid"))
     .values(flags=bindparam("b_flags"), modseq=bindparam("b_modseq"))
 )
-
-
-# Statements built once: SQLAlchemy then reuses their compiled form without
-# rebuilding the expression or its cache key at each call (the IMAP hot paths).
 _MESSAGE_COLUMNS = (
     placements.c.uid,
     placements.c.flags,
@@ -206,7 +206,7 @@ _MESSAGE_COLUMNS = (
     placements.c.size,
     placements.c.blob_sha256,
 )
-_MESSAGES_IN = (
+_MESSAGES_IN = FastStatement(
     select(*_MESSAGE_COLUMNS)
     .where(
         placements.c.folder_id == bindparam("b_folder"),
@@ -214,7 +214,7 @@ _MESSAGES_IN = (
     )
     .order_by(placements.c.uid)
 )
-_MESSAGES_BETWEEN = (
+_MESSAGES_BETWEEN = FastStatement(
     select(*_MESSAGE_COLUMNS)
     .where(
         placements.c.folder_id == bindparam("b_folder"),
@@ -222,7 +222,7 @@ _MESSAGES_BETWEEN = (
     )
     .order_by(placements.c.uid)
 )
-_CHANGED = (
+_CHANGED = FastStatement(
     select(*_MESSAGE_COLUMNS)
     .where(
         placements.c.folder_id == bindparam("b_folder"),
@@ -230,25 +230,78 @@ _CHANGED = (
     )
     .order_by(placements.c.uid)
 )
-_EXPUNGED = select(expunges.c.uid, expunges.c.modseq).where(
-    expunges.c.folder_id == bindparam("b_folder"), expunges.c.modseq > bindparam("b_modseq")
+_EXPUNGED = FastStatement(
+    select(expunges.c.uid, expunges.c.modseq).where(
+        expunges.c.folder_id == bindparam("b_folder"), expunges.c.modseq > bindparam("b_modseq")
+    )
 )
-_BLOBS = select(blobs.c.sha256, blobs.c.data).where(
-    blobs.c.sha256.in_(bindparam("b_digests", expanding=True))
+_BLOBS = FastStatement(
+    select(blobs.c.sha256, blobs.c.data).where(
+        blobs.c.sha256.in_(bindparam("b_digests", expanding=True))
+    )
 )
-_BLOB_HEADS = select(blobs.c.sha256, func.substr(blobs.c.data, 1, bindparam("b_limit"))).where(
-    blobs.c.sha256.in_(bindparam("b_digests", expanding=True))
+_BLOB_HEADS = FastStatement(
+    select(blobs.c.sha256, func.substr(blobs.c.data, 1, bindparam("b_limit"))).where(
+        blobs.c.sha256.in_(bindparam("b_digests", expanding=True))
+    )
 )
-_FOLDER_BY_NAME = select(folders).where(
-    folders.c.mailbox_id == bindparam("b_mailbox"), folders.c.name == bindparam("b_name")
+_SNAPSHOT = FastStatement(
+    select(
+        folders.c.uidvalidity,
+        folders.c.uidnext,
+        folders.c.highestmodseq,
+        placements.c.uid,
+        placements.c.flags,
+        placements.c.modseq,
+    )
+    .select_from(folders.outerjoin(placements, placements.c.folder_id == folders.c.id))
+    .where(folders.c.id == bindparam("b_folder"))
+    .order_by(placements.c.uid)
+)
+_OWN_MAILBOXES = FastStatement(
+    select(mailboxes.c.id, mailboxes.c.address)
+    .where(mailboxes.c.account_id == bindparam("b_account"), mailboxes.c.status == "active")
+    .order_by(mailboxes.c.id)
+)
+_DELEGATED_MAILBOXES = FastStatement(
+    select(mailboxes.c.id, mailboxes.c.address, delegations.c.rights)
+    .join(delegations, delegations.c.mailbox_id == mailboxes.c.id)
+    .where(
+        delegations.c.account_id == bindparam("b_account"),
+        mailboxes.c.status == "active",
+        mailboxes.c.bal_type.in_(("ORG", "CAB")),
+    )
+    .order_by(mailboxes.c.address)
+)
+_FOLDER_COLUMNS = (
+    folders.c.id,
+    folders.c.mailbox_id,
+    folders.c.name,
+    folders.c.special_use,
+    folders.c.subscribed,
+    folders.c.uidvalidity,
+    folders.c.uidnext,
+    folders.c.highestmodseq,
+)
+"""What :meth:`MailStore._info` reads, in this order."""
+_FOLDER_BY_NAME = FastStatement(
+    select(*_FOLDER_COLUMNS).where(
+        folders.c.mailbox_id == bindparam("b_mailbox"), folders.c.name == bindparam("b_name")
+    )
+)
+_FOLDERS_OF = FastStatement(
+    select(*_FOLDER_COLUMNS)
+    .where(folders.c.mailbox_id.in_(bindparam("b_mailboxes", expanding=True)))
+    .order_by(folders.c.name)
 )
 _FOLDER_COUNTERS = (
     select(folders.c.id, folders.c.uidnext, folders.c.highestmodseq)
     .where(folders.c.id.in_(bindparam("b_ids", expanding=True)))
     .order_by(folders.c.id)
 )
-_LOCK_FOLDER_COUNTERS = _FOLDER_COUNTERS.with_for_update()
-_PLACEMENT_FLAGS = (
+_READ_COUNTERS = FastStatement(_FOLDER_COUNTERS)
+_LOCK_COUNTERS = FastStatement(_FOLDER_COUNTERS.with_for_update())
+_PLACEMENT_FLAGS = FastStatement(
     select(placements.c.uid, placements.c.flags, placements.c.modseq)
     .where(
         placements.c.folder_id == bindparam("b_folder"),
@@ -256,18 +309,23 @@ _PLACEMENT_FLAGS = (
     )
     .order_by(placements.c.uid)
 )
-_INSERT_PLACEMENTS = insert(placements)
-_INSERT_EXPUNGES = insert(expunges)
-_DELETE_PLACEMENTS = delete(placements).where(
-    placements.c.folder_id == bindparam("b_folder"),
-    placements.c.uid.in_(bindparam("b_uids", expanding=True)),
+_INSERT_PLACEMENTS = FastInsert(placements)
+_INSERT_EXPUNGES = FastInsert(expunges)
+_DELETE_PLACEMENTS = FastStatement(
+    delete(placements).where(
+        placements.c.folder_id == bindparam("b_folder"),
+        placements.c.uid.in_(bindparam("b_uids", expanding=True)),
+    )
 )
-_DELETED = select(placements.c.uid, placements.c.flags, placements.c.size).where(
+_DELETED_WHERE = select(placements.c.uid, placements.c.flags, placements.c.size).where(
     placements.c.folder_id == bindparam("b_folder"),
     placements.c.flags.contains("\\Deleted", autoescape=True),
 )
-_DELETED_IN = _DELETED.where(placements.c.uid.in_(bindparam("b_uids", expanding=True)))
-_TRANSFERRED = (
+_DELETED = FastStatement(_DELETED_WHERE)
+_DELETED_IN = FastStatement(
+    _DELETED_WHERE.where(placements.c.uid.in_(bindparam("b_uids", expanding=True)))
+)
+_TRANSFERRED = FastStatement(
     select(
         placements.c.uid,
         placements.c.blob_sha256,
@@ -293,8 +351,8 @@ def _lock_folders(conn: Connection, ids: Iterable[int]) -> dict[int, _Counters]:
     """Lock the folders' rows (PostgreSQL; SQLite's write lock covers them) and
     read their counters. From async code: ``await conn.run_sync(_lock_folders, ids)``."""
     wanted = sorted(set(ids))
-    query = _LOCK_FOLDER_COUNTERS if _postgres(conn) else _FOLDER_COUNTERS
-    rows = conn.execute(query, {"b_ids": wanted})
+    query = _LOCK_COUNTERS if _postgres(conn) else _READ_COUNTERS
+    rows = query.rows(conn, {"b_ids": wanted})
     found = {row[0]: _Counters(row[1], row[2]) for row in rows}
     if len(found) != len(wanted):
         raise MailStoreError("NONEXISTENT", "no such folder (deleted meanwhile?)")
@@ -302,8 +360,8 @@ def _lock_folders(conn: Connection, ids: Iterable[int]) -> dict[int, _Counters]:
 
 
 def _save(conn: Connection, counters: dict[int, _Counters]) -> None:
-    conn.execute(
-        _ADVANCE,
+    _ADVANCE.execute_many(
+        conn,
         [
             {"b_id": folder_id, "b_uidnext": c.uidnext, "b_modseq": c.highestmodseq}
             for folder_id, c in counters.items()
@@ -319,8 +377,8 @@ def _expunge_locked(
     ordered = sorted(set(uids))
     if not ordered:
         return
-    conn.execute(
-        _INSERT_EXPUNGES,
+    _INSERT_EXPUNGES.rows(
+        conn,
         [
             {
                 "folder_id": folder_id,
@@ -332,7 +390,7 @@ def _expunge_locked(
         ],
     )
     for chunk in _chunks(ordered):
-        conn.execute(_DELETE_PLACEMENTS, {"b_folder": folder_id, "b_uids": chunk})
+        _DELETE_PLACEMENTS.execute(conn, {"b_folder": folder_id, "b_uids": chunk})
 
 
 async def _lock_mailbox(conn: AsyncConnection, mailbox_id: int) -> int:
@@ -411,28 +469,16 @@ class MailStore:
 
     @staticmethod
     def _namespaces_sync(conn: Connection, account_id: int) -> list[_Namespace]:
-        own = conn.execute(
-            select(mailboxes.c.id, mailboxes.c.address)
-            .where(mailboxes.c.account_id == account_id, mailboxes.c.status == "active")
-            .order_by(mailboxes.c.id)
-        )
+        own = _OWN_MAILBOXES.rows(conn, {"b_account": account_id})
         spaces = [
             _Namespace(
                 mailbox_id, address, OWNER_RIGHTS, "" if index == 0 else _shared(address), True
             )
             for index, (mailbox_id, address) in enumerate(own)
         ]
-        shared = conn.execute(
-            select(mailboxes.c.id, mailboxes.c.address, delegations.c.rights)
-            .join(delegations, delegations.c.mailbox_id == mailboxes.c.id)
-            .where(
-                delegations.c.account_id == account_id,
-                mailboxes.c.status == "active",
-                mailboxes.c.bal_type.in_(("ORG", "CAB")),
-            )
-            .order_by(mailboxes.c.address)
-        )
-        for mailbox_id, address, rights in shared:
+        for mailbox_id, address, rights in _DELEGATED_MAILBOXES.rows(
+            conn, {"b_account": account_id}
+        ):
             # RFC 4314 §4: without "l" the mailbox does not exist for this account.
             if "l" in rights:
                 spaces.append(_Namespace(mailbox_id, address, rights, _shared(address), False))
@@ -456,34 +502,35 @@ class MailStore:
             raise MailStoreError("NONEXISTENT", "this account has no active mailbox")
         return primary, _normalise(name)
 
-    def _info(self, space: _Namespace, row: Any) -> FolderInfo:
+    def _info(self, space: _Namespace, row: tuple[Any, ...]) -> FolderInfo:
+        """``row``: the :data:`_FOLDER_COLUMNS` of one folder."""
+        folder_id, _, name, special_use, subscribed, uidvalidity, uidnext, highestmodseq = row
         return FolderInfo(
-            id=row.id,
+            id=folder_id,
             mailbox_id=space.mailbox_id,
             mailbox_address=space.address,
-            name=space.prefix + row.name,
-            special_use=row.special_use,
+            name=space.prefix + name,
+            special_use=special_use,
             # Subscriptions live on the folder row, i.e. belong to the mailbox's
             # owner: a delegate's shared folders always show as subscribed.
-            subscribed=bool(row.subscribed) or not space.owned,
-            uidvalidity=row.uidvalidity,
-            uidnext=row.uidnext,
-            highestmodseq=row.highestmodseq,
+            subscribed=bool(subscribed) or not space.owned,
+            uidvalidity=uidvalidity,
+            uidnext=uidnext,
+            highestmodseq=highestmodseq,
             rights=space.rights,
         )
 
     async def folders(self, account_id: int) -> list[FolderInfo]:
-        def work(conn: Connection) -> tuple[list[_Namespace], list[Any]]:
+        def work(conn: Connection) -> tuple[list[_Namespace], list[tuple[Any, ...]]]:
             spaces = self._namespaces_sync(conn, account_id)
             if not spaces:
                 return [], []
             ids = [space.mailbox_id for space in spaces]
-            query = select(folders).where(folders.c.mailbox_id.in_(ids)).order_by(folders.c.name)
-            return spaces, list(conn.execute(query))
+            return spaces, _FOLDERS_OF.rows(conn, {"b_mailboxes": ids})
 
         spaces, rows = await run_read(self._engine, work)
         by_mailbox = {space.mailbox_id: space for space in spaces}
-        found = [self._info(by_mailbox[row.mailbox_id], row) for row in rows]
+        found = [self._info(by_mailbox[row[1]], row) for row in rows]
         order = {space.mailbox_id: index for index, space in enumerate(spaces)}
         # Each mailbox's INBOX first, then its folders by name.
         found.sort(
@@ -501,9 +548,8 @@ class MailStore:
                 space, stored = self._resolve(self._namespaces_sync(conn, account_id), name)
             except MailStoreError:
                 return None
-            row = conn.execute(_FOLDER_BY_NAME, {"b_mailbox": space.mailbox_id, "b_name": stored})
-            found = row.one_or_none()
-            return None if found is None else self._info(space, found)
+            found = _FOLDER_BY_NAME.rows(conn, {"b_mailbox": space.mailbox_id, "b_name": stored})
+            return self._info(space, found[0]) if found else None
 
         return await run_read(self._engine, work)
 
@@ -743,20 +789,9 @@ class MailStore:
 
     async def snapshot(self, folder_id: int) -> FolderSnapshot:
         """One statement, so one consistent view on either backend."""
-        query = (
-            select(
-                folders.c.uidvalidity,
-                folders.c.uidnext,
-                folders.c.highestmodseq,
-                placements.c.uid,
-                placements.c.flags,
-                placements.c.modseq,
-            )
-            .select_from(folders.outerjoin(placements, placements.c.folder_id == folders.c.id))
-            .where(folders.c.id == folder_id)
-            .order_by(placements.c.uid)
+        rows = await run_read(
+            self._engine, lambda conn: _SNAPSHOT.rows(conn, {"b_folder": folder_id})
         )
-        rows = await run_read(self._engine, lambda conn: conn.execute(query).all())
         if not rows:
             raise MailStoreError("NONEXISTENT", f"no folder {folder_id}")
         uidvalidity, uidnext, highestmodseq = rows[0][0], rows[0][1], rows[0][2]
@@ -780,13 +815,13 @@ class MailStore:
                 # A dense set (a whole folder, the newest messages): one range
                 # query rather than lists of parameters.
                 wanted = set(uids)
-                rows = conn.execute(
-                    _MESSAGES_BETWEEN, {"b_folder": folder_id, "b_low": low, "b_high": high}
+                rows = _MESSAGES_BETWEEN.rows(
+                    conn, {"b_folder": folder_id, "b_low": low, "b_high": high}
                 )
                 return [self._message_row(row) for row in rows if row[0] in wanted]
             found: list[MessageRow] = []
             for chunk in _chunks(uids):
-                rows = conn.execute(_MESSAGES_IN, {"b_folder": folder_id, "b_uids": chunk})
+                rows = _MESSAGES_IN.rows(conn, {"b_folder": folder_id, "b_uids": chunk})
                 found.extend(self._message_row(row) for row in rows)
             return found
 
@@ -801,7 +836,7 @@ class MailStore:
         def work(conn: Connection) -> dict[str, bytes]:
             found: dict[str, bytes] = {}
             for start in range(0, len(wanted), _CHUNK):
-                rows = conn.execute(_BLOBS, {"b_digests": wanted[start : start + _CHUNK]})
+                rows = _BLOBS.rows(conn, {"b_digests": wanted[start : start + _CHUNK]})
                 found.update((sha, bytes(data)) for sha, data in rows)
             return found
 
@@ -816,8 +851,8 @@ class MailStore:
         def work(conn: Connection) -> dict[str, bytes]:
             found: dict[str, bytes] = {}
             for start in range(0, len(wanted), _CHUNK):
-                rows = conn.execute(
-                    _BLOB_HEADS, {"b_digests": wanted[start : start + _CHUNK], "b_limit": limit}
+                rows = _BLOB_HEADS.rows(
+                    conn, {"b_digests": wanted[start : start + _CHUNK], "b_limit": limit}
                 )
                 found.update((sha, bytes(data)) for sha, data in rows)
             return found
@@ -845,8 +880,8 @@ class MailStore:
         where = {"b_folder": folder_id, "b_modseq": modseq}
 
         def work(conn: Connection) -> tuple[list[MessageRow], list[Any]]:
-            changed = [self._message_row(row) for row in conn.execute(_CHANGED, where)]
-            return changed, list(conn.execute(_EXPUNGED, where).tuples())
+            changed = [self._message_row(row) for row in _CHANGED.rows(conn, where)]
+            return changed, _EXPUNGED.rows(conn, where)
 
         # Both statements must see the same committed state.
         changed, expunged = await run_read(self._engine, work, snapshot=True)
@@ -883,7 +918,7 @@ class MailStore:
             folder = counters[folder_id]
             since = folder.highestmodseq
             for chunk in _chunks(uids):
-                rows = conn.execute(_PLACEMENT_FLAGS, {"b_folder": folder_id, "b_uids": chunk})
+                rows = _PLACEMENT_FLAGS.rows(conn, {"b_folder": folder_id, "b_uids": chunk})
                 for uid, stored, modseq in rows:
                     current = parse_flags(stored)
                     if unchanged_since is not None and modseq > unchanged_since:
@@ -900,8 +935,8 @@ class MailStore:
                     else:
                         updated.append(FlagState(uid, wanted, folder.next_modseq()))
             if updated:
-                conn.execute(
-                    _SET_FLAGS,
+                _SET_FLAGS.execute_many(
+                    conn,
                     [
                         {
                             "b_folder": folder_id,
@@ -932,11 +967,12 @@ class MailStore:
             since = counters[folder_id].highestmodseq
             candidates: list[tuple[int, str, int]] = []
             if uids is None:
-                candidates.extend(conn.execute(_DELETED, {"b_folder": folder_id}).tuples())
+                candidates.extend(_DELETED.rows(conn, {"b_folder": folder_id}))
             else:
                 for chunk in _chunks(uids):
-                    rows = conn.execute(_DELETED_IN, {"b_folder": folder_id, "b_uids": chunk})
-                    candidates.extend(rows.tuples())
+                    candidates.extend(
+                        _DELETED_IN.rows(conn, {"b_folder": folder_id, "b_uids": chunk})
+                    )
             sizes = {uid: size for uid, stored, size in candidates if "\\Deleted" in stored.split()}
             doomed = sorted(sizes)
             if doomed:
@@ -974,11 +1010,11 @@ class MailStore:
             target = counters[dst]
             rows: list[Any] = []
             for chunk in _chunks(uids):
-                rows.extend(conn.execute(_TRANSFERRED, {"b_folder": src, "b_uids": chunk}).all())
+                rows.extend(_TRANSFERRED.rows(conn, {"b_folder": src, "b_uids": chunk}))
             if not rows:
                 return [], []
             usage = quotas.lock_for_folders(conn, [src, dst])
-            total = sum(int(row.size) for row in rows)
+            total = sum(int(row[4]) for row in rows)
             if not (move and usage[src] is usage[dst]):
                 # RFC 9208 §4.3.1: refused if the target's quota root would go over.
                 # A MOVE inside one mailbox adds nothing: allowed even over quota
@@ -1005,7 +1041,7 @@ class MailStore:
             if move:
                 # Remove first: with src == dst the new rows must not be expunged.
                 _expunge_locked(conn, src, counters[src], [uid for uid, _ in pairs])
-            conn.execute(_INSERT_PLACEMENTS, new_rows)
+            _INSERT_PLACEMENTS.rows(conn, new_rows)
             _save(conn, counters)
             added = tuple(
                 FlagState(row["uid"], parse_flags(row["flags"]), row["modseq"]) for row in new_rows
@@ -1086,7 +1122,7 @@ class MailStore:
                 }
                 for state, sha, (content, _, moment) in zip(added, digests, messages, strict=True)
             ]
-            conn.execute(_INSERT_PLACEMENTS, rows)
+            _INSERT_PLACEMENTS.rows(conn, rows)
             _save(conn, counters)
             delta = FolderDelta(since, added)
             uids = [state.uid for state in added]
