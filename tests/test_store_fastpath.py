@@ -16,10 +16,13 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from mssd.store import mailstore as ms
+from mssd.store.audit import audit_row, write_audit_rows
 from mssd.store.engine import create_engine, dispose, run_read, run_write, upgrade
 from mssd.store.fastpath import FastInsert, FastStatement, size_class
+from mssd.store.records import AuditEvent
 from mssd.store.schema import (
     accounts,
+    audit,
     blobs,
     delegations,
     domains,
@@ -308,6 +311,48 @@ async def test_writes_store_what_sqlalchemy_stores(engine: AsyncEngine) -> None:
         assert counters[0][1:] == counters[1][1:]
         changes = [ms._EXPUNGED.rows(conn, {"b_folder": f, "b_modseq": 0}) for f in (2, 3)]
         assert changes[0] == changes[1] == [(4, 5), (5, 6), (6, 7)]
+
+    await run_read(engine, check, small=False)
+
+
+async def test_blobs_and_audit_rows_are_stored_as_sqlalchemy_stores_them(
+    engine: AsyncEngine,
+) -> None:
+    events = [
+        AuditEvent(
+            actor=f"user{i}@example.test",
+            action="imap.fetch",
+            target="INBOX",
+            remote="127.0.0.1",
+            details={"uid": i, "note": "é"} if i % 2 else {},
+            at=NOW + dt.timedelta(microseconds=i) if i % 3 else None,
+        )
+        for i in range(11)
+    ]
+    rows = [audit_row(event) for event in events]
+
+    def work(conn: Connection) -> None:
+        # Blobs: those stored already keep their bytes, new ones are added once.
+        fresh = [
+            {"sha256": digest(n), "size": 1, "data": b"other bytes", "created_at": NOW}
+            for n in (3, 40, 41, 40, 19, 42)
+        ]
+        ms._INSERT_BLOBS.rows(conn, fresh)
+        conn.execute(insert(audit), rows)
+        write_audit_rows(conn, rows)
+
+    await run_write(engine, work)
+
+    def check(conn: Connection) -> None:
+        query = select(blobs.c.sha256, blobs.c.data)
+        stored = {sha: bytes(data) for sha, data in conn.execute(query)}
+        assert len(stored) == 23
+        assert stored[digest(3)] == b"message 3" + b"\x00\xff" * 3
+        assert stored[digest(40)] == stored[digest(42)] == b"other bytes"
+        columns = [c for c in audit.c if c.name != "id"]
+        written = [tuple(row) for row in conn.execute(select(*columns).order_by(audit.c.id))]
+        assert len(written) == 22
+        assert_same(written[11:], written[:11])
 
     await run_read(engine, check, small=False)
 

@@ -46,11 +46,12 @@ from dataclasses import dataclass
 from typing import Any, Final, NoReturn
 
 from sqlalchemy import Connection, Table, bindparam, insert
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine.interfaces import DBAPICursor, Dialect
 from sqlalchemy.exc import InvalidRequestError, PendingRollbackError
 from sqlalchemy.sql import visitors
 from sqlalchemy.sql.compiler import SQLCompiler
-from sqlalchemy.sql.dml import Delete, Update
+from sqlalchemy.sql.dml import Delete, Insert, Update
 from sqlalchemy.sql.elements import BindParameter
 from sqlalchemy.sql.selectable import Select
 
@@ -157,9 +158,10 @@ def _arguments(plan: _Plan, params: Mapping[str, Any]) -> list[Any]:
     return arguments
 
 
-def _processed(plan: _Plan, rows: Sequence[Any]) -> list[Row]:
+def _processed(plan: _Plan, rows: list[Any]) -> list[Row]:
     if not plan.results:
-        return [tuple(row) for row in rows]
+        # sqlite3 rows are tuples already; asyncpg's are Records.
+        return rows if not rows or type(rows[0]) is tuple else list(map(tuple, rows))
     processed: list[Row] = []
     for row in rows:
         values = list(row)
@@ -207,6 +209,20 @@ def _failed(
         if isinstance(error, (dbapi.InvalidCachedStatementError, dbapi.InternalServerError)):
             invalidate()
     conn._handle_dbapi_exception(error, sql, arguments, cursor, None)
+
+
+def run_driver_sql(conn: Connection, sql: str) -> None:
+    """Run ``sql`` (no parameters, no rows) on the DBAPI connection, errors raised as
+    ``Connection.execute`` would: for the statements that manage the transaction
+    itself (BEGIN, SAVEPOINT...), so it checks none."""
+    dbapi_connection = conn.connection.dbapi_connection
+    assert dbapi_connection is not None
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute(sql)
+    except BaseException as error:
+        _failed(conn, error, sql, (), cursor)
+    cursor.close()
 
 
 def _execute(conn: Connection, sql: str, arguments: Any, *, many: bool, fetch: bool) -> Any:
@@ -300,10 +316,13 @@ class _InsertPlan:
 
 class FastInsert:
     """An INSERT of rows (mappings with the same keys, column names) into
-    ``table``, as multi-row ``VALUES`` statements of a few fixed row counts."""
+    ``table``, as multi-row ``VALUES`` statements of a few fixed row counts;
+    with ``skip_conflicts_on`` (columns of a unique index), ``ON CONFLICT DO
+    NOTHING`` (PostgreSQL, SQLite: a row whose key is stored already is left out)."""
 
-    def __init__(self, table: Table) -> None:
+    def __init__(self, table: Table, *, skip_conflicts_on: Sequence[str] = ()) -> None:
         self.table = table
+        self._conflicts = list(skip_conflicts_on)
         self._plans: weakref.WeakKeyDictionary[
             Dialect, dict[tuple[tuple[str, ...], int], _InsertPlan]
         ] = weakref.WeakKeyDictionary()
@@ -319,7 +338,7 @@ class FastInsert:
                 {key: bindparam(names[row, key], type_=self.table.c[key].type) for key in keys}
                 for row in range(count)
             ]
-            statement = insert(self.table).values(values if count > 1 else values[0])
+            statement = self._insert(dialect).values(values if count > 1 else values[0])
             compiled = _compile(statement, dialect, {})
             where = {name: place for place, name in names.items()}
             slots = tuple(
@@ -328,6 +347,17 @@ class FastInsert:
             )
             plan = plans[(keys, count)] = _InsertPlan(compiled.sql, slots)
         return plan
+
+    def _insert(self, dialect: Dialect) -> Insert:
+        if not self._conflicts:
+            return insert(self.table)
+        if dialect.name == "postgresql":
+            return postgresql.insert(self.table).on_conflict_do_nothing(
+                index_elements=self._conflicts
+            )
+        if dialect.name == "sqlite":
+            return sqlite.insert(self.table).on_conflict_do_nothing(index_elements=self._conflicts)
+        raise NotImplementedError(f"fast path: no ON CONFLICT for {dialect.name}")
 
     def rows(self, conn: Connection, rows: Sequence[Mapping[str, Any]]) -> None:
         """Insert ``rows``, in their order."""

@@ -50,7 +50,6 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from mssd.store import quota as quotas
 from mssd.store.audit import insert_audit
 from mssd.store.changes import FlagState, FolderChange, FolderDelta
-from mssd.store.delivery import INSERT_BLOB
 from mssd.store.engine import run_read, run_write, write_transaction
 from mssd.store.fastpath import FastInsert, FastStatement
 from mssd.store.messages import as_utc
@@ -310,6 +309,8 @@ _PLACEMENT_FLAGS = FastStatement(
     .order_by(placements.c.uid)
 )
 _INSERT_PLACEMENTS = FastInsert(placements)
+_INSERT_BLOBS = FastInsert(blobs, skip_conflicts_on=["sha256"])
+"""Content-addressed: a blob stored already stays as it is."""
 _INSERT_EXPUNGES = FastInsert(expunges)
 _DELETE_PLACEMENTS = FastStatement(
     delete(placements).where(
@@ -451,7 +452,6 @@ class MailStore:
     ) -> None:
         self._engine = engine
         self._on_change = on_change
-        self._postgres = engine.dialect.name == "postgresql"
 
     def _emit(self, changes: Iterable[FolderChange]) -> None:
         if self._on_change is None:
@@ -1092,8 +1092,8 @@ class MailStore:
 
         def work(conn: Connection) -> tuple[list[int], FolderChange]:
             # The blobs first, then the folder lock: the group committer's order.
-            conn.execute(
-                INSERT_BLOB["postgresql" if self._postgres else "sqlite"],
+            _INSERT_BLOBS.rows(
+                conn,
                 [
                     {"sha256": sha, "size": len(content), "data": content, "created_at": now}
                     for sha, (content, _, _) in dict(zip(digests, messages, strict=True)).items()

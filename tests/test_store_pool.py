@@ -1,0 +1,64 @@
+"""Pooled PostgreSQL connections (mssd.store.engine): pinged at check-out only after
+resting ``PING_AFTER_IDLE`` seconds, so a busy store pays no ping round trips and a
+store that was quiet while PostgreSQL dropped its connections still answers."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+from conftest import _asyncpg_dsn, store_url_for
+from sqlalchemy import Connection, text
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from mssd.store.engine import PING_AFTER_IDLE, create_engine, run_read
+
+
+@pytest.fixture
+def postgres_url(tmp_path: Path) -> Iterator[str]:
+    yield from store_url_for("postgresql", tmp_path)
+
+
+@pytest.fixture
+async def engine(postgres_url: str) -> AsyncIterator[AsyncEngine]:
+    engine = create_engine(postgres_url)
+    yield engine
+    await engine.dispose()
+
+
+def backend_pid(conn: Connection) -> int:
+    return int(conn.execute(text("SELECT pg_backend_pid()")).scalar_one())
+
+
+async def terminate(url: str, pid: int) -> None:
+    """What a PostgreSQL restart or a dropped network does to a pooled connection."""
+    conn = await asyncpg.connect(_asyncpg_dsn(url))
+    try:
+        assert await conn.fetchval("SELECT pg_terminate_backend($1)", pid)
+    finally:
+        await conn.close()
+
+
+async def test_a_connection_dropped_while_resting_is_replaced(
+    engine: AsyncEngine, postgres_url: str
+) -> None:
+    pid = await run_read(engine, backend_pid)
+    await terminate(postgres_url, pid)
+    await asyncio.sleep(PING_AFTER_IDLE + 0.2)
+    assert await run_read(engine, backend_pid) != pid
+
+
+async def test_a_busy_connection_is_not_pinged(engine: AsyncEngine, postgres_url: str) -> None:
+    """No ping before a statement on a connection used a moment ago: one dropped
+    meanwhile fails that statement (as one dropped during it would), and the pool
+    replaces it for the next."""
+    pid = await run_read(engine, backend_pid)
+    await terminate(postgres_url, pid)
+    with pytest.raises(DBAPIError) as failed:
+        await run_read(engine, backend_pid)
+    assert failed.value.connection_invalidated
+    assert await run_read(engine, backend_pid) != pid
