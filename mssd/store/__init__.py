@@ -15,4 +15,7 @@ Invariants a newcomer would otherwise break:
   audit rows are never updated or deleted (the schema enforces it).
 - On SQLite, a transaction that writes starts with BEGIN IMMEDIATE
   (``engine.write_transaction``); never write inside a read transaction.
+- Hot statements run through ``fastpath.py`` (SQLAlchemy compiles them, the DBAPI
+  connection runs them, inside SQLAlchemy's transaction); define them there with
+  SQLAlchemy Core as any other, never as hand-written SQL.
 """
