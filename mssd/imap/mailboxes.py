@@ -81,7 +81,7 @@ async def cmd_select(session: Session, command: Command) -> None:
         session.enabled.add("CONDSTORE")
     flags = ["\\Answered", "\\Flagged", "\\Deleted", "\\Seen", "\\Draft"]
     # Over the distinct flag sets (a folder has few), not every message.
-    distinct = set(view.flags.values())
+    distinct = view.distinct_flags()
     keywords = sorted({f for fl in distinct for f in fl if not f.startswith("\\")})
     await session.untagged(Atom("FLAGS"), encode.flag_list(flags + keywords))
     await session.send(b"* %d EXISTS\r\n" % view.exists)
