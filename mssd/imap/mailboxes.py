@@ -22,7 +22,7 @@ from mssd.imap.commands import (
     StatusArgs,
 )
 from mssd.imap.encode import Atom, ImapValue
-from mssd.imap.names import encode_mailbox_name, forbidden_character
+from mssd.imap.names import denormalised, encode_mailbox_name, forbidden_character
 from mssd.imap.session import Session
 from mssd.imap.view import SelectedView
 from mssd.store.mailstore import SEPARATOR, SHARED_PREFIX, FolderInfo, MailStoreError
@@ -167,12 +167,21 @@ async def carry_out(session: Session, command: Command, operation: Awaitable[obj
 
 
 async def refuse_name(session: Session, command: Command, name: str) -> bool:
-    """Answer NO [CANNOT] when a new name holds what RFC 9051 §5.1 forbids:
-    names are shared by rev1 and rev2 sessions, so the rule holds for both."""
+    """Answer NO [CANNOT] when a new name holds what RFC 9051 §5.1 forbids, or is
+    not in NFC (see :func:`denormalised`: refused, not converted, so no OLDNAME
+    response is ever owed): names are shared by rev1 and rev2 sessions, so the
+    rule holds for both, whether the name came as UTF-8 or modified UTF-7.
+
+    A plain RENAME owes no OLDNAME either: RFC 9051 §6.3.9.7 defines the item for
+    unsolicited LIST responses (NOTIFY, RFC 5465 §5.4, which mssd does not offer)
+    and for the denormalised names refused here; RENAME's own answer is OK."""
     ch = forbidden_character(name)
-    if ch is None:
+    if ch is not None:
+        text = f"Mailbox names cannot contain U+{ord(ch):04X} (RFC 9051 section 5.1)"
+    elif denormalised(name):
+        text = "Mailbox names must be in Unicode NFC (RFC 9051 section 5.1, RFC 5198)"
+    else:
         return False
-    text = f"Mailbox names cannot contain U+{ord(ch):04X} (RFC 9051 section 5.1)"
     await session.tagged(command, "NO", text, "CANNOT")
     return True
 
@@ -317,9 +326,22 @@ async def cmd_list(session: Session, command: Command) -> None:
     # RFC 5258 §3.5: what CHILDINFO says a descendant was chosen for.
     criteria = [o for o in ("SUBSCRIBED", "SPECIAL-USE") if o in args.select_options]
     regexes = [pattern_regex(args.reference, p) for p in args.patterns]
+    # The patterns with "%" read as "*": what "%" would have reached had it not
+    # stopped at a hierarchy delimiter (LSUB's \Noselect names, below).
+    deeper = [pattern_regex(args.reference, p.replace("%", "*")) for p in args.patterns]
 
     def matches(name: str) -> bool:
         return any(r.fullmatch(name) for r in regexes)
+
+    def stops_above_subscribed(name: str) -> bool:
+        """RFC 3501 §6.3.9: "if "foo/bar" is subscribed but "foo" is not, a "%"
+        wildcard to LSUB must return foo, not foo/bar, in the LSUB response,
+        and it MUST be flagged with the \\Noselect attribute": a subscribed
+        descendant the pattern leaves out only because "%" stopped here."""
+        return any(
+            chosen(n) and not matches(n) and any(r.fullmatch(n) for r in deeper)
+            for n in tree.below(name)
+        )
 
     def chosen(name: str) -> bool:
         """Whether a name meets the selection criteria."""
@@ -340,10 +362,14 @@ async def cmd_list(session: Session, command: Command) -> None:
             childinfo = bool(descendants)
             if not chosen(name) and all(matches(n) for n in descendants):
                 continue
-        elif not chosen(name):
+        elif not chosen(name) and not (lsub and stops_above_subscribed(name)):
             continue
         folder = tree.folders.get(name)
         attributes = tree.attributes(name, rev2=session.rev2, uses=not lsub)
+        if lsub and not chosen(name) and Atom("\\Noselect") not in attributes:
+            # Here \Noselect says "not subscribed", not "cannot be selected": LIST
+            # (SUBSCRIBED) must not do the same (RFC 5258 §3.5), CHILDINFO says it.
+            attributes.insert(0, Atom("\\Noselect"))
         if folder is not None and folder.subscribed and show_subscribed:
             attributes.append(Atom("\\Subscribed"))
         extended: list[ImapValue] = []

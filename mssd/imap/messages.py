@@ -106,6 +106,11 @@ def section_name(attr: FetchAttr) -> str:
         parts.append(text)
     name = "BODY" if attr.name == "BODY" else attr.name
     out = f"{name}[{'.'.join(parts)}]"
+    # The origin octet, for BINARY too: RFC 3516 §4.3 and RFC 9051 §7.5.2 name the
+    # item BINARY[<section-binary>]<<number>>, <number> the offset in the decoded
+    # data, though their ABNF (msg-att-static "BINARY" section-binary SP ...) has
+    # no origin; errata 7246 and 8217 (RFC 9051) propose opposite fixes. Dovecot
+    # sends BINARY[1]<0> (tests/test_imap_rev2.py compares), and so does mssd.
     if attr.partial is not None:
         out += f"<{attr.partial[0]}>"
     return out
