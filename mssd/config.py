@@ -62,6 +62,11 @@ class SmtpSettings:
     timeout_seconds: float = 300.0
     mta_require_tls: bool = True
     proxy_protocol: bool = False
+    """Every connection on 25, 587 and 465 starts with a PROXY header (v1 or v2)
+    naming the client, before TLS on 465."""
+    proxy_protocol_networks: tuple[str, ...] = ()
+    """Load balancers allowed to send PROXY headers; required with proxy_protocol."""
+    proxy_protocol_timeout_seconds: float = 10.0
     mta_require_client_cert: bool = True
     """Port 25 refuses MAIL from a peer without a TLS client certificate."""
 
@@ -405,15 +410,13 @@ def validate(settings: Settings) -> Settings:
     if settings.auth.psc_leeway_seconds < 0:
         raise ConfigError("auth.psc_leeway_seconds: must not be negative")
     _validate_networks("server.trusted_networks", settings.server.trusted_networks)
-    _validate_networks("imap.proxy_protocol_networks", settings.imap.proxy_protocol_networks)
-    if settings.imap.proxy_protocol and not settings.imap.proxy_protocol_networks:
-        raise ConfigError(
-            "imap.proxy_protocol_networks: list the load balancers' networks (PROXY headers "
-            "from anywhere else would let any client choose its own address)"
+    for section, proxy in (("smtp", settings.smtp), ("imap", settings.imap)):
+        _validate_proxy_protocol(
+            section,
+            proxy.proxy_protocol,
+            proxy.proxy_protocol_networks,
+            proxy.proxy_protocol_timeout_seconds,
         )
-    if settings.imap.proxy_protocol_timeout_seconds < 3:
-        # proxy-protocol.txt §2: "at least 3 seconds to cover a TCP retransmit".
-        raise ConfigError("imap.proxy_protocol_timeout_seconds: must be 3 or more")
     if bool(settings.auth.psc_issuer) != bool(settings.auth.psc_jwks_url):
         raise ConfigError(
             "auth.psc_issuer and auth.psc_jwks_url: set both to enable Pro Santé Connect "
@@ -450,6 +453,20 @@ def validate(settings: Settings) -> Settings:
         raise ConfigError(f"server.hostname: invalid host name {settings.server.hostname!r}")
     _validate_annuaire(settings.annuaire)
     return settings
+
+
+def _validate_proxy_protocol(
+    section: str, enabled: bool, networks: tuple[str, ...], timeout: float
+) -> None:
+    _validate_networks(f"{section}.proxy_protocol_networks", networks)
+    if enabled and not networks:
+        raise ConfigError(
+            f"{section}.proxy_protocol_networks: list the load balancers' networks (PROXY "
+            "headers from anywhere else would let any client choose its own address)"
+        )
+    if timeout < 3:
+        # proxy-protocol.txt §2: "at least 3 seconds to cover a TCP retransmit".
+        raise ConfigError(f"{section}.proxy_protocol_timeout_seconds: must be 3 or more")
 
 
 def _validate_networks(key: str, networks: tuple[str, ...]) -> None:
