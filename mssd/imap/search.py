@@ -350,7 +350,7 @@ async def cmd_search(session: Session, command: Command) -> None:
     if options is None and session.rev2:
         options = ("ALL",)  # RFC 9051 §6.4.4: ESEARCH always, as for RETURN (ALL)
     if options is None:
-        line = "* SEARCH" + "".join(f" {n}" for n in numbers)
+        line = " ".join(("* SEARCH", *map(str, numbers)))
         modseq = modseq_of_result(session, found, None) if modseq_asked else None
         if modseq is not None:
             line += f" (MODSEQ {modseq})"  # RFC 7162 §3.1.6, search-sort-mod-seq (§7)
