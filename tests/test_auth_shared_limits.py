@@ -236,6 +236,23 @@ async def eventually(predicate: Any) -> None:
         await asyncio.sleep(0.02)
 
 
+async def test_failures_sent_in_one_transaction_count_one_by_one(
+    engines: tuple[AsyncEngine, AsyncEngine],
+) -> None:
+    # PostgreSQL delivers identical payloads of one transaction once: the
+    # sender batches, so each payload must differ from the previous ones.
+    clock = Clock()
+    (bus_a, a), (bus_b, b) = [await sharing(engine, clock) for engine in engines]
+    try:
+        for _ in range(ACCOUNT_LIMIT):
+            a.failure("alice@mssd.test", "192.0.2.1")
+        await eventually(lambda: b.account_failures("alice@mssd.test") == ACCOUNT_LIMIT)
+        assert b.limited("alice@mssd.test", "192.0.2.2") == "account"
+    finally:
+        await bus_a.stop()
+        await bus_b.stop()
+
+
 async def test_sharing_resumes_after_the_listening_connection_is_lost(
     postgres_url: str, engines: tuple[AsyncEngine, AsyncEngine]
 ) -> None:
@@ -290,3 +307,42 @@ async def test_a_notification_that_cannot_be_sent_neither_fails_nor_delays_a_log
     finally:
         await bus.stop()
         await engine.dispose()
+
+
+# -- the payloads ------------------------------------------------------------------------------
+
+
+def test_a_success_with_nothing_to_forget_publishes_nothing() -> None:
+    published: list[str] = []
+    limiter = AuthRateLimiter(SETTINGS, clock=Clock())
+    limiter.share(published.append)
+    limiter.success("alice@mssd.test", "Alice@mssd.test")
+    assert published == []
+    limiter.failure("alice@mssd.test", "192.0.2.1")
+    limiter.success("alice@mssd.test", "Alice@mssd.test")
+    assert [p.split(":")[2] for p in published] == ["failure", "reset"]
+
+
+def test_own_and_malformed_payloads_change_nothing(caplog: pytest.LogCaptureFixture) -> None:
+    published: list[str] = []
+    sender = AuthRateLimiter(SETTINGS, clock=Clock())
+    sender.share(published.append)
+    sender.failure("alice@mssd.test", "192.0.2.1")
+    sender.receive(published[0])  # its own, heard back: counted once already
+    assert sender.account_failures("alice@mssd.test") == 1
+    origin, seq, _kind, address, account = published[0].split(":")
+    receiver = AuthRateLimiter(SETTINGS, clock=Clock())
+    for garbage in (
+        "",
+        f"{origin}x:{seq}:failure:{address}",
+        f"{origin}x:{seq}:failure:alice@mssd.test:{account}",
+        f"{origin}x:x:failure:{address}:{account}",
+        f"{origin}x:{seq}:reset:{account}:{account}",
+        f"{origin}x:{seq}:unknown:{account}",
+    ):
+        receiver.receive(garbage)
+    assert len(receiver.accounts) == len(receiver.addresses) == 0
+    assert caplog.text.count("ignoring malformed authentication failure notification") == 6
+    receiver.receive(published[0])
+    assert receiver.account_failures("ALICE@mssd.test") == 1
+    assert receiver.address_failures("192.0.2.1") == 1

@@ -19,8 +19,8 @@ within what is in flight:
   when it arrives (hosts' clocks are never compared), so it expires there
   later by the transit delay, milliseconds;
 - attempts sent to several processes at the same instant each pass the check
-  before they hear of one another: the limit can be overshot by at most one
-  attempt per other process within that delay;
+  before they hear of one another: the limit can be overshot by the failures
+  still in transit, a few milliseconds' worth;
 - sharing is best effort and nothing waits on it: an authentication is never
   delayed or failed by it. A NOTIFY that cannot be sent is dropped with a
   warning, and a process hears nothing while its LISTEN connection is down or
@@ -37,6 +37,7 @@ import hashlib
 import ipaddress
 import itertools
 import logging
+import re
 import secrets
 from collections import OrderedDict, deque
 from collections.abc import Callable
@@ -54,7 +55,7 @@ and ``origin:seq:reset:ACCOUNT``, where ADDRESS and ACCOUNT are key digests
 failures already) and ``seq`` numbers its payloads: PostgreSQL delivers
 identical payloads sent in one transaction only once, and two failures of one
 account from one address in one batch must count twice."""
-_DIGEST_LENGTH = 64
+_DIGEST = re.compile("[0-9a-f]{64}")
 
 
 class FailureWindow:
@@ -159,7 +160,7 @@ def _address_digest(remote_ip: str) -> str:
 
 
 def _is_digest(value: str) -> bool:
-    return len(value) == _DIGEST_LENGTH and all(c in "0123456789abcdef" for c in value)
+    return _DIGEST.fullmatch(value) is not None
 
 
 class AuthRateLimiter:
@@ -206,7 +207,8 @@ class AuthRateLimiter:
     def success(self, *logins: str) -> None:
         """Forget the account's failures; the address keeps its count, so one good
         login cannot be used to launder guesses against other accounts."""
-        for account in {_account_digest(login) for login in logins if login}:
+        for login in {login.lower() for login in logins if login}:
+            account = key_digest(login)
             # Only a reset that forgets something is published: every process
             # hears every failure, so an account with none here has none
             # elsewhere (in-flight ones aside), and the common success costs
