@@ -7,6 +7,7 @@ depends on: a second mssd process on the same PostgreSQL serves the same data.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import signal
@@ -19,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from mssd.annuaire.cache import CachePurger
 from mssd.auth import Authenticator, PscTokenVerifier
+from mssd.auth.ratelimit import CHANNEL as FAILURE_CHANNEL
 from mssd.config import Settings, dkim_key_dir, operator_ca_file, whitelist_cache_file
 from mssd.delivery import DeliveryPipeline
 from mssd.delivery.dkim import DkimSigner, DkimVerifier, make_dns_function, read_txt_records
@@ -190,12 +192,18 @@ async def open_store(settings: Settings) -> tuple[AsyncEngine, ssl.SSLContext]:
         raise
 
 
-def authenticator_for(
-    settings: Settings, accounts: StoreAccounts, committer: GroupCommitter
+async def authenticator_for(
+    settings: Settings, accounts: StoreAccounts, committer: GroupCommitter, bus: ChangeBus
 ) -> Authenticator:
     psc = PscTokenVerifier(settings.auth) if settings.auth.psc_issuer else None
     # Authentication outcomes are audited through the committer (group commit).
-    return Authenticator(settings.auth, accounts, committer, psc=psc)
+    authenticator = Authenticator(settings.auth, accounts, committer, psc=psc)
+    if bus.crosses_processes:
+        # Failure limits count every process's failures (mssd.auth.ratelimit).
+        limiter = authenticator.limiter
+        limiter.share(functools.partial(bus.post, FAILURE_CHANNEL))
+        await bus.listen(FAILURE_CHANNEL, limiter.receive)
+    return authenticator
 
 
 def imap_services_for(
@@ -232,7 +240,7 @@ async def build_services(settings: Settings) -> Services:
     )
     committer.start()
     mailstore = MailStore(engine, on_change=bus.notify)
-    authenticator = authenticator_for(settings, accounts, committer)
+    authenticator = await authenticator_for(settings, accounts, committer, bus)
     pipeline = DeliveryPipeline(accounts, committer, hostname=settings.server.hostname)
     services = Services(
         settings, engine, accounts, authenticator, committer, pipeline, tls, mailstore, bus
@@ -325,7 +333,7 @@ async def serve_imap_worker(settings: Settings, sockets: str, parent_fd: int) ->
     )
     committer.start()
     mailstore = MailStore(engine, on_change=bus.notify)
-    authenticator = authenticator_for(settings, StoreAccounts(engine), committer)
+    authenticator = await authenticator_for(settings, StoreAccounts(engine), committer, bus)
     imap_services = imap_services_for(settings, authenticator, mailstore, bus, committer)
     listeners: list[ImapListener] = []
     try:

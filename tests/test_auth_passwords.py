@@ -322,7 +322,7 @@ async def test_success_resets_the_account_count_but_not_the_address_count() -> N
         await plain(auth, "alice@example.mssante.fr", "guess")
     # 4 failures in total: above the account limit of 3 had success not reset it.
     assert isinstance(await plain(auth, "alice@example.mssante.fr", PASSWORD), Success)
-    assert auth.limiter.addresses.count("192.0.2.10") == 4
+    assert auth.limiter.address_failures("192.0.2.10") == 4
 
 
 async def test_a_verified_password_skips_scrypt_until_it_expires_or_changes(

@@ -21,6 +21,12 @@ Invariants:
   process so that it does not deliver its own changes twice (it delivered them
   locally already). Payloads without an origin (``folder_id:modseq:kind``, e.g.
   sent by hand from psql) are delivered everywhere.
+
+Other owners share the machinery on their own channels (:meth:`ChangeBus.listen`,
+:meth:`ChangeBus.post`: the authentication rate limiter, ``mssd.auth.ratelimit``):
+the same LISTEN connection and reconnects, a batched sender that never makes
+the poster wait. Their payloads are opaque here, and best effort: nothing is
+resent after a failed NOTIFY nor replayed after a reconnect.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Literal, Protocol, get_args
@@ -64,6 +70,9 @@ _HEALTH_INTERVAL = 10.0
 _HEALTH_TIMEOUT = 5.0
 _BACKOFF_FIRST = 0.1
 _BACKOFF_MAX = 5.0
+_MAX_POSTS = 10_000
+"""Payloads :meth:`ChangeBus.post` queues at most while the sender is busy or
+the database unreachable; past that, new ones are dropped."""
 
 
 class FlagRow(Protocol):
@@ -275,8 +284,21 @@ class ChangeBus:
         self._sender: asyncio.Task[None] | None = None
         self._outbox: list[FolderChange] = []
         self._outbox_ready = asyncio.Event()
+        self._channels: dict[str, Callable[[str], None]] = {}
+        self._poster: asyncio.Task[None] | None = None
+        self._posts: list[tuple[str, str]] = []
+        self._posts_ready = asyncio.Event()
+        self._overflow = 0
+        self.posts_dropped = 0
+        """Payloads :meth:`post` could not queue or send (for metrics, tests)."""
         self.reconnects = 0
         """How many times the listening connection was re-established (for metrics, tests)."""
+
+    @property
+    def crosses_processes(self) -> bool:
+        """Whether other processes may share the store (PostgreSQL): only then
+        does :meth:`post` send anything or :meth:`listen` hear anything."""
+        return self._postgres
 
     @property
     def reliable(self) -> bool:
@@ -360,14 +382,18 @@ class ChangeBus:
         connection, lost = await self._connect()
         self._supervisor = asyncio.create_task(self._supervise(connection, lost), name="changes")
         self._sender = asyncio.create_task(self._send_outbox(), name="changes-notify")
+        self._poster = asyncio.create_task(self._send_posts(), name="changes-post")
 
     async def stop(self) -> None:
-        for task in (self._supervisor, self._sender):
+        for task in (self._supervisor, self._sender, self._poster):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-        self._supervisor = self._sender = None
+        self._supervisor = self._sender = self._poster = None
+        if self._posts:
+            posts, self._posts = self._posts, []
+            await self._try_post(posts)
         if self._outbox:
             pending, self._outbox = self._outbox, []
             try:
@@ -393,6 +419,13 @@ class ChangeBus:
         lost = asyncio.Event()
         connection.add_termination_listener(lambda _: lost.set())
         await connection.add_listener(CHANNEL, self._on_notification)
+        # Until no channel is missing: listen() may add one while this awaits,
+        # seeing no live listener to add it to.
+        heard: set[str] = set()
+        while missing := self._channels.keys() - heard:
+            for channel in missing:
+                await connection.add_listener(channel, self._on_other_channel)
+            heard |= missing
         self._listener = connection
         return connection, lost
 
@@ -450,3 +483,60 @@ class ChangeBus:
                 # Local subscribers were woken already; other processes' sessions
                 # will see the change at their next command or resync.
                 log.warning("could not send %d change notifications (%s)", len(pending), error)
+
+    # -- other channels ------------------------------------------------------------
+
+    async def listen(self, channel: str, on_payload: Callable[[str], None]) -> None:
+        """Call ``on_payload`` with every payload NOTIFYed on ``channel``,
+        whichever process sent it (this one too), on the listening connection
+        from now on and again after each reconnect (PostgreSQL only; what was
+        sent while the connection was down is lost)."""
+        self._channels[channel] = on_payload
+        listener = self._listener
+        if listener is not None and not listener.is_closed():
+            await listener.add_listener(channel, self._on_other_channel)
+
+    def post(self, channel: str, payload: str) -> None:
+        """Queue a NOTIFY of ``payload`` (under 8000 bytes) on ``channel`` for a
+        background task that sends what accumulated in one transaction. Never
+        waits and never raises: a payload that cannot be sent is dropped with
+        a warning. Only on PostgreSQL between ``start`` and ``stop``."""
+        if not self._postgres or self._poster is None:
+            return
+        if len(self._posts) >= _MAX_POSTS:
+            self._overflow += 1
+            self.posts_dropped += 1
+            return
+        self._posts.append((channel, payload))
+        self._posts_ready.set()
+
+    def _on_other_channel(self, _connection: Any, _pid: int, channel: str, payload: str) -> None:
+        on_payload = self._channels.get(channel)
+        if on_payload is not None:
+            on_payload(payload)
+
+    async def _send_posts(self) -> None:
+        while True:
+            await self._posts_ready.wait()
+            self._posts_ready.clear()
+            posts, self._posts = self._posts, []
+            if self._overflow:
+                log.warning("dropped %d notifications: too many were waiting", self._overflow)
+                self._overflow = 0
+            if posts:
+                await self._try_post(posts)
+
+    async def _try_post(self, posts: list[tuple[str, str]]) -> None:
+        try:
+            async with self._engine.connect() as conn:
+                await conn.execute(
+                    text(
+                        "SELECT pg_notify(c, p) FROM unnest("
+                        "CAST(:channels AS text[]), CAST(:payloads AS text[])) AS t(c, p)"
+                    ),
+                    {"channels": [c for c, _ in posts], "payloads": [p for _, p in posts]},
+                )
+                await conn.commit()
+        except (OSError, SQLAlchemyError) as error:
+            self.posts_dropped += len(posts)
+            log.warning("could not send %d notifications (%s)", len(posts), error)
