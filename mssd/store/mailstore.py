@@ -285,6 +285,23 @@ _SPARSE = 4
 """A UID range is read whole when it holds at most this many times the UIDs asked."""
 
 
+_OWN_MAILBOXES = (
+    select(mailboxes.c.id, mailboxes.c.address)
+    .where(mailboxes.c.account_id == bindparam("b_account"), mailboxes.c.status == "active")
+    .order_by(mailboxes.c.id)
+)
+_DELEGATED_MAILBOXES = (
+    select(mailboxes.c.id, mailboxes.c.address, delegations.c.rights)
+    .join(delegations, delegations.c.mailbox_id == mailboxes.c.id)
+    .where(
+        delegations.c.account_id == bindparam("b_account"),
+        mailboxes.c.status == "active",
+        mailboxes.c.bal_type.in_(("ORG", "CAB")),
+    )
+    .order_by(mailboxes.c.address)
+)
+
+
 def _postgres(conn: Connection | AsyncConnection) -> bool:
     return conn.dialect.name == "postgresql"
 
@@ -411,27 +428,14 @@ class MailStore:
 
     @staticmethod
     def _namespaces_sync(conn: Connection, account_id: int) -> list[_Namespace]:
-        own = conn.execute(
-            select(mailboxes.c.id, mailboxes.c.address)
-            .where(mailboxes.c.account_id == account_id, mailboxes.c.status == "active")
-            .order_by(mailboxes.c.id)
-        )
+        own = conn.execute(_OWN_MAILBOXES, {"b_account": account_id})
         spaces = [
             _Namespace(
                 mailbox_id, address, OWNER_RIGHTS, "" if index == 0 else _shared(address), True
             )
             for index, (mailbox_id, address) in enumerate(own)
         ]
-        shared = conn.execute(
-            select(mailboxes.c.id, mailboxes.c.address, delegations.c.rights)
-            .join(delegations, delegations.c.mailbox_id == mailboxes.c.id)
-            .where(
-                delegations.c.account_id == account_id,
-                mailboxes.c.status == "active",
-                mailboxes.c.bal_type.in_(("ORG", "CAB")),
-            )
-            .order_by(mailboxes.c.address)
-        )
+        shared = conn.execute(_DELEGATED_MAILBOXES, {"b_account": account_id})
         for mailbox_id, address, rights in shared:
             # RFC 4314 §4: without "l" the mailbox does not exist for this account.
             if "l" in rights:
