@@ -24,8 +24,7 @@ from conftest import (
     PkiBundle,
     require_program,
     run,
-    seed,
-    start_mssd,
+    serve_seeded,
     store_url_for,
 )
 
@@ -77,20 +76,14 @@ def server(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, test_pki: PkiBundle
 ) -> Iterator[MssdProcess]:
     workdir = tmp_path_factory.mktemp(f"idn-{request.param}")
+    limits = {
+        "MSSD_AUTH_FAILURE_LIMIT_PER_ACCOUNT": str(FAILURE_LIMIT),
+        "MSSD_AUTH_FAILURE_LIMIT_PER_ADDRESS": "1000",
+    }
     for url in store_url_for(request.param, workdir):
-        run(seed(url, test_pki))
-        run(_add_idn_accounts(url))
-        process = start_mssd(
-            url,
-            test_pki,
-            workdir,
-            MSSD_AUTH_FAILURE_LIMIT_PER_ACCOUNT=str(FAILURE_LIMIT),
-            MSSD_AUTH_FAILURE_LIMIT_PER_ADDRESS="1000",
-        )
-        try:
+        for process in serve_seeded(url, test_pki, workdir, **limits):
+            run(_add_idn_accounts(url))
             yield process
-        finally:
-            process.stop()
 
 
 def auth_events(server: MssdProcess) -> list[AuditEvent]:
