@@ -8,10 +8,11 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 
 import pytest
-from conftest import PER, PkiBundle, seed
+from conftest import PER, PkiBundle, seed, store_url_for
 from sqlalchemy import update
 
 from mssd.imap.index import Indexes, _advance
@@ -235,3 +236,70 @@ def test_flag_codes_past_one_octet() -> None:
     view.apply(changed, [], 400, allow_expunge=True)
     assert view.uids_where(lambda flags: "\\Seen" in flags) == list(range(251, 261))
     assert len(view.distinct_flags()) == 251
+
+
+@pytest.fixture
+def postgres_url(tmp_path: Path) -> Iterator[str]:
+    yield from store_url_for("postgresql", tmp_path)
+
+
+async def test_another_process_writes_reach_the_index_through_notify_deltas(
+    postgres_url: str, test_pki: PkiBundle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two processes on one PostgreSQL (each its engine, bus and store): the
+    writes of one reach the other's folder index with their deltas in the
+    NOTIFY payloads, and it follows them without reading the store; a change
+    too large for a payload is read."""
+    await seed(postgres_url, test_pki)
+    monkeypatch.setattr(changes, "SILENCE_TRUST_SECONDS", 3600.0)
+    writer_engine, reader_engine = create_engine(postgres_url), create_engine(postgres_url)
+    writer_bus, reader_bus = ChangeBus(writer_engine), ChangeBus(reader_engine)
+    writer = MailStore(writer_engine, on_change=writer_bus.notify)
+    reader = CountingStore(reader_engine, on_change=reader_bus.notify)
+    indexes = Indexes(reader, reader_bus)
+    await writer_bus.start()
+    await reader_bus.start()
+    try:
+        account = await StoreAccounts(writer_engine).by_login(PER)
+        assert account is not None
+        inbox = await writer.folder(account.id, "INBOX")
+        assert inbox is not None
+        now = dt.datetime.now(dt.UTC)
+        index = await indexes.acquire(inbox.id)
+
+        heard = reader_bus.subscribe(inbox.id)  # to know when the NOTIFY arrived
+
+        async def caught_up() -> FolderState:
+            highest = (await writer.snapshot(inbox.id)).highestmodseq
+            async with asyncio.timeout(2):
+                while max((c.modseq for c in await heard.wait()), default=0) < highest:
+                    pass
+            state = await index.latest()
+            assert state.highestmodseq == highest
+            _same(state, FolderState.from_snapshot(await writer.snapshot(inbox.id)))
+            return state
+
+        reads = reader.reads
+        uids = await writer.append_many(
+            inbox.id, [(b"Subject: %d\r\n\r\nx\r\n" % n, frozenset(), now) for n in range(5)]
+        )
+        await caught_up()
+        await writer.store_flags(inbox.id, uids[:3], mode="add", flags=frozenset({"\\Seen"}))
+        await caught_up()
+        await writer.store_flags(inbox.id, uids[1:2], mode="add", flags=frozenset({"\\Deleted"}))
+        await writer.expunge(inbox.id)
+        state = await caught_up()
+        assert list(state.uids) == [uids[0], *uids[2:]]
+        assert reader.reads == reads, "changes with deltas were read from the store"
+        # 2,000 messages at once: no room in one payload, so the other process reads.
+        big = [(b"Subject: b\r\n\r\nx\r\n", frozenset({"\\Seen"}), now)] * 2000
+        await writer.append_many(inbox.id, big)
+        await caught_up()
+        assert reader.reads == reads + 1
+        heard.close()
+        indexes.release(index)
+    finally:
+        await writer_bus.stop()
+        await reader_bus.stop()
+        await writer_engine.dispose()
+        await reader_engine.dispose()

@@ -9,18 +9,23 @@ other mssd processes over ``LISTEN/NOTIFY`` on the channel ``mssd_changes``
 Invariants:
 - publish after COMMIT, never before: a session woken by a change must find it
   in the store;
-- a notification is a hint, never data: a woken session re-reads the store
-  (``MailStore.changes_since``). So a subscriber's queue is bounded by
+- a notification is a hint: a woken session re-reads the store
+  (``MailStore.changes_since``), unless its folder index can chain the
+  change's delta onto the state it holds, without a gap (then the delta is
+  exactly what the store would answer). So a subscriber's queue is bounded by
   coalescing (one pending change per kind, carrying the highest modseq seen),
   and a lost notification is repaired by a synthetic ``resync`` change: after
   the listening connection to PostgreSQL was lost and re-established, every
   subscribed folder gets one;
 - no state here is needed for correctness: a process that restarts loses only
   wake-ups, which sessions recover by re-reading the store;
-- payloads are ``folder_id:modseq:kind:origin``; ``origin`` names the sending
-  process so that it does not deliver its own changes twice (it delivered them
-  locally already). Payloads without an origin (``folder_id:modseq:kind``, e.g.
-  sent by hand from psql) are delivered everywhere.
+- payloads are ``folder_id:modseq:kind:origin[:delta]``; ``origin`` names the
+  sending process so that it does not deliver its own changes twice (it
+  delivered them locally already). Payloads without an origin
+  (``folder_id:modseq:kind``, e.g. sent by hand from psql) are delivered
+  everywhere. The delta (JSON, when it fits) lets the other processes' folder
+  indexes follow the change without reading the store (``mssd.imap.index``);
+  one they cannot chain from their state is read from the store as before.
 
 Other owners share the machinery on their own channels (:meth:`ChangeBus.listen`,
 :meth:`ChangeBus.post`: the authentication rate limiter, ``mssd.auth.ratelimit``):
@@ -33,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import secrets
 import time
@@ -99,8 +105,8 @@ class FolderDelta:
     from HIGHESTMODSEQ ``since`` to the change's ``modseq``: the messages it
     added or whose flags it changed (with their whole new flags), and the UIDs
     it expunged. The folder's modseqs are allocated under its lock, so nothing
-    else changed the folder between ``since`` and ``modseq``. In-process only:
-    NOTIFY carries no delta."""
+    else changed the folder between ``since`` and ``modseq``. NOTIFY carries it
+    to the other processes when it fits in a payload (:func:`encode_payload`)."""
 
     since: int
     changed: tuple[FlagState, ...] = ()
@@ -114,7 +120,8 @@ class FolderChange:
     """The folder's HIGHESTMODSEQ after the change (0 when unknown: ``resync``)."""
     kind: ChangeKind
     delta: FolderDelta | None = field(default=None, compare=False, repr=False)
-    """What the change was, when the writer was in this process (``FolderDelta``)."""
+    """What the change was (``FolderDelta``), when the writer said so: always in
+    the writer's process, over NOTIFY when it fitted in the payload."""
 
 
 def changes_from_stored(results: Sequence[StoredMessage]) -> list[FolderChange]:
@@ -134,21 +141,62 @@ def changes_from_stored(results: Sequence[StoredMessage]) -> list[FolderChange]:
     return changes
 
 
+_MAX_PAYLOAD = 7900
+"""Octets of a NOTIFY payload at most (PostgreSQL refuses 8000 or more): a
+longer delta is left out, and the receivers read the store instead."""
+
+
 def encode_payload(change: FolderChange, origin: str) -> str:
-    return f"{change.folder_id}:{change.modseq}:{change.kind}:{origin}"
+    """``folder_id:modseq:kind:origin``, then ``:`` and the change's delta as
+    JSON ``[since, [[uid, "flags", modseq], ...], [vanished uid, ...]]`` when it
+    has one that fits (flags are IMAP atoms: no spaces, RFC 9051 §9 ``flag``)."""
+    head = f"{change.folder_id}:{change.modseq}:{change.kind}:{origin}"
+    delta = change.delta
+    if delta is None:
+        return head
+    body = json.dumps(
+        [
+            delta.since,
+            [[row.uid, " ".join(sorted(row.flags)), row.modseq] for row in delta.changed],
+            list(delta.vanished),
+        ],
+        separators=(",", ":"),
+    )
+    payload = f"{head}:{body}"
+    return payload if len(payload.encode()) <= _MAX_PAYLOAD else head
+
+
+def _decode_delta(body: str) -> FolderDelta | None:
+    """The delta of a payload; None if it is not exactly the shape written."""
+    try:
+        since, changed, vanished = json.loads(body)
+        rows = tuple(
+            FlagState(uid, frozenset(flags.split()), modseq) for uid, flags, modseq in changed
+        )
+    except (ValueError, TypeError, AttributeError):
+        return None
+    numbers = [since, *vanished, *(n for row in rows for n in (row.uid, row.modseq))]
+    if not all(type(n) is int and n >= 0 for n in numbers):
+        return None
+    return FolderDelta(since, rows, tuple(vanished))
 
 
 def decode_payload(payload: str) -> tuple[FolderChange, str | None] | None:
-    """The change and its origin, or None for a payload that is not ours."""
-    parts = payload.split(":")
-    if len(parts) not in (3, 4) or parts[2] not in _KINDS:
+    """The change and its origin, or None for a payload that is not ours. A
+    delta that cannot be read leaves the change without one (still a hint)."""
+    parts = payload.split(":", 4)
+    if len(parts) not in (3, 4, 5) or parts[2] not in _KINDS:
         return None
     try:
         folder_id, modseq = int(parts[0]), int(parts[1])
     except ValueError:
         return None
     kind: ChangeKind = parts[2]  # type: ignore[assignment]
-    return FolderChange(folder_id, modseq, kind), parts[3] if len(parts) == 4 else None
+    delta = _decode_delta(parts[4]) if len(parts) == 5 else None
+    if len(parts) == 5 and delta is None:
+        log.warning("change notification with an unreadable delta: %r", payload[:200])
+    origin = parts[3] if len(parts) >= 4 else None
+    return FolderChange(folder_id, modseq, kind, delta), origin
 
 
 class SubscriptionClosed(Exception):
