@@ -8,6 +8,7 @@ tests/test_imap_rev2.py.
 
 from __future__ import annotations
 
+import random
 import re
 
 import pytest
@@ -16,6 +17,7 @@ from imapclient import IMAPClient
 from test_imap_clients import new_account
 from test_imap_rev2 import Client, message
 
+from mssd.imap.mailboxes import ancestors_of
 from mssd.imap.names import encode_mailbox_name
 
 
@@ -72,6 +74,69 @@ def test_imapclient_lsub_sees_the_noselect_parent(mssd: MssdProcess, login: str)
         assert c.list_sub_folders("", "Archives%") == [
             ((b"\\Noselect", b"\\HasChildren"), b"/", "Archives")
         ]
+
+
+def test_lsub_among_hundreds_of_folders_flags_only_the_parents_percent_stops_at(
+    mssd: MssdProcess, login: str
+) -> None:
+    """321 folders: Classeur, 20 Classeur/Pnn, 15 Classeur/Pnn/Dmm under each."""
+    parents = [f"Classeur/P{n:02}" for n in range(20)]
+    leaves = [f"{p}/D{m:02}" for p in parents for m in range(15)]
+    # One subscribed leaf under every third parent; P05 subscribed itself.
+    subscribed = [f"Classeur/P{n:02}/D{n % 15:02}" for n in range(0, 20, 3)] + ["Classeur/P05"]
+    with Client(mssd, login) as client:
+        # Pipelined: hundreds of commands, one round trip.
+        tags = [client.send(f'CREATE "{name}"') for name in leaves]
+        tags += [client.send(f'UNSUBSCRIBE "{name}"') for name in ["Classeur", *parents, *leaves]]
+        tags += [client.send(f'SUBSCRIBE "{name}"') for name in subscribed]
+        for tag in tags:
+            assert client.until(tag)[1].startswith(f"{tag} OK ".encode())
+
+        noselect = [f"Classeur/P{n:02}" for n in range(0, 20, 3)]
+        assert client.command('LSUB "" "Classeur/%"') == [
+            b'* LSUB (\\HasChildren) "/" "Classeur/P05"\r\n'
+            if name == "Classeur/P05"
+            else f'* LSUB (\\Noselect \\HasChildren) "/" "{name}"\r\n'.encode()
+            for name in sorted([*noselect, "Classeur/P05"])
+        ]
+        assert client.command('LSUB "" "Classeur%"') == [
+            b'* LSUB (\\Noselect \\HasChildren) "/" "Classeur"\r\n'
+        ]
+        assert client.command('LSUB "Classeur/P06/" "%"') == [
+            b'* LSUB (\\HasNoChildren) "/" "Classeur/P06/D06"\r\n'
+        ]
+        # Nothing stopped: only the subscribed names, none flagged \Noselect.
+        leaves_subscribed = sorted(subscribed[:-1])
+        assert client.command('LSUB "" "Classeur/%/%"') == [
+            f'* LSUB (\\HasNoChildren) "/" "{name}"\r\n'.encode() for name in leaves_subscribed
+        ]
+        children = {name: "Has" if name == "Classeur/P05" else "HasNo" for name in subscribed}
+        assert client.command('LSUB "" "Classeur*"') == [
+            f'* LSUB (\\{children[name]}Children) "/" "{name}"\r\n'.encode()
+            for name in sorted(subscribed)
+        ]
+        assert client.command('LSUB "" "Classeur/P01/%"') == []
+
+
+def test_ancestors_of_is_every_name_a_descendant_lies_below() -> None:
+    """The one-pass set against the definition: "a" is above "b" when "b"
+    starts with "a/" (what LSUB used to test name by name)."""
+    rng = random.Random(7162)
+    alphabet = ["a", "b", "", "c/d"]
+    names = sorted(
+        {"/".join(rng.choice(alphabet) for _ in range(rng.randint(1, 5))) for _ in range(400)}
+    )
+    chosen = names[::7]
+    above = ancestors_of(chosen)
+    candidates = set(names) | {n.rpartition("/")[0] for n in names}
+    assert {c for c in candidates if any(n.startswith(c + "/") for n in chosen)} == (
+        above & candidates
+    )
+    assert all(any(n.startswith(a + "/") for n in chosen) for a in above)
+    assert ancestors_of(["INBOX", "Projets/2024/T1", "Projets/2025"]) == {
+        "Projets",
+        "Projets/2024",
+    }
 
 
 # -- SEARCH with a MODSEQ criterion (RFC 7162 §3.1.5, §3.1.6; RFC 4731 §3.2) ---------
