@@ -1,13 +1,14 @@
 """Conformance points found missing and closed, against a running mssd over TLS, on
 SQLite and PostgreSQL: LSUB's \\Noselect parents (RFC 3501 §6.3.9), the MODSEQ a
-search with a MODSEQ criterion ends with (RFC 7162 §3.1.6, RFC 4731 §3.2), new
-mailbox names in Unicode NFC (RFC 9051 §5.1), and the name of a partial BINARY
+search or a sort with a MODSEQ criterion ends with (RFC 7162 §3.1.6, §3.1.9, RFC 4731
+§3.2), new mailbox names in Unicode NFC (RFC 9051 §5.1), and the name of a partial BINARY
 item (RFC 3516 §4.3). What Dovecot answers to the same commands is compared in
 tests/test_imap_rev2.py.
 """
 
 from __future__ import annotations
 
+import imaplib
 import random
 import re
 
@@ -230,6 +231,59 @@ def test_imapclient_reads_the_modseq_of_a_search(mssd: MssdProcess, login: str) 
         c.select_folder("Suivi")
         found = c.search(["MODSEQ", modseqs[3]])
         assert sorted(found) == [1, 3] and found.modseq == modseqs[1]
+
+
+# -- SORT with a MODSEQ criterion (RFC 7162 §3.1.9) ----------------------------------
+
+
+def test_sort_with_modseq_ends_with_the_highest_modseq_returned(
+    mssd: MssdProcess, login: str
+) -> None:
+    with Client(mssd, login) as client:
+        modseqs = _three_messages(client)
+        low, high = modseqs[2], modseqs[1]
+        # Subjects un (1), deux (2), trois (3).
+        assert client.command(f"SORT (SUBJECT) UTF-8 MODSEQ {low}") == [
+            f"* SORT 2 3 1 (MODSEQ {high})\r\n".encode()
+        ]
+        assert client.command(f"SORT (REVERSE SUBJECT) UTF-8 MODSEQ {modseqs[3]}") == [
+            f"* SORT 1 3 (MODSEQ {high})\r\n".encode()
+        ]
+        assert client.command(f"SORT (SUBJECT) UTF-8 MODSEQ {modseqs[3]} SUBJECT trois") == [
+            f"* SORT 3 (MODSEQ {modseqs[3]})\r\n".encode()
+        ]
+        assert client.command(f"SORT (ARRIVAL) UTF-8 OR NOT MODSEQ {modseqs[3]} SEEN") == [
+            f"* SORT 2 (MODSEQ {low})\r\n".encode()
+        ]
+        # No MODSEQ without a match, nor without a MODSEQ criterion.
+        assert client.command(f"SORT (SUBJECT) UTF-8 MODSEQ {high + 1}") == [b"* SORT\r\n"]
+        assert client.command("SORT (SUBJECT) UTF-8 FLAGGED") == [b"* SORT 2 3 1\r\n"]
+        (uids,) = client.command(f"UID SORT (SUBJECT) UTF-8 MODSEQ {low}")
+        assert uids.endswith(f" (MODSEQ {high})\r\n".encode())
+        # THREAD responses are unchanged by CONDSTORE (RFC 7162 §3.1.9).
+        (threads,) = client.command(f"THREAD ORDEREDSUBJECT UTF-8 MODSEQ {low}")
+        assert threads.startswith(b"* THREAD (") and b"MODSEQ" not in threads
+    # IMAP4rev2 keeps the SORT response (no ESORT here), MODSEQ included.
+    with Client(mssd, login, rev2=True) as client:
+        client.command('SELECT "Suivi"')
+        assert client.command(f"SORT (SUBJECT) UTF-8 MODSEQ {low}") == [
+            f"* SORT 2 3 1 (MODSEQ {high})\r\n".encode()
+        ]
+
+
+def test_imaplib_reads_the_modseq_of_a_sort(mssd: MssdProcess, login: str) -> None:
+    with Client(mssd, login) as client:
+        modseqs = _three_messages(client)
+    client = imaplib.IMAP4_SSL(
+        "127.0.0.1", mssd.imaps, ssl_context=mssd.pki.client_context(), timeout=30
+    )
+    try:
+        client.login(login, PASSWORD)
+        client.select("Suivi")
+        typ, data = client.sort("(SUBJECT)", "UTF-8", "MODSEQ", str(modseqs[3]))
+        assert (typ, data) == ("OK", [f"3 1 (MODSEQ {modseqs[1]})".encode()])
+    finally:
+        client.logout()
 
 
 # -- mailbox names in NFC (RFC 9051 §5.1, RFC 5198 §2) -------------------------------
