@@ -1,13 +1,15 @@
 """Conformance points found missing and closed, against a running mssd over TLS, on
 SQLite and PostgreSQL: LSUB's \\Noselect parents (RFC 3501 §6.3.9), the MODSEQ a
-search with a MODSEQ criterion ends with (RFC 7162 §3.1.6, RFC 4731 §3.2), new
-mailbox names in Unicode NFC (RFC 9051 §5.1), and the name of a partial BINARY
+search or a sort with a MODSEQ criterion ends with (RFC 7162 §3.1.6, §3.1.9, RFC 4731
+§3.2), new mailbox names in Unicode NFC (RFC 9051 §5.1), and the name of a partial BINARY
 item (RFC 3516 §4.3). What Dovecot answers to the same commands is compared in
 tests/test_imap_rev2.py.
 """
 
 from __future__ import annotations
 
+import imaplib
+import random
 import re
 
 import pytest
@@ -16,6 +18,7 @@ from imapclient import IMAPClient
 from test_imap_clients import new_account
 from test_imap_rev2 import Client, message
 
+from mssd.imap.mailboxes import ancestors_of
 from mssd.imap.names import encode_mailbox_name
 
 
@@ -72,6 +75,69 @@ def test_imapclient_lsub_sees_the_noselect_parent(mssd: MssdProcess, login: str)
         assert c.list_sub_folders("", "Archives%") == [
             ((b"\\Noselect", b"\\HasChildren"), b"/", "Archives")
         ]
+
+
+def test_lsub_among_hundreds_of_folders_flags_only_the_parents_percent_stops_at(
+    mssd: MssdProcess, login: str
+) -> None:
+    """321 folders: Classeur, 20 Classeur/Pnn, 15 Classeur/Pnn/Dmm under each."""
+    parents = [f"Classeur/P{n:02}" for n in range(20)]
+    leaves = [f"{p}/D{m:02}" for p in parents for m in range(15)]
+    # One subscribed leaf under every third parent; P05 subscribed itself.
+    subscribed = [f"Classeur/P{n:02}/D{n % 15:02}" for n in range(0, 20, 3)] + ["Classeur/P05"]
+    with Client(mssd, login) as client:
+        # Pipelined: hundreds of commands, one round trip.
+        tags = [client.send(f'CREATE "{name}"') for name in leaves]
+        tags += [client.send(f'UNSUBSCRIBE "{name}"') for name in ["Classeur", *parents, *leaves]]
+        tags += [client.send(f'SUBSCRIBE "{name}"') for name in subscribed]
+        for tag in tags:
+            assert client.until(tag)[1].startswith(f"{tag} OK ".encode())
+
+        noselect = [f"Classeur/P{n:02}" for n in range(0, 20, 3)]
+        assert client.command('LSUB "" "Classeur/%"') == [
+            b'* LSUB (\\HasChildren) "/" "Classeur/P05"\r\n'
+            if name == "Classeur/P05"
+            else f'* LSUB (\\Noselect \\HasChildren) "/" "{name}"\r\n'.encode()
+            for name in sorted([*noselect, "Classeur/P05"])
+        ]
+        assert client.command('LSUB "" "Classeur%"') == [
+            b'* LSUB (\\Noselect \\HasChildren) "/" "Classeur"\r\n'
+        ]
+        assert client.command('LSUB "Classeur/P06/" "%"') == [
+            b'* LSUB (\\HasNoChildren) "/" "Classeur/P06/D06"\r\n'
+        ]
+        # Nothing stopped: only the subscribed names, none flagged \Noselect.
+        leaves_subscribed = sorted(subscribed[:-1])
+        assert client.command('LSUB "" "Classeur/%/%"') == [
+            f'* LSUB (\\HasNoChildren) "/" "{name}"\r\n'.encode() for name in leaves_subscribed
+        ]
+        children = {name: "Has" if name == "Classeur/P05" else "HasNo" for name in subscribed}
+        assert client.command('LSUB "" "Classeur*"') == [
+            f'* LSUB (\\{children[name]}Children) "/" "{name}"\r\n'.encode()
+            for name in sorted(subscribed)
+        ]
+        assert client.command('LSUB "" "Classeur/P01/%"') == []
+
+
+def test_ancestors_of_is_every_name_a_descendant_lies_below() -> None:
+    """The one-pass set against the definition: "a" is above "b" when "b"
+    starts with "a/" (what LSUB used to test name by name)."""
+    rng = random.Random(7162)
+    alphabet = ["a", "b", "", "c/d"]
+    names = sorted(
+        {"/".join(rng.choice(alphabet) for _ in range(rng.randint(1, 5))) for _ in range(400)}
+    )
+    chosen = names[::7]
+    above = ancestors_of(chosen)
+    candidates = set(names) | {n.rpartition("/")[0] for n in names}
+    assert {c for c in candidates if any(n.startswith(c + "/") for n in chosen)} == (
+        above & candidates
+    )
+    assert all(any(n.startswith(a + "/") for n in chosen) for a in above)
+    assert ancestors_of(["INBOX", "Projets/2024/T1", "Projets/2025"]) == {
+        "Projets",
+        "Projets/2024",
+    }
 
 
 # -- SEARCH with a MODSEQ criterion (RFC 7162 §3.1.5, §3.1.6; RFC 4731 §3.2) ---------
@@ -165,6 +231,59 @@ def test_imapclient_reads_the_modseq_of_a_search(mssd: MssdProcess, login: str) 
         c.select_folder("Suivi")
         found = c.search(["MODSEQ", modseqs[3]])
         assert sorted(found) == [1, 3] and found.modseq == modseqs[1]
+
+
+# -- SORT with a MODSEQ criterion (RFC 7162 §3.1.9) ----------------------------------
+
+
+def test_sort_with_modseq_ends_with_the_highest_modseq_returned(
+    mssd: MssdProcess, login: str
+) -> None:
+    with Client(mssd, login) as client:
+        modseqs = _three_messages(client)
+        low, high = modseqs[2], modseqs[1]
+        # Subjects un (1), deux (2), trois (3).
+        assert client.command(f"SORT (SUBJECT) UTF-8 MODSEQ {low}") == [
+            f"* SORT 2 3 1 (MODSEQ {high})\r\n".encode()
+        ]
+        assert client.command(f"SORT (REVERSE SUBJECT) UTF-8 MODSEQ {modseqs[3]}") == [
+            f"* SORT 1 3 (MODSEQ {high})\r\n".encode()
+        ]
+        assert client.command(f"SORT (SUBJECT) UTF-8 MODSEQ {modseqs[3]} SUBJECT trois") == [
+            f"* SORT 3 (MODSEQ {modseqs[3]})\r\n".encode()
+        ]
+        assert client.command(f"SORT (ARRIVAL) UTF-8 OR NOT MODSEQ {modseqs[3]} SEEN") == [
+            f"* SORT 2 (MODSEQ {low})\r\n".encode()
+        ]
+        # No MODSEQ without a match, nor without a MODSEQ criterion.
+        assert client.command(f"SORT (SUBJECT) UTF-8 MODSEQ {high + 1}") == [b"* SORT\r\n"]
+        assert client.command("SORT (SUBJECT) UTF-8 FLAGGED") == [b"* SORT 2 3 1\r\n"]
+        (uids,) = client.command(f"UID SORT (SUBJECT) UTF-8 MODSEQ {low}")
+        assert uids.endswith(f" (MODSEQ {high})\r\n".encode())
+        # THREAD responses are unchanged by CONDSTORE (RFC 7162 §3.1.9).
+        (threads,) = client.command(f"THREAD ORDEREDSUBJECT UTF-8 MODSEQ {low}")
+        assert threads.startswith(b"* THREAD (") and b"MODSEQ" not in threads
+    # IMAP4rev2 keeps the SORT response (no ESORT here), MODSEQ included.
+    with Client(mssd, login, rev2=True) as client:
+        client.command('SELECT "Suivi"')
+        assert client.command(f"SORT (SUBJECT) UTF-8 MODSEQ {low}") == [
+            f"* SORT 2 3 1 (MODSEQ {high})\r\n".encode()
+        ]
+
+
+def test_imaplib_reads_the_modseq_of_a_sort(mssd: MssdProcess, login: str) -> None:
+    with Client(mssd, login) as client:
+        modseqs = _three_messages(client)
+    client = imaplib.IMAP4_SSL(
+        "127.0.0.1", mssd.imaps, ssl_context=mssd.pki.client_context(), timeout=30
+    )
+    try:
+        client.login(login, PASSWORD)
+        client.select("Suivi")
+        typ, data = client.sort("(SUBJECT)", "UTF-8", "MODSEQ", str(modseqs[3]))
+        assert (typ, data) == ("OK", [f"3 1 (MODSEQ {modseqs[1]})".encode()])
+    finally:
+        client.logout()
 
 
 # -- mailbox names in NFC (RFC 9051 §5.1, RFC 5198 §2) -------------------------------

@@ -120,8 +120,10 @@ def received_from(server: MssdProcess, mailbox: str, subject: str) -> bytes:
 def assert_submitted_from(server: MssdProcess, client_address: str, subject: str) -> None:
     """PER's message to PER2 is traced, and its login and acceptance audited, as
     coming from ``client_address``."""
+    # An IPv6 client is written as an RFC 5321 §4.1.3 IPv6-address-literal.
+    literal = f"IPv6:{client_address}" if ":" in client_address else client_address
     assert received_from(server, PER2, subject) == (
-        f"Received: from client.mssd.test ([{client_address}])".encode()
+        f"Received: from client.mssd.test ([{literal}])".encode()
     )
     assert {("auth.success", PER), ("message.accept", PER)} <= audited(server, client_address)
 

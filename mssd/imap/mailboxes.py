@@ -9,7 +9,7 @@ LIST, \\NonExistent, no STATUS RECENT) is decided here, per session."""
 from __future__ import annotations
 
 import re
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Iterable
 
 from mssd.imap import encode
 from mssd.imap.commands import (
@@ -266,6 +266,21 @@ def special_use(folder: FolderInfo | None) -> str | None:
     return folder.special_use
 
 
+def ancestors_of(names: Iterable[str]) -> set[str]:
+    """Every name strictly above one of ``names`` ("a" and "a/b" for "a/b/c"),
+    in one pass: a parent already found ends the climb, so each level above is
+    built once however many names share it."""
+    above: set[str] = set()
+    for name in names:
+        parts = name.split(SEPARATOR)
+        for depth in range(len(parts) - 1, 0, -1):
+            parent = SEPARATOR.join(parts[:depth])
+            if parent in above:
+                break
+            above.add(parent)
+    return above
+
+
 class Hierarchy:
     """The names an account can list: its folders and the levels above them."""
 
@@ -333,22 +348,26 @@ async def cmd_list(session: Session, command: Command) -> None:
     def matches(name: str) -> bool:
         return any(r.fullmatch(name) for r in regexes)
 
-    def stops_above_subscribed(name: str) -> bool:
-        """RFC 3501 §6.3.9: "if "foo/bar" is subscribed but "foo" is not, a "%"
-        wildcard to LSUB must return foo, not foo/bar, in the LSUB response,
-        and it MUST be flagged with the \\Noselect attribute": a subscribed
-        descendant the pattern leaves out only because "%" stopped here."""
-        return any(
-            chosen(n) and not matches(n) and any(r.fullmatch(n) for r in deeper)
-            for n in tree.below(name)
-        )
-
     def chosen(name: str) -> bool:
         """Whether a name meets the selection criteria."""
         folder = tree.folders.get(name)
         if subscribed_only and (folder is None or not folder.subscribed):
             return False
         return not special_only or special_use(folder) is not None
+
+    # RFC 3501 §6.3.9: "if "foo/bar" is subscribed but "foo" is not, a "%"
+    # wildcard to LSUB must return foo, not foo/bar, in the LSUB response, and it
+    # MUST be flagged with the \Noselect attribute": the names above a subscribed
+    # name the patterns leave out only because "%" stopped. Gathered once from the
+    # subscribed names, not by walking every listed name's descendants (quadratic
+    # in the number of folders).
+    stopped_above: set[str] = set()
+    if lsub:
+        stopped_above = ancestors_of(
+            n
+            for n in tree.names
+            if chosen(n) and not matches(n) and any(r.fullmatch(n) for r in deeper)
+        )
 
     for name in tree.names:
         if not matches(name):
@@ -362,7 +381,7 @@ async def cmd_list(session: Session, command: Command) -> None:
             childinfo = bool(descendants)
             if not chosen(name) and all(matches(n) for n in descendants):
                 continue
-        elif not chosen(name) and not (lsub and stops_above_subscribed(name)):
+        elif not chosen(name) and name not in stopped_above:
             continue
         folder = tree.folders.get(name)
         attributes = tree.attributes(name, rev2=session.rev2, uses=not lsub)

@@ -225,9 +225,10 @@ def _flags_only(key: SearchKey) -> bool:
     return isinstance(key, (SearchAll, SearchFlag))
 
 
-def _has_modseq(key: SearchKey) -> bool:
-    """Whether a key is or holds a MODSEQ criterion (RFC 7162 §3.1.5)."""
-    return isinstance(key, SearchModSeq) or any(_has_modseq(k) for k in _subkeys(key))
+def has_modseq(key: SearchKey) -> bool:
+    """Whether a key is or holds a MODSEQ criterion (RFC 7162 §3.1.5); SORT
+    asks too (``sort``, RFC 7162 §3.1.9)."""
+    return isinstance(key, SearchModSeq) or any(has_modseq(k) for k in _subkeys(key))
 
 
 def modseq_of_result(session: Session, found: list[int], wanted: set[str] | None) -> int | None:
@@ -326,7 +327,7 @@ async def cmd_search(session: Session, command: Command) -> None:
             command, "BAD", "RECENT, NEW and OLD are not search keys in IMAP4rev2 (RFC 9051)"
         )
         return
-    modseq_asked = _has_modseq(key)
+    modseq_asked = has_modseq(key)
     if modseq_asked:
         view.condstore = True  # RFC 7162 §3.1: a CONDSTORE enabling command
     found: list[int] = []
