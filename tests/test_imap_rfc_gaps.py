@@ -18,8 +18,9 @@ from imapclient import IMAPClient
 from test_imap_clients import new_account
 from test_imap_rev2 import Client, message
 
-from mssd.imap.mailboxes import ancestors_of
+from mssd.imap.mailboxes import Hierarchy, ancestors_of
 from mssd.imap.names import encode_mailbox_name
+from mssd.store.mailstore import FolderInfo
 
 
 @pytest.fixture
@@ -138,6 +139,24 @@ def test_ancestors_of_is_every_name_a_descendant_lies_below() -> None:
         "Projets",
         "Projets/2024",
     }
+
+
+def test_hierarchy_below_is_every_name_starting_with_the_name_and_a_separator() -> None:
+    """LIST (... RECURSIVEMATCH) asks for each listed name's descendants: a slice
+    of the sorted names, against the definition (names like "a0", "a-b", "a.b"
+    sort around "a/" and must stay out)."""
+    rng = random.Random(5258)
+    alphabet = ["a", "b", "a0", "a-b", "a.b", "a/b", "INBOX"]
+    names = {"/".join(rng.choice(alphabet) for _ in range(rng.randint(1, 4))) for _ in range(300)}
+    tree = Hierarchy(
+        [
+            FolderInfo(n, 1, "x@y.test", name, None, True, 1, 1, 1, "l")
+            for n, name in enumerate(names)
+        ]
+    )
+    for name in tree.names:
+        expected = sorted(n for n in tree.names if n.startswith(name + "/"))
+        assert tree.below(name) == expected
 
 
 # -- SEARCH with a MODSEQ criterion (RFC 7162 §3.1.5, §3.1.6; RFC 4731 §3.2) ---------

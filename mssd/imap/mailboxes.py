@@ -8,6 +8,7 @@ LIST, \\NonExistent, no STATUS RECENT) is decided here, per session."""
 
 from __future__ import annotations
 
+import bisect
 import re
 from collections.abc import Awaitable, Iterable
 
@@ -291,12 +292,16 @@ class Hierarchy:
         for name in self.folders:
             parts = name.split(SEPARATOR)
             self.parents.update(SEPARATOR.join(parts[:depth]) for depth in range(1, len(parts)))
-        self.names = sorted(
-            self.parents | set(self.folders), key=lambda n: (n.upper() != "INBOX", n)
-        )
+        self._sorted = sorted(self.parents | set(self.folders))
+        self.names = sorted(self._sorted, key=lambda n: (n.upper() != "INBOX", n))
 
     def below(self, name: str) -> list[str]:
-        return [n for n in self.names if n.startswith(name + SEPARATOR)]
+        """The names under ``name``: one slice of the sorted names, since every
+        name starting with "name/" sorts between "name/" and "name0" ("0" follows
+        the separator "/")."""
+        low = bisect.bisect_left(self._sorted, name + SEPARATOR)
+        high = bisect.bisect_left(self._sorted, name + chr(ord(SEPARATOR) + 1), low)
+        return self._sorted[low:high]
 
     def attributes(self, name: str, *, rev2: bool, uses: bool = True) -> list[ImapValue]:
         """The attributes a LIST response carries whatever the options asked
