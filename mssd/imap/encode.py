@@ -13,6 +13,7 @@ inject a response line.
 from __future__ import annotations
 
 import base64
+import functools
 from collections.abc import Iterable, Sequence
 
 from mssd.imap.fetchdata import Atom as Atom
@@ -137,6 +138,13 @@ def continuation(payload: str | bytes = "") -> bytes:
 def flag_list(flags: Iterable[str]) -> list[ImapValue]:
     """A flag-list value: (\\Seen $Forwarded)."""
     return [Atom(f) for f in flags]
+
+
+@functools.lru_cache(maxsize=4096)
+def message_flags(flags: frozenset[str]) -> Atom:
+    """A message's flags as a flag-list, sorted, made once per distinct set (a
+    folder has few): FETCH FLAGS writes it as it is (flags are atoms, RFC 9051 §9)."""
+    return Atom("(" + " ".join(sorted(flags)) + ")")
 
 
 def fetch_response(

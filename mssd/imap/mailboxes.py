@@ -151,7 +151,7 @@ async def resynchronise(session: Session, command: Command) -> None:
             continue
         items: list[tuple[str, ImapValue]] = [
             ("UID", row.uid),
-            ("FLAGS", encode.flag_list(sorted(view.flags[row.uid]))),
+            ("FLAGS", encode.message_flags(view.flags[row.uid])),
             ("MODSEQ", [view.modseqs[row.uid]]),
         ]
         await session.send(encode.fetch_response(seq, items, utf8=session.utf8))

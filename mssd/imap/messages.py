@@ -187,7 +187,7 @@ def fetch_item(
     if name == "UID":
         return "UID", row.uid
     if name == "FLAGS":
-        return "FLAGS", encode.flag_list(sorted(view.flags.get(row.uid, row.flags)))
+        return "FLAGS", encode.message_flags(view.flags.get(row.uid, row.flags))
     if name == "INTERNALDATE":
         return "INTERNALDATE", internal_date(row.internal_date)
     if name == "RFC822.SIZE":
@@ -392,7 +392,7 @@ async def cmd_store(session: Session, command: Command) -> None:
             continue
         items: list[tuple[str, ImapValue]] = []
         if not args.silent:
-            items.append(("FLAGS", encode.flag_list(sorted(state.flags))))
+            items.append(("FLAGS", encode.message_flags(state.flags)))
         if command.uid:
             items.insert(0, ("UID", state.uid))
         if view.condstore:
