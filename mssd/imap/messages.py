@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import datetime as dt
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -156,13 +156,25 @@ async def _contents(
     return await store.blobs([row.sha256 for row in rows], octets=sum(row.size for row in rows))
 
 
-def _header_fields_memo(loaded: Loaded, spec: SectionSpec) -> bytes | None:
-    """BODY[HEADER.FIELDS (...)] of a cached header block, made once per field
-    list (clients ask for the same few lists again and again)."""
-    memo = loaded.fields
-    if memo is None or spec.part or spec.text not in ("HEADER.FIELDS", "HEADER.FIELDS.NOT"):
+def _fields_key(spec: SectionSpec) -> tuple[str, tuple[str, ...]] | None:
+    """What a HEADER.FIELDS(.NOT) answer is kept under in ``Loaded.fields``."""
+    if spec.part or spec.text not in ("HEADER.FIELDS", "HEADER.FIELDS.NOT"):
         return None
-    key = (spec.text, tuple(name.lower() for name in spec.fields))
+    return spec.text, tuple(name.lower() for name in spec.fields)
+
+
+def _header_fields_memo(
+    loaded: Loaded, spec: SectionSpec, key: tuple[str, tuple[str, ...]] | None = None
+) -> bytes | None:
+    """BODY[HEADER.FIELDS (...)] of a cached header block, made once per field
+    list (clients ask for the same few lists again and again); ``key``, when
+    the caller has it, is :func:`_fields_key`'s."""
+    memo = loaded.fields
+    if memo is None:
+        return None
+    key = key or _fields_key(spec)
+    if key is None:
+        return None
     data = memo.get(key)
     if data is None:
         data = section(loaded.raw, loaded.root, spec)
@@ -240,6 +252,53 @@ def fetch_item(
     return None
 
 
+ItemWriter = Callable[[MessageRow, "Loaded | None", SelectedView], bytes | None]
+"""One FETCH item of one message on the wire (``NAME value``), or None for none."""
+
+
+def item_writer(attr: FetchAttr, *, utf8: bool) -> ItemWriter:
+    """How one FETCH item is written, decided once per command rather than per
+    message: the items a message list asks for (UID, FLAGS, RFC822.SIZE, MODSEQ,
+    BODY.PEEK[HEADER.FIELDS (...)]) straight to bytes, the others through
+    :func:`fetch_item` and the encoder. Same octets either way."""
+    name = attr.name
+    if name == "UID":
+        return lambda row, loaded, view: b"UID %d" % row.uid
+    if name == "FLAGS":
+        return lambda row, loaded, view: (
+            b"FLAGS " + encode.message_flags_wire(view.flags.get(row.uid, row.flags))
+        )
+    if name == "RFC822.SIZE":
+        return lambda row, loaded, view: b"RFC822.SIZE %d" % row.size
+    if name == "MODSEQ":
+        return lambda row, loaded, view: b"MODSEQ (%d)" % view.modseqs.get(row.uid, row.modseq)
+    spec = attr.section
+    key = None if spec is None or attr.partial is not None else _fields_key(spec)
+    if name == "BODY" and spec is not None and key is not None:
+        label = section_name(attr).encode("ascii") + b" "
+
+        def header_fields(row: MessageRow, loaded: Loaded | None, view: SelectedView) -> bytes:
+            assert loaded is not None and spec is not None
+            data = _header_fields_memo(loaded, spec, key)
+            if data is None:
+                data = section(loaded.raw, loaded.root, spec)
+            if data is None:
+                raise ValueError("invalid section")
+            return label + b"{%d}\r\n" % len(data) + data
+
+        return header_fields
+
+    def other(row: MessageRow, loaded: Loaded | None, view: SelectedView) -> bytes | None:
+        item = fetch_item(attr, row, loaded, view)
+        if item is None:
+            return None
+        out = bytearray(item[0].encode("ascii") + b" ")
+        encode.encode_into(out, item[1], utf8)
+        return bytes(out)
+
+    return other
+
+
 async def cmd_fetch(session: Session, command: Command) -> None:
     assert isinstance(command.args, FetchArgs)
     view = selected(session)
@@ -299,6 +358,7 @@ async def cmd_fetch(session: Session, command: Command) -> None:
                 uids=encode.compress_uids(readable),
             )
     heads_only = all(_head_only(a) for a in attrs if a.name in _CONTENT_ITEMS | _STRUCTURE_ITEMS)
+    writers = [item_writer(attr, utf8=session.utf8) for attr in attrs]
     contents: dict[str, bytes | Loaded] = {}
     for index, uid in enumerate(uids):
         row = rows.get(uid)
@@ -314,16 +374,15 @@ async def cmd_fetch(session: Session, command: Command) -> None:
             content = contents[row.sha256]
             loaded = content if isinstance(content, Loaded) else await parsed(content)
         try:
-            items = [
-                item for attr in attrs if (item := fetch_item(attr, row, loaded, view)) is not None
-            ]
+            written = [item for write in writers if (item := write(row, loaded, view))]
         except ValueError as error:
             await session.tagged(command, "BAD", f"FETCH: {error}")
             return
         except LookupError:
             await session.tagged(command, "NO", "Unknown Content-Transfer-Encoding", "UNKNOWN-CTE")
             return
-        await session.send(encode.fetch_response(seq, items, utf8=session.utf8))
+        # encode.fetch_response's form, from items already written.
+        await session.send(b"* %d FETCH (%s)\r\n" % (seq, b" ".join(written)))
     await session.sync(allow_expunge=False)
     await session.tagged(command, "OK", "FETCH completed")
 
