@@ -252,8 +252,9 @@ def fetch_item(
     return None
 
 
-ItemWriter = Callable[[MessageRow, "Loaded | None", SelectedView], bytes | None]
-"""One FETCH item of one message on the wire (``NAME value``), or None for none."""
+ItemWriter = Callable[[MessageRow, "Loaded | None", SelectedView, int], bytes | None]
+"""One FETCH item of one message (its row, content, the view and its sequence
+number there) on the wire (``NAME value``), or None for none."""
 
 
 def item_writer(attr: FetchAttr, *, utf8: bool) -> ItemWriter:
@@ -263,21 +264,23 @@ def item_writer(attr: FetchAttr, *, utf8: bool) -> ItemWriter:
     :func:`fetch_item` and the encoder. Same octets either way."""
     name = attr.name
     if name == "UID":
-        return lambda row, loaded, view: b"UID %d" % row.uid
+        return lambda row, loaded, view, seq: b"UID %d" % row.uid
     if name == "FLAGS":
-        return lambda row, loaded, view: (
-            b"FLAGS " + encode.message_flags_wire(view.flags.get(row.uid, row.flags))
+        return lambda row, loaded, view, seq: (
+            b"FLAGS " + encode.message_flags_wire(view.flags.at(seq))
         )
     if name == "RFC822.SIZE":
-        return lambda row, loaded, view: b"RFC822.SIZE %d" % row.size
+        return lambda row, loaded, view, seq: b"RFC822.SIZE %d" % row.size
     if name == "MODSEQ":
-        return lambda row, loaded, view: b"MODSEQ (%d)" % view.modseqs.get(row.uid, row.modseq)
+        return lambda row, loaded, view, seq: b"MODSEQ (%d)" % view.modseqs.at(seq)
     spec = attr.section
     key = None if spec is None or attr.partial is not None else _fields_key(spec)
     if name == "BODY" and spec is not None and key is not None:
         label = section_name(attr).encode("ascii") + b" "
 
-        def header_fields(row: MessageRow, loaded: Loaded | None, view: SelectedView) -> bytes:
+        def header_fields(
+            row: MessageRow, loaded: Loaded | None, view: SelectedView, seq: int
+        ) -> bytes:
             assert loaded is not None and spec is not None
             data = _header_fields_memo(loaded, spec, key)
             if data is None:
@@ -288,7 +291,7 @@ def item_writer(attr: FetchAttr, *, utf8: bool) -> ItemWriter:
 
         return header_fields
 
-    def other(row: MessageRow, loaded: Loaded | None, view: SelectedView) -> bytes | None:
+    def other(row: MessageRow, loaded: Loaded | None, view: SelectedView, seq: int) -> bytes | None:
         item = fetch_item(attr, row, loaded, view)
         if item is None:
             return None
@@ -374,7 +377,7 @@ async def cmd_fetch(session: Session, command: Command) -> None:
             content = contents[row.sha256]
             loaded = content if isinstance(content, Loaded) else await parsed(content)
         try:
-            written = [item for write in writers if (item := write(row, loaded, view))]
+            written = [item for write in writers if (item := write(row, loaded, view, seq))]
         except ValueError as error:
             await session.tagged(command, "BAD", f"FETCH: {error}")
             return
