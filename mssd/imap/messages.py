@@ -252,6 +252,20 @@ def fetch_item(
     return None
 
 
+def _whole(attr: FetchAttr) -> bool:
+    """BODY[] (BODY.PEEK[], with or without <partial>) and RFC822: the message
+    exactly as stored (RFC 9051 §6.4.5: the empty section is the whole message)."""
+    if attr.name == "RFC822":
+        return True
+    spec = attr.section
+    return attr.name == "BODY" and spec is not None and not spec.part and spec.text is None
+
+
+_UNPARSED = Part(0, 0, 0, (), "", "", ())
+"""The tree of a message read for whole-message items only (:func:`_whole`),
+which never look at it."""
+
+
 ItemWriter = Callable[[MessageRow, "Loaded | None", SelectedView, int], bytes | None]
 """One FETCH item of one message (its row, content, the view and its sequence
 number there) on the wire (``NAME value``), or None for none."""
@@ -273,6 +287,17 @@ def item_writer(attr: FetchAttr, *, utf8: bool) -> ItemWriter:
         return lambda row, loaded, view, seq: b"RFC822.SIZE %d" % row.size
     if name == "MODSEQ":
         return lambda row, loaded, view, seq: b"MODSEQ (%d)" % view.modseqs.at(seq)
+    if _whole(attr):
+        label = section_name(attr).encode("ascii") + b" " if name == "BODY" else b"RFC822 "
+
+        def whole(row: MessageRow, loaded: Loaded | None, view: SelectedView, seq: int) -> bytes:
+            assert loaded is not None
+            data = loaded.raw
+            if attr.partial is not None:
+                data = partial(data, *attr.partial)
+            return label + b"{%d}\r\n" % len(data) + data
+
+        return whole
     spec = attr.section
     key = None if spec is None or attr.partial is not None else _fields_key(spec)
     if name == "BODY" and spec is not None and key is not None:
@@ -362,6 +387,8 @@ async def cmd_fetch(session: Session, command: Command) -> None:
             )
     heads_only = all(_head_only(a) for a in attrs if a.name in _CONTENT_ITEMS | _STRUCTURE_ITEMS)
     writers = [item_writer(attr, utf8=session.utf8) for attr in attrs]
+    # BODY[] and RFC822 are the stored bytes as they are: no MIME parse for them.
+    needs_tree = any(a.name in _CONTENT_ITEMS | _STRUCTURE_ITEMS for a in attrs if not _whole(a))
     contents: dict[str, bytes | Loaded] = {}
     for index, uid in enumerate(uids):
         row = rows.get(uid)
@@ -375,7 +402,12 @@ async def cmd_fetch(session: Session, command: Command) -> None:
                 batch = [rows[u] for u in uids[index : index + _FETCH_BATCH] if u in rows]
                 contents = dict(await _contents(session, batch, heads_only=heads_only))
             content = contents[row.sha256]
-            loaded = content if isinstance(content, Loaded) else await parsed(content)
+            if isinstance(content, Loaded):
+                loaded = content
+            elif needs_tree:
+                loaded = await parsed(content)
+            else:
+                loaded = Loaded(content, _UNPARSED)
         try:
             written = [item for write in writers if (item := write(row, loaded, view, seq))]
         except ValueError as error:
