@@ -30,8 +30,7 @@ _OWED = sa.text("report_due IS NOT NULL")
 
 
 def upgrade() -> None:
-    with op.batch_alter_table("envelope_recipients") as batch:
-        batch.add_column(sa.Column("report_due", sa.Text(), nullable=True))
+    op.add_column("envelope_recipients", sa.Column("report_due", sa.Text(), nullable=True))
     op.create_index(
         "ix_envelope_recipients_report_due",
         "envelope_recipients",
@@ -44,5 +43,7 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.drop_index("ix_envelope_recipients_report_due", table_name="envelope_recipients")
-    with op.batch_alter_table("envelope_recipients") as batch:
-        batch.drop_column("report_due")
+    # Not in batch mode: on SQLite that copies the table to a new one and drops the old,
+    # which the queue entries referring to its rows forbid. SQLite (3.35 on) drops a
+    # column in place, as PostgreSQL does.
+    op.drop_column("envelope_recipients", "report_due")
