@@ -19,8 +19,9 @@ mailbox turns out full would add those reads to every message. So:
    writes them as a :class:`~mssd.store.delivery.DueReports`, whose transaction clears
    the marks, and only if they were still there;
 3. a crash, a failed write or a cancelled session in between leaves the marks:
-   :class:`OwedReports`, run by ``mssd serve`` at start and every minute, makes the
-   reports on every marked envelope.
+   :class:`OwedReports`, run by ``mssd serve`` at start and then every minute, makes
+   the reports on every marked envelope (after :data:`RECOVERY_GRACE`, but for the
+   round at start).
 
 The success report on such a message is covered by the same marks: it is made with
 the failure report, from the same rows, and written in the same transaction. (The one
@@ -203,12 +204,9 @@ class OwedReports:
         grace = 0.0  # at start: whatever a crash left, however recent
         while True:
             try:
-                made = await self.run_once(grace=grace)
+                await self.run_once(grace=grace)  # each report made is logged
             except Exception:
                 # A store outage must not end the schedule; the next round retries.
                 log.exception("recovery of owed reports failed")
-            else:
-                if made:
-                    log.info("recovery: reports made on %d envelope(s)", made)
             grace = self._grace
             await asyncio.sleep(self._interval)
