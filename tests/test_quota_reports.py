@@ -14,7 +14,14 @@ import test_store_mailstore
 from conftest import OTHER_OPERATOR_DOMAIN, PER, PER2, MssdProcess, inbox, new_message, run
 from sqlalchemy.ext.asyncio import AsyncEngine
 from store_faults import allow, refuse
-from test_quota import KIB, fill, fresh, send_without_size, sized
+from test_quota import (
+    KIB,
+    assert_reports_on_a_full_mailbox,
+    fill,
+    fresh,
+    send_without_size,
+    sized,
+)
 from test_store_quota import to
 
 from mssd.delivery.dsn import Reporter
@@ -71,25 +78,6 @@ def send_to_a_full_mailbox(mssd: MssdProcess, subject: str) -> str:
     return small
 
 
-def assert_one_report_each(reports: list[bytes], small: str) -> None:
-    """Exactly one failure report (on ``small``: 5.2.2 with the reason) and one success
-    report (on PER2): what the sender gets whoever made them."""
-    failures = [r for r in reports if b"\r\nAction: failed\r\n" in r]
-    successes = [r for r in reports if b"\r\nAction: delivered\r\n" in r]
-    assert (len(failures), len(successes), len(reports)) == (1, 1, 2)
-    for field in (
-        f"Final-Recipient: rfc822; {small}",
-        "Action: failed",
-        "Status: 5.2.2",
-        f"Diagnostic-Code: smtp; 552 5.2.2 <{small}>: mailbox full (2 KiB used of its 10 KiB "
-        "quota, 12 KiB more do not fit)",
-    ):
-        assert f"\r\n{field}\r\n".encode() in failures[0], field
-    assert f"Final-Recipient: rfc822; {PER2}".encode() not in failures[0]
-    assert f"\r\nFinal-Recipient: rfc822; {PER2}\r\nAction: delivered\r\n".encode() in successes[0]
-    assert f"Final-Recipient: rfc822; {small}".encode() not in successes[0]
-
-
 def wait_for_reports(mssd: MssdProcess, subject: str, count: int, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while len(reports_on(mssd, subject)) < count:
@@ -129,7 +117,7 @@ def test_reports_made_after_the_commit_leave_nothing_owed(mssd: MssdProcess) -> 
     subject = "sans panne"
     small = send_to_a_full_mailbox(mssd, subject)
     wait_for_reports(mssd, subject, 2)
-    assert_one_report_each(reports_on(mssd, subject), small)
+    assert_reports_on_a_full_mailbox(reports_on(mssd, subject), small)
     assert owed(mssd) == []
 
 
@@ -149,7 +137,7 @@ def test_report_the_store_refused_after_the_250_is_made_when_mssd_starts_again(
         run(allow(mssd.url, "no_reports", "envelopes"))
     mssd.start()
     wait_for_reports(mssd, subject, 2)
-    assert_one_report_each(reports_on(mssd, subject), small)
+    assert_reports_on_a_full_mailbox(reports_on(mssd, subject), small)
     assert owed(mssd) == []
 
 
@@ -166,7 +154,7 @@ def test_recovery_passes_run_together_or_again_make_each_report_once(
     # Two processes' passes at once (on PostgreSQL: SKIP LOCKED), then another one.
     assert sorted(run(recover(mssd.url, 2))) == [0, 1]
     assert run(recover(mssd.url, 1)) == [0]
-    assert_one_report_each(reports_on(mssd, subject), small)
+    assert_reports_on_a_full_mailbox(reports_on(mssd, subject), small)
     assert owed(mssd) == []
 
 
