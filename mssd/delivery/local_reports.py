@@ -59,7 +59,8 @@ RECOVERY_INTERVAL = 60.0
 """Seconds between two rounds of the recovery pass."""
 RECOVERY_GRACE = 60.0
 """A round after the first leaves alone the envelopes younger than this: their
-pipeline is making their reports right now (it would win the claim anyway)."""
+pipeline is making their reports right now (the claim would let only one of the two
+store them, but both would build them)."""
 _BATCH = 100
 
 
