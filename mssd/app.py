@@ -25,6 +25,7 @@ from mssd.config import Settings, dkim_key_dir, operator_ca_file, whitelist_cach
 from mssd.delivery import DeliveryPipeline
 from mssd.delivery.dkim import DkimSigner, DkimVerifier, make_dns_function, read_txt_records
 from mssd.delivery.dsn import Reporter
+from mssd.delivery.local_reports import OwedReports
 from mssd.delivery.whitelist import WhitelistKeeper
 from mssd.imap.facts import FactCache
 from mssd.imap.heads import HeadCache
@@ -67,6 +68,7 @@ class Services:
     relay: RelayWorker | None = None
     reporter: Reporter | None = None
     cache_purger: CachePurger | None = None
+    owed_reports: OwedReports | None = None
 
     def after_commit(self, stored: Sequence[StoredMessage]) -> None:
         """Change notifications for IMAP; a wake-up for the relay when mail was queued."""
@@ -77,6 +79,8 @@ class Services:
     async def close(self) -> None:
         if self.cache_purger is not None:
             await self.cache_purger.stop()
+        if self.owed_reports is not None:
+            await self.owed_reports.stop()
         if self.relay is not None:
             await self.relay.stop()
         if self.whitelist is not None:
@@ -289,6 +293,15 @@ async def serve(
             services.relay.start()
         services.cache_purger = CachePurger(services.engine, settings.annuaire.cache_purge_seconds)
         services.cache_purger.start()
+        if services.reporter is not None:
+            # Reports a crash left owed (mssd.delivery.local_reports): now, then every minute.
+            services.owed_reports = OwedReports(
+                services.engine,
+                services.committer,
+                services.reporter,
+                hostname=settings.server.hostname,
+            )
+            services.owed_reports.start()
         imap_services = imap_services_for(
             settings, services.authenticator, services.mailstore, services.bus, services.committer
         )
