@@ -311,6 +311,7 @@ class ClientState:
     subject_every: int
     rng: random.Random
     cycles: int = 0
+    only: str | None = None
 
 
 async def login_select(imap: Imap, state: ClientState, timed: Any) -> None:
@@ -323,7 +324,23 @@ async def cycle(imap: Imap, state: ClientState, timed: Any) -> None:
     """One round of the mix on the selected INBOX (UIDs 1..messages are the seed)."""
     n, rng = state.messages, state.rng
     state.cycles += 1
-    last = max(1, n - 49)
+    if state.only is not None:
+        await only(imap, state, timed)
+        return
+    await fetch_headers(imap, state, timed)
+    await timed("FETCH-BODY", imap.command(b"UID FETCH %d BODY.PEEK[]" % rng.randint(1, n)))
+    await store_seen(imap, state, timed)
+    await timed("SEARCH-UNSEEN", imap.command(b"UID SEARCH UNSEEN"))
+    if state.subject_every and state.cycles % state.subject_every == 0:
+        word = rng.choice(_WORDS).encode()
+        await timed("SEARCH-SUBJECT", imap.command(b'UID SEARCH SUBJECT "%s"' % word))
+    await append_expunge(imap, state, timed)
+    await timed("NOOP", imap.command(b"NOOP"))
+
+
+async def fetch_headers(imap: Imap, state: ClientState, timed: Any) -> None:
+    """The newest 50 messages' flags, sizes and a few header fields (a message list)."""
+    last = max(1, state.messages - 49)
     await timed(
         "FETCH-HDR",
         imap.command(
@@ -331,14 +348,16 @@ async def cycle(imap: Imap, state: ClientState, timed: Any) -> None:
             % last
         ),
     )
-    await timed("FETCH-BODY", imap.command(b"UID FETCH %d BODY.PEEK[]" % rng.randint(1, n)))
-    uids = b",".join(b"%d" % rng.randint(1, n) for _ in range(3))
+
+
+async def store_seen(imap: Imap, state: ClientState, timed: Any) -> None:
+    uids = b",".join(b"%d" % state.rng.randint(1, state.messages) for _ in range(3))
     sign = b"+" if state.cycles % 2 else b"-"
     await timed("STORE", imap.command(b"UID STORE %s %sFLAGS (\\Seen)" % (uids, sign)))
-    await timed("SEARCH-UNSEEN", imap.command(b"UID SEARCH UNSEEN"))
-    if state.subject_every and state.cycles % state.subject_every == 0:
-        word = rng.choice(_WORDS).encode()
-        await timed("SEARCH-SUBJECT", imap.command(b'UID SEARCH SUBJECT "%s"' % word))
+
+
+async def append_expunge(imap: Imap, state: ClientState, timed: Any) -> None:
+    """APPEND a message, flag it \\Deleted, UID EXPUNGE it: the folder keeps its size."""
     lines = await timed(
         "APPEND",
         imap.command(b"APPEND INBOX (\\Seen)", append_message(state.number, state.cycles)),
@@ -349,7 +368,31 @@ async def cycle(imap: Imap, state: ClientState, timed: Any) -> None:
     uid = found.group(1)
     await timed("STORE", imap.command(b"UID STORE %s +FLAGS.SILENT (\\Deleted)" % uid))
     await timed("EXPUNGE", imap.command(b"UID EXPUNGE %s" % uid))
-    await timed("NOOP", imap.command(b"NOOP"))
+
+
+ONLY = ("NOOP", "FETCH-HDR", "FETCH-BODY", "STORE", "SEARCH-UNSEEN", "APPEND-EXPUNGE")
+"""``--only``: one part of the mix, repeated, to see what each costs."""
+
+
+async def only(imap: Imap, state: ClientState, timed: Any) -> None:
+    """Nine commands of one kind (the mix has nine), or three APPEND-STORE-EXPUNGE."""
+    n = state.messages
+    for _ in range(3 if state.only == "APPEND-EXPUNGE" else 9):
+        if state.only == "NOOP":
+            await timed("NOOP", imap.command(b"NOOP"))
+        elif state.only == "FETCH-HDR":
+            await fetch_headers(imap, state, timed)
+        elif state.only == "FETCH-BODY":
+            command = b"UID FETCH %d BODY.PEEK[]" % state.rng.randint(1, n)
+            await timed("FETCH-BODY", imap.command(command))
+        elif state.only == "STORE":
+            state.cycles += 1
+            await store_seen(imap, state, timed)
+        elif state.only == "SEARCH-UNSEEN":
+            await timed("SEARCH-UNSEEN", imap.command(b"UID SEARCH UNSEEN"))
+        else:
+            state.cycles += 1
+            await append_expunge(imap, state, timed)
 
 
 def _tls_context(ca_file: str | None) -> ssl.SSLContext | None:
@@ -395,6 +438,7 @@ def _load_process(
                 options["messages"],
                 options["subject_every"],
                 random.Random(number * 7919 + options["run"]),
+                only=options["only"],
             )
             for number, login in clients
         ]
@@ -493,6 +537,7 @@ def drive_load(
         "mode": args.mode,
         "messages": args.messages,
         "subject_every": args.subject_every,
+        "only": args.only,
         "grace": 60.0,
         "run": run,
     }
@@ -779,6 +824,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=0,
         metavar="N",
         help="UID SEARCH SUBJECT in one cycle out of N per client (0: never)",
+    )
+    p.add_argument(
+        "--only",
+        choices=ONLY,
+        help="one part of the mix instead of all of it (NOOP: what the connection, TLS, "
+        "parsing and dispatch cost without any store work)",
     )
     p.add_argument(
         "--idle-connections",

@@ -30,33 +30,34 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
-import json
-import os
 import re
-import shutil
 import smtplib
 import ssl
 import statistics
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from xml.sax.saxutils import escape
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from smtp_load import (
-    PG_ADMIN_URL,
-    ROOT,
     Server,
+    add_pg_admin_url,
+    add_run_options,
+    bench_directory,
+    check_counts,
     count_placements,
     cpu_seconds,
     fresh_store,
     message_body,
     mssd_env,
+    print_rows,
+    report,
     run_cli,
+    run_each,
 )
 
 PASSWORD = "Bench-relay-password-1"
@@ -405,17 +406,17 @@ def one_run(
 def print_table(results: list[RunResult], summary: dict[str, object]) -> None:
     head = f"{'run':>6} {'backend':<10} {'at B':>11} {'seconds':>8} {'msg/s':>8} "
     head += f"{'handshakes':>10} {'wall s':>7} {'A cpu ms':>8} {'B cpu ms':>8} {'load s':>7}"
-    print(head)
-    print("-" * len(head))
-    for r in results:
-        print(
+    rows = [
+        (
             f"{r.run:>6} {r.backend:<10} {r.delivered_at_b:>5}/{r.messages:<5} {r.seconds:>8.2f} "
             f"{r.rate:>8.1f} {r.handshakes if r.handshakes is not None else '-':>10} "
             f"{r.wall_seconds:>7.2f} {r.cpu_ms_a or 0:>8.2f} {r.cpu_ms_b or 0:>8.2f} "
-            f"{r.load_seconds:>7.1f}"
+            f"{r.load_seconds:>7.1f}",
+            r.errors,
         )
-        for error in r.errors:
-            print(f"       ! {error}")
+        for r in results
+    ]
+    print_rows(head, rows)
     print(f"{'median':>6} {results[0].backend:<10} {'':>11} {'':>8} {summary['rate']:>8.1f}")
 
 
@@ -428,48 +429,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="submission sessions that load A's queue (default 4)")  # fmt: skip
     p.add_argument("--runs", type=int, default=1)
     p.add_argument("--timeout", type=float, default=600.0, help="per-run relay time limit")
-    p.add_argument(
-        "--pg-admin-url",
-        default=os.environ.get("MSSD_BENCH_POSTGRES_URL", PG_ADMIN_URL),
-        help="PostgreSQL database used to create and drop the bench databases",
-    )
-    p.add_argument("--serve-script", metavar="PY",
-                   help="run `python PY serve` instead of `python -m mssd serve` "
-                   "(to measure a patched server)")  # fmt: skip
-    p.add_argument("--json", action="store_true", help="print the results as JSON")
-    p.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    add_pg_admin_url(p, "the bench databases")
+    add_run_options(p)
     args = p.parse_args(argv)
-    if args.messages < 1 or args.connections < 1 or args.runs < 1 or args.size < 2:
-        p.error("--messages, --connections, --runs must be positive, --size at least 2")
+    check_counts(p, args)
     return args
+
+
+def progress_line(result: RunResult) -> str:
+    return (
+        f"run {result.run}: {result.delivered_at_b}/{result.messages} relayed in "
+        f"{result.seconds:.2f} s = {result.rate:.1f} msg/s, "
+        f"{result.handshakes} TLS handshake(s)"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    sys.path.insert(0, str(ROOT))
-    base = Path(tempfile.mkdtemp(prefix="mssd-bench-relay-"))
-    results: list[RunResult] = []
-    try:
-        pki_dir = base / "pki"
-        env = mssd_env("sqlite+aiosqlite:///unused.db", base, pki_dir, True)
-        run_cli(env, base, "pki", "init", "--dir", str(pki_dir), "--hostname", "localhost")
+    with bench_directory(args, "mssd-bench-relay-") as (base, pki_dir, env):
         ops = (issue_operator(env, base, pki_dir, "A"), issue_operator(env, base, pki_dir, "B"))
-        for number in range(1, args.runs + 1):
-            result = one_run(args, number, base, pki_dir, ops)
-            results.append(result)
-            if not args.json:
-                print(
-                    f"run {number}: {result.delivered_at_b}/{result.messages} relayed in "
-                    f"{result.seconds:.2f} s = {result.rate:.1f} msg/s, "
-                    f"{result.handshakes} TLS handshake(s)",
-                    file=sys.stderr,
-                    flush=True,
-                )
-    finally:
-        if args.keep:
-            print(f"kept {base}", file=sys.stderr)
-        else:
-            shutil.rmtree(base, ignore_errors=True)
+        results = run_each(args, lambda n: one_run(args, n, base, pki_dir, ops), progress_line)
     summary: dict[str, object] = {
         "backend": args.backend,
         "messages": args.messages,
@@ -479,11 +458,7 @@ def main(argv: list[str] | None = None) -> int:
         "handshakes": [r.handshakes for r in results],
         "ok": bool(results) and all(not r.errors for r in results),
     }
-    if args.json:
-        print(json.dumps({"summary": summary, "runs": [asdict(r) for r in results]}, indent=2))
-    elif results:
-        print_table(results, summary)
-    return 0 if summary["ok"] else 1
+    return report(args, results, summary, print_table)
 
 
 if __name__ == "__main__":

@@ -39,11 +39,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 DOMAIN = "bench.mssd.test"
 SENDER = f"expediteur@{DOMAIN}"
@@ -500,6 +500,97 @@ def py_spy(pid: int, output: Path | None, gil: bool = False) -> Iterator[None]:
             spy.wait()
 
 
+# -- what a bench script does around its runs (relay_load.py shares it) ---------------------
+
+Result = TypeVar("Result")
+
+
+@contextmanager
+def bench_directory(
+    args: argparse.Namespace, prefix: str
+) -> Iterator[tuple[Path, Path, dict[str, str]]]:
+    """A temporary directory holding a development PKI (``mssd pki init``):
+    ``(directory, PKI directory, environment of the mssd commands)``. Removed at the
+    end, or kept and named on stderr with ``--keep``."""
+    sys.path.insert(0, str(ROOT))
+    base = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        pki_dir = base / "pki"
+        env = mssd_env("sqlite+aiosqlite:///unused.db", base, pki_dir, True)
+        run_cli(env, base, "pki", "init", "--dir", str(pki_dir), "--hostname", "localhost")
+        yield base, pki_dir, env
+    finally:
+        if args.keep:
+            print(f"kept {base}", file=sys.stderr)
+        else:
+            shutil.rmtree(base, ignore_errors=True)
+
+
+def run_each(
+    args: argparse.Namespace,
+    one: Callable[[int], Result],
+    progress: Callable[[Result], str | None],
+) -> list[Result]:
+    """Runs 1 to ``--runs``, each result's progress line on stderr as it ends
+    (none with ``--json``, or when ``progress`` gives None)."""
+    results: list[Result] = []
+    for number in range(1, args.runs + 1):
+        result = one(number)
+        results.append(result)
+        line = None if args.json else progress(result)
+        if line is not None:
+            print(line, file=sys.stderr, flush=True)
+    return results
+
+
+def print_rows(head: str, rows: list[tuple[str, list[str]]]) -> None:
+    """A results table: the head, a rule, then each run's row followed by its errors."""
+    print(head)
+    print("-" * len(head))
+    for row, errors in rows:
+        print(row)
+        for error in errors:
+            print(f"       ! {error}")
+
+
+def report(
+    args: argparse.Namespace,
+    results: list[Result],
+    summary: dict[str, Any],
+    print_table: Callable[[list[Result], dict[str, Any]], None],
+) -> int:
+    """The results as JSON (``--json``) or as the script's table; the exit status:
+    0 when every run was good."""
+    if args.json:
+        print(json.dumps({"summary": summary, "runs": [asdict(r) for r in results]}, indent=2))
+    elif results:
+        print_table(results, summary)
+    return 0 if summary["ok"] else 1
+
+
+def add_pg_admin_url(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument(
+        "--pg-admin-url",
+        default=os.environ.get("MSSD_BENCH_POSTGRES_URL", PG_ADMIN_URL),
+        help=f"PostgreSQL database used to create and drop {what}",
+    )
+
+
+def add_run_options(p: argparse.ArgumentParser) -> None:
+    """``--serve-script``, ``--json``, ``--keep``: what :func:`bench_directory`,
+    :func:`run_each`, :func:`report` and :class:`Server` read."""
+    p.add_argument("--serve-script", metavar="PY",
+                   help="run `python PY serve` instead of `python -m mssd serve` "
+                   "(to measure a patched server)")  # fmt: skip
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.add_argument("--keep", action="store_true", help="keep the temporary directory")
+
+
+def check_counts(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.messages < 1 or args.connections < 1 or args.runs < 1 or args.size < 2:
+        p.error("--messages, --connections, --runs must be positive, --size at least 2")
+
+
 # -- one run ------------------------------------------------------------------------------
 
 
@@ -578,16 +669,17 @@ def fmt(value: float | None, digits: int = 1) -> str:
 def print_table(results: list[RunResult], summary: dict[str, Any]) -> None:
     head = f"{'run':>6} {'backend':<10} {'mode':<5} {'client':<11} {'committed':>9} "
     head += f"{'seconds':>8} {'msg/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'cpu ms':>7}"
-    print(head)
-    print("-" * len(head))
-    for r in results:
-        print(
+    rows = [
+        (
             f"{r.run:>6} {r.backend:<10} {r.mode:<5} {r.client:<11} "
             f"{r.committed:>4}/{r.messages:<4} {r.seconds:>8.2f} {r.rate:>8.1f} "
-            f"{fmt(r.p50_ms):>8} {fmt(r.p99_ms):>8} {fmt(r.max_ms):>8} {fmt(r.server_cpu_ms, 2):>7}"
+            f"{fmt(r.p50_ms):>8} {fmt(r.p99_ms):>8} {fmt(r.max_ms):>8} "
+            f"{fmt(r.server_cpu_ms, 2):>7}",
+            r.errors,
         )
-        for error in r.errors:
-            print(f"       ! {error}")
+        for r in results
+    ]
+    print_rows(head, rows)
     print(
         f"{'median':>6} {results[0].backend:<10} {results[0].mode:<5} {results[0].client:<11} "
         f"{'':>9} {'':>8} {summary['rate']:>8.1f} {fmt(summary['p50_ms']):>8} "
@@ -611,58 +703,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mailboxes", type=int, default=4, help="recipient mailboxes")
     p.add_argument("--runs", type=int, default=1)
     p.add_argument("--timeout", type=float, default=300.0, help="per-run load time limit")
-    p.add_argument(
-        "--pg-admin-url",
-        default=os.environ.get("MSSD_BENCH_POSTGRES_URL", PG_ADMIN_URL),
-        help="PostgreSQL database used to create and drop the bench database",
-    )
+    add_pg_admin_url(p, "the bench database")
     p.add_argument("--py-spy", metavar="FILE",
                    help="record the server with py-spy (.svg flamegraph, .json speedscope, "
                    ".txt collapsed stacks); one file per run")  # fmt: skip
     p.add_argument("--py-spy-gil", action="store_true",
                    help="with --py-spy: only samples holding the GIL")  # fmt: skip
-    p.add_argument("--serve-script", metavar="PY",
-                   help="run `python PY serve` instead of `python -m mssd serve` "
-                   "(to measure a patched server)")  # fmt: skip
-    p.add_argument("--json", action="store_true", help="print the results as JSON")
-    p.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    add_run_options(p)
     args = p.parse_args(argv)
     args.plain = not args.tls
     if args.client is None:
         args.client = "smtp-source" if args.plain else "python"
     if args.client == "smtp-source" and not args.plain:
         p.error("smtp-source cannot do STARTTLS: use --client python with --tls")
-    if args.messages < 1 or args.connections < 1 or args.runs < 1 or args.size < 2:
-        p.error("--messages, --connections, --runs must be positive, --size at least 2")
+    check_counts(p, args)
     return args
+
+
+def progress_line(result: RunResult) -> str:
+    return (
+        f"run {result.run}: {result.committed}/{result.messages} committed in "
+        f"{result.seconds:.2f} s = {result.rate:.1f} msg/s"
+        + (f", p50 {result.p50_ms:.1f} ms p99 {result.p99_ms:.1f} ms"
+           if result.p50_ms is not None and result.p99_ms is not None else "")
+    )  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    sys.path.insert(0, str(ROOT))
-    base = Path(tempfile.mkdtemp(prefix="mssd-bench-"))
-    results: list[RunResult] = []
-    try:
-        pki_dir = base / "pki"
-        env = mssd_env("sqlite+aiosqlite:///unused.db", base, pki_dir, True)
-        run_cli(env, base, "pki", "init", "--dir", str(pki_dir), "--hostname", "localhost")
-        for number in range(1, args.runs + 1):
-            result = one_run(args, number, base, pki_dir)
-            results.append(result)
-            if not args.json:
-                print(
-                    f"run {number}: {result.committed}/{result.messages} committed in "
-                    f"{result.seconds:.2f} s = {result.rate:.1f} msg/s"
-                    + (f", p50 {result.p50_ms:.1f} ms p99 {result.p99_ms:.1f} ms"
-                       if result.p50_ms is not None and result.p99_ms is not None else ""),
-                    file=sys.stderr,
-                    flush=True,
-                )  # fmt: skip
-    finally:
-        if args.keep:
-            print(f"kept {base}", file=sys.stderr)
-        else:
-            shutil.rmtree(base, ignore_errors=True)
+    with bench_directory(args, "mssd-bench-") as (base, pki_dir, _):
+        results = run_each(args, lambda n: one_run(args, n, base, pki_dir), progress_line)
     p50s = [r.p50_ms for r in results if r.p50_ms is not None]
     p99s = [r.p99_ms for r in results if r.p99_ms is not None]
     summary = {
@@ -678,11 +748,7 @@ def main(argv: list[str] | None = None) -> int:
         "p99_ms": statistics.median(p99s) if p99s else None,
         "ok": all(not r.errors for r in results),
     }
-    if args.json:
-        print(json.dumps({"summary": summary, "runs": [asdict(r) for r in results]}, indent=2))
-    else:
-        print_table(results, summary)
-    return 0 if summary["ok"] else 1
+    return report(args, results, summary, print_table)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ depends on: a second mssd process on the same PostgreSQL serves the same data.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import signal
@@ -19,10 +20,12 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from mssd.annuaire.cache import CachePurger
 from mssd.auth import Authenticator, PscTokenVerifier
+from mssd.auth.ratelimit import CHANNEL as FAILURE_CHANNEL
 from mssd.config import Settings, dkim_key_dir, operator_ca_file, whitelist_cache_file
 from mssd.delivery import DeliveryPipeline
 from mssd.delivery.dkim import DkimSigner, DkimVerifier, make_dns_function, read_txt_records
 from mssd.delivery.dsn import Reporter
+from mssd.delivery.local_reports import OwedReports
 from mssd.delivery.whitelist import WhitelistKeeper
 from mssd.imap.facts import FactCache
 from mssd.imap.heads import HeadCache
@@ -65,6 +68,7 @@ class Services:
     relay: RelayWorker | None = None
     reporter: Reporter | None = None
     cache_purger: CachePurger | None = None
+    owed_reports: OwedReports | None = None
 
     def after_commit(self, stored: Sequence[StoredMessage]) -> None:
         """Change notifications for IMAP; a wake-up for the relay when mail was queued."""
@@ -75,6 +79,8 @@ class Services:
     async def close(self) -> None:
         if self.cache_purger is not None:
             await self.cache_purger.stop()
+        if self.owed_reports is not None:
+            await self.owed_reports.stop()
         if self.relay is not None:
             await self.relay.stop()
         if self.whitelist is not None:
@@ -190,12 +196,18 @@ async def open_store(settings: Settings) -> tuple[AsyncEngine, ssl.SSLContext]:
         raise
 
 
-def authenticator_for(
-    settings: Settings, accounts: StoreAccounts, committer: GroupCommitter
+async def authenticator_for(
+    settings: Settings, accounts: StoreAccounts, committer: GroupCommitter, bus: ChangeBus
 ) -> Authenticator:
     psc = PscTokenVerifier(settings.auth) if settings.auth.psc_issuer else None
     # Authentication outcomes are audited through the committer (group commit).
-    return Authenticator(settings.auth, accounts, committer, psc=psc)
+    authenticator = Authenticator(settings.auth, accounts, committer, psc=psc)
+    if bus.crosses_processes:
+        # Failure limits count every process's failures (mssd.auth.ratelimit).
+        limiter = authenticator.limiter
+        limiter.share(functools.partial(bus.post, FAILURE_CHANNEL))
+        await bus.listen(FAILURE_CHANNEL, limiter.receive)
+    return authenticator
 
 
 def imap_services_for(
@@ -232,7 +244,7 @@ async def build_services(settings: Settings) -> Services:
     )
     committer.start()
     mailstore = MailStore(engine, on_change=bus.notify)
-    authenticator = authenticator_for(settings, accounts, committer)
+    authenticator = await authenticator_for(settings, accounts, committer, bus)
     pipeline = DeliveryPipeline(accounts, committer, hostname=settings.server.hostname)
     services = Services(
         settings, engine, accounts, authenticator, committer, pipeline, tls, mailstore, bus
@@ -281,6 +293,15 @@ async def serve(
             services.relay.start()
         services.cache_purger = CachePurger(services.engine, settings.annuaire.cache_purge_seconds)
         services.cache_purger.start()
+        if services.reporter is not None:
+            # Reports a crash left owed (mssd.delivery.local_reports): now, then every minute.
+            services.owed_reports = OwedReports(
+                services.engine,
+                services.committer,
+                services.reporter,
+                hostname=settings.server.hostname,
+            )
+            services.owed_reports.start()
         imap_services = imap_services_for(
             settings, services.authenticator, services.mailstore, services.bus, services.committer
         )
@@ -325,7 +346,7 @@ async def serve_imap_worker(settings: Settings, sockets: str, parent_fd: int) ->
     )
     committer.start()
     mailstore = MailStore(engine, on_change=bus.notify)
-    authenticator = authenticator_for(settings, StoreAccounts(engine), committer)
+    authenticator = await authenticator_for(settings, StoreAccounts(engine), committer, bus)
     imap_services = imap_services_for(settings, authenticator, mailstore, bus, committer)
     listeners: list[ImapListener] = []
     try:

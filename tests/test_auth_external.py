@@ -118,6 +118,19 @@ async def test_authzid_of_another_account_is_refused() -> None:
     assert audit.results == ["authzid-refused"]
 
 
+async def test_authzid_may_name_an_idn_login_with_u_labels() -> None:
+    """The login is stored with an A-label domain; the client names it as typed."""
+    doctor = Account(
+        id=1, login="claire.martin@xn--hpital-idn-rbb.mssd.test", status="active", idnat_ps=IDNAT
+    )
+    auth, audit = make(doctor)
+    result = await auth.start("EXTERNAL", ctx(CPS)).step(
+        "claire.martin@hôpital-idn.mssd.test".encode()
+    )
+    assert isinstance(result, Success) and result.principal.login == doctor.login
+    assert audit.results == ["ok"]
+
+
 async def test_suspended_certificate_account_is_refused() -> None:
     closed = Account(id=1, login="x@example.mssante.fr", status="closed", idnat_ps=IDNAT)
     auth, audit = make(closed)

@@ -180,6 +180,28 @@ async def test_suspended_account_fails_like_a_bad_password_but_is_audited_as_sus
     assert audit.events[0].target == "carol@example.mssante.fr"
 
 
+async def test_plain_authzid_and_authcid_name_one_idn_login_however_typed() -> None:
+    """A login with an A-label domain, typed with U-labels in one field and not the
+    other: the same login, so no authzid refusal; looked up and audited as stored."""
+    claire = Account(
+        id=4, login="claire@xn--hpital-idn-rbb.mssd.test", status="active", password_hash=STORED
+    )
+    accounts = MemoryAccounts(claire)
+    audit = AuditList()
+    auth = Authenticator(SETTINGS, accounts, audit, clock=Clock())
+    result = await plain(
+        auth,
+        "claire@xn--hpital-idn-rbb.mssd.test",
+        PASSWORD,
+        authzid="Claire@Hôpital-IDN.mssd.test",
+    )
+    assert isinstance(result, Success) and result.principal.login == claire.login
+    result = await plain(auth, "claire@hôpital-idn.mssd.test", PASSWORD)
+    assert isinstance(result, Success)
+    assert accounts.lookups == [claire.login, claire.login]
+    assert [e.actor for e in audit.events] == [claire.login, claire.login]
+
+
 async def test_cancel_is_audited_as_failure() -> None:
     auth, _, audit = make()
     exchange = auth.start("LOGIN", TLS)
@@ -322,7 +344,7 @@ async def test_success_resets_the_account_count_but_not_the_address_count() -> N
         await plain(auth, "alice@example.mssante.fr", "guess")
     # 4 failures in total: above the account limit of 3 had success not reset it.
     assert isinstance(await plain(auth, "alice@example.mssante.fr", PASSWORD), Success)
-    assert auth.limiter.addresses.count("192.0.2.10") == 4
+    assert auth.limiter.address_failures("192.0.2.10") == 4
 
 
 async def test_a_verified_password_skips_scrypt_until_it_expires_or_changes(

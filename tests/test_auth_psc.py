@@ -358,6 +358,28 @@ async def test_user_must_be_the_token_holders_login(jwks_server: JwksServer) -> 
     assert audit.results == ["authzid-refused", "authzid-refused"]
 
 
+async def test_authzid_may_name_an_idn_login_with_u_labels(jwks_server: JwksServer) -> None:
+    """The login is stored with an A-label domain; OAUTHBEARER's gs2 authzid is UTF-8
+    (RFC 5801 §4 saslname) and names it as typed. (XOAUTH2's user= is a key=value of
+    RFC 7628 §3.1, VCHAR only: a client sends the A-label there.)"""
+    holder = Account(
+        id=1, login="dr.martin@xn--hpital-idn-rbb.mssd.test", status="active", idnat_ps=IDNAT
+    )
+    auth, audit = make(settings_for(jwks_server), Clock(), holder)
+    try:
+        o = await login(
+            auth, "OAUTHBEARER", oauthbearer(token(), authzid="Dr.Martin@HÔPITAL-IDN.mssd.test")
+        )
+        x = await login(
+            auth, "XOAUTH2", xoauth2(token(), user="Dr.Martin@XN--HPITAL-IDN-RBB.mssd.test")
+        )
+    finally:
+        await auth.close()
+    assert isinstance(o, Success) and isinstance(x, Success)
+    assert audit.results == ["ok", "ok"]
+    assert audit.events[0].actor == holder.login
+
+
 async def test_suspended_token_holder_is_refused(jwks_server: JwksServer) -> None:
     holder = Account(id=1, login=LOGIN, status="suspended", idnat_ps=IDNAT)
     auth, audit = make(settings_for(jwks_server), Clock(), holder)

@@ -79,6 +79,21 @@ def test_environment_overrides_the_file(tmp_path: Path) -> None:
             "server.trusted_networks: '10.0.0.0/33'",
         ),
         (
+            "[smtp]\nproxy_protocol = true\n",
+            {},
+            "smtp.proxy_protocol_networks: list the load balancers' networks",
+        ),
+        (
+            "",
+            {"MSSD_SMTP_PROXY_PROTOCOL": "true", "MSSD_SMTP_PROXY_PROTOCOL_NETWORKS": "lb"},
+            "smtp.proxy_protocol_networks: 'lb' is not an IP network",
+        ),
+        (
+            "[smtp]\nproxy_protocol_timeout_seconds = 0.5\n",
+            {},
+            "smtp.proxy_protocol_timeout_seconds: must be 3 or more",
+        ),
+        (
             "[imap]\nproxy_protocol = true\n",
             {},
             "imap.proxy_protocol_networks: list the load balancers' networks",

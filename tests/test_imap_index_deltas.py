@@ -8,19 +8,20 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 
 import pytest
-from conftest import PER, PkiBundle, seed
+from conftest import PER, PkiBundle, seed, store_url_for
 from sqlalchemy import update
 
-from mssd.imap.index import Indexes
-from mssd.imap.view import FolderState
+from mssd.imap.index import Indexes, _advance
+from mssd.imap.view import FlagCodes, FolderState, SelectedView
 from mssd.store import changes
 from mssd.store.accounts import StoreAccounts
-from mssd.store.changes import ChangeBus, FolderChange
+from mssd.store.changes import ChangeBus, FlagState, FolderChange
 from mssd.store.engine import create_engine
-from mssd.store.mailstore import MailStore, MessageRow
+from mssd.store.mailstore import FolderInfo, FolderSnapshot, MailStore, MessageRow
 from mssd.store.schema import folders, placements
 
 FLAGS = ["\\Seen", "\\Flagged", "\\Deleted", "$label1"]
@@ -36,11 +37,32 @@ class CountingStore(MailStore):
         return await super().changes(folder_id, modseq)
 
 
+_TESTS: list[Callable[[frozenset[str]], bool]] = [
+    lambda flags: "\\Seen" not in flags,
+    lambda flags: "\\Deleted" in flags and "$label1" not in flags,
+    lambda flags: True,
+    lambda flags: not flags,
+]
+
+
+def _coded_right(uids: Sequence[int], flags: list[frozenset[str]], codes: FlagCodes | None) -> None:
+    """The flag codes (kept up to date step by step) say what the flags say."""
+    if codes is None:
+        return
+    assert len(codes.codes) == len(uids)
+    assert [codes.sets[code] for code in codes.codes] == flags
+    for test in _TESTS:
+        expected = [uid for uid, fl in zip(uids, flags, strict=True) if test(fl)]
+        assert codes.where(uids, test) == expected
+    assert codes.distinct() == set(flags)
+
+
 def _same(index_state: FolderState, fresh: FolderState) -> None:
     assert list(index_state.uids) == list(fresh.uids)
     assert index_state.flags == fresh.flags
     assert list(index_state.modseqs) == list(fresh.modseqs)
     assert index_state.highestmodseq == fresh.highestmodseq
+    _coded_right(index_state.uids, index_state.flags, index_state.codes)
 
 
 async def test_index_follows_own_writes_without_reading_and_others_by_reading(
@@ -182,3 +204,102 @@ async def test_sessions_woken_together_all_get_the_change_being_read(
     finally:
         await bus.stop()
         await engine.dispose()
+
+
+def _folder() -> FolderInfo:
+    return FolderInfo(1, 1, "per@x.test", "INBOX", None, True, 1, 251, 250, "lrswipkxtea")
+
+
+def test_flag_codes_past_one_octet() -> None:
+    """More distinct flag sets than one octet numbers: the state goes without
+    codes; a state whose codes overflow after a change is numbered afresh,
+    dropping the sets no message has any more."""
+    many = FolderSnapshot(
+        1, 301, 300, tuple((uid, frozenset({f"$k{uid}"}), uid) for uid in range(1, 301))
+    )
+    assert FolderState.from_snapshot(many).codes is None
+
+    few = tuple((uid, frozenset({f"$k{uid}"}), uid) for uid in range(1, 251))
+    state = FolderState.from_snapshot(FolderSnapshot(1, 251, 250, few))
+    assert state.codes is not None and len(state.codes.sets) == 250
+    # 20 messages change to new sets (270 numbered, 250 in use), then 10 more appear.
+    changed = [FlagState(uid, frozenset({f"$n{uid}"}), 250 + uid) for uid in range(1, 21)]
+    changed += [FlagState(uid, frozenset({"\\Seen"}), 300 + uid) for uid in range(251, 261)]
+    after = _advance(state, changed, [], 400)
+    assert after.codes is not None and len(after.codes.sets) == 251
+    _coded_right(after.uids, after.flags, after.codes)
+    assert len(state.codes.codes) == 250, "the old state is unchanged"
+    _coded_right(state.uids, state.flags, state.codes)
+
+    # A view past one octet numbers afresh in the same way.
+    view = SelectedView(_folder(), False, state)
+    view.apply(changed, [], 400, allow_expunge=True)
+    assert view.uids_where(lambda flags: "\\Seen" in flags) == list(range(251, 261))
+    assert len(view.distinct_flags()) == 251
+
+
+@pytest.fixture
+def postgres_url(tmp_path: Path) -> Iterator[str]:
+    yield from store_url_for("postgresql", tmp_path)
+
+
+async def test_another_process_writes_reach_the_index_through_notify_deltas(
+    postgres_url: str, test_pki: PkiBundle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two processes on one PostgreSQL (each its engine, bus and store): the
+    writes of one reach the other's folder index with their deltas in the
+    NOTIFY payloads, and it follows them without reading the store; a change
+    too large for a payload is read."""
+    await seed(postgres_url, test_pki)
+    monkeypatch.setattr(changes, "SILENCE_TRUST_SECONDS", 3600.0)
+    writer_engine, reader_engine = create_engine(postgres_url), create_engine(postgres_url)
+    writer_bus, reader_bus = ChangeBus(writer_engine), ChangeBus(reader_engine)
+    writer = MailStore(writer_engine, on_change=writer_bus.notify)
+    reader = CountingStore(reader_engine, on_change=reader_bus.notify)
+    indexes = Indexes(reader, reader_bus)
+    await writer_bus.start()
+    await reader_bus.start()
+    try:
+        account = await StoreAccounts(writer_engine).by_login(PER)
+        assert account is not None
+        inbox = await writer.folder(account.id, "INBOX")
+        assert inbox is not None
+        now = dt.datetime.now(dt.UTC)
+        index = await indexes.acquire(inbox.id)
+
+        heard = reader_bus.subscribe(inbox.id)  # to know when the NOTIFY arrived
+
+        async def caught_up() -> FolderState:
+            highest = (await writer.snapshot(inbox.id)).highestmodseq
+            async with asyncio.timeout(2):
+                while max((c.modseq for c in await heard.wait()), default=0) < highest:
+                    pass
+            state = await index.latest()
+            assert state.highestmodseq == highest
+            _same(state, FolderState.from_snapshot(await writer.snapshot(inbox.id)))
+            return state
+
+        reads = reader.reads
+        uids = await writer.append_many(
+            inbox.id, [(b"Subject: %d\r\n\r\nx\r\n" % n, frozenset(), now) for n in range(5)]
+        )
+        await caught_up()
+        await writer.store_flags(inbox.id, uids[:3], mode="add", flags=frozenset({"\\Seen"}))
+        await caught_up()
+        await writer.store_flags(inbox.id, uids[1:2], mode="add", flags=frozenset({"\\Deleted"}))
+        await writer.expunge(inbox.id)
+        state = await caught_up()
+        assert list(state.uids) == [uids[0], *uids[2:]]
+        assert reader.reads == reads, "changes with deltas were read from the store"
+        # 2,000 messages at once: no room in one payload, so the other process reads.
+        big = [(b"Subject: b\r\n\r\nx\r\n", frozenset({"\\Seen"}), now)] * 2000
+        await writer.append_many(inbox.id, big)
+        await caught_up()
+        assert reader.reads == reads + 1
+        heard.close()
+        indexes.release(index)
+    finally:
+        await writer_bus.stop()
+        await reader_bus.stop()
+        await writer_engine.dispose()
+        await reader_engine.dispose()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 
 import pytest
@@ -9,6 +10,7 @@ from fuzzing import mutated
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from mssd.imap import protocol
 from mssd.imap.commands import (
     AclArgs,
     AppendArgs,
@@ -783,3 +785,33 @@ def test_mutated_commands_yield_the_same_events_however_chunked(
         chunked += drain(reader, stream[previous:cut])
         previous = cut
     assert chunked == whole
+
+
+# --- commands parsed once -------------------------------------------------------------
+
+
+def test_a_repeated_command_is_parsed_once_and_answers_with_its_own_tag() -> None:
+    line = b"UID FETCH 9951:* (FLAGS RFC822.SIZE BODY.PEEK[HEADER.FIELDS (From Subject)])"
+    first = one(b"a1 " + line + b"\r\n")
+    protocol._PARSED.clear()
+    fresh = one(b"a1 " + line + b"\r\n")
+    again = one(b"zz.9 " + line + b"\r\n")
+    assert (first, fresh) == (fresh, dataclasses.replace(again, tag="a1"))
+    assert again.tag == "zz.9" and (line, False) in protocol._PARSED
+    # A tag the grammar refuses is refused, whatever was parsed before.
+    assert error(b"bad*tag " + line + b"\r\n").status == "BAD"
+    assert error(b"{3}x " + line + b"\r\n").status == "BAD"
+    # UTF-8 mode parses some lines differently: kept apart.
+    utf8 = b'a SELECT "Bo\xc3\xaete"\r\n'
+    assert error(utf8).status == "BAD"
+    assert one(utf8, utf8=True).args == one(utf8, utf8=True).args
+    assert error(utf8).status == "BAD"
+
+
+def test_credentials_are_never_kept_with_parsed_commands() -> None:
+    protocol._PARSED.clear()
+    one(b'a1 LOGIN claire.martin@demo.mssd.test "s3cr3t-Pa55"\r\n')
+    one(b"a2 AUTHENTICATE PLAIN AGNsYWlyZQBzM2NyM3Q=\r\n")
+    assert not protocol._PARSED
+    one(b"a3 NOOP\r\n")
+    assert list(protocol._PARSED) == [(b"NOOP", False)]

@@ -137,6 +137,31 @@ def test_select_fetch_and_seen(mssd: MssdProcess, session: imaplib.IMAP4) -> Non
     assert b'("text" "plain" ("charset" "us-ascii")' in data[0]  # type: ignore[operator]
 
 
+def test_whole_message_items_are_the_stored_bytes(
+    mssd: MssdProcess, session: imaplib.IMAP4
+) -> None:
+    """BODY[] (with and without <partial>) and RFC822 are answered from the stored
+    bytes without parsing them; alone, together, and beside items that need the
+    MIME tree, they must be exactly the message."""
+    deliver(mssd, "messages entiers")
+    session.select("INBOX")
+    uid, stored = inbox(mssd, PER2)[-1]
+    _, data = session.uid("FETCH", str(uid), "(BODY.PEEK[])")
+    assert data[0][1] == stored  # type: ignore[index]
+    _, data = session.uid("FETCH", str(uid), "(BODY.PEEK[]<10.20>)")
+    assert data[0][0].endswith(b"BODY[]<10> {20}")  # type: ignore[index]
+    assert data[0][1] == stored[10:30]  # type: ignore[index]
+    _, data = session.uid("FETCH", str(uid), "(BODY.PEEK[]<0.100000> BODY.PEEK[TEXT] UID)")
+    assert data[0][1] == stored  # type: ignore[index]
+    assert data[1][1] == stored.split(b"\r\n\r\n", 1)[1]  # type: ignore[index]
+    _, data = session.uid("FETCH", str(uid), "(FLAGS)")
+    assert b"\\Seen" not in data[0]  # type: ignore[operator]
+    _, data = session.uid("FETCH", str(uid), "(RFC822)")
+    assert data[0][1] == stored  # type: ignore[index]
+    _, data = session.uid("FETCH", str(uid), "(FLAGS)")
+    assert b"\\Seen" in data[0]  # type: ignore[operator]
+
+
 def test_store_search_copy_move_expunge(mssd: MssdProcess, session: imaplib.IMAP4) -> None:
     deliver(mssd, "a deplacer")
     deliver(mssd, "a garder")

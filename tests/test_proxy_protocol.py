@@ -1,7 +1,8 @@
 """The PROXY protocol header parser on the exact octets of haproxy's
 ``proxy-protocol.txt`` (cited as PP §n), and fuzzed: it never reads past a header
 and never fails with anything but HeaderError. The listeners that use it are
-tested over real sockets in ``test_imap_proxy_protocol.py``."""
+tested over real sockets in ``test_imap_proxy_protocol.py`` and
+``test_smtp_proxy_protocol.py``."""
 
 from __future__ import annotations
 

@@ -280,8 +280,13 @@ def test_mailbox_that_fills_before_data_is_reported_to_the_sender(mssd: MssdProc
         send_without_size(client, PER, [small, PER2], content, notify="SUCCESS,FAILURE")
     assert f"Subject: {subject}".encode() in inbox(mssd, PER2)[-1][1]
     assert len(inbox(mssd, small)) == 1
-    # Two reports, one per action: the failure for one, the success asked for the other.
     reports = [c for _, c in inbox(mssd, PER) if f"Subject: {subject}".encode() in c]
+    assert_reports_on_a_full_mailbox(reports, small)
+
+
+def assert_reports_on_a_full_mailbox(reports: list[bytes], small: str) -> None:
+    """Two reports, one per action, in this order: the failure for ``small`` (full
+    since RCPT, the message weighing 12 KiB), the success asked for PER2."""
     assert len(reports) == 2
     report, success = reports
     assert b"Content-Type: multipart/report" in report

@@ -1,10 +1,9 @@
-"""Password + one-time code, trusted networks, PROXY protocol, and large messages
-not blocking other sessions, over real SMTP sessions."""
+"""Password + one-time code, trusted networks, and large messages not blocking
+other sessions, over real SMTP sessions (PROXY protocol: test_smtp_proxy_protocol.py)."""
 
 from __future__ import annotations
 
 import smtplib
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -103,34 +102,3 @@ def test_a_large_message_in_progress_does_not_hold_up_others(mssd: MssdProcess) 
     assert code == 250, text
     stored = [c for _, c in inbox(mssd, PER2) if b"gros fichier" in c]
     assert len(stored) == 1 and stored[0].endswith(half + half)
-
-
-@pytest.fixture
-def proxied_mssd(store_url: str, test_pki: PkiBundle, tmp_path: Path) -> Iterator[MssdProcess]:
-    yield from serve_seeded(store_url, test_pki, tmp_path, MSSD_SMTP_PROXY_PROTOCOL="true")
-
-
-def test_proxy_protocol_gives_the_client_address(proxied_mssd: MssdProcess) -> None:
-    """Behind a TCP load balancer (DESIGN.md, Scale-out), the trace and the audit
-    name the client the balancer saw, not the balancer."""
-
-    class ProxiedSMTP(smtplib.SMTP):
-        def _get_socket(self, host: str, port: int, timeout: float) -> socket.socket:
-            raw = super()._get_socket(host, port, timeout)  # type: ignore[misc]
-            raw.sendall(b"PROXY TCP4 192.0.2.10 192.0.2.1 40000 587\r\n")
-            return raw  # type: ignore[no-any-return]
-
-    with ProxiedSMTP("localhost", proxied_mssd.submission, timeout=30) as client:
-        client.ehlo("client.mssd.test")
-        client.starttls(context=proxied_mssd.pki.client_context())
-        client.ehlo("client.mssd.test")
-        client.login(PER, PASSWORD)
-        assert client.sendmail(PER, [PER2], message("via le repartiteur")) == {}
-    stored = [c for _, c in inbox(proxied_mssd, PER2) if b"via le repartiteur" in c]
-    assert stored and stored[0].startswith(b"Received: from client.mssd.test ([192.0.2.10])")
-
-
-def test_connection_without_proxy_header_is_dropped(proxied_mssd: MssdProcess) -> None:
-    with socket.create_connection(("127.0.0.1", proxied_mssd.submission), timeout=30) as raw:
-        raw.sendall(b"EHLO client.mssd.test\r\n")
-        assert raw.recv(1024) == b""

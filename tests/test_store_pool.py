@@ -5,7 +5,7 @@ store that was quiet while PostgreSQL dropped its connections still answers."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import asyncpg
@@ -19,15 +19,14 @@ from mssd.store.engine import PING_AFTER_IDLE, create_engine, run_read
 
 
 @pytest.fixture
-def postgres_url(tmp_path: Path) -> Iterator[str]:
-    yield from store_url_for("postgresql", tmp_path)
-
-
-@pytest.fixture
-async def engine(postgres_url: str) -> AsyncIterator[AsyncEngine]:
-    engine = create_engine(postgres_url)
-    yield engine
-    await engine.dispose()
+async def postgres(tmp_path: Path) -> AsyncIterator[tuple[str, AsyncEngine]]:
+    """An empty PostgreSQL store's URL and an engine on it."""
+    for url in store_url_for("postgresql", tmp_path):
+        engine = create_engine(url)
+        try:
+            yield url, engine
+        finally:
+            await engine.dispose()
 
 
 def backend_pid(conn: Connection) -> int:
@@ -44,18 +43,20 @@ async def terminate(url: str, pid: int) -> None:
 
 
 async def test_a_connection_dropped_while_resting_is_replaced(
-    engine: AsyncEngine, postgres_url: str
+    postgres: tuple[str, AsyncEngine],
 ) -> None:
+    postgres_url, engine = postgres
     pid = await run_read(engine, backend_pid)
     await terminate(postgres_url, pid)
     await asyncio.sleep(PING_AFTER_IDLE + 0.2)
     assert await run_read(engine, backend_pid) != pid
 
 
-async def test_a_busy_connection_is_not_pinged(engine: AsyncEngine, postgres_url: str) -> None:
+async def test_a_busy_connection_is_not_pinged(postgres: tuple[str, AsyncEngine]) -> None:
     """No ping before a statement on a connection used a moment ago: one dropped
     meanwhile fails that statement (as one dropped during it would), and the pool
     replaces it for the next."""
+    postgres_url, engine = postgres
     pid = await run_read(engine, backend_pid)
     await terminate(postgres_url, pid)
     with pytest.raises(DBAPIError) as failed:

@@ -28,6 +28,7 @@ from mssd.annuaire.model import (
 from mssd.config import Settings
 from mssd.store.engine import create_engine
 from mssd.trust.idnat import IdNatError, check_idnat_ps, check_rpps
+from mssd.trust.whitelist import mailbox_key
 
 
 class BadInput(Exception):
@@ -218,7 +219,7 @@ async def _import(engine: AsyncEngine, path: Path, actor: str) -> None:
 
 
 async def _set(engine: AsyncEngine, args: argparse.Namespace, actor: str) -> None:
-    from mssd.store.annuaire import set_mailbox_settings
+    from mssd.store.annuaire import SettingError, set_mailbox_settings
 
     changes = {
         name: getattr(args, name)
@@ -234,8 +235,13 @@ async def _set(engine: AsyncEngine, args: argparse.Namespace, actor: str) -> Non
     }
     if not changes:
         raise BadInput("nothing to change (see mssd annuaire set --help)")
-    await set_mailbox_settings(engine, args.address, actor=actor, **changes)
+    # Our mailboxes are stored with A-label domains (migration 0007).
+    address = mailbox_key(args.address)
+    try:
+        stored = await set_mailbox_settings(engine, address, actor=actor, **changes)
+    except SettingError as error:
+        raise BadInput(f"{error}; nothing was changed") from None
     print(
-        f"directory settings of {args.address.lower()} changed: "
-        + ", ".join(f"{k}={v}" for k, v in changes.items())
+        f"directory settings of {address} changed: "
+        + ", ".join(f"{k}={'' if v is None else v}" for k, v in stored.items())
     )

@@ -25,8 +25,10 @@ Invariants:
 - The certificate given to EXTERNAL has been chain-verified by TLS; this package
   only maps it to an account.
 - One-time code replay is prevented by the store (``claim_totp_step``), not by
-  memory here, so it holds across processes. Rate-limit counters are per
-  process (DESIGN.md, Scale-out: no in-memory state needed for correctness).
+  memory here, so it holds across processes. Rate-limit counters are in
+  memory, shared best effort between processes on PostgreSQL over
+  LISTEN/NOTIFY (``ratelimit``; DESIGN.md, Scale-out: no in-memory state
+  needed for correctness).
 """
 
 from mssd.auth.authenticator import ALL_MECHANISMS, Authenticator, SaslExchange

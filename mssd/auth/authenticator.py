@@ -12,6 +12,7 @@ event or a log line.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from abc import ABC, abstractmethod
@@ -53,6 +54,7 @@ from mssd.auth.sasl import (
 from mssd.auth.totp import matching_step, split_password_and_code
 from mssd.config import AuthSettings
 from mssd.store.records import Account, AuditEvent
+from mssd.trust.whitelist import mailbox_key
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +69,18 @@ MALFORMED = "malformed SASL response"
 BEARER_SCOPE = "openid"
 _UNKNOWN_ACTOR = "unknown"
 _DUMMY_PASSWORD = "mssd timing equaliser"
+
+
+def login_key(typed: str) -> str:
+    """The one form of a login the client typed that accounts are looked up, failures
+    counted and attempts audited under: local part in lower case, domain as an A-label.
+
+    Logins are addresses and mssd stores their domain as A-labels (RFC 5890 §2.3.2.1,
+    migration 0007), while a user types ``claire@hôpital.test`` with U-labels, which
+    SASL carries as UTF-8 (RFC 4616 §2, RFC 9755 §5). A domain that is not a valid IDN
+    is only lower-cased: it matches no account, and fails like any unknown login.
+    """
+    return mailbox_key(typed)
 
 
 class Authenticator:
@@ -238,8 +252,10 @@ class Authenticator:
     async def password_login(
         self, ctx: AuthContext, mechanism: str, login: str, secret: str
     ) -> Success | Failure:
-        """Check ``login`` and ``secret`` (the password, followed by the current
-        6-digit code when the account has a TOTP secret)."""
+        """Check ``login`` (as typed: :func:`login_key` normalises it) and ``secret``
+        (the password, followed by the current 6-digit code when the account has a
+        TOTP secret)."""
+        login = login_key(login)
         limited = await self.rate_limited(ctx, mechanism, login, login)
         if limited is not None:
             return limited
@@ -397,11 +413,9 @@ class _PlainExchange(SaslExchange):
             message = parse_plain(response)
         except SaslMalformed:
             return await self.auth.malformed(self.ctx, self.mechanism)
-        self._actor = message.authcid
-        if message.authzid and message.authzid.lower() != message.authcid.lower():
-            limited = await self.auth.rate_limited(
-                self.ctx, self.mechanism, message.authcid, message.authcid
-            )
+        login = self._actor = login_key(message.authcid)
+        if message.authzid and login_key(message.authzid) != login:
+            limited = await self.auth.rate_limited(self.ctx, self.mechanism, login, login)
             if limited is not None:
                 return limited
             # RFC 4616 §2: the server decides whether authcid may act as authzid;
@@ -409,14 +423,12 @@ class _PlainExchange(SaslExchange):
             return await self.auth.refuse(
                 self.ctx,
                 self.mechanism,
-                actor=message.authcid,
+                actor=login,
                 target="",
                 result="authzid-refused",
-                login=message.authcid,
+                login=login,
             )
-        return await self.auth.password_login(
-            self.ctx, self.mechanism, message.authcid, message.password
-        )
+        return await self.auth.password_login(self.ctx, self.mechanism, login, message.password)
 
 
 class _LoginExchange(SaslExchange):
@@ -434,7 +446,7 @@ class _LoginExchange(SaslExchange):
                 self._asked = True
                 return Challenge(b"Username:")
             try:
-                self._username = parse_login_field(response, "LOGIN user name")
+                self._username = login_key(parse_login_field(response, "LOGIN user name"))
             except SaslMalformed:
                 return await self.auth.malformed(self.ctx, self.mechanism)
             self._actor = self._username
@@ -467,6 +479,8 @@ class _BearerExchange(SaslExchange):
             message = parse_xoauth2(response) if xoauth2 else parse_oauthbearer(response)
         except SaslMalformed:
             return await self.auth.malformed(self.ctx, self.mechanism)
+        # The login the client named, if any, in the form accounts are stored in.
+        message = dataclasses.replace(message, user=login_key(message.user))
         self._actor = message.user
         limited = await self.auth.rate_limited(
             self.ctx, self.mechanism, message.user or None, message.user
@@ -498,7 +512,7 @@ class _BearerExchange(SaslExchange):
         if account is None:
             return await self._fail(message, "", "unknown-account", xoauth2=xoauth2)
         # The login the client named must be the token holder's own account.
-        if message.user and message.user.lower() != account.login.lower():
+        if message.user and message.user != account.login.lower():
             return await self._fail(message, account.login, "authzid-refused", xoauth2=xoauth2)
         if account.status != "active":
             return await self._fail(message, account.login, account.status, xoauth2=xoauth2)
@@ -574,7 +588,7 @@ class _ExternalExchange(SaslExchange):
                 result="unknown-account",
                 login=None,
             )
-        if authzid and authzid.lower() != account.login.lower():
+        if authzid and login_key(authzid) != account.login.lower():
             return await auth.refuse(
                 ctx,
                 self.mechanism,

@@ -10,7 +10,8 @@ Invariants:
   this package never imports the patient gateway, the DMP bridge or the port 25
   trust-space check (``mssd.smtp.inbound``) that use them. It keeps the ANS
   whitelist current (``whitelist.py``) for them and for the relay (``mssd.smtp.relay``),
-  builds delivery reports (``dsn.py``) and signs and verifies DKIM (``dkim.py``).
+  builds delivery reports (``dsn.py``), makes the ones a full mailbox leaves owed after
+  the 250, at least once (``local_reports.py``), and signs and verifies DKIM (``dkim.py``).
 - Nothing here blocks the event loop on work proportional to message size:
   hashing and header edits of large messages run in a worker thread.
 """

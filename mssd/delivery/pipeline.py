@@ -13,17 +13,13 @@ from dataclasses import dataclass, field
 from typing import Generic, Literal, Protocol, TypeVar
 
 from mssd import metrics
-from mssd.delivery.dsn import (
-    Action,
-    RecipientStatus,
-    ReportedMessage,
-    Reporter,
-    wants_report,
-)
+from mssd.delivery.dsn import RecipientStatus, ReportedMessage, Reporter, wants_report
+from mssd.delivery.local_reports import LocalOutcome, make_reports
 from mssd.mime import OFFLOAD_BYTES
 from mssd.mime.headers import complete_submission, received_field
 from mssd.store.accounts import LocalMailbox, StoreAccounts
 from mssd.store.delivery import (
+    DueReports,
     GroupCommitter,
     NewMessage,
     RecipientRecord,
@@ -328,7 +324,10 @@ class DeliveryPipeline:
         """RFC 3461 §5.2.1: the final delivery MTA reports success when NOTIFY asked for it.
         The report is committed with the message, in the same transaction (no second
         commit before the 250, and no crash can keep one without the other); the null
-        sender never gets one (§6.2)."""
+        sender never gets one (§6.2). It is built before the commit, so it names every
+        local recipient: when a mailbox turns out full in that transaction, the store
+        drops it and marks the refused rows instead, and the success report is made
+        with the failure report, under the same marks (:meth:`_report_local_outcomes`)."""
         if self._reporter is None or not transaction.mail_from:
             return None
         delivered = [
@@ -361,40 +360,23 @@ class DeliveryPipeline:
         self, transaction: Transaction, stored: StoredMessage, content: bytes, moment: dt.datetime
     ) -> None:
         """When a mailbox turned out full as the message was placed (after the others
-        were accepted at RCPT): RFC 3461 §5.2.1, the final delivery MTA reports
-        success when NOTIFY asked for it, and failure unless NOTIFY says otherwise;
-        RFC 5321 §6.1: once 250 is given, a failure is reported, never dropped. These
-        reports are stored after the message (a crash in between loses them, never
-        the message; the recipient row keeps ``over_quota``); the null sender never
-        gets one (§6.2). Without a full mailbox, the success report went in the
-        message's own transaction (:meth:`_success_report`)."""
-        full = {refused.address: refused for refused in stored.over_quota}
+        were accepted at RCPT): the failure report, and the success report NOTIFY asked
+        for (RFC 3461 §5.2.1), made after the commit. The message's transaction marked
+        them owed (RFC 5321 §6.1: once 250 is given, a failure is reported, never
+        dropped); this writes them and clears the marks in one transaction. If that
+        fails, or the process dies first, the marks stay and the recovery pass makes
+        them (``mssd.delivery.local_reports``). The null sender never gets one (§6.2)."""
         for refused in stored.over_quota:
             log.warning("%s: not delivered to <%s>: %s", stored.envelope_id, refused.address,
                         refused.reason)  # fmt: skip
         if self._reporter is None or not transaction.mail_from:
             return
-        reports: dict[Action, list[RecipientStatus]] = {"failed": [], "delivered": []}
-        for r in transaction.recipients:
-            refusal = full.get(r.address)
-            action: Action = "failed" if refusal else "delivered"
-            if r.mailbox_id is None or not wants_report(r.dsn_notify, action):
-                continue
-            reply = (
-                f"552 5.2.2 <{r.address}>: {refusal.reason}"
-                if refusal
-                else f"250 2.0.0 delivered to the mailbox as {stored.envelope_id}"
-            )
-            reports[action].append(
-                RecipientStatus(
-                    final_recipient=r.address,
-                    action=action,
-                    status="5.2.2" if refusal else "2.0.0",
-                    original_recipient=r.dsn_orcpt,
-                    diagnostic=reply,
-                    remote_mta=self._hostname,
-                )
-            )
+        full = {refused.address: refused.reason for refused in stored.over_quota}
+        outcomes = [
+            LocalOutcome(r, full.get(r.address))
+            for r in transaction.recipients
+            if r.mailbox_id is not None
+        ]
         reported = ReportedMessage(
             envelope_id=stored.envelope_id,
             mail_from=transaction.mail_from,
@@ -403,13 +385,9 @@ class DeliveryPipeline:
             dsn_ret=transaction.dsn_ret,
             dsn_envid=transaction.dsn_envid,
         )
-        for statuses in reports.values():  # one action per report: it titles the report
-            if not statuses:
-                continue
-            try:
-                report = await self._reporter.prepare(reported, statuses)
-                if report is not None:
-                    await self._committer.store(report)
-            except Exception:
-                log.exception("%s: the %s report could not be stored", stored.envelope_id,
-                              statuses[0].action)  # fmt: skip
+        try:
+            reports = await make_reports(self._reporter, reported, outcomes, self._hostname)
+            await self._committer.fulfil(DueReports(stored.envelope_id, reports))
+        except Exception:
+            log.exception("%s: the reports on it could not be stored now; they stay owed, "
+                          "for the recovery pass", stored.envelope_id)  # fmt: skip

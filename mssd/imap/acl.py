@@ -149,7 +149,7 @@ async def _send_quota(session: Session, quota: QuotaInfo) -> None:
 
 
 async def cmd_getquotaroot(session: Session, command: Command) -> None:
-    """RFC 9208 §4.3.3: the mailbox's one root, then that root's usage."""
+    """RFC 9208 §4.1.2: the mailbox's one root, then that root's usage."""
     assert isinstance(command.args, MailboxArgs) and session.principal is not None
     folder = await find_folder(session, command, command.args.mailbox)
     if folder is None:
@@ -166,7 +166,8 @@ async def cmd_getquotaroot(session: Session, command: Command) -> None:
 
 
 async def cmd_getquota(session: Session, command: Command) -> None:
-    """RFC 9208 §4.3.2: roots are the addresses of the mailboxes one may use."""
+    """RFC 9208 §4.1.1 (roots are opaque names, §3.2): here the addresses of the
+    mailboxes one may use."""
     assert isinstance(command.args, QuotaRootArgs) and session.principal is not None
     quota = await session.services.mailstore.quota(session.principal.account_id, command.args.root)
     if quota is None:

@@ -388,7 +388,7 @@ class SetAclArgs:
 
 @dataclass(frozen=True)
 class QuotaRootArgs:
-    """GETQUOTA quota-root (RFC 9208 §4.2)."""
+    """GETQUOTA quota-root (RFC 9208 §4.1.1)."""
 
     root: str
 

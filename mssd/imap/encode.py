@@ -13,6 +13,7 @@ inject a response line.
 from __future__ import annotations
 
 import base64
+import functools
 from collections.abc import Iterable, Sequence
 
 from mssd.imap.fetchdata import Atom as Atom
@@ -40,7 +41,8 @@ def quote(text: str, *, utf8: bool = False) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def _encode_into(out: bytearray, value: ImapValue, utf8: bool) -> None:
+def encode_into(out: bytearray, value: ImapValue, utf8: bool) -> None:
+    """Append one value's wire form to ``out`` (see :func:`encode`)."""
     if value is None:
         out += b"NIL"
     elif isinstance(value, bool):
@@ -66,13 +68,13 @@ def _encode_into(out: bytearray, value: ImapValue, utf8: bool) -> None:
         out += value.data
     elif isinstance(value, Run):
         for item in value.items:
-            _encode_into(out, item, utf8)
+            encode_into(out, item, utf8)
     elif isinstance(value, list):
         out += b"("
         for i, item in enumerate(value):
             if i:
                 out += b" "
-            _encode_into(out, item, utf8)
+            encode_into(out, item, utf8)
         out += b")"
     else:
         raise TypeError(f"not an IMAP value: {type(value).__name__}")
@@ -81,7 +83,7 @@ def _encode_into(out: bytearray, value: ImapValue, utf8: bool) -> None:
 def encode(value: ImapValue, *, utf8: bool) -> bytes:
     """One value on the wire: NIL, number, quoted string or literal, atom, list."""
     out = bytearray()
-    _encode_into(out, value, utf8)
+    encode_into(out, value, utf8)
     return bytes(out)
 
 
@@ -123,7 +125,7 @@ def untagged(*parts: ImapValue, utf8: bool = False) -> bytes:
     out = bytearray(b"*")
     for part in parts:
         out += b" "
-        _encode_into(out, part, utf8)
+        encode_into(out, part, utf8)
     return bytes(out + CRLF)
 
 
@@ -139,6 +141,19 @@ def flag_list(flags: Iterable[str]) -> list[ImapValue]:
     return [Atom(f) for f in flags]
 
 
+@functools.lru_cache(maxsize=4096)
+def message_flags(flags: frozenset[str]) -> Atom:
+    """A message's flags as a flag-list, sorted, made once per distinct set (a
+    folder has few): FETCH FLAGS writes it as it is (flags are atoms, RFC 9051 §9)."""
+    return Atom("(" + " ".join(sorted(flags)) + ")")
+
+
+@functools.lru_cache(maxsize=4096)
+def message_flags_wire(flags: frozenset[str]) -> bytes:
+    """:func:`message_flags` on the wire."""
+    return message_flags(flags).value.encode("utf-8")
+
+
 def fetch_response(
     seq: int, items: Sequence[tuple[str, ImapValue]], *, utf8: bool = False
 ) -> bytes:
@@ -148,7 +163,7 @@ def fetch_response(
         if i:
             out += b" "
         out += name.encode("ascii") + b" "
-        _encode_into(out, value, utf8)
+        encode_into(out, value, utf8)
     return bytes(out + b")" + CRLF)
 
 

@@ -35,7 +35,7 @@ from collections import OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from mssd.imap.view import FolderState, shared_flags
+from mssd.imap.view import FolderState, renumbered, shared_flags
 from mssd.store.changes import ChangeBus, FlagRow, FolderChange, Subscription
 from mssd.store.mailstore import MailStore
 
@@ -63,15 +63,19 @@ def _advance(
     state: FolderState, changed: Sequence[FlagRow], vanished: Sequence[int], highest: int
 ) -> FolderState:
     """The state after the changes (the store's order: expunges, then flag
-    changes, then new messages, whose UIDs are above all others). The arrays are
-    copied whole (memory copies) and only the changed positions touched."""
+    changes, then new messages, whose UIDs are above all others). The arrays
+    (and flag codes) are copied whole (memory copies) and only the changed
+    positions touched."""
     uids = array("Q", state.uids)
     flags = list(state.flags)
     modseqs = array("Q", state.modseqs)
+    codes = None if state.codes is None else state.codes.copy()
     for uid in sorted(set(vanished), reverse=True):
         index = bisect.bisect_left(uids, uid)
         if index < len(uids) and uids[index] == uid:
             del uids[index], flags[index], modseqs[index]
+            if codes is not None:
+                del codes.codes[index]
     gone = set(vanished)
     for row in sorted(changed, key=lambda r: r.uid):
         if row.uid in gone:
@@ -80,10 +84,14 @@ def _advance(
         if index < len(uids) and uids[index] == row.uid:
             flags[index] = shared_flags(row.flags)
             modseqs[index] = row.modseq
+            if codes is not None:
+                codes.codes[index] = codes.number(row.flags)
         elif index == len(uids):
             uids.append(row.uid)
             flags.append(shared_flags(row.flags))
             modseqs.append(row.modseq)
+            if codes is not None:
+                codes.codes.append(codes.number(row.flags))
     last = uids[-1] if uids else 0
     return FolderState(
         uids,
@@ -92,6 +100,7 @@ def _advance(
         max(state.highestmodseq, highest),
         max(state.uidnext, last + 1),
         state.uidvalidity,
+        renumbered(codes, flags),
     )
 
 

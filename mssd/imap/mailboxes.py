@@ -8,8 +8,9 @@ LIST, \\NonExistent, no STATUS RECENT) is decided here, per session."""
 
 from __future__ import annotations
 
+import bisect
 import re
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Iterable
 
 from mssd.imap import encode
 from mssd.imap.commands import (
@@ -22,7 +23,7 @@ from mssd.imap.commands import (
     StatusArgs,
 )
 from mssd.imap.encode import Atom, ImapValue
-from mssd.imap.names import encode_mailbox_name, forbidden_character
+from mssd.imap.names import denormalised, encode_mailbox_name, forbidden_character
 from mssd.imap.session import Session
 from mssd.imap.view import SelectedView
 from mssd.store.mailstore import SEPARATOR, SHARED_PREFIX, FolderInfo, MailStoreError
@@ -81,7 +82,7 @@ async def cmd_select(session: Session, command: Command) -> None:
         session.enabled.add("CONDSTORE")
     flags = ["\\Answered", "\\Flagged", "\\Deleted", "\\Seen", "\\Draft"]
     # Over the distinct flag sets (a folder has few), not every message.
-    distinct = set(view.flags.values())
+    distinct = view.distinct_flags()
     keywords = sorted({f for fl in distinct for f in fl if not f.startswith("\\")})
     await session.untagged(Atom("FLAGS"), encode.flag_list(flags + keywords))
     await session.send(b"* %d EXISTS\r\n" % view.exists)
@@ -150,7 +151,7 @@ async def resynchronise(session: Session, command: Command) -> None:
             continue
         items: list[tuple[str, ImapValue]] = [
             ("UID", row.uid),
-            ("FLAGS", encode.flag_list(sorted(view.flags[row.uid]))),
+            ("FLAGS", encode.message_flags(view.flags[row.uid])),
             ("MODSEQ", [view.modseqs[row.uid]]),
         ]
         await session.send(encode.fetch_response(seq, items, utf8=session.utf8))
@@ -167,12 +168,21 @@ async def carry_out(session: Session, command: Command, operation: Awaitable[obj
 
 
 async def refuse_name(session: Session, command: Command, name: str) -> bool:
-    """Answer NO [CANNOT] when a new name holds what RFC 9051 §5.1 forbids:
-    names are shared by rev1 and rev2 sessions, so the rule holds for both."""
+    """Answer NO [CANNOT] when a new name holds what RFC 9051 §5.1 forbids, or is
+    not in NFC (see :func:`denormalised`: refused, not converted, so no OLDNAME
+    response is ever owed): names are shared by rev1 and rev2 sessions, so the
+    rule holds for both, whether the name came as UTF-8 or modified UTF-7.
+
+    A plain RENAME owes no OLDNAME either: RFC 9051 §6.3.9.7 defines the item for
+    unsolicited LIST responses (NOTIFY, RFC 5465 §5.4, which mssd does not offer)
+    and for the denormalised names refused here; RENAME's own answer is OK."""
     ch = forbidden_character(name)
-    if ch is None:
+    if ch is not None:
+        text = f"Mailbox names cannot contain U+{ord(ch):04X} (RFC 9051 section 5.1)"
+    elif denormalised(name):
+        text = "Mailbox names must be in Unicode NFC (RFC 9051 section 5.1, RFC 5198)"
+    else:
         return False
-    text = f"Mailbox names cannot contain U+{ord(ch):04X} (RFC 9051 section 5.1)"
     await session.tagged(command, "NO", text, "CANNOT")
     return True
 
@@ -257,6 +267,21 @@ def special_use(folder: FolderInfo | None) -> str | None:
     return folder.special_use
 
 
+def ancestors_of(names: Iterable[str]) -> set[str]:
+    """Every name strictly above one of ``names`` ("a" and "a/b" for "a/b/c"),
+    in one pass: a parent already found ends the climb, so each level above is
+    built once however many names share it."""
+    above: set[str] = set()
+    for name in names:
+        parts = name.split(SEPARATOR)
+        for depth in range(len(parts) - 1, 0, -1):
+            parent = SEPARATOR.join(parts[:depth])
+            if parent in above:
+                break
+            above.add(parent)
+    return above
+
+
 class Hierarchy:
     """The names an account can list: its folders and the levels above them."""
 
@@ -267,12 +292,16 @@ class Hierarchy:
         for name in self.folders:
             parts = name.split(SEPARATOR)
             self.parents.update(SEPARATOR.join(parts[:depth]) for depth in range(1, len(parts)))
-        self.names = sorted(
-            self.parents | set(self.folders), key=lambda n: (n.upper() != "INBOX", n)
-        )
+        self._sorted = sorted(self.parents | set(self.folders))
+        self.names = sorted(self._sorted, key=lambda n: (n.upper() != "INBOX", n))
 
     def below(self, name: str) -> list[str]:
-        return [n for n in self.names if n.startswith(name + SEPARATOR)]
+        """The names under ``name``: one slice of the sorted names, since every
+        name starting with "name/" sorts between "name/" and "name0" ("0" follows
+        the separator "/")."""
+        low = bisect.bisect_left(self._sorted, name + SEPARATOR)
+        high = bisect.bisect_left(self._sorted, name + chr(ord(SEPARATOR) + 1), low)
+        return self._sorted[low:high]
 
     def attributes(self, name: str, *, rev2: bool, uses: bool = True) -> list[ImapValue]:
         """The attributes a LIST response carries whatever the options asked
@@ -317,6 +346,9 @@ async def cmd_list(session: Session, command: Command) -> None:
     # RFC 5258 §3.5: what CHILDINFO says a descendant was chosen for.
     criteria = [o for o in ("SUBSCRIBED", "SPECIAL-USE") if o in args.select_options]
     regexes = [pattern_regex(args.reference, p) for p in args.patterns]
+    # The patterns with "%" read as "*": what "%" would have reached had it not
+    # stopped at a hierarchy delimiter (LSUB's \Noselect names, below).
+    deeper = [pattern_regex(args.reference, p.replace("%", "*")) for p in args.patterns]
 
     def matches(name: str) -> bool:
         return any(r.fullmatch(name) for r in regexes)
@@ -327,6 +359,20 @@ async def cmd_list(session: Session, command: Command) -> None:
         if subscribed_only and (folder is None or not folder.subscribed):
             return False
         return not special_only or special_use(folder) is not None
+
+    # RFC 3501 §6.3.9: "if "foo/bar" is subscribed but "foo" is not, a "%"
+    # wildcard to LSUB must return foo, not foo/bar, in the LSUB response, and it
+    # MUST be flagged with the \Noselect attribute": the names above a subscribed
+    # name the patterns leave out only because "%" stopped. Gathered once from the
+    # subscribed names, not by walking every listed name's descendants (quadratic
+    # in the number of folders).
+    stopped_above: set[str] = set()
+    if lsub:
+        stopped_above = ancestors_of(
+            n
+            for n in tree.names
+            if chosen(n) and not matches(n) and any(r.fullmatch(n) for r in deeper)
+        )
 
     for name in tree.names:
         if not matches(name):
@@ -340,10 +386,14 @@ async def cmd_list(session: Session, command: Command) -> None:
             childinfo = bool(descendants)
             if not chosen(name) and all(matches(n) for n in descendants):
                 continue
-        elif not chosen(name):
+        elif not chosen(name) and name not in stopped_above:
             continue
         folder = tree.folders.get(name)
         attributes = tree.attributes(name, rev2=session.rev2, uses=not lsub)
+        if lsub and not chosen(name) and Atom("\\Noselect") not in attributes:
+            # Here \Noselect says "not subscribed", not "cannot be selected": LIST
+            # (SUBSCRIBED) must not do the same (RFC 5258 §3.5), CHILDINFO says it.
+            attributes.insert(0, Atom("\\Noselect"))
         if folder is not None and folder.subscribed and show_subscribed:
             attributes.append(Atom("\\Subscribed"))
         extended: list[ImapValue] = []

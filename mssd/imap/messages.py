@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import datetime as dt
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -106,6 +106,11 @@ def section_name(attr: FetchAttr) -> str:
         parts.append(text)
     name = "BODY" if attr.name == "BODY" else attr.name
     out = f"{name}[{'.'.join(parts)}]"
+    # The origin octet, for BINARY too: RFC 3516 §4.3 and RFC 9051 §7.5.2 name the
+    # item BINARY[<section-binary>]<<number>>, <number> the offset in the decoded
+    # data, though their ABNF (msg-att-static "BINARY" section-binary SP ...) has
+    # no origin; errata 7246 and 8217 (RFC 9051) propose opposite fixes. Dovecot
+    # sends BINARY[1]<0> (tests/test_imap_rev2.py compares), and so does mssd.
     if attr.partial is not None:
         out += f"<{attr.partial[0]}>"
     return out
@@ -151,13 +156,25 @@ async def _contents(
     return await store.blobs([row.sha256 for row in rows], octets=sum(row.size for row in rows))
 
 
-def _header_fields_memo(loaded: Loaded, spec: SectionSpec) -> bytes | None:
-    """BODY[HEADER.FIELDS (...)] of a cached header block, made once per field
-    list (clients ask for the same few lists again and again)."""
-    memo = loaded.fields
-    if memo is None or spec.part or spec.text not in ("HEADER.FIELDS", "HEADER.FIELDS.NOT"):
+def _fields_key(spec: SectionSpec) -> tuple[str, tuple[str, ...]] | None:
+    """What a HEADER.FIELDS(.NOT) answer is kept under in ``Loaded.fields``."""
+    if spec.part or spec.text not in ("HEADER.FIELDS", "HEADER.FIELDS.NOT"):
         return None
-    key = (spec.text, tuple(name.lower() for name in spec.fields))
+    return spec.text, tuple(name.lower() for name in spec.fields)
+
+
+def _header_fields_memo(
+    loaded: Loaded, spec: SectionSpec, key: tuple[str, tuple[str, ...]] | None = None
+) -> bytes | None:
+    """BODY[HEADER.FIELDS (...)] of a cached header block, made once per field
+    list (clients ask for the same few lists again and again); ``key``, when
+    the caller has it, is :func:`_fields_key`'s."""
+    memo = loaded.fields
+    if memo is None:
+        return None
+    key = key or _fields_key(spec)
+    if key is None:
+        return None
     data = memo.get(key)
     if data is None:
         data = section(loaded.raw, loaded.root, spec)
@@ -182,7 +199,7 @@ def fetch_item(
     if name == "UID":
         return "UID", row.uid
     if name == "FLAGS":
-        return "FLAGS", encode.flag_list(sorted(view.flags.get(row.uid, row.flags)))
+        return "FLAGS", encode.message_flags(view.flags.get(row.uid, row.flags))
     if name == "INTERNALDATE":
         return "INTERNALDATE", internal_date(row.internal_date)
     if name == "RFC822.SIZE":
@@ -233,6 +250,81 @@ def fetch_item(
             raise LookupError("UNKNOWN-CTE")
         return f"BINARY.SIZE[{'.'.join(str(n) for n in spec.part)}]", size
     return None
+
+
+def _whole(attr: FetchAttr) -> bool:
+    """BODY[] (BODY.PEEK[], with or without <partial>) and RFC822: the message
+    exactly as stored (RFC 9051 §6.4.5: the empty section is the whole message)."""
+    if attr.name == "RFC822":
+        return True
+    spec = attr.section
+    return attr.name == "BODY" and spec is not None and not spec.part and spec.text is None
+
+
+_UNPARSED = Part(0, 0, 0, (), "", "", ())
+"""The tree of a message read for whole-message items only (:func:`_whole`),
+which never look at it."""
+
+
+ItemWriter = Callable[[MessageRow, "Loaded | None", SelectedView, int], bytes | None]
+"""One FETCH item of one message (its row, content, the view and its sequence
+number there) on the wire (``NAME value``), or None for none."""
+
+
+def item_writer(attr: FetchAttr, *, utf8: bool) -> ItemWriter:
+    """How one FETCH item is written, decided once per command rather than per
+    message: the items a message list asks for (UID, FLAGS, RFC822.SIZE, MODSEQ,
+    BODY.PEEK[HEADER.FIELDS (...)]) straight to bytes, the others through
+    :func:`fetch_item` and the encoder. Same octets either way."""
+    name = attr.name
+    if name == "UID":
+        return lambda row, loaded, view, seq: b"UID %d" % row.uid
+    if name == "FLAGS":
+        return lambda row, loaded, view, seq: (
+            b"FLAGS " + encode.message_flags_wire(view.flags.at(seq))
+        )
+    if name == "RFC822.SIZE":
+        return lambda row, loaded, view, seq: b"RFC822.SIZE %d" % row.size
+    if name == "MODSEQ":
+        return lambda row, loaded, view, seq: b"MODSEQ (%d)" % view.modseqs.at(seq)
+    if _whole(attr):
+        label = section_name(attr).encode("ascii") + b" " if name == "BODY" else b"RFC822 "
+
+        def whole(row: MessageRow, loaded: Loaded | None, view: SelectedView, seq: int) -> bytes:
+            assert loaded is not None
+            data = loaded.raw
+            if attr.partial is not None:
+                data = partial(data, *attr.partial)
+            return label + b"{%d}\r\n" % len(data) + data
+
+        return whole
+    spec = attr.section
+    key = None if spec is None or attr.partial is not None else _fields_key(spec)
+    if name == "BODY" and spec is not None and key is not None:
+        label = section_name(attr).encode("ascii") + b" "
+
+        def header_fields(
+            row: MessageRow, loaded: Loaded | None, view: SelectedView, seq: int
+        ) -> bytes:
+            assert loaded is not None and spec is not None
+            data = _header_fields_memo(loaded, spec, key)
+            if data is None:
+                data = section(loaded.raw, loaded.root, spec)
+            if data is None:
+                raise ValueError("invalid section")
+            return label + b"{%d}\r\n" % len(data) + data
+
+        return header_fields
+
+    def other(row: MessageRow, loaded: Loaded | None, view: SelectedView, seq: int) -> bytes | None:
+        item = fetch_item(attr, row, loaded, view)
+        if item is None:
+            return None
+        out = bytearray(item[0].encode("ascii") + b" ")
+        encode.encode_into(out, item[1], utf8)
+        return bytes(out)
+
+    return other
 
 
 async def cmd_fetch(session: Session, command: Command) -> None:
@@ -294,6 +386,9 @@ async def cmd_fetch(session: Session, command: Command) -> None:
                 uids=encode.compress_uids(readable),
             )
     heads_only = all(_head_only(a) for a in attrs if a.name in _CONTENT_ITEMS | _STRUCTURE_ITEMS)
+    writers = [item_writer(attr, utf8=session.utf8) for attr in attrs]
+    # BODY[] and RFC822 are the stored bytes as they are: no MIME parse for them.
+    needs_tree = any(a.name in _CONTENT_ITEMS | _STRUCTURE_ITEMS for a in attrs if not _whole(a))
     contents: dict[str, bytes | Loaded] = {}
     for index, uid in enumerate(uids):
         row = rows.get(uid)
@@ -307,18 +402,22 @@ async def cmd_fetch(session: Session, command: Command) -> None:
                 batch = [rows[u] for u in uids[index : index + _FETCH_BATCH] if u in rows]
                 contents = dict(await _contents(session, batch, heads_only=heads_only))
             content = contents[row.sha256]
-            loaded = content if isinstance(content, Loaded) else await parsed(content)
+            if isinstance(content, Loaded):
+                loaded = content
+            elif needs_tree:
+                loaded = await parsed(content)
+            else:
+                loaded = Loaded(content, _UNPARSED)
         try:
-            items = [
-                item for attr in attrs if (item := fetch_item(attr, row, loaded, view)) is not None
-            ]
+            written = [item for write in writers if (item := write(row, loaded, view, seq))]
         except ValueError as error:
             await session.tagged(command, "BAD", f"FETCH: {error}")
             return
         except LookupError:
             await session.tagged(command, "NO", "Unknown Content-Transfer-Encoding", "UNKNOWN-CTE")
             return
-        await session.send(encode.fetch_response(seq, items, utf8=session.utf8))
+        # encode.fetch_response's form, from items already written.
+        await session.send(b"* %d FETCH (%s)\r\n" % (seq, b" ".join(written)))
     await session.sync(allow_expunge=False)
     await session.tagged(command, "OK", "FETCH completed")
 
@@ -387,7 +486,7 @@ async def cmd_store(session: Session, command: Command) -> None:
             continue
         items: list[tuple[str, ImapValue]] = []
         if not args.silent:
-            items.append(("FLAGS", encode.flag_list(sorted(state.flags))))
+            items.append(("FLAGS", encode.message_flags(state.flags)))
         if command.uid:
             items.insert(0, ("UID", state.uid))
         if view.condstore:

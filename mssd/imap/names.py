@@ -9,6 +9,7 @@ whether the session enabled UTF8=ACCEPT or IMAP4rev2.
 from __future__ import annotations
 
 import base64
+import unicodedata
 
 _MUTF7_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+,"
 _MUTF7_SET = frozenset(_MUTF7_ALPHABET)
@@ -94,6 +95,20 @@ def forbidden_character(name: str) -> str | None:
         if ord(ch) < 0x20 or 0x7F <= ord(ch) <= 0x9F or ch in "\u2028\u2029":
             return ch
     return None
+
+
+def denormalised(name: str) -> bool:
+    """Whether a name is not in Unicode Normalization Form C, so not Net-Unicode
+    (RFC 5198 §2). RFC 9051 §5.1: servers "MUST prohibit the creation of 8-bit
+    mailbox names that do not comply with Net-Unicode", and MAY instead convert
+    them to NFC, but then "MUST accept them in all IMAP commands that have a mailbox
+    name parameter" and answer SELECT with an OLDNAME LIST response (§6.3.2,
+    §6.3.9.7). mssd refuses them rather than converting: the store compares names
+    exactly, so accepting the denormalised spelling everywhere would mean
+    normalising every name a command carries, and folders stored before with
+    such a name (they were accepted until now) would no longer be reachable by
+    the name LIST gives for them."""
+    return not unicodedata.is_normalized("NFC", name)
 
 
 def normalise_inbox(name: str) -> str:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 
 from mssd.imap.commands import (
     Command,
@@ -278,8 +279,48 @@ class CommandReader:
         self._reset()
         if error is not None:
             return None if reported else error
+        if len(lines) == 1 and not literals:
+            return _parse_line(lines[0], self.utf8)
         parser = Parser(lines, literals, self.utf8)
         try:
             return parser.command()
         except ParseError as exc:
             return ProtocolError(parser.tag, exc.message, exc.code, exc.status)
+
+
+# --------------------------------------------------------------------------------------
+# Commands clients repeat, parsed once
+
+_REPEATED = frozenset(
+    {"CAPABILITY", "CHECK", "EXAMINE", "EXPUNGE", "FETCH", "LIST", "LSUB", "NOOP", "SEARCH",
+     "SELECT", "SORT", "STATUS", "STORE", "THREAD"}
+)  # fmt: skip
+"""Commands worth remembering parsed (a mail client polls with the same few); never
+LOGIN or AUTHENTICATE, whose lines hold credentials."""
+_PARSED: dict[tuple[bytes, bool], Command] = {}
+_PARSED_MAX = 1024
+_PARSED_LINE = 512
+"""At most this many parsed lines, of at most this many octets, per process."""
+
+
+def _parse_line(line: bytes, utf8: bool) -> Command | ProtocolError:
+    """A one-line command, from the lines already parsed when a client sent the
+    same text after another tag (commands are frozen values; only the tag
+    differs), else parsed. The tag is checked as the parser checks it."""
+    tag = TAG_RE.match(line)
+    key: tuple[bytes, bool] | None = None
+    if tag is not None and line[tag.end() : tag.end() + 1] == b" " and len(line) <= _PARSED_LINE:
+        key = (line[tag.end() + 1 :], utf8)
+        known = _PARSED.get(key)
+        if known is not None:
+            return dataclasses.replace(known, tag=tag.group(0).decode("ascii"))
+    parser = Parser([line], [], utf8)
+    try:
+        command = parser.command()
+    except ParseError as exc:
+        return ProtocolError(parser.tag, exc.message, exc.code, exc.status)
+    if key is not None and command.name in _REPEATED:
+        if len(_PARSED) >= _PARSED_MAX:
+            del _PARSED[next(iter(_PARSED))]  # the oldest
+        _PARSED[key] = command
+    return command

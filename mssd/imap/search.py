@@ -225,6 +225,30 @@ def _flags_only(key: SearchKey) -> bool:
     return isinstance(key, (SearchAll, SearchFlag))
 
 
+def has_modseq(key: SearchKey) -> bool:
+    """Whether a key is or holds a MODSEQ criterion (RFC 7162 §3.1.5); SORT
+    asks too (``sort``, RFC 7162 §3.1.9)."""
+    return isinstance(key, SearchModSeq) or any(has_modseq(k) for k in _subkeys(key))
+
+
+def modseq_of_result(session: Session, found: list[int], wanted: set[str] | None) -> int | None:
+    """The MODSEQ a search with a MODSEQ criterion ends its answer with; None
+    when nothing matched (the MODSEQ comes only with a non-empty result).
+
+    RFC 7162 §3.1.6: the untagged SEARCH response ends with "the highest
+    mod-sequence for all messages being returned". RFC 4731 §3.2 (RFC 7162
+    §3.1.10) for ESEARCH (``wanted`` is its result options): with only MIN and/or
+    MAX, the messages returned are those one or two; with ALL or COUNT, all the
+    messages found."""
+    if not found:
+        return None
+    modseqs = selected(session).modseqs
+    if wanted and wanted <= {"MIN", "MAX"}:
+        ends = ([found[0]] if "MIN" in wanted else []) + ([found[-1]] if "MAX" in wanted else [])
+        return max(modseqs[uid] for uid in ends)
+    return max(modseqs[uid] for uid in found)
+
+
 def _tests_recent(key: SearchKey) -> bool:
     """Whether a key is or holds RECENT, NEW or OLD (the \\Recent flag)."""
     if isinstance(key, SearchFlag):
@@ -303,6 +327,9 @@ async def cmd_search(session: Session, command: Command) -> None:
             command, "BAD", "RECENT, NEW and OLD are not search keys in IMAP4rev2 (RFC 9051)"
         )
         return
+    modseq_asked = has_modseq(key)
+    if modseq_asked:
+        view.condstore = True  # RFC 7162 §3.1: a CONDSTORE enabling command
     found: list[int] = []
     if _needs_rows(key):
         found = [row.uid for _, row in await matching(session, key)]
@@ -324,7 +351,11 @@ async def cmd_search(session: Session, command: Command) -> None:
     if options is None and session.rev2:
         options = ("ALL",)  # RFC 9051 §6.4.4: ESEARCH always, as for RETURN (ALL)
     if options is None:
-        await session.send(("* SEARCH" + "".join(f" {n}" for n in numbers) + "\r\n").encode())
+        line = " ".join(("* SEARCH", *map(str, numbers)))
+        modseq = modseq_of_result(session, found, None) if modseq_asked else None
+        if modseq is not None:
+            line += f" (MODSEQ {modseq})"  # RFC 7162 §3.1.6, search-sort-mod-seq (§7)
+        await session.send((line + "\r\n").encode())
     else:
         wanted = set(options) - {"SAVE"} or ({"ALL"} if "SAVE" not in options else set())
         if "SAVE" in options:
@@ -338,6 +369,7 @@ async def cmd_search(session: Session, command: Command) -> None:
                     max=max(numbers) if "MAX" in wanted and numbers else None,
                     count=len(numbers) if "COUNT" in wanted else None,
                     all=numbers if "ALL" in wanted else None,
+                    modseq=modseq_of_result(session, found, wanted) if modseq_asked else None,
                 )
             )
     await session.sync(allow_expunge=False)

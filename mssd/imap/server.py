@@ -110,6 +110,9 @@ class Connection:
         self.settings = settings
         self.tls_context = tls
         self.commands = self._new_reader(services)
+        self._reading = False
+        self._deadline = 0.0
+        self._watchdog: asyncio.TimerHandle | None = None
         self.session = Session(
             services,
             send=self.send,
@@ -156,20 +159,43 @@ class Connection:
         return imap.idle_timeout_seconds
 
     async def receive(self) -> bool:
-        """Read more bytes into the command reader; False at end of stream."""
+        """Read more bytes into the command reader; False at end of stream, or
+        after telling a client silent for :meth:`timeout` seconds goodbye."""
         await self.flush()
+        loop = asyncio.get_running_loop()
+        self._deadline = loop.time() + self.timeout()
+        watchdog = self._watchdog
+        if watchdog is None or watchdog.when() > self._deadline:
+            if watchdog is not None:
+                watchdog.cancel()
+            self._watchdog = loop.call_at(self._deadline, self._expire)
+        self._reading = True
         try:
-            # (asyncio.timeout: no task per read, unlike wait_for.)
-            async with asyncio.timeout(self.timeout()):
-                data = await self.reader.read(_READ_SIZE)
+            data = await self.reader.read(_READ_SIZE)
         except TimeoutError:
             await self.send(b"* BYE Autologout: idle for too long\r\n")
             await self.flush()
             return False
+        finally:
+            self._reading = False
         if not data:
             return False
         self.commands.feed(data)
         return True
+
+    def _expire(self) -> None:
+        """The idle timer: one per connection, moved on only when it fires, so a
+        read costs the store of its deadline rather than a timer of its own (a
+        timer per read was ~2 % of the CPU under load). A read still waiting past
+        its deadline fails with TimeoutError (``receive`` says goodbye)."""
+        self._watchdog = None
+        if not self._reading:
+            return  # the next read arms it again
+        loop = asyncio.get_running_loop()
+        if loop.time() < self._deadline:
+            self._watchdog = loop.call_at(self._deadline, self._expire)
+            return
+        self.reader.set_exception(TimeoutError("no command within the idle timeout"))
 
     async def run(self) -> None:
         caps = " ".join(self.session.capabilities())
@@ -194,6 +220,10 @@ class Connection:
             await self.send(f"* BYE {bye}\r\n".encode())
         except (ConnectionError, asyncio.IncompleteReadError):
             return
+        finally:
+            if self._watchdog is not None:
+                self._watchdog.cancel()
+                self._watchdog = None
         with contextlib.suppress(ConnectionError):
             await self.flush()
 

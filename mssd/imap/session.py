@@ -256,7 +256,7 @@ class Session:
             uid = view.uid_at(seq)
             items: list[tuple[str, encode.ImapValue]] = [
                 ("UID", uid),
-                ("FLAGS", encode.flag_list(sorted(view.flags[uid]))),
+                ("FLAGS", encode.message_flags(view.flags[uid])),
             ]
             if view.condstore:
                 items.append(("MODSEQ", [view.modseqs[uid]]))

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from mssd.imap.commands import Command, SearchKey, SortArgs, ThreadArgs
-from mssd.imap.search import matching
+from mssd.imap.search import has_modseq, matching, modseq_of_result
 from mssd.imap.session import Session
 from mssd.mime.structure import unfold
 
@@ -380,14 +380,23 @@ async def load_headers(session: Session, key: SearchKey) -> list[Headers]:
 
 
 async def cmd_sort(session: Session, command: Command) -> None:
-    """RFC 5256 §3 SORT / UID SORT: ``* SORT`` with sequence numbers or UIDs."""
+    """RFC 5256 §3 SORT / UID SORT: ``* SORT`` with sequence numbers or UIDs,
+    and the highest mod-sequence returned when a MODSEQ criterion chose them."""
     assert isinstance(command.args, SortArgs)
     items = await load_headers(session, command.args.key)
     criteria = [(c.key, c.reverse) for c in command.args.criteria]
     seqs = sort_messages(items, criteria)
     by_seq = {h.seq: h.uid for h in items}
     numbers = [by_seq[s] for s in seqs] if command.uid else seqs
-    await session.send(("* SORT" + "".join(f" {n}" for n in numbers) + "\r\n").encode())
+    line = "* SORT" + "".join(f" {n}" for n in numbers)
+    if has_modseq(command.args.key):
+        # RFC 7162 §3.1.9: with a MODSEQ criterion, a non-empty SORT response ends
+        # with the highest mod-sequence of the messages returned, as SEARCH does
+        # (§3.1.6); sort-data and search-sort-mod-seq in §7.
+        modseq = modseq_of_result(session, [h.uid for h in items], None)
+        if modseq is not None:
+            line += f" (MODSEQ {modseq})"
+    await session.send((line + "\r\n").encode())
     await session.sync(allow_expunge=False)
     await session.tagged(command, "OK", "SORT completed")
 

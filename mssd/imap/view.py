@@ -81,11 +81,76 @@ class ByUid(Generic[T]):
         return iter(self._values())
 
 
+_MAX_CODES = 256
+"""Distinct flag sets a :class:`FlagCodes` numbers (one octet each)."""
+
+
+class FlagCodes:
+    """Each message's flag set as a one-octet number, aligned with the UIDs of a
+    state or view, and the set each number stands for: a test on flags is then
+    asked once per set and applied to every message at C speed
+    (:meth:`where`). Numbers of sets no message has any more stay until
+    :meth:`of` numbers afresh."""
+
+    __slots__ = ("_numbers", "codes", "sets")
+
+    def __init__(self, codes: bytearray, sets: list[frozenset[str]]) -> None:
+        self.codes = codes
+        self.sets = sets
+        self._numbers = {flag_set: code for code, flag_set in enumerate(sets)}
+
+    @classmethod
+    def of(cls, flags: Sequence[frozenset[str]]) -> FlagCodes | None:
+        """Numbered afresh; None past :data:`_MAX_CODES` distinct sets."""
+        distinct = list(set(flags))
+        if len(distinct) > _MAX_CODES:
+            return None
+        numbers = {flag_set: code for code, flag_set in enumerate(distinct)}
+        return cls(bytearray(map(numbers.__getitem__, flags)), distinct)
+
+    def copy(self) -> FlagCodes:
+        return FlagCodes(bytearray(self.codes), list(self.sets))
+
+    def number(self, flag_set: frozenset[str]) -> int:
+        """The set's number, a new one if needed (past one octet, reduced
+        modulo 256 until the caller sees :attr:`full` and numbers afresh)."""
+        code = self._numbers.get(flag_set)
+        if code is None:
+            code = self._numbers[flag_set] = len(self.sets)
+            self.sets.append(flag_set)
+        return code % _MAX_CODES
+
+    @property
+    def full(self) -> bool:
+        return len(self.sets) > _MAX_CODES
+
+    def where(self, uids: Sequence[int], test: Callable[[frozenset[str]], bool]) -> list[int]:
+        verdicts = bytearray(_MAX_CODES)
+        for code, flag_set in enumerate(self.sets):
+            verdicts[code] = 1 if test(flag_set) else 0
+        return list(compress(uids, self.codes.translate(verdicts)))
+
+    def distinct(self) -> set[frozenset[str]]:
+        return {self.sets[code] for code in set(self.codes)}
+
+
+def renumbered(codes: FlagCodes | None, flags: Sequence[frozenset[str]]) -> FlagCodes | None:
+    """``codes`` after changes, numbered afresh if they ran past one octet."""
+    return FlagCodes.of(flags) if codes is not None and codes.full else codes
+
+
+def _uids_where(
+    uids: Sequence[int], flags: Sequence[frozenset[str]], test: Callable[[frozenset[str]], bool]
+) -> list[int]:
+    verdict = {flag_set: test(flag_set) for flag_set in set(flags)}
+    return list(compress(uids, map(verdict.__getitem__, flags)))
+
+
 @dataclass(frozen=True, eq=False)
 class FolderState:
     """A folder's messages at one HIGHESTMODSEQ, shared by every view of it that
     is up to date (``mssd.imap.index``). Never changed once made: a newer state
-    is a new object."""
+    is a new object (its ``codes`` included; None past 256 distinct flag sets)."""
 
     uids: array[int]
     flags: list[frozenset[str]]
@@ -93,6 +158,7 @@ class FolderState:
     highestmodseq: int
     uidnext: int
     uidvalidity: int
+    codes: FlagCodes | None = None
 
     def has(self, uid: int) -> bool:
         index = bisect.bisect_left(self.uids, uid)
@@ -114,6 +180,7 @@ class FolderState:
             snapshot.highestmodseq,
             snapshot.uidnext,
             snapshot.uidvalidity,
+            FlagCodes.of(flags),
         )
 
 
@@ -134,6 +201,7 @@ class SelectedView:
         self._uids = state.uids
         self._flags = state.flags
         self._modseqs = state.modseqs
+        self._codes = state.codes
         self._shared: FolderState | None = state
         self.flags: ByUid[frozenset[str]] = ByUid(self, "_flags")
         self.modseqs: ByUid[int] = ByUid(self, "_modseqs")
@@ -161,6 +229,7 @@ class SelectedView:
             self._uids = array("Q", self._uids)
             self._flags = list(self._flags)
             self._modseqs = array("Q", self._modseqs)
+            self._codes = None if self._codes is None else self._codes.copy()
             self._shared = None
 
     def share(self, state: FolderState) -> bool:
@@ -178,6 +247,7 @@ class SelectedView:
         ):
             return False
         self._uids, self._flags, self._modseqs = state.uids, state.flags, state.modseqs
+        self._codes = state.codes
         self._shared = state
         self.uidnext = max(self.uidnext, state.uidnext)
         return True
@@ -195,8 +265,13 @@ class SelectedView:
     def uids_where(self, test: Callable[[frozenset[str]], bool]) -> list[int]:
         """The UIDs whose flags pass ``test``, asked once per distinct set of
         flags (a folder holds few), the rest at C speed."""
-        verdict = {flags: test(flags) for flags in set(self._flags)}
-        return list(compress(self._uids, map(verdict.__getitem__, self._flags)))
+        if self._codes is not None:
+            return self._codes.where(self._uids, test)
+        return _uids_where(self._uids, self._flags, test)
+
+    def distinct_flags(self) -> set[frozenset[str]]:
+        """The flag sets the view's messages have (each once)."""
+        return set(self._flags) if self._codes is None else self._codes.distinct()
 
     def uid_at(self, seq: int) -> int:
         return self._uids[seq - 1]
@@ -211,6 +286,9 @@ class SelectedView:
         self._own()
         self._flags[seq - 1] = shared_flags(flags)
         self._modseqs[seq - 1] = modseq
+        if self._codes is not None:
+            self._codes.codes[seq - 1] = self._codes.number(flags)
+            self._codes = renumbered(self._codes, self._flags)
 
     def apply(
         self,
@@ -232,6 +310,7 @@ class SelectedView:
             self.expunges_withheld = False
             return ViewUpdate()
         self._own()
+        codes = self._codes
         expunged: list[int] = []
         expunged_uids: list[int] = []
         if allow_expunge:
@@ -246,6 +325,8 @@ class SelectedView:
                 del self._uids[seq - 1]
                 del self._flags[seq - 1]
                 del self._modseqs[seq - 1]
+                if codes is not None:
+                    del codes.codes[seq - 1]
         before = len(self._uids)
         flag_changes: list[int] = []
         for row in sorted(changed, key=lambda r: r.uid):
@@ -254,12 +335,17 @@ class SelectedView:
                 if self._flags[seq - 1] != row.flags or self._modseqs[seq - 1] != row.modseq:
                     self._flags[seq - 1] = shared_flags(row.flags)
                     self._modseqs[seq - 1] = row.modseq
+                    if codes is not None:
+                        codes.codes[seq - 1] = codes.number(row.flags)
                     flag_changes.append(seq)
             elif not self._uids or row.uid > self._uids[-1]:
                 # New UIDs are always above every UID already in the folder.
                 self._uids.append(row.uid)
                 self._flags.append(shared_flags(row.flags))
                 self._modseqs.append(row.modseq)
+                if codes is not None:
+                    codes.codes.append(codes.number(row.flags))
+        self._codes = renumbered(codes, self._flags)
         # Expunges of messages this view never had withhold nothing.
         withheld = not allow_expunge and any(self.seq_of(uid) is not None for uid in vanished)
         if not withheld:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import email.utils
+import ipaddress
 import re
 import secrets
 
@@ -60,7 +61,7 @@ def received_field(
     """
     helo = _printable(helo) or "unknown"
     lines = [
-        f"Received: from {helo} ([{remote_ip}])",
+        f"Received: from {helo} ({_address_literal(remote_ip)})",
         f"\tby {hostname} (mssd) with {protocol} id {envelope_id}",
     ]
     if tls:
@@ -68,6 +69,23 @@ def received_field(
     lines[-1] += f"\r\n\tfor <{recipient}>;" if recipient else ";"
     lines.append(f"\t{rfc5322_date(moment)}")
     return ("\r\n".join(lines) + "\r\n").encode("utf-8", "surrogateescape")
+
+
+def _address_literal(remote_ip: str) -> str:
+    """The client's address as the TCP-info of a Received field (RFC 5321 §4.4):
+    an address-literal (RFC 5321 §4.1.3), ``[192.0.2.1]`` or
+    ``[IPv6:2001:db8::1]``. An IPv4-mapped IPv6 address (a dual-stack socket, a
+    PROXY header) is the IPv4 client it stands for; a zone index (``%eth0``) has
+    no place in IPv6-addr and is dropped."""
+    try:
+        address = ipaddress.ip_address(remote_ip)
+    except ValueError:
+        return f"[{_printable(remote_ip)}]"
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return f"[{address.ipv4_mapped}]"
+        return f"[IPv6:{address.compressed.partition('%')[0]}]"
+    return f"[{address}]"
 
 
 def _printable(text: str) -> str:

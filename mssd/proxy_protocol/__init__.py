@@ -2,8 +2,9 @@
 learns the client's address when a TCP load balancer stands in front of it
 (DESIGN.md, Scale-out). ``header`` is the sans-I/O parser; ``accept`` is the thin
 asyncio layer that reads a header off each new connection before handing it to a
-protocol server. It sits beside ``config`` at the bottom of the import order, so
-any listener may use it; it imports nothing from mssd but ``metrics``.
+protocol server (IMAP's stream handler, SMTP's aiosmtpd protocol). It sits beside
+``config`` at the bottom of the import order, so any listener may use it; it
+imports nothing from mssd but ``metrics``.
 
 Invariants:
 - A listener configured for the protocol requires a header on every connection
@@ -18,7 +19,12 @@ Invariants:
   timeout closes the connection.
 """
 
-from mssd.proxy_protocol.accept import ProxiedHandler, start_proxied_server
+from mssd.proxy_protocol.accept import (
+    ProxiedHandler,
+    ProxiedProtocolFactory,
+    start_proxied_protocol_server,
+    start_proxied_server,
+)
 from mssd.proxy_protocol.header import (
     Endpoint,
     HeaderError,
@@ -32,7 +38,9 @@ __all__ = [
     "HeaderError",
     "Incomplete",
     "ProxiedHandler",
+    "ProxiedProtocolFactory",
     "ProxyHeader",
     "parse",
+    "start_proxied_protocol_server",
     "start_proxied_server",
 ]

@@ -1,13 +1,16 @@
 """Listening behind a load balancer: each connection's PROXY header is read, then
-the connection is handed to a stream handler, in plaintext or after the TLS
-handshake of an implicit-TLS port (the load balancer sends the header first and
+the connection is handed to the protocol that serves it, in plaintext or after the
+TLS handshake of an implicit-TLS port (the load balancer sends the header first and
 relays the client's TLS after it).
 
 The header is read through a :class:`asyncio.BufferedProtocol` whose buffers are
 exactly as large as :func:`header.parse` allows, so the kernel keeps whatever
-follows the header; the transport is then switched to a
-:class:`asyncio.StreamReaderProtocol` (or wrapped with ``loop.start_tls``), the
-same objects ``asyncio.start_server`` would have made. This works on asyncio's
+follows the header; the transport is then switched to the serving protocol (or
+wrapped with ``loop.start_tls``), as ``loop.create_server`` would have connected
+it. :func:`start_proxied_protocol_server` hands the transport to any
+:class:`asyncio.Protocol` (aiosmtpd's SMTP is one);
+:func:`start_proxied_server` builds a :class:`asyncio.StreamReaderProtocol` on it
+for a stream handler, as ``asyncio.start_server`` would. This works on asyncio's
 loop and on uvloop.
 """
 
@@ -37,6 +40,9 @@ ProxiedHandler = Callable[
 ]
 """Serves one connection; the header says who the client is."""
 
+ProxiedProtocolFactory = Callable[[ProxyHeader], asyncio.BaseProtocol]
+"""The protocol that serves one connection, made once its header has arrived."""
+
 REFUSED = metrics.counter(
     "mssd_proxy_protocol_refused_total",
     "Connections closed before a valid PROXY header, by listener and reason",
@@ -47,11 +53,10 @@ REFUSED = metrics.counter(
 @dataclass
 class _Listener:
     name: str
-    handler: ProxiedHandler
+    protocol: ProxiedProtocolFactory
     allowed: Callable[[str], bool]
     header_timeout: float
     tls: ssl.SSLContext | None
-    limit: int
     handshakes: set[asyncio.Task[None]] = field(default_factory=set)
 
 
@@ -72,7 +77,42 @@ async def start_proxied_server(
     must come from an ``allowed`` address and start with a PROXY header within
     ``header_timeout`` seconds; with ``tls``, the TLS handshake follows the
     header. ``limit`` is the stream reader's."""
-    listener = _Listener(name, handler, allowed, header_timeout, tls, limit)
+
+    def streams(header: ProxyHeader) -> asyncio.StreamReaderProtocol:
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await handler(reader, writer, header)
+
+        return asyncio.StreamReaderProtocol(asyncio.StreamReader(limit=limit), serve)
+
+    return await start_proxied_protocol_server(
+        streams,
+        host,
+        port,
+        name=name,
+        allowed=allowed,
+        header_timeout=header_timeout,
+        tls=tls,
+        backlog=backlog,
+        sock=sock,
+    )
+
+
+async def start_proxied_protocol_server(
+    protocol: ProxiedProtocolFactory,
+    host: str,
+    port: int,
+    *,
+    name: str,
+    allowed: Callable[[str], bool],
+    header_timeout: float,
+    tls: ssl.SSLContext | None,
+    backlog: int,
+    sock: socket.socket | None = None,
+) -> asyncio.Server:
+    """As :func:`start_proxied_server`, but each connection is served by
+    ``protocol(header)``, whose ``connection_made`` receives the transport (the
+    TLS one with ``tls``) once the header has been read."""
+    listener = _Listener(name, protocol, allowed, header_timeout, tls)
     loop = asyncio.get_running_loop()
     if sock is not None:
         return await loop.create_server(lambda: _HeaderProtocol(listener), sock=sock)
@@ -138,31 +178,25 @@ class _HeaderProtocol(asyncio.BufferedProtocol):
         transport = self._transport
         assert transport is not None
         # PP §2: nothing is processed before a complete header; what follows it
-        # is still in the socket, for the stream protocol below.
+        # is still in the socket, for the protocol that serves the connection.
         transport.pause_reading()
         listener = self._listener
-
-        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            await listener.handler(reader, writer, header)
-
-        stream = asyncio.StreamReaderProtocol(asyncio.StreamReader(limit=listener.limit), serve)
+        protocol = listener.protocol(header)
         if listener.tls is None:
-            transport.set_protocol(stream)
-            stream.connection_made(transport)
+            transport.set_protocol(protocol)
+            protocol.connection_made(transport)
             transport.resume_reading()
             return
-        task = asyncio.get_running_loop().create_task(self._start_tls(stream, listener.tls))
+        task = asyncio.get_running_loop().create_task(self._start_tls(protocol, listener.tls))
         listener.handshakes.add(task)
         task.add_done_callback(listener.handshakes.discard)
 
-    async def _start_tls(
-        self, stream: asyncio.StreamReaderProtocol, context: ssl.SSLContext
-    ) -> None:
+    async def _start_tls(self, protocol: asyncio.BaseProtocol, context: ssl.SSLContext) -> None:
         transport = self._transport
         assert transport is not None
         try:
             secured = await asyncio.get_running_loop().start_tls(
-                transport, stream, context, server_side=True
+                transport, protocol, context, server_side=True
             )
         except OSError as error:  # ssl.SSLError, a reset, the handshake timeout
             log.info("%s: TLS handshake with %s failed: %s", self._listener.name, self._peer, error)
@@ -171,7 +205,7 @@ class _HeaderProtocol(asyncio.BufferedProtocol):
         if secured is None:
             transport.close()
             return
-        stream.connection_made(secured)
+        protocol.connection_made(secured)
 
     def _refuse(self, reason: str, text: str) -> None:
         log.warning("%s: closing %s, no session: %s", self._listener.name, self._peer, text)

@@ -32,17 +32,6 @@ class Handler:
         self.pipeline = pipeline
         self.source = source
 
-    async def handle_PROXY(
-        self, server: MssdSMTP, session: Session, envelope: Any, proxy: Any
-    ) -> bool:
-        # PROXY protocol v2 from a TCP load balancer (DESIGN.md, Scale-out): the
-        # client's address is the one the balancer saw.
-        if proxy is None or not proxy.valid:
-            return False
-        if proxy.src_addr is not None:
-            server.remote_ip = str(proxy.src_addr)
-        return True
-
     async def handle_EHLO(
         self, server: MssdSMTP, session: Session, envelope: Any, hostname: str, responses: list[str]
     ) -> list[str]:

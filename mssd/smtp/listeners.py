@@ -1,4 +1,11 @@
-"""Starting and stopping the SMTP listeners."""
+"""Starting and stopping the SMTP listeners.
+
+With ``smtp.proxy_protocol`` each listener is a :mod:`mssd.proxy_protocol`
+server: only ``smtp.proxy_protocol_networks`` may connect, the PROXY header is
+read before the greeting (and before the TLS handshake on 465), and the SMTP
+protocol is made for the client the header names. aiosmtpd's own PROXY support
+is not used: it accepts a header from any peer, and on 465 only inside TLS,
+where a TCP load balancer never puts it."""
 
 from __future__ import annotations
 
@@ -13,6 +20,7 @@ from mssd.auth.networks import trusted_matcher
 from mssd.config import Settings
 from mssd.delivery import DeliveryPipeline
 from mssd.delivery.pipeline import Source
+from mssd.proxy_protocol import Endpoint, ProxyHeader, start_proxied_protocol_server
 from mssd.smtp.handler import Handler
 from mssd.smtp.server import MssdSMTP
 
@@ -53,7 +61,6 @@ async def start_smtp(
         "trusted": trusted,
         "max_recipients": smtp.max_recipients,
         "auth_require_tls": True,
-        "proxy_protocol_timeout": 10.0 if smtp.proxy_protocol else None,
     }
 
     def factory(
@@ -61,12 +68,13 @@ async def start_smtp(
         source: Source,
         tls_context: ssl.SSLContext | None,
         **options: Any,
-    ) -> Callable[[], MssdSMTP]:
-        def make() -> MssdSMTP:
+    ) -> Callable[[Endpoint | None], MssdSMTP]:
+        def make(client: Endpoint | None) -> MssdSMTP:
             return cls(
                 Handler(pipeline, source=source),
                 tls_context=tls_context,
                 loop=loop,
+                client=client,
                 **common,
                 **options,
             )
@@ -74,7 +82,7 @@ async def start_smtp(
         return make
 
     # (name, address, protocol factory, TLS context of an implicit-TLS listener)
-    plans: list[tuple[str, str, Callable[[], MssdSMTP], ssl.SSLContext | None]] = [
+    plans: list[tuple[str, str, Callable[[Endpoint | None], MssdSMTP], ssl.SSLContext | None]] = [
         (
             "mta",
             smtp.mta_listen,
@@ -115,9 +123,7 @@ async def start_smtp(
                 continue
             host, _, port = address.rpartition(":")
             host = host.strip("[]")
-            server = await loop.create_server(
-                protocol, host, int(port), ssl=implicit, reuse_address=True, backlog=512
-            )
+            server = await _listen(settings, name, host, int(port), protocol, implicit)
             bound = server.sockets[0].getsockname()
             listeners.append(Listener(name, server, host, int(bound[1])))
     except OSError as error:
@@ -125,3 +131,35 @@ async def start_smtp(
             listener.server.close()
         raise OSError(f"cannot listen for smtp.{name}_listen on {address}: {error}") from error
     return listeners
+
+
+async def _listen(
+    settings: Settings,
+    name: str,
+    host: str,
+    port: int,
+    protocol: Callable[[Endpoint | None], MssdSMTP],
+    implicit: ssl.SSLContext | None,
+) -> asyncio.Server:
+    smtp = settings.smtp
+    if not smtp.proxy_protocol:
+        return await asyncio.get_running_loop().create_server(
+            lambda: protocol(None), host, port, ssl=implicit, reuse_address=True, backlog=512
+        )
+
+    def proxied(header: ProxyHeader) -> MssdSMTP:
+        # A LOCAL (v2) or UNKNOWN (v1) header names nobody: the balancer's own
+        # connection, served as its own address (proxy-protocol.txt §2.1, §2.2).
+        return protocol(header.source)
+
+    # The header comes first, before the greeting or the TLS handshake on 465.
+    return await start_proxied_protocol_server(
+        proxied,
+        host,
+        port,
+        name=f"smtp_{name}",
+        allowed=trusted_matcher(smtp.proxy_protocol_networks),
+        header_timeout=smtp.proxy_protocol_timeout_seconds,
+        tls=implicit,
+        backlog=512,
+    )

@@ -10,6 +10,8 @@ Invariants:
 - Every reply sent after EHLO carries an enhanced status code (RFC 2034 §3):
   :meth:`MssdSMTP.push` adds one to aiosmtpd's own replies that lack it.
 - No AUTH exchange without TLS unless the peer is on a trusted network.
+- Behind a load balancer the peer is the PROXY header's source (``client``), for
+  everything: ``session.peer``, trusted networks, rate limits, audit, Received.
 - The 250 after DATA is sent only once the handler's commit returned.
 """
 
@@ -36,6 +38,7 @@ from mssd.auth import (
     UnknownMechanism,
 )
 from mssd.mime import OFFLOAD_BYTES
+from mssd.proxy_protocol import Endpoint
 
 log = logging.getLogger(__name__)
 
@@ -111,8 +114,10 @@ class MssdSMTP(SMTP):
         authenticator: Authenticator | None,
         trusted: Callable[[str], bool],
         max_recipients: int,
+        client: Endpoint | None = None,
         **kwargs: Any,
     ) -> None:
+        """``client``: the client a PROXY header named; None for the socket's peer."""
         super().__init__(handler, enable_SMTPUTF8=True, decode_data=False, **kwargs)
         # Per instance: aiosmtpd's class-level dict is shared by all sessions.
         self.command_size_limits = collections.defaultdict(
@@ -123,7 +128,8 @@ class MssdSMTP(SMTP):
         self._max_recipients = max_recipients
         self._in_helo = False
         self._receiving_data = False
-        self.remote_ip = ""
+        self._client = client
+        self.remote_ip = client.address if client is not None else ""
 
     # -- helpers -------------------------------------------------------------
 
@@ -143,6 +149,14 @@ class MssdSMTP(SMTP):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
+        if self._client is not None:
+            # Behind a load balancer (DESIGN.md, Scale-out) the transport's peer is the
+            # balancer; aiosmtpd's session, made anew after STARTTLS (RFC 3207 §4.2),
+            # must name the client the header gave.
+            # aiosmtpd annotates ``peer`` as a string but stores the peername tuple.
+            peer = (self._client.address, self._client.port)
+            self._session().peer = peer  # type: ignore[assignment]
+            return
         peer = transport.get_extra_info("peername")
         if peer and not self.remote_ip:
             self.remote_ip = str(peer[0])

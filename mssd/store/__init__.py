@@ -11,6 +11,8 @@ Invariants a newcomer would otherwise break:
   placement disappears.
 - Whatever adds or removes placements moves the mailbox's usage counter by their
   sizes in the same transaction, and checks the quota there (``quota.py``).
+- A report owed to a sender (a mailbox found full after the 250) is marked in the
+  message's transaction and the mark cleared only in the report's (``report_dues.py``).
 - Every administrative change writes its audit row in the same transaction;
   audit rows are never updated or deleted (the schema enforces it).
 - On SQLite, a transaction that writes starts with BEGIN IMMEDIATE

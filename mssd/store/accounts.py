@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlalchemy import Column, select, update
+from sqlalchemy import Column, bindparam, select, update
 from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -41,6 +41,13 @@ def _account(row: Row[tuple[object, ...]]) -> Account:
     )
 
 
+_BY_COLUMN = {
+    column.key: select(accounts).where(column == bindparam("b_value"))
+    for column in (accounts.c.login, accounts.c.idnat_ps, accounts.c.cert_dn)
+}
+"""Built once: a statement built per call costs more than the read itself."""
+
+
 class StoreAccounts:
     """Account and mailbox look-ups backed by the database."""
 
@@ -48,8 +55,10 @@ class StoreAccounts:
         self._engine = engine
 
     async def _one(self, column: Column[str], value: str) -> Account | None:
-        query = select(accounts).where(column == value)
-        row = await run_read(self._engine, lambda conn: conn.execute(query).one_or_none())
+        query = _BY_COLUMN[column.key]
+        row = await run_read(
+            self._engine, lambda conn: conn.execute(query, {"b_value": value}).one_or_none()
+        )
         return None if row is None else _account(row)
 
     async def by_login(self, login: str) -> Account | None:

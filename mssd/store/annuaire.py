@@ -8,11 +8,13 @@ old set or the new one, never a mix, and a failed import changes nothing.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import AsyncIterable, Sequence
+import re
+import unicodedata
+from collections.abc import AsyncIterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import String, and_, delete, func, select
+from sqlalchemy import String, Table, and_, delete, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.sql.elements import ColumnElement
@@ -55,11 +57,17 @@ ENTRY_FIELDS = (
 )
 
 
-FIELD_LIMITS: dict[str, int] = {
-    name: int(column.type.length)
-    for name in ENTRY_FIELDS
-    if isinstance((column := annuaire_entries.c[name]).type, String) and column.type.length
-}
+def column_limits(table: Table, names: Sequence[str]) -> dict[str, int]:
+    """The most characters each bounded text column of ``names`` holds (its length);
+    unbounded (``Text``) columns are left out."""
+    return {
+        name: int(column.type.length)
+        for name in names
+        if isinstance((column := table.c[name]).type, String) and column.type.length
+    }
+
+
+FIELD_LIMITS = column_limits(annuaire_entries, ENTRY_FIELDS)
 """The most characters each bounded text field holds (the column's length): the
 import checks them before it writes, rather than meet the database's error."""
 
@@ -341,14 +349,77 @@ async def our_mailboxes(engine: AsyncEngine) -> list[PublishedMailbox]:
     ]
 
 
+SETTING_FLAGS = ("liste_rouge", "dematerialisation")
+SETTING_TEXTS = ("description", "responsible", "service", "phone")
+SETTING_LIMITS = column_limits(annuaire_mailbox_settings, SETTING_TEXTS)
+"""The most characters each bounded setting holds (today only ``phone``; the
+others are unbounded ``Text``)."""
+
+# Published as LDAP telephoneNumber, a PrintableString in ITU-T E.123 form (RFC 4519
+# §2.35, RFC 4517 §3.3.31), and as a FHIR valueString: digits and the usual visual
+# separators ("01 23 45 67 89", "+33 (0)1 23-45-67-89"), a "+" only in front.
+_PHONE = re.compile(r"\+?[0-9 .()-]*[0-9][0-9 .()-]*")
+
+
+class SettingError(ValueError):
+    """A directory setting the store refuses; the message names the field and the rule."""
+
+
+def checked_settings(changes: Mapping[str, Any]) -> dict[str, Any]:
+    """``changes`` as the store keeps them, or :class:`SettingError` before anything
+    is written: the two flags are booleans; the texts are single-line, valid Unicode
+    and fit their column, surrounding blanks dropped, an empty text clearing the
+    setting (None); the phone number looks like one."""
+    unknown = set(changes) - {*SETTING_FLAGS, *SETTING_TEXTS}
+    if unknown:
+        raise SettingError(f"unknown directory settings: {', '.join(sorted(unknown))}")
+    checked: dict[str, Any] = {}
+    for name, value in changes.items():
+        if name in SETTING_FLAGS:
+            if not isinstance(value, bool):
+                raise SettingError(f"{name} must be yes or no, got {value!r}")
+            checked[name] = value
+        elif value is None:
+            checked[name] = None
+        else:
+            checked[name] = _checked_text(name, value)
+    return checked
+
+
+def _checked_text(name: str, value: Any) -> str | None:
+    if not isinstance(value, str):
+        raise SettingError(f"{name} must be text, got {value!r}")
+    text = value.strip()
+    for char in text:
+        category = unicodedata.category(char)
+        if category == "Cs":
+            # A command-line argument that was not UTF-8 (Python's surrogateescape):
+            # neither database nor directory could store it.
+            raise SettingError(f"{name} is not valid UTF-8 text")
+        if category == "Cc" or char in "\u2028\u2029":
+            # A directory field is one line of display text (FHIR string, LDAP
+            # DirectoryString); a control character has no place in it.
+            raise SettingError(f"{name} contains a control character ({char!r})")
+    if not text:
+        return None
+    limit = SETTING_LIMITS.get(name)
+    if limit is not None and len(text) > limit:
+        raise SettingError(f"{name} is {len(text)} characters long, at most {limit} fit")
+    if name == "phone" and not _PHONE.fullmatch(text):
+        raise SettingError(
+            f"phone {text!r} is not a telephone number (digits, spaces and . - ( ), "
+            "with an optional + in front)"
+        )
+    return text
+
+
 async def set_mailbox_settings(
     engine: AsyncEngine, address: str, *, actor: str, **changes: Any
-) -> None:
-    """Change the directory settings of one of our mailboxes (only the given keys)."""
-    allowed = {"liste_rouge", "dematerialisation", "description", "responsible", "service", "phone"}
-    unknown = set(changes) - allowed
-    if unknown:
-        raise ValueError(f"unknown directory settings: {', '.join(sorted(unknown))}")
+) -> dict[str, Any]:
+    """Change the directory settings of one of our mailboxes (only the given keys,
+    checked by :func:`checked_settings` before anything is written); returns the
+    values stored."""
+    changes = checked_settings(changes)
     async with write_transaction(engine) as conn:
         mailbox_id = await conn.scalar(
             select(mailboxes.c.id).where(mailboxes.c.address == address.lower())
@@ -372,7 +443,7 @@ async def set_mailbox_settings(
             "phone": None,
         }
         if current is not None:
-            values.update({k: current._mapping[k] for k in allowed})
+            values.update({k: current._mapping[k] for k in (*SETTING_FLAGS, *SETTING_TEXTS)})
         values.update(changes)
         values["updated_at"] = now()
         await conn.execute(_upsert(conn, annuaire_mailbox_settings, values, ["mailbox_id"]))
@@ -385,6 +456,7 @@ async def set_mailbox_settings(
                 details={k: v for k, v in changes.items()},
             ),
         )
+    return changes
 
 
 async def publication_states(engine: AsyncEngine, target: str) -> dict[int, PublicationState]:

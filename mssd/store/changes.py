@@ -9,28 +9,40 @@ other mssd processes over ``LISTEN/NOTIFY`` on the channel ``mssd_changes``
 Invariants:
 - publish after COMMIT, never before: a session woken by a change must find it
   in the store;
-- a notification is a hint, never data: a woken session re-reads the store
-  (``MailStore.changes_since``). So a subscriber's queue is bounded by
+- a notification is a hint: a woken session re-reads the store
+  (``MailStore.changes_since``), unless its folder index can chain the
+  change's delta onto the state it holds, without a gap (then the delta is
+  exactly what the store would answer). So a subscriber's queue is bounded by
   coalescing (one pending change per kind, carrying the highest modseq seen),
   and a lost notification is repaired by a synthetic ``resync`` change: after
   the listening connection to PostgreSQL was lost and re-established, every
   subscribed folder gets one;
 - no state here is needed for correctness: a process that restarts loses only
   wake-ups, which sessions recover by re-reading the store;
-- payloads are ``folder_id:modseq:kind:origin``; ``origin`` names the sending
-  process so that it does not deliver its own changes twice (it delivered them
-  locally already). Payloads without an origin (``folder_id:modseq:kind``, e.g.
-  sent by hand from psql) are delivered everywhere.
+- payloads are ``folder_id:modseq:kind:origin[:delta]``; ``origin`` names the
+  sending process so that it does not deliver its own changes twice (it
+  delivered them locally already). Payloads without an origin
+  (``folder_id:modseq:kind``, e.g. sent by hand from psql) are delivered
+  everywhere. The delta (JSON, when it fits) lets the other processes' folder
+  indexes follow the change without reading the store (``mssd.imap.index``);
+  one they cannot chain from their state is read from the store as before.
+
+Other owners share the machinery on their own channels (:meth:`ChangeBus.listen`,
+:meth:`ChangeBus.post`: the authentication rate limiter, ``mssd.auth.ratelimit``):
+the same LISTEN connection and reconnects, a batched sender that never makes
+the poster wait. Their payloads are opaque here, and best effort: nothing is
+resent after a failed NOTIFY nor replayed after a reconnect.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Literal, Protocol, get_args
@@ -64,6 +76,9 @@ _HEALTH_INTERVAL = 10.0
 _HEALTH_TIMEOUT = 5.0
 _BACKOFF_FIRST = 0.1
 _BACKOFF_MAX = 5.0
+_MAX_POSTS = 10_000
+"""Payloads :meth:`ChangeBus.post` queues at most while the sender is busy or
+the database unreachable; past that, new ones are dropped."""
 
 
 class FlagRow(Protocol):
@@ -90,8 +105,8 @@ class FolderDelta:
     from HIGHESTMODSEQ ``since`` to the change's ``modseq``: the messages it
     added or whose flags it changed (with their whole new flags), and the UIDs
     it expunged. The folder's modseqs are allocated under its lock, so nothing
-    else changed the folder between ``since`` and ``modseq``. In-process only:
-    NOTIFY carries no delta."""
+    else changed the folder between ``since`` and ``modseq``. NOTIFY carries it
+    to the other processes when it fits in a payload (:func:`encode_payload`)."""
 
     since: int
     changed: tuple[FlagState, ...] = ()
@@ -105,7 +120,8 @@ class FolderChange:
     """The folder's HIGHESTMODSEQ after the change (0 when unknown: ``resync``)."""
     kind: ChangeKind
     delta: FolderDelta | None = field(default=None, compare=False, repr=False)
-    """What the change was, when the writer was in this process (``FolderDelta``)."""
+    """What the change was (``FolderDelta``), when the writer said so: always in
+    the writer's process, over NOTIFY when it fitted in the payload."""
 
 
 def changes_from_stored(results: Sequence[StoredMessage]) -> list[FolderChange]:
@@ -125,21 +141,62 @@ def changes_from_stored(results: Sequence[StoredMessage]) -> list[FolderChange]:
     return changes
 
 
+_MAX_PAYLOAD = 7900
+"""Octets of a NOTIFY payload at most (PostgreSQL refuses 8000 or more): a
+longer delta is left out, and the receivers read the store instead."""
+
+
 def encode_payload(change: FolderChange, origin: str) -> str:
-    return f"{change.folder_id}:{change.modseq}:{change.kind}:{origin}"
+    """``folder_id:modseq:kind:origin``, then ``:`` and the change's delta as
+    JSON ``[since, [[uid, "flags", modseq], ...], [vanished uid, ...]]`` when it
+    has one that fits (flags are IMAP atoms: no spaces, RFC 9051 §9 ``flag``)."""
+    head = f"{change.folder_id}:{change.modseq}:{change.kind}:{origin}"
+    delta = change.delta
+    if delta is None:
+        return head
+    body = json.dumps(
+        [
+            delta.since,
+            [[row.uid, " ".join(sorted(row.flags)), row.modseq] for row in delta.changed],
+            list(delta.vanished),
+        ],
+        separators=(",", ":"),
+    )
+    payload = f"{head}:{body}"
+    return payload if len(payload.encode()) <= _MAX_PAYLOAD else head
+
+
+def _decode_delta(body: str) -> FolderDelta | None:
+    """The delta of a payload; None if it is not exactly the shape written."""
+    try:
+        since, changed, vanished = json.loads(body)
+        rows = tuple(
+            FlagState(uid, frozenset(flags.split()), modseq) for uid, flags, modseq in changed
+        )
+    except (ValueError, TypeError, AttributeError):
+        return None
+    numbers = [since, *vanished, *(n for row in rows for n in (row.uid, row.modseq))]
+    if not all(type(n) is int and n >= 0 for n in numbers):
+        return None
+    return FolderDelta(since, rows, tuple(vanished))
 
 
 def decode_payload(payload: str) -> tuple[FolderChange, str | None] | None:
-    """The change and its origin, or None for a payload that is not ours."""
-    parts = payload.split(":")
-    if len(parts) not in (3, 4) or parts[2] not in _KINDS:
+    """The change and its origin, or None for a payload that is not ours. A
+    delta that cannot be read leaves the change without one (still a hint)."""
+    parts = payload.split(":", 4)
+    if len(parts) not in (3, 4, 5) or parts[2] not in _KINDS:
         return None
     try:
         folder_id, modseq = int(parts[0]), int(parts[1])
     except ValueError:
         return None
     kind: ChangeKind = parts[2]  # type: ignore[assignment]
-    return FolderChange(folder_id, modseq, kind), parts[3] if len(parts) == 4 else None
+    delta = _decode_delta(parts[4]) if len(parts) == 5 else None
+    if len(parts) == 5 and delta is None:
+        log.warning("change notification with an unreadable delta: %r", payload[:200])
+    origin = parts[3] if len(parts) >= 4 else None
+    return FolderChange(folder_id, modseq, kind, delta), origin
 
 
 class SubscriptionClosed(Exception):
@@ -275,8 +332,21 @@ class ChangeBus:
         self._sender: asyncio.Task[None] | None = None
         self._outbox: list[FolderChange] = []
         self._outbox_ready = asyncio.Event()
+        self._channels: dict[str, Callable[[str], None]] = {}
+        self._poster: asyncio.Task[None] | None = None
+        self._posts: list[tuple[str, str]] = []
+        self._posts_ready = asyncio.Event()
+        self._overflow = 0
+        self.posts_dropped = 0
+        """Payloads :meth:`post` could not queue or send (for metrics, tests)."""
         self.reconnects = 0
         """How many times the listening connection was re-established (for metrics, tests)."""
+
+    @property
+    def crosses_processes(self) -> bool:
+        """Whether other processes may share the store (PostgreSQL): only then
+        does :meth:`post` send anything or :meth:`listen` hear anything."""
+        return self._postgres
 
     @property
     def reliable(self) -> bool:
@@ -360,14 +430,18 @@ class ChangeBus:
         connection, lost = await self._connect()
         self._supervisor = asyncio.create_task(self._supervise(connection, lost), name="changes")
         self._sender = asyncio.create_task(self._send_outbox(), name="changes-notify")
+        self._poster = asyncio.create_task(self._send_posts(), name="changes-post")
 
     async def stop(self) -> None:
-        for task in (self._supervisor, self._sender):
+        for task in (self._supervisor, self._sender, self._poster):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-        self._supervisor = self._sender = None
+        self._supervisor = self._sender = self._poster = None
+        if self._posts:
+            posts, self._posts = self._posts, []
+            await self._try_post(posts)
         if self._outbox:
             pending, self._outbox = self._outbox, []
             try:
@@ -393,6 +467,13 @@ class ChangeBus:
         lost = asyncio.Event()
         connection.add_termination_listener(lambda _: lost.set())
         await connection.add_listener(CHANNEL, self._on_notification)
+        # Until no channel is missing: listen() may add one while this awaits,
+        # seeing no live listener to add it to.
+        heard: set[str] = set()
+        while missing := self._channels.keys() - heard:
+            for channel in missing:
+                await connection.add_listener(channel, self._on_other_channel)
+            heard |= missing
         self._listener = connection
         return connection, lost
 
@@ -450,3 +531,60 @@ class ChangeBus:
                 # Local subscribers were woken already; other processes' sessions
                 # will see the change at their next command or resync.
                 log.warning("could not send %d change notifications (%s)", len(pending), error)
+
+    # -- other channels ------------------------------------------------------------
+
+    async def listen(self, channel: str, on_payload: Callable[[str], None]) -> None:
+        """Call ``on_payload`` with every payload NOTIFYed on ``channel``,
+        whichever process sent it (this one too), on the listening connection
+        from now on and again after each reconnect (PostgreSQL only; what was
+        sent while the connection was down is lost)."""
+        self._channels[channel] = on_payload
+        listener = self._listener
+        if listener is not None and not listener.is_closed():
+            await listener.add_listener(channel, self._on_other_channel)
+
+    def post(self, channel: str, payload: str) -> None:
+        """Queue a NOTIFY of ``payload`` (under 8000 bytes) on ``channel`` for a
+        background task that sends what accumulated in one transaction. Never
+        waits and never raises: a payload that cannot be sent is dropped with
+        a warning. Only on PostgreSQL between ``start`` and ``stop``."""
+        if not self._postgres or self._poster is None:
+            return
+        if len(self._posts) >= _MAX_POSTS:
+            self._overflow += 1
+            self.posts_dropped += 1
+            return
+        self._posts.append((channel, payload))
+        self._posts_ready.set()
+
+    def _on_other_channel(self, _connection: Any, _pid: int, channel: str, payload: str) -> None:
+        on_payload = self._channels.get(channel)
+        if on_payload is not None:
+            on_payload(payload)
+
+    async def _send_posts(self) -> None:
+        while True:
+            await self._posts_ready.wait()
+            self._posts_ready.clear()
+            posts, self._posts = self._posts, []
+            if self._overflow:
+                log.warning("dropped %d notifications: too many were waiting", self._overflow)
+                self._overflow = 0
+            if posts:
+                await self._try_post(posts)
+
+    async def _try_post(self, posts: list[tuple[str, str]]) -> None:
+        try:
+            async with self._engine.connect() as conn:
+                await conn.execute(
+                    text(
+                        "SELECT pg_notify(c, p) FROM unnest("
+                        "CAST(:channels AS text[]), CAST(:payloads AS text[])) AS t(c, p)"
+                    ),
+                    {"channels": [c for c, _ in posts], "payloads": [p for _, p in posts]},
+                )
+                await conn.commit()
+        except (OSError, SQLAlchemyError) as error:
+            self.posts_dropped += len(posts)
+            log.warning("could not send %d notifications (%s)", len(posts), error)

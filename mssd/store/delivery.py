@@ -20,7 +20,14 @@ Invariants:
   placement: its recipient row says ``over_quota`` and :attr:`StoredMessage.over_quota`
   tells the caller, who reports it to the sender. A message that reaches nobody
   at all is not stored: :class:`~mssd.store.quota.OverQuota` rolls its transaction
-  back (the batch is then retried message by message, as for any failure).
+  back (the batch is then retried message by message, as for any failure);
+- that report is owed from the message's own commit (RFC 5321 §6.1): the refused row
+  keeps the refusal's reason in ``report_due`` (not when the sender is null: no report
+  is ever made about a report, RFC 3461 §6.2). The reports written for a
+  :class:`DueReports` clear every mark of their envelope in their transaction, and
+  only if the marks were still there: "stored" and "no longer owed" commit together,
+  and a report is never stored twice (``mssd.delivery.local_reports`` makes them,
+  after the commit or, after a crash, in the recovery pass).
 """
 
 from __future__ import annotations
@@ -44,6 +51,7 @@ from mssd.store.audit import audit_row, write_audit_rows
 from mssd.store.engine import run_write
 from mssd.store.quota import OverQuota, Refusal
 from mssd.store.records import AuditEvent
+from mssd.store.report_dues import claim_owed
 from mssd.store.schema import (
     blobs,
     envelope_recipients,
@@ -107,6 +115,18 @@ class StoredMessage:
     """The reports written with it (:attr:`NewMessage.reports`)."""
 
 
+@dataclass(frozen=True)
+class DueReports:
+    """The reports owed on an envelope's over-quota recipients (``report_due``), made:
+    written, and the envelope's marks cleared, in one transaction, unless the marks
+    are gone already (another writer made them). ``reports`` may be empty: nothing
+    was due after all (NOTIFY=NEVER, a sender that cannot be reached), and the marks
+    are cleared all the same."""
+
+    envelope_id: str
+    reports: tuple[NewMessage, ...]
+
+
 def new_envelope_id() -> str:
     """Sortable by time, unguessable: milliseconds then 48 random bits."""
     return f"{int(time.time() * 1000):011X}{secrets.token_hex(6).upper()}"
@@ -155,30 +175,36 @@ _INSERT_QUEUE = outbound_queue.insert().from_select(
 )
 
 
-Item = NewMessage | AuditEvent
-"""What the committer writes: a message with its delivery records, or an audit
-event that rides along in the same transaction (authentication outcomes)."""
+Item = NewMessage | AuditEvent | DueReports
+"""What the committer writes: a message with its delivery records, an audit
+event that rides along in the same transaction (authentication outcomes), or
+the reports owed on an envelope."""
 
 
 def write_batch(conn: Connection, items: Sequence[Item]) -> list[StoredMessage | None]:
     """Write a batch inside the caller's transaction (synchronous form); the
-    result for each item is its StoredMessage, or None for an audit event."""
+    result for each item is its StoredMessage, None for an audit event, and for
+    :class:`DueReports` a StoredMessage of the reported envelope (no placements)
+    whose ``reports`` are those written, or None when nothing was owed any more."""
     messages = [item for item in items if isinstance(item, NewMessage)]
     audit_rows = [audit_row(item) for item in items if isinstance(item, AuditEvent)]
     stored = _write_messages(conn, messages, audit_rows) if messages else []
     # A message's reports go in its transaction, unless one of its mailboxes
     # turned out full: those reports would say "delivered" to a recipient that
-    # got nothing, and the pipeline reports on that message itself.
-    due = [
-        (message, written)
+    # got nothing; the refused rows are marked instead, and the reports on that
+    # message come as a DueReports (mssd.delivery.local_reports).
+    due: list[tuple[str, tuple[NewMessage, ...]]] = [
+        (written.envelope_id, message.reports)
         for message, written in zip(messages, stored, strict=True)
         if message.reports and not written.over_quota
     ]
-    flat = [report for message, _ in due for report in message.reports]
+    owed = [item for item in items if isinstance(item, DueReports)]
+    claimed = claim_owed(conn, [item.envelope_id for item in owed]) if owed else set()
+    due += [(item.envelope_id, item.reports) for item in owed if item.envelope_id in claimed]
+    flat = [report for _, reports in due for report in reports]
     stored_reports = iter(_write_messages(conn, flat, audit_rows) if flat else [])
     with_reports = {
-        written.envelope_id: tuple(next(stored_reports) for _ in message.reports)
-        for message, written in due
+        envelope_id: tuple(next(stored_reports) for _ in reports) for envelope_id, reports in due
     }
     if audit_rows:
         write_audit_rows(conn, audit_rows)
@@ -189,6 +215,9 @@ def write_batch(conn: Connection, items: Sequence[Item]) -> list[StoredMessage |
             message = next(found)
             reports = with_reports.get(message.envelope_id, ())
             results.append(dataclasses.replace(message, reports=reports) if reports else message)
+        elif isinstance(item, DueReports) and item.envelope_id in claimed:
+            reports = with_reports.get(item.envelope_id, ())
+            results.append(StoredMessage(item.envelope_id, (), reports=reports))
         else:
             results.append(None)
     return results
@@ -257,9 +286,12 @@ def _write_messages(
                 if recipient.mailbox_id is None or message.source == "report"
                 else usages[recipient.mailbox_id].refusal(len(message.content))
             )
+            due = None
             if refusal is not None:
                 refused.append(refusal)
                 status = "over_quota"
+                # Owed from this commit on (module docstring); never to the null sender.
+                due = refusal.reason if message.mail_from else None
             elif recipient.mailbox_id is not None:
                 state = inbox.get(recipient.mailbox_id)
                 if state is None:
@@ -289,6 +321,7 @@ def _write_messages(
                     "dsn_notify": recipient.dsn_notify,
                     "dsn_orcpt": recipient.dsn_orcpt,
                     "status": status,
+                    "report_due": due,
                 }
             )
         queued = len(message.recipients) - len(placed) - len(refused)
@@ -391,6 +424,13 @@ class GroupCommitter:
     async def record(self, event: AuditEvent) -> None:
         """Returns once the audit event is committed."""
         await self._submit(event)
+
+    async def fulfil(self, due: DueReports) -> tuple[StoredMessage, ...] | None:
+        """Returns once the reports owed on an envelope are committed, and its marks
+        cleared with them: the reports written, or None when none were owed any more
+        (made by someone else: nothing was written)."""
+        stored = await self._submit(due)
+        return None if stored is None else stored.reports
 
     async def _commit(self, batch: Sequence[_Pending]) -> None:
         items = [item for item, _ in batch]

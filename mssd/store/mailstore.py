@@ -1240,7 +1240,7 @@ class MailStore:
         return result
 
     async def quota(self, account_id: int, root: str) -> QuotaInfo | None:
-        """RFC 9208 §4.2: the quota root of one mailbox (BAL) the account may see,
+        """RFC 9208 §3.2, §4.1.1: the quota root of one mailbox (BAL) the account may see,
         named by the mailbox's address; None when it has no such root."""
         async with self._engine.connect() as conn:
             spaces = await self._namespaces(conn, account_id)

@@ -21,6 +21,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    text,
 )
 
 metadata = MetaData(
@@ -176,6 +177,16 @@ envelope_recipients = Table(
     Column("dsn_notify", String(64)),
     Column("dsn_orcpt", String(500)),
     Column("status", String(16), nullable=False),
+    # A failure the sender is still owed a report on (migration 0009): why the mailbox
+    # refused the message, written with the row, NULL again in the transaction that
+    # stores the report (mssd/delivery/local_reports.py). The partial index holds only these.
+    Column("report_due", Text),
+    Index(
+        "ix_envelope_recipients_report_due",
+        "envelope_id",
+        postgresql_where=text("report_due IS NOT NULL"),
+        sqlite_where=text("report_due IS NOT NULL"),
+    ),
 )
 
 audit = Table(
