@@ -5,7 +5,7 @@ store that was quiet while PostgreSQL dropped its connections still answers."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import asyncpg
@@ -19,14 +19,17 @@ from mssd.store.engine import PING_AFTER_IDLE, create_engine, run_read
 
 
 @pytest.fixture
-async def postgres(tmp_path: Path) -> AsyncIterator[tuple[str, AsyncEngine]]:
-    """An empty PostgreSQL store's URL and an engine on it."""
-    for url in store_url_for("postgresql", tmp_path):
-        engine = create_engine(url)
-        try:
-            yield url, engine
-        finally:
-            await engine.dispose()
+def postgres_url(tmp_path: Path) -> Iterator[str]:
+    """An empty PostgreSQL store (created and dropped outside the test's event loop)."""
+    yield from store_url_for("postgresql", tmp_path)
+
+
+@pytest.fixture
+async def postgres(postgres_url: str) -> AsyncIterator[tuple[str, AsyncEngine]]:
+    """Its URL and an engine on it."""
+    engine = create_engine(postgres_url)
+    yield postgres_url, engine
+    await engine.dispose()
 
 
 def backend_pid(conn: Connection) -> int:
