@@ -337,7 +337,7 @@ async def test_blobs_and_audit_rows_are_stored_as_sqlalchemy_stores_them(
             {"sha256": digest(n), "size": 1, "data": b"other bytes", "created_at": NOW}
             for n in (3, 40, 41, 40, 19, 42)
         ]
-        ms._INSERT_BLOBS.rows(conn, fresh)
+        ms.INSERT_BLOB.rows(conn, fresh)
         conn.execute(insert(audit), rows)
         write_audit_rows(conn, rows)
 

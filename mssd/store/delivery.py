@@ -43,12 +43,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Connection, bindparam, false, literal, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from mssd.store import quota
 from mssd.store.audit import audit_row, write_audit_rows
 from mssd.store.engine import run_write
+from mssd.store.fastpath import FastInsert
 from mssd.store.quota import OverQuota, Refusal
 from mssd.store.records import AuditEvent
 from mssd.store.report_dues import claim_owed
@@ -134,10 +134,9 @@ def new_envelope_id() -> str:
 
 # Statements are built once: SQLAlchemy memoizes a statement object's cache key, so
 # reusing the objects skips rebuilding and re-keying them for every batch.
-INSERT_BLOB: dict[str, Any] = {
-    "postgresql": postgresql.insert(blobs).on_conflict_do_nothing(index_elements=["sha256"]),
-    "sqlite": sqlite.insert(blobs).on_conflict_do_nothing(index_elements=["sha256"]),
-}
+# (ON CONFLICT has no cache key: through Connection.execute it was compiled anew for
+# every batch; the fast path compiles it once, mssd.store.fastpath.)
+INSERT_BLOB = FastInsert(blobs, skip_conflicts_on=["sha256"])
 _SELECT_INBOXES = (
     select(folders.c.id, folders.c.mailbox_id, folders.c.uidnext, folders.c.highestmodseq)
     .where(
@@ -234,8 +233,8 @@ def _write_messages(
     """
     postgres = conn.dialect.name == "postgresql"
     unique_blobs: dict[str, NewMessage] = {m.sha256: m for m in batch}
-    conn.execute(
-        INSERT_BLOB["postgresql" if postgres else "sqlite"],
+    INSERT_BLOB.rows(
+        conn,
         [
             {"sha256": sha, "size": len(m.content), "data": m.content, "created_at": m.received_at}
             for sha, m in unique_blobs.items()

@@ -50,6 +50,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from mssd.store import quota as quotas
 from mssd.store.audit import insert_audit
 from mssd.store.changes import FlagState, FolderChange, FolderDelta
+from mssd.store.delivery import INSERT_BLOB
 from mssd.store.engine import run_read, run_write, write_transaction
 from mssd.store.fastpath import FastInsert, FastStatement
 from mssd.store.messages import as_utc
@@ -309,7 +310,6 @@ _PLACEMENT_FLAGS = FastStatement(
     .order_by(placements.c.uid)
 )
 _INSERT_PLACEMENTS = FastInsert(placements)
-_INSERT_BLOBS = FastInsert(blobs, skip_conflicts_on=["sha256"])
 """Content-addressed: a blob stored already stays as it is."""
 _INSERT_EXPUNGES = FastInsert(expunges)
 _DELETE_PLACEMENTS = FastStatement(
@@ -1092,7 +1092,7 @@ class MailStore:
 
         def work(conn: Connection) -> tuple[list[int], FolderChange]:
             # The blobs first, then the folder lock: the group committer's order.
-            _INSERT_BLOBS.rows(
+            INSERT_BLOB.rows(
                 conn,
                 [
                     {"sha256": sha, "size": len(content), "data": content, "created_at": now}

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from sqlalchemy import Connection, bindparam, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from mssd.store.fastpath import FastStatement
 from mssd.store.schema import folders, mailbox_usage, mailboxes
 
 KIB = 1024
@@ -181,16 +182,24 @@ _USAGE_OF_MAILBOXES = (
     .order_by(mailbox_usage.c.mailbox_id)
 )
 # Keyed by the name of the parameter that lists the ids: (SQLite, PostgreSQL).
+# (They run on every write that changes a mailbox's size: on the fast path,
+# mssd.store.fastpath.)
 _QUERIES = {
-    "b_folders": (_USAGE_OF_FOLDERS, _USAGE_OF_FOLDERS.with_for_update(of=mailbox_usage)),
-    "b_mailboxes": (_USAGE_OF_MAILBOXES, _USAGE_OF_MAILBOXES.with_for_update(of=mailbox_usage)),
+    "b_folders": (
+        FastStatement(_USAGE_OF_FOLDERS),
+        FastStatement(_USAGE_OF_FOLDERS.with_for_update(of=mailbox_usage)),
+    ),
+    "b_mailboxes": (
+        FastStatement(_USAGE_OF_MAILBOXES),
+        FastStatement(_USAGE_OF_MAILBOXES.with_for_update(of=mailbox_usage)),
+    ),
 }
-_ADD = (
+_ADD = FastStatement(
     update(mailbox_usage)
     .where(mailbox_usage.c.mailbox_id == bindparam("b_mailbox"))
     .values(used_bytes=mailbox_usage.c.used_bytes + bindparam("b_delta"))
 )
-_RELEASE_IN_FOLDER = (
+_RELEASE_IN_FOLDER = FastStatement(
     update(mailbox_usage)
     .where(
         mailbox_usage.c.mailbox_id
@@ -209,7 +218,7 @@ def _lock(conn: Connection, key: str, ids: Iterable[int]) -> dict[int, Usage]:
     statement = _QUERIES[key][conn.dialect.name == "postgresql"]
     by_mailbox: dict[int, Usage] = {}
     found: dict[int, Usage] = {}
-    for wanted_id, mailbox_id, address, used, quota_bytes in conn.execute(statement, {key: wanted}):
+    for wanted_id, mailbox_id, address, used, quota_bytes in statement.rows(conn, {key: wanted}):
         if mailbox_id not in by_mailbox:
             limit = None if quota_bytes is None else int(quota_bytes)
             by_mailbox[mailbox_id] = Usage(mailbox_id, address, int(used), limit)
@@ -236,8 +245,8 @@ def save(conn: Connection, usages: Iterable[Usage]) -> None:
     is still right) and start counting afresh."""
     changed = {u.mailbox_id: u for u in usages if u.delta}
     if changed:
-        conn.execute(
-            _ADD, [{"b_mailbox": m, "b_delta": u.delta} for m, u in sorted(changed.items())]
+        _ADD.execute_many(
+            conn, [{"b_mailbox": m, "b_delta": u.delta} for m, u in sorted(changed.items())]
         )
     for usage in changed.values():
         usage.delta = 0
@@ -247,7 +256,7 @@ def release(conn: Connection, folder_id: int, size: int) -> None:
     """Placements of ``size`` octets left the folder (EXPUNGE, folder deletion): the
     mailbox has that much more room. Nothing to check, so no read first."""
     if size:
-        conn.execute(_RELEASE_IN_FOLDER, {"b_folder": folder_id, "b_size": size})
+        _RELEASE_IN_FOLDER.execute(conn, {"b_folder": folder_id, "b_size": size})
 
 
 async def read(conn: AsyncConnection, mailbox_id: int) -> tuple[int, int | None]:
