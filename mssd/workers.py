@@ -32,6 +32,8 @@ import signal
 import socket
 from collections.abc import Sequence
 
+from mssd import background
+
 log = logging.getLogger(__name__)
 
 _RESTART_DELAY = 1.0
@@ -168,9 +170,6 @@ class Workers:
                 with contextlib.suppress(ProcessLookupError):
                     process.kill()
                 await process.wait()
-        for task in self._tasks:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await background.cancel(*self._tasks)
         os.close(self._pipe_write)
         os.close(self._pipe_read)

@@ -5,11 +5,11 @@ purge they would only pile up)."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from mssd import background
 from mssd.annuaire.model import Lookup, Status
 from mssd.annuaire.resolver import decode_entries, encode_entries
 from mssd.store import annuaire as store
@@ -58,11 +58,8 @@ class CachePurger:
             self._task = asyncio.create_task(self._run(), name="annuaire-cache-purge")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        task, self._task = self._task, None
+        await background.cancel(task)
 
     async def _run(self) -> None:
         while True:

@@ -40,7 +40,6 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
 import logging
 from collections.abc import Sequence
@@ -48,6 +47,7 @@ from dataclasses import dataclass
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from mssd import background
 from mssd.delivery.dsn import Action, RecipientStatus, ReportedMessage, Reporter, wants_report
 from mssd.store.delivery import DueReports, GroupCommitter, NewMessage, RecipientRecord
 from mssd.store.messages import read_blob
@@ -151,11 +151,8 @@ class OwedReports:
             self._task = asyncio.create_task(self._run(), name="owed-reports")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        task, self._task = self._task, None
+        await background.cancel(task)
 
     async def run_once(self, *, grace: float = 0.0) -> int:
         """One round over the envelopes received more than ``grace`` seconds ago that

@@ -18,7 +18,6 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ from typing import Literal
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from mssd import metrics
+from mssd import background, metrics
 from mssd.config import WhitelistSettings
 from mssd.files import write_atomic
 from mssd.store.whitelist import (
@@ -269,11 +268,8 @@ class WhitelistKeeper:
             self._task = asyncio.create_task(self._run(), name="whitelist-refresh")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        task, self._task = self._task, None
+        await background.cancel(task)
 
     def _pause(self) -> float:
         interval = float(self._settings.refresh_seconds)

@@ -52,6 +52,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from mssd import background
 from mssd.store.delivery import StoredMessage
 
 log = logging.getLogger(__name__)
@@ -433,11 +434,7 @@ class ChangeBus:
         self._poster = asyncio.create_task(self._send_posts(), name="changes-post")
 
     async def stop(self) -> None:
-        for task in (self._supervisor, self._sender, self._poster):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        await background.cancel(self._supervisor, self._sender, self._poster)
         self._supervisor = self._sender = self._poster = None
         if self._posts:
             posts, self._posts = self._posts, []
