@@ -131,7 +131,9 @@ class FlagCodes:
         return list(compress(uids, self.codes.translate(verdicts)))
 
     def distinct(self) -> set[frozenset[str]]:
-        return {self.sets[code] for code in set(self.codes)}
+        """The sets some message has: one ``memchr`` over the codes per number."""
+        codes = self.codes
+        return {flag_set for code, flag_set in enumerate(self.sets) if bytes((code,)) in codes}
 
 
 def renumbered(codes: FlagCodes | None, flags: Sequence[frozenset[str]]) -> FlagCodes | None:
