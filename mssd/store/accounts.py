@@ -59,6 +59,19 @@ _BY_COLUMN = {
     for column in (accounts.c.login, accounts.c.idnat_ps, accounts.c.cert_dn)
 }
 """Every login reads one (mssd.store.fastpath)."""
+_LOCAL_MAILBOX = FastStatement(
+    select(
+        mailboxes.c.id,
+        mailboxes.c.address,
+        mailboxes.c.bal_type,
+        mailboxes.c.status,
+        mailbox_usage.c.used_bytes,
+        mailboxes.c.quota_bytes,
+    )
+    .select_from(mailboxes.outerjoin(mailbox_usage, mailbox_usage.c.mailbox_id == mailboxes.c.id))
+    .where(mailboxes.c.address == bindparam("b_address"))
+)
+"""Every RCPT TO of a local address reads one (mssd.store.fastpath)."""
 
 
 class StoreAccounts:
@@ -112,30 +125,19 @@ class StoreAccounts:
         return frozenset(str(address) for address in rows)
 
     async def local_mailbox(self, address: str) -> LocalMailbox | None:
-        query = (
-            select(
-                mailboxes.c.id,
-                mailboxes.c.address,
-                mailboxes.c.bal_type,
-                mailboxes.c.status,
-                mailbox_usage.c.used_bytes,
-                mailboxes.c.quota_bytes,
-            )
-            .select_from(
-                mailboxes.outerjoin(mailbox_usage, mailbox_usage.c.mailbox_id == mailboxes.c.id)
-            )
-            .where(mailboxes.c.address == address.lower())
+        rows = await run_read(
+            self._engine, lambda conn: _LOCAL_MAILBOX.rows(conn, {"b_address": address.lower()})
         )
-        row = await run_read(self._engine, lambda conn: conn.execute(query).one_or_none())
-        if row is None:
+        if not rows:
             return None
+        id_, stored, bal_type, status, used_bytes, quota_bytes = rows[0]
         return LocalMailbox(
-            id=row.id,
-            address=row.address,
-            bal_type=row.bal_type,
-            status=row.status,
-            used_bytes=int(row.used_bytes or 0),
-            quota_bytes=row.quota_bytes,
+            id=id_,
+            address=stored,
+            bal_type=bal_type,
+            status=status,
+            used_bytes=int(used_bytes or 0),
+            quota_bytes=quota_bytes,
         )
 
     async def local_domains(self) -> frozenset[str]:

@@ -475,6 +475,9 @@ class ChangeBus:
         return connection, lost
 
     def _on_notification(self, _connection: Any, _pid: int, _channel: str, payload: str) -> None:
+        parts = payload.split(":", 4)
+        if len(parts) >= 4 and parts[3] == self._origin:
+            return  # this process's own change, delivered locally already: no delta to read
         decoded = decode_payload(payload)
         if decoded is None:
             log.warning("ignoring malformed change notification %r", payload)
