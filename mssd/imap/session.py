@@ -235,7 +235,13 @@ class Session:
                 self.subscription.drain()
             self.last_read = time.monotonic()
             changed, vanished, highest = await index.changes_since(view.highestmodseq)
-            await self.announce(view.apply(changed, vanished, highest, allow_expunge=allow_expunge))
+            update = None
+            if highest == index.state.highestmodseq:
+                # The index's state is the view's plus these changes: adopt it.
+                update = view.follow(index.state, changed, vanished, allow_expunge=allow_expunge)
+            if update is None:
+                update = view.apply(changed, vanished, highest, allow_expunge=allow_expunge)
+            await self.announce(update)
         if not view.shared:
             state = await index.latest() if allow_expunge else index.state
             view.share(state)
