@@ -10,6 +10,7 @@ COMMITTED and writers lock the rows they change (``SELECT ... FOR UPDATE``).
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import contextlib
 import time
@@ -290,17 +291,40 @@ async def dispose(engine: AsyncEngine) -> None:
     await engine.dispose()
 
 
-async def run_write(engine: AsyncEngine, work: Callable[[Connection], T]) -> T:
+SMALL_WRITE_ROWS = 64
+SMALL_WRITE_OCTETS = 256 * 1024
+"""What callers of :func:`run_write` count as ``small``: at most this many
+messages, of at most this many octets in all."""
+INLINE_SLOW = 0.002
+"""Seconds: when :data:`INLINE_SLOW_COUNT` of the last :data:`INLINE_WINDOW`
+write transactions run on the event loop took longer than this (a slow
+disk's ``fsync``; one WAL checkpoint now and then does not count), the next
+ones go to the writer thread..."""
+INLINE_SLOW_COUNT = 3
+INLINE_WINDOW = 8
+INLINE_BACKOFF = 10.0
+"""...for this many seconds, after which they are tried on the loop again."""
+
+
+async def run_write(
+    engine: AsyncEngine, work: Callable[[Connection], T], *, small: bool = False
+) -> T:
     """Run ``work`` as one write transaction on a synchronous connection:
     committed when it returns, rolled back when it raises.
 
-    On a SQLite file it runs on a thread of its own (stdlib ``sqlite3``, same
-    PRAGMAs, ``BEGIN IMMEDIATE``), in turn with this process's other writers
-    (:func:`writer_lock`), and the works that arrive while one transaction
-    runs share the next one (:class:`_WriteBatches`): one hand-over between
-    threads and one ``fsync`` for all of them, each in a savepoint of its own
-    so that one failing leaves the others as they were. Elsewhere it runs
-    through ``AsyncConnection.run_sync`` in :func:`write_transaction`."""
+    On a SQLite file it runs on the store's writer connection (stdlib
+    ``sqlite3``, same PRAGMAs, ``BEGIN IMMEDIATE``), in turn with this
+    process's other writers (:func:`writer_lock`), and the works that arrive
+    while one transaction runs share the next one (:class:`_WriteBatches`):
+    one ``fsync`` for all of them, each in a savepoint of its own so that one
+    failing leaves the others as they were. A batch of ``small`` works (a few
+    rows: flags of a few messages, an audit record; the caller knows) runs
+    right on the event loop, as small reads do: the hand-over to the writer
+    thread and back, and the two threads taking turns on the GIL, cost more
+    CPU than such a transaction (bench/README.md); the others, and every batch
+    while the disk is slow to sync (:data:`INLINE_SLOW`), run on the writer's
+    thread. Elsewhere it runs through ``AsyncConnection.run_sync`` in
+    :func:`write_transaction`."""
     writer = _sqlite_writer(engine)
     if writer is None:
         async with write_transaction(engine) as conn:
@@ -310,7 +334,7 @@ async def run_write(engine: AsyncEngine, work: Callable[[Connection], T]) -> T:
     if batches is None or batches.loop is not loop:
         batches = _WriteBatches(engine, *writer)
         engine.sync_engine._mssd_write_batches = batches  # type: ignore[attr-defined]
-    return await batches.submit(work)
+    return await batches.submit(work, small)
 
 
 class _WriteBatches:
@@ -326,8 +350,11 @@ class _WriteBatches:
         self._writer = writer
         self._executor = executor
         self.loop = asyncio.get_running_loop()
-        self._pending: list[tuple[Callable[[Connection], Any], asyncio.Future[Any]]] = []
+        self._pending: list[tuple[Callable[[Connection], Any], asyncio.Future[Any], bool]] = []
         self._running: asyncio.Task[None] | None = None
+        self._threaded_until = 0.0
+        """Until this loop time, small batches too run on the writer thread."""
+        self._slow: collections.deque[bool] = collections.deque(maxlen=INLINE_WINDOW)
         # A work's savepoint, its release and its undoing, as SQLAlchemy writes them
         # for this dialect; run straight on the connection (run_driver_sql) rather
         # than through Connection.begin_nested, which costs two full statement
@@ -337,30 +364,54 @@ class _WriteBatches:
             for clause in (SavepointClause, ReleaseSavepointClause, RollbackToSavepointClause)
         )
 
-    async def submit(self, work: Callable[[Connection], T]) -> T:
+    async def submit(self, work: Callable[[Connection], T], small: bool = False) -> T:
         future: asyncio.Future[T] = self.loop.create_future()
-        self._pending.append((work, future))
+        self._pending.append((work, future, small))
         if self._running is None:
             self._running = self.loop.create_task(self._drain(), name="mssd-sqlite-writes")
         return await future
 
+    def inline(
+        self, batch: list[tuple[Callable[[Connection], Any], asyncio.Future[Any], bool]]
+    ) -> bool:
+        """Whether the batch runs on the event loop (see :func:`run_write`)."""
+        return self.loop.time() >= self._threaded_until and all(small for *_, small in batch)
+
+    def _run_inline(self, works: list[Callable[[Connection], Any]]) -> list[tuple[bool, Any]]:
+        started = time.perf_counter()
+        try:
+            return self._transaction(works)
+        finally:
+            self._slow.append(time.perf_counter() - started > INLINE_SLOW)
+            if sum(self._slow) >= INLINE_SLOW_COUNT:
+                self._slow.clear()
+                self._threaded_until = self.loop.time() + INLINE_BACKOFF
+
     async def _drain(self) -> None:
         try:
             while self._pending:
+                if self._pending[-1][2]:
+                    # Small works come in bursts (every session's STORE of one
+                    # round of client commands): one turn of the loop gathers them.
+                    await asyncio.sleep(0)
                 batch, self._pending = self._pending, []
+                works = [work for work, _, _ in batch]
                 try:
                     async with writer_lock(self._engine):
-                        outcomes = await self.loop.run_in_executor(
-                            self._executor, self._transaction, [work for work, _ in batch]
-                        )
+                        if self.inline(batch):
+                            outcomes = self._run_inline(works)
+                        else:
+                            outcomes = await self.loop.run_in_executor(
+                                self._executor, self._transaction, works
+                            )
                 except BaseException as error:  # the COMMIT (or BEGIN) failed: nothing stays
-                    for _, future in batch:
+                    for _, future, _ in batch:
                         if not future.done():
                             future.set_exception(error)
                     if not isinstance(error, Exception):
                         raise
                     continue
-                for (_, future), (ok, value) in zip(batch, outcomes, strict=True):
+                for (_, future, _), (ok, value) in zip(batch, outcomes, strict=True):
                     if future.done():
                         continue
                     if ok:
