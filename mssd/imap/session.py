@@ -79,6 +79,7 @@ class Session:
         services: Services,
         *,
         send: Callable[[bytes], Awaitable[None]],
+        queue: Callable[[bytes], bool],
         remote_ip: str,
         tls: bool,
         trusted: bool,
@@ -87,6 +88,8 @@ class Session:
     ) -> None:
         self.services = services
         self.send = send
+        self.queue = queue
+        """``send`` without the wait; True when the caller must ``await send(b"")``."""
         self.remote_ip = remote_ip
         self.tls = tls
         self.trusted = trusted
@@ -266,7 +269,8 @@ class Session:
             ]
             if view.condstore:
                 items.append(("MODSEQ", [view.modseqs[uid]]))
-            await self.send(encode.fetch_response(seq, items, utf8=self.utf8))
+            if self.queue(encode.fetch_response(seq, items, utf8=self.utf8)):
+                await self.send(b"")
 
     def leave_folder(self) -> None:
         self.view = None
