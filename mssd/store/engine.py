@@ -5,6 +5,11 @@ commit is on disk when it returns. Write transactions on SQLite start with
 ``BEGIN IMMEDIATE`` so two writers queue on the database lock instead of
 failing half-way when a reader upgrades to a writer. PostgreSQL runs at READ
 COMMITTED and writers lock the rows they change (``SELECT ... FOR UPDATE``).
+
+On a SQLite file, the writers of every mssd process sharing it (``imap.workers``)
+take turns on :class:`WriterLock` before ``BEGIN IMMEDIATE`` and until after
+COMMIT or ROLLBACK, so that none of them meets SQLite's busy handler, which
+sleeps up to 100 ms between tries however soon the database is free again.
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import fcntl
+import os
 import time
 import weakref
 from collections.abc import AsyncIterator, Callable
@@ -153,22 +160,137 @@ def sqlite_writer_engine(engine: AsyncEngine, *, connections: int = 1) -> Engine
     return writer
 
 
-def writer_lock(engine: AsyncEngine) -> asyncio.Lock | contextlib.nullcontext[None]:
-    """On SQLite, this process's writers take turns here rather than in SQLite's
-    busy handler, which sleeps up to 100 ms between tries while the database is
-    free again. PostgreSQL writers lock rows instead: no lock. (Another process
-    writing the same SQLite file still meets the busy handler, as it should.)"""
-    if engine.dialect.name != "sqlite":
-        return contextlib.nullcontext()
+def lock_file(database: Path) -> Path:
+    """The file whose ``flock`` the writers of every process on ``database`` take
+    turns on: next to it, never the database itself (SQLite's own POSIX locks are
+    on that one, and a process that closes any descriptor of a file loses all
+    its POSIX locks on it)."""
+    return database.with_name(database.name + "-lock")
+
+
+class WriterLock:
+    """This process's writers, and those of the other processes on the same
+    SQLite file, take turns here: an :class:`asyncio.Lock` for this process's
+    tasks, then an exclusive ``flock`` (flock(2)) on :func:`lock_file` for the
+    other processes (none for an in-memory database, which no other process
+    opens).
+
+    The file lock is tried without blocking on the event loop first (a system
+    call when nobody holds it); when another process holds it, a thread waits
+    for it. A task cancelled while that thread waits leaves this process's lock
+    held until the thread returns, and the file lock released then: no other
+    task may write while a thread of this process may still obtain the file
+    lock behind its back. Processes that do not take it (the ``sqlite3`` shell)
+    still meet the busy handler, as they should."""
+
+    def __init__(self, path: Path | None) -> None:
+        self._local = asyncio.Lock()
+        self._path = path
+        self._fd: int | None = None
+        self._closer: weakref.finalize[[int], WriterLock] | None = None
+        self._waiter: concurrent.futures.ThreadPoolExecutor | None = None
+
+    def locked(self) -> bool:
+        """Whether a task of this process holds the lock (or a cancelled one's
+        thread may still obtain it)."""
+        return self._local.locked()
+
+    def _file(self) -> int | None:
+        if self._fd is None and self._path is not None:
+            # O_CLOEXEC: a child process must not inherit (and keep) our lock.
+            flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
+            self._fd = os.open(self._path, flags, 0o600)
+            self._closer = weakref.finalize(self, os.close, self._fd)
+        return self._fd
+
+    async def acquire(self) -> None:
+        await self._local.acquire()
+        try:
+            fd = self._file()
+            if fd is None:
+                return
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                pass  # another process writes: wait for it in a thread
+            if self._waiter is None:
+                self._waiter = concurrent.futures.ThreadPoolExecutor(
+                    1, thread_name_prefix="mssd-sqlite-lock"
+                )
+            waiting = asyncio.get_running_loop().run_in_executor(
+                self._waiter, fcntl.flock, fd, fcntl.LOCK_EX
+            )
+        except BaseException:
+            self._local.release()
+            raise
+        try:
+            await asyncio.shield(waiting)
+        except asyncio.CancelledError:
+            waiting.add_done_callback(self._abandoned)
+            raise
+        except BaseException:
+            self._local.release()
+            raise
+
+    def _abandoned(self, waiting: asyncio.Future[None]) -> None:
+        """The thread of a cancelled :meth:`acquire` returned."""
+        if not waiting.cancelled() and waiting.exception() is None:
+            self._unlock_file()
+        self._local.release()
+
+    def _unlock_file(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def release(self) -> None:
+        self._unlock_file()
+        self._local.release()
+
+    def release_after(self, work: asyncio.Future[Any]) -> None:
+        """Release once ``work`` (a transaction running in a thread) is done:
+        now if it is, else when it returns, even if its awaiter was cancelled."""
+        if work.done():
+            self.release()
+        else:
+            work.add_done_callback(lambda _: self.release())
+
+    def close(self) -> None:
+        """Close the lock file (when the engine is disposed)."""
+        if self._waiter is not None:
+            self._waiter.shutdown(wait=False)
+        if self._closer is not None and not self._local.locked():
+            # (A lock still held is closed by its finalizer, with the last reference.)
+            self._fd = None
+            self._closer()
+
+    async def __aenter__(self) -> None:
+        await self.acquire()
+
+    async def __aexit__(self, *_: object) -> None:
+        self.release()
+
+
+def _sqlite_writer_lock(engine: AsyncEngine) -> WriterLock:
     loop = asyncio.get_running_loop()
-    held: tuple[asyncio.AbstractEventLoop, asyncio.Lock] | None = getattr(
+    held: tuple[asyncio.AbstractEventLoop, WriterLock] | None = getattr(
         engine.sync_engine, "_mssd_writer_lock", None
     )
     if held is None or held[0] is not loop:
         # A lock belongs to one event loop; an engine may outlive a loop in tests.
-        held = (loop, asyncio.Lock())
+        database = _sqlite_file(str(engine.url))
+        held = (loop, WriterLock(None if database is None else lock_file(database)))
         engine.sync_engine._mssd_writer_lock = held  # type: ignore[attr-defined]
     return held[1]
+
+
+def writer_lock(engine: AsyncEngine) -> WriterLock | contextlib.nullcontext[None]:
+    """On SQLite, where writers take turns (:class:`WriterLock`): hold it from
+    before ``BEGIN IMMEDIATE`` to after COMMIT or ROLLBACK. PostgreSQL writers
+    lock rows instead: no lock."""
+    if engine.dialect.name != "sqlite":
+        return contextlib.nullcontext()
+    return _sqlite_writer_lock(engine)
 
 
 @asynccontextmanager
@@ -287,6 +409,10 @@ async def dispose(engine: AsyncEngine) -> None:
             sync_engine, executor = held
             await asyncio.get_running_loop().run_in_executor(executor, sync_engine.dispose)
             executor.shutdown(wait=True)
+    held_lock = getattr(engine.sync_engine, "_mssd_writer_lock", None)
+    if held_lock is not None:
+        del engine.sync_engine._mssd_writer_lock  # type: ignore[attr-defined]
+        held_lock[1].close()
     await engine.dispose()
 
 
@@ -349,10 +475,21 @@ class _WriteBatches:
             while self._pending:
                 batch, self._pending = self._pending, []
                 try:
-                    async with writer_lock(self._engine):
-                        outcomes = await self.loop.run_in_executor(
+                    lock = _sqlite_writer_lock(self._engine)
+                    await lock.acquire()
+                    try:
+                        transaction = self.loop.run_in_executor(
                             self._executor, self._transaction, [work for work, _ in batch]
                         )
+                    except BaseException:
+                        lock.release()
+                        raise
+                    try:
+                        outcomes = await asyncio.shield(transaction)
+                    finally:
+                        # Held until the thread is out of its transaction, even
+                        # if this task is cancelled meanwhile.
+                        lock.release_after(transaction)
                 except BaseException as error:  # the COMMIT (or BEGIN) failed: nothing stays
                     for _, future in batch:
                         if not future.done():
