@@ -109,6 +109,14 @@ class Link(asyncio.Protocol):
     def up(self) -> bool:
         return self._transport is not None and not self._transport.is_closing()
 
+    @property
+    def buffered(self) -> int:
+        """Octets written to the link that its socket has not taken yet."""
+        queued = self._queued
+        if self._transport is not None:
+            queued += self._transport.get_write_buffer_size()
+        return queued
+
     # -- asyncio.Protocol --------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
