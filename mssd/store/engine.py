@@ -18,10 +18,11 @@ import asyncio
 import concurrent.futures
 import contextlib
 import fcntl
+import logging
 import os
 import time
 import weakref
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -45,6 +46,7 @@ from sqlalchemy.sql.elements import (
 from mssd.store.fastpath import run_driver_sql
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+log = logging.getLogger(__name__)
 
 
 class SchemaError(Exception):
@@ -175,13 +177,18 @@ class WriterLock:
     other processes (none for an in-memory database, which no other process
     opens).
 
-    The file lock is tried without blocking on the event loop first (a system
-    call when nobody holds it); when another process holds it, a thread waits
-    for it. A task cancelled while that thread waits leaves this process's lock
-    held until the thread returns, and the file lock released then: no other
-    task may write while a thread of this process may still obtain the file
-    lock behind its back. Processes that do not take it (the ``sqlite3`` shell)
-    still meet the busy handler, as they should."""
+    :meth:`acquire` (for :func:`write_transaction`) tries the file lock without
+    blocking on the event loop first (a system call when nobody holds it); when
+    another process holds it, a thread waits for it. A task cancelled while
+    that thread waits leaves this process's lock held until the thread returns,
+    and the file lock released then: no other task may write while a thread of
+    this process may still obtain the file lock behind its back. A transaction
+    that runs in a thread anyway (:class:`_WriteBatches`) takes only this
+    process's turn on the loop (:meth:`acquire_turn`) and the file lock in its
+    thread (:meth:`file_held`), from before BEGIN to after COMMIT, so that no
+    other process waits for this one's event loop to see the COMMIT.
+    Processes that do not take it (the ``sqlite3`` shell) still meet the busy
+    handler, as they should."""
 
     def __init__(self, path: Path | None) -> None:
         self._local = asyncio.Lock()
@@ -189,6 +196,8 @@ class WriterLock:
         self._fd: int | None = None
         self._closer: weakref.finalize[[int], WriterLock] | None = None
         self._waiter: concurrent.futures.ThreadPoolExecutor | None = None
+        self.waits = 0
+        """Turns that had to wait for another process (for the log, tests)."""
 
     def locked(self) -> bool:
         """Whether a task of this process holds the lock (or a cancelled one's
@@ -203,6 +212,44 @@ class WriterLock:
             self._closer = weakref.finalize(self, os.close, self._fd)
         return self._fd
 
+    async def acquire_turn(self) -> None:
+        """This process's turn only (the file lock is then :meth:`file_held`)."""
+        await self._local.acquire()
+        try:
+            self._file()
+        except BaseException:
+            self._local.release()
+            raise
+
+    @contextlib.contextmanager
+    def file_held(self) -> Iterator[None]:
+        """The file lock, in the thread that runs the transaction, during
+        :meth:`acquire_turn`; blocks while another process writes."""
+        if self._fd is None:
+            yield
+            return
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.waits += 1  # (only this thread counts, while holding the turn)
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def release_turn(self) -> None:
+        self._local.release()
+
+    def release_turn_after(self, work: asyncio.Future[Any]) -> None:
+        """End this process's turn once ``work`` (a transaction in a thread,
+        which took and gave back the file lock itself) is done, even if its
+        awaiter was cancelled."""
+        if work.done():
+            self._local.release()
+        else:
+            work.add_done_callback(lambda _: self._local.release())
+
     async def acquire(self) -> None:
         await self._local.acquire()
         try:
@@ -213,7 +260,7 @@ class WriterLock:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 return
             except BlockingIOError:
-                pass  # another process writes: wait for it in a thread
+                self.waits += 1  # another process writes: wait for it in a thread
             if self._waiter is None:
                 self._waiter = concurrent.futures.ThreadPoolExecutor(
                     1, thread_name_prefix="mssd-sqlite-lock"
@@ -246,14 +293,6 @@ class WriterLock:
     def release(self) -> None:
         self._unlock_file()
         self._local.release()
-
-    def release_after(self, work: asyncio.Future[Any]) -> None:
-        """Release once ``work`` (a transaction running in a thread) is done:
-        now if it is, else when it returns, even if its awaiter was cancelled."""
-        if work.done():
-            self.release()
-        else:
-            work.add_done_callback(lambda _: self.release())
 
     def close(self) -> None:
         """Close the lock file (when the engine is disposed)."""
@@ -410,6 +449,15 @@ async def dispose(engine: AsyncEngine) -> None:
             await asyncio.get_running_loop().run_in_executor(executor, sync_engine.dispose)
             executor.shutdown(wait=True)
     held_lock = getattr(engine.sync_engine, "_mssd_writer_lock", None)
+    batches = getattr(engine.sync_engine, "_mssd_write_batches", None)
+    if batches is not None and batches.transactions and held_lock is not None:
+        log.info(
+            "SQLite writes of this process: %d in %d transactions; %d turns waited for "
+            "another process",
+            batches.works,
+            batches.transactions,
+            held_lock[1].waits,
+        )
     if held_lock is not None:
         del engine.sync_engine._mssd_writer_lock  # type: ignore[attr-defined]
         held_lock[1].close()
@@ -454,6 +502,9 @@ class _WriteBatches:
         self.loop = asyncio.get_running_loop()
         self._pending: list[tuple[Callable[[Connection], Any], asyncio.Future[Any]]] = []
         self._running: asyncio.Task[None] | None = None
+        self.transactions = 0
+        self.works = 0
+        """Transactions committed (or rolled back whole) and the works they carried."""
         # A work's savepoint, its release and its undoing, as SQLAlchemy writes them
         # for this dialect; run straight on the connection (run_driver_sql) rather
         # than through Connection.begin_nested, which costs two full statement
@@ -476,20 +527,22 @@ class _WriteBatches:
                 batch, self._pending = self._pending, []
                 try:
                     lock = _sqlite_writer_lock(self._engine)
-                    await lock.acquire()
+                    await lock.acquire_turn()
                     try:
                         transaction = self.loop.run_in_executor(
-                            self._executor, self._transaction, [work for work, _ in batch]
+                            self._executor, self._transaction, [work for work, _ in batch], lock
                         )
                     except BaseException:
-                        lock.release()
+                        lock.release_turn()
                         raise
                     try:
                         outcomes = await asyncio.shield(transaction)
                     finally:
                         # Held until the thread is out of its transaction, even
                         # if this task is cancelled meanwhile.
-                        lock.release_after(transaction)
+                        lock.release_turn_after(transaction)
+                    self.transactions += 1
+                    self.works += len(batch)
                 except BaseException as error:  # the COMMIT (or BEGIN) failed: nothing stays
                     for _, future in batch:
                         if not future.done():
@@ -507,9 +560,11 @@ class _WriteBatches:
         finally:
             self._running = None
 
-    def _transaction(self, works: list[Callable[[Connection], Any]]) -> list[tuple[bool, Any]]:
+    def _transaction(
+        self, works: list[Callable[[Connection], Any]], lock: WriterLock
+    ) -> list[tuple[bool, Any]]:
         outcomes: list[tuple[bool, Any]] = []
-        with self._writer.connect() as conn:
+        with lock.file_held(), self._writer.connect() as conn:
             conn.execution_options(mssd_write=True)
             with conn.begin():
                 if len(works) == 1:
