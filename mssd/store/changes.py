@@ -492,8 +492,9 @@ class ChangeBus:
     async def listen(self, channel: str, on_payload: Callable[[str], None]) -> None:
         """Call ``on_payload`` with every payload NOTIFYed on ``channel``,
         whichever process sent it (this one too), on the listening connection
-        from now on and again after each reconnect (PostgreSQL only; what was
-        sent while the connection was down is lost)."""
+        from now on and again after each reconnect (what was sent while the
+        connection was down is lost); on SQLite, every payload another linked
+        process posts on ``channel`` (not this one's)."""
         self._channels[channel] = on_payload
         listener = self._listener
         if listener is not None and not listener.is_closed():
