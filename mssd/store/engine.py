@@ -20,6 +20,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import threading
 import time
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -487,11 +488,18 @@ async def run_write(engine: AsyncEngine, work: Callable[[Connection], T]) -> T:
     return await batches.submit(work)
 
 
+_Pending = tuple[Callable[[Connection], Any], "asyncio.Future[Any]"]
+
+
 class _WriteBatches:
     """Group commit for :func:`run_write` on SQLite: while a transaction runs on
     the writer thread, the works submitted meanwhile wait, and then run
     together in the next one. An idle store adds no delay: a work submitted
-    while nothing runs starts at once."""
+    while nothing runs starts at once.
+
+    The writer thread takes the works waiting when it holds the file lock
+    (:meth:`WriterLock.file_held`), not before: those that arrive while another
+    process writes join the batch rather than wait for the next one."""
 
     def __init__(
         self, engine: AsyncEngine, writer: Engine, executor: concurrent.futures.ThreadPoolExecutor
@@ -500,7 +508,9 @@ class _WriteBatches:
         self._writer = writer
         self._executor = executor
         self.loop = asyncio.get_running_loop()
-        self._pending: list[tuple[Callable[[Connection], Any], asyncio.Future[Any]]] = []
+        self._pending: list[_Pending] = []
+        self._pending_lock = threading.Lock()
+        """Between the loop, which appends, and the writer thread, which takes."""
         self._running: asyncio.Task[None] | None = None
         self.transactions = 0
         self.works = 0
@@ -516,55 +526,84 @@ class _WriteBatches:
 
     async def submit(self, work: Callable[[Connection], T]) -> T:
         future: asyncio.Future[T] = self.loop.create_future()
-        self._pending.append((work, future))
+        with self._pending_lock:
+            self._pending.append((work, future))
         if self._running is None:
             self._running = self.loop.create_task(self._drain(), name="mssd-sqlite-writes")
         return await future
 
+    def _take(self) -> list[_Pending]:
+        with self._pending_lock:
+            batch, self._pending = self._pending, []
+        return batch
+
     async def _drain(self) -> None:
         try:
+            # (Only this loop appends: what it sees empty here stays empty
+            # until this task has ended.)
             while self._pending:
-                batch, self._pending = self._pending, []
+                lock = _sqlite_writer_lock(self._engine)
                 try:
-                    lock = _sqlite_writer_lock(self._engine)
                     await lock.acquire_turn()
-                    try:
-                        transaction = self.loop.run_in_executor(
-                            self._executor, self._transaction, [work for work, _ in batch], lock
-                        )
-                    except BaseException:
-                        lock.release_turn()
-                        raise
-                    try:
-                        outcomes = await asyncio.shield(transaction)
-                    finally:
-                        # Held until the thread is out of its transaction, even
-                        # if this task is cancelled meanwhile.
-                        lock.release_turn_after(transaction)
-                    self.transactions += 1
-                    self.works += len(batch)
-                except BaseException as error:  # the COMMIT (or BEGIN) failed: nothing stays
-                    for _, future in batch:
-                        if not future.done():
-                            future.set_exception(error)
-                    if not isinstance(error, Exception):
-                        raise
-                    continue
-                for (_, future), (ok, value) in zip(batch, outcomes, strict=True):
-                    if future.done():
-                        continue
-                    if ok:
-                        future.set_result(value)
-                    else:
-                        future.set_exception(value)
+                except BaseException as error:
+                    self._settle(self._take(), error)
+                    raise
+                try:
+                    transaction = self.loop.run_in_executor(self._executor, self._transaction, lock)
+                except BaseException as error:
+                    lock.release_turn()
+                    self._settle(self._take(), error)
+                    raise
+                # The turn ends, and the works' callers hear, when the thread is
+                # out of its transaction, even if this task is cancelled meanwhile.
+                lock.release_turn_after(transaction)
+                transaction.add_done_callback(self._done)
+                _, outcome = await asyncio.shield(transaction)
+                if isinstance(outcome, BaseException) and not isinstance(outcome, Exception):
+                    raise outcome
         finally:
             self._running = None
 
+    def _done(
+        self, transaction: asyncio.Future[tuple[list[_Pending], list[Any] | BaseException]]
+    ) -> None:
+        if not transaction.cancelled() and transaction.exception() is None:
+            self._settle(*transaction.result())
+
+    def _settle(self, batch: list[_Pending], outcome: list[Any] | BaseException) -> None:
+        """Answer each work of a batch: its value or its error, or the error
+        that undid the whole transaction (its COMMIT or BEGIN failed)."""
+        if batch:
+            self.transactions += 1
+            self.works += len(batch)
+        for index, (_, future) in enumerate(batch):
+            if future.done():
+                continue
+            if isinstance(outcome, BaseException):
+                future.set_exception(outcome)
+                continue
+            ok, value = outcome[index]
+            if ok:
+                future.set_result(value)
+            else:
+                future.set_exception(value)
+
     def _transaction(
-        self, works: list[Callable[[Connection], Any]], lock: WriterLock
-    ) -> list[tuple[bool, Any]]:
+        self, lock: WriterLock
+    ) -> tuple[list[_Pending], list[tuple[bool, Any]] | BaseException]:
+        """In the writer thread: the works waiting now, in one transaction."""
+        with lock.file_held():
+            batch = self._take()
+            if not batch:
+                return batch, []
+            try:
+                return batch, self._run([work for work, _ in batch])
+            except BaseException as error:  # nothing of the batch stays
+                return batch, error
+
+    def _run(self, works: list[Callable[[Connection], Any]]) -> list[tuple[bool, Any]]:
         outcomes: list[tuple[bool, Any]] = []
-        with lock.file_held(), self._writer.connect() as conn:
+        with self._writer.connect() as conn:
             conn.execution_options(mssd_write=True)
             with conn.begin():
                 if len(works) == 1:
