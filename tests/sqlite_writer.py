@@ -6,8 +6,8 @@ the database locked by another process fails at once ("database is locked")
 instead of sleeping in SQLite's busy handler: the writers must never get there
 (``mssd.store.engine.WriterLock``). It prints ``ready`` once connected, waits
 for a line on its standard input, then writes ``COUNT`` rows, half through
-``write_transaction`` and half through ``run_write``, four tasks at a time,
-and prints ``done`` (or the first error, and exits 1).
+``write_transaction`` and half through ``run_write`` (half of those ``small``),
+four tasks at a time, and prints ``done`` (or the first error, and exits 1).
 """
 
 from __future__ import annotations
@@ -61,7 +61,9 @@ async def main(database: str, name: str, count: int) -> int:
         async def writer(first: int) -> None:
             for n in range(first, count, 4):
                 if n % 2:
-                    await store_engine.run_write(engine, insert(n))  # type: ignore[arg-type]
+                    # Small ones run on the event loop when the lock is free.
+                    small = n % 4 == 1
+                    await store_engine.run_write(engine, insert(n), small=small)  # type: ignore[arg-type]
                 else:
                     async with store_engine.write_transaction(engine) as conn:
                         await conn.run_sync(insert(n))  # type: ignore[arg-type]

@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mssd.imap.index import _advance
-from mssd.imap.view import FolderState
-from mssd.store.mailstore import FolderSnapshot, MessageRow
+from mssd.imap.view import FolderState, SelectedView
+from mssd.store.mailstore import FolderInfo, FolderSnapshot, MessageRow
 
 EPOCH = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
 FLAG_SETS = [
@@ -62,3 +62,21 @@ def test_advance_matches_a_fresh_snapshot(uids: list[int], data: st.DataObject) 
     assert result.uidnext == max(state.uidnext, max(after, default=0) + 1)
     # The state it came from is untouched (sessions still hold it).
     assert list(state.uids) == uids
+
+    # A view sharing the old state adopts the new one as applying the changes
+    # to its own copy would have made it, and tells the client the same.
+    folder = FolderInfo(7, 1, "per@x.test", "INBOX", None, True, 7, 1, highest, "lrswipkxtea")
+    followed, applied = SelectedView(folder, False, state), SelectedView(folder, False, state)
+    update = followed.follow(result, changed, vanished, allow_expunge=True)
+    assert update == applied.apply(changed, list(vanished), new_highest, allow_expunge=True)
+    assert followed.shared
+    for view in (followed, applied):
+        assert list(view.uids) == sorted(after)
+        assert [view.flags[u] for u in view.uids] == [after[u][0] for u in sorted(after)]
+        assert [view.modseqs[u] for u in view.uids] == [after[u][1] for u in sorted(after)]
+    assert (followed.highestmodseq, followed.uidnext) == (applied.highestmodseq, applied.uidnext)
+    # Expunges it may not tell yet: the view keeps its own copy instead.
+    withheld = SelectedView(folder, False, state).follow(
+        result, changed, vanished, allow_expunge=False
+    )
+    assert (withheld is None) == bool(vanished)

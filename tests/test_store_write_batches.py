@@ -5,11 +5,15 @@ savepoint, so one that fails leaves the others committed and itself undone."""
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from sqlalchemy import Connection, event, text
 
+from mssd.store import engine as engine_module
 from mssd.store.engine import _sqlite_writer, create_engine, dispose, run_write
 
 
@@ -49,5 +53,59 @@ async def test_concurrent_writes_share_a_transaction_and_fail_alone(tmp_path: Pa
         with pytest.raises(ValueError):
             await run_write(engine, insert(7))  # type: ignore[arg-type]
         assert 7 not in await run_write(engine, stored)
+    finally:
+        await dispose(engine)
+
+
+async def test_small_writes_run_on_the_event_loop_until_the_disk_is_slow(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch of small works runs on the event loop's thread (no hand-over to
+    the writer thread); a large one on the writer thread; and after several
+    slow transactions on the loop (a disk slow to sync), small ones go to the
+    writer thread too for a while. Same group commit and failures either way."""
+    # Whatever this machine's disk does, nothing counts as slow until said so.
+    monkeypatch.setattr(engine_module, "INLINE_SLOW", 60.0)
+    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'inline.db'}")
+    try:
+        await run_write(engine, lambda conn: conn.execute(text("CREATE TABLE t (x INTEGER)")))
+        loop_thread = threading.get_ident()
+
+        def insert(n: int, *, pause: float = 0.0) -> Callable[[Connection], int]:
+            def work(conn: Connection) -> int:
+                conn.execute(text("INSERT INTO t (x) VALUES (:x)"), {"x": n})
+                time.sleep(pause)
+                if n == 7:
+                    raise ValueError("seven is refused")
+                return threading.get_ident()
+
+            return work
+
+        threads = await asyncio.gather(*(run_write(engine, insert(n), small=True) for n in (1, 2)))
+        assert threads == [loop_thread, loop_thread]
+        assert await run_write(engine, insert(3)) != loop_thread  # not small: the writer thread
+        # A failing small work is undone alone, as on the writer thread.
+        outcomes = await asyncio.gather(
+            *(run_write(engine, insert(n), small=True) for n in (6, 7, 8)),
+            return_exceptions=True,
+        )
+        assert outcomes[0] == outcomes[2] == loop_thread
+        assert isinstance(outcomes[1], ValueError)
+
+        # Slow transactions on the loop: the next small ones leave it.
+        monkeypatch.setattr(engine_module, "INLINE_SLOW", 0.01)
+        for n in range(10, 10 + engine_module.INLINE_SLOW_COUNT):
+            await run_write(engine, insert(n, pause=0.02), small=True)
+        assert await run_write(engine, insert(20), small=True) != loop_thread
+        # ...until the back-off is over.
+        monkeypatch.setattr(engine_module, "INLINE_SLOW", 60.0)
+        batches = engine.sync_engine._mssd_write_batches  # type: ignore[attr-defined]
+        batches._threaded_until = 0.0
+        assert await run_write(engine, insert(21), small=True) == loop_thread
+
+        def stored(conn: Connection) -> list[int]:
+            return [row[0] for row in conn.execute(text("SELECT x FROM t ORDER BY x"))]
+
+        assert await run_write(engine, stored) == [1, 2, 3, 6, 8, 10, 11, 12, 20, 21]
     finally:
         await dispose(engine)

@@ -11,7 +11,8 @@ import sqlite3
 import stat
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -169,3 +170,29 @@ async def test_a_writer_cancelled_while_waiting_for_the_file_lock_leaves_it_free
     assert lock_is_free(database)
     assert not lock.locked()
     assert await run_write(engine, rows) == [2]
+
+
+async def test_a_small_write_waits_off_the_event_loop_while_another_process_writes(
+    engine: AsyncEngine, tmp_path: Path
+) -> None:
+    database = tmp_path / "mssd.db"
+
+    def insert(n: int) -> Callable[[Connection], int]:
+        def work(conn: Connection) -> int:
+            conn.execute(text("INSERT INTO t VALUES (:x)"), {"x": n})
+            return threading.get_ident()
+
+        return work
+
+    loop_thread = threading.get_ident()
+    # The file lock free: on the event loop, and given back.
+    assert await run_write(engine, insert(1), small=True) == loop_thread
+    assert lock_is_free(database)
+    with held_by_another_process(database):
+        write = asyncio.ensure_future(run_write(engine, insert(2), small=True))
+        await asyncio.sleep(0.3)
+        # The loop is not blocked: the write waits in the writer thread.
+        assert not write.done()
+    assert await asyncio.wait_for(write, 5) != loop_thread
+    assert lock_is_free(database)
+    assert await run_write(engine, rows) == [1, 2]

@@ -89,6 +89,8 @@ def encode(value: ImapValue, *, utf8: bool) -> bytes:
 
 def sanitise(text: str, *, utf8: bool = False) -> str:
     """Human-readable text made safe for a response line: no CTLs, 7-bit unless `utf8`."""
+    if text.isascii() and text.isprintable():
+        return text.strip()  # the usual case: nothing to replace
     cleaned = "".join(
         " " if ord(c) < 0x20 or ord(c) == 0x7F else c if utf8 or c.isascii() else "?" for c in text
     )

@@ -17,6 +17,7 @@ Invariants:
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -33,6 +34,16 @@ _OVERHEAD = 400 + FIELD_LISTS * 300
 (its HEADER.FIELDS answers included)."""
 
 
+@dataclass
+class Loaded:
+    """A message (or its header block) as FETCH and SEARCH use it."""
+
+    raw: bytes
+    root: Part
+    fields: dict[tuple[str, tuple[str, ...]], bytes] | None = None
+    """HEADER.FIELDS answers already made for this message (``Head.fields``)."""
+
+
 @dataclass(frozen=True)
 class Head:
     raw: bytes
@@ -41,6 +52,11 @@ class Head:
     """``parse(raw)``: its ``headers`` are the message's."""
     fields: dict[tuple[str, tuple[str, ...]], bytes] = field(default_factory=dict, compare=False)
     """BODY[HEADER.FIELDS (...)] answers by field list, at most :data:`FIELD_LISTS`."""
+
+    @functools.cached_property
+    def loaded(self) -> Loaded:
+        """The header block as FETCH reads it (made once, not once per FETCH)."""
+        return Loaded(self.raw, self.root, self.fields)
 
 
 def head_of(prefix: bytes, *, whole: bool) -> Head | None:

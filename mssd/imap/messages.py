@@ -12,7 +12,6 @@ import asyncio
 import bisect
 import datetime as dt
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Literal
 
 from mssd.imap import encode
@@ -39,7 +38,7 @@ from mssd.imap.fetchdata import (
     wire_body,
     wire_envelope,
 )
-from mssd.imap.heads import FIELD_LISTS
+from mssd.imap.heads import FIELD_LISTS, Loaded
 from mssd.imap.session import Session
 from mssd.imap.view import SelectedView
 from mssd.mime import OFFLOAD_BYTES
@@ -116,14 +115,6 @@ def section_name(attr: FetchAttr) -> str:
     return out
 
 
-@dataclass
-class Loaded:
-    raw: bytes
-    root: Part
-    fields: dict[tuple[str, tuple[str, ...]], bytes] | None = None
-    """HEADER.FIELDS answers already made for this message (``Head.fields``)."""
-
-
 async def parsed(raw: bytes) -> Loaded:
     root = await asyncio.to_thread(parse, raw) if len(raw) > OFFLOAD_BYTES else parse(raw)
     return Loaded(raw, root)
@@ -152,7 +143,7 @@ async def _contents(
     store = session.services.mailstore
     if heads_only:
         heads = await session.services.heads.heads(store, rows)
-        return {digest: Loaded(head.raw, head.root, head.fields) for digest, head in heads.items()}
+        return {digest: head.loaded for digest, head in heads.items()}
     return await store.blobs([row.sha256 for row in rows], octets=sum(row.size for row in rows))
 
 
@@ -417,7 +408,8 @@ async def cmd_fetch(session: Session, command: Command) -> None:
             await session.tagged(command, "NO", "Unknown Content-Transfer-Encoding", "UNKNOWN-CTE")
             return
         # encode.fetch_response's form, from items already written.
-        await session.send(b"* %d FETCH (%s)\r\n" % (seq, b" ".join(written)))
+        if session.queue(b"* %d FETCH (%s)\r\n" % (seq, b" ".join(written))):
+            await session.send(b"")
     await session.sync(allow_expunge=False)
     await session.tagged(command, "OK", "FETCH completed")
 

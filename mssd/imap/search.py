@@ -35,8 +35,8 @@ from mssd.imap.commands import (
     SearchText,
 )
 from mssd.imap.fetchdata import body_text
-from mssd.imap.heads import Head
-from mssd.imap.messages import Loaded, load, parsed, resolve, selected
+from mssd.imap.heads import Head, Loaded
+from mssd.imap.messages import load, parsed, resolve, selected
 from mssd.imap.session import Session
 from mssd.mime.structure import Part, header_value, unfold
 from mssd.store.mailstore import MessageRow

@@ -116,6 +116,7 @@ class Connection:
         self.session = Session(
             services,
             send=self.send,
+            queue=self.queue,
             remote_ip=remote,
             tls=implicit_tls,
             trusted=trusted(remote),
@@ -139,10 +140,16 @@ class Connection:
         connection waits for the client) or once :data:`_WRITE_BUFFER` octets
         are queued. One write per command's answer, not per line, saves a TLS
         record and a system call for each of a FETCH's responses."""
+        if self.queue(data):
+            await self.flush()
+
+    def queue(self, data: bytes) -> bool:
+        """:meth:`send` without the wait, for loops that answer line after line
+        (a FETCH of many messages): True once :data:`_WRITE_BUFFER` octets are
+        queued, when the caller must ``await send(b"")`` before queueing more."""
         self._output.append(data)
         self._output_size += len(data)
-        if self._output_size >= _WRITE_BUFFER:
-            await self.flush()
+        return self._output_size >= _WRITE_BUFFER
 
     async def flush(self) -> None:
         if self._output:

@@ -79,6 +79,7 @@ class Session:
         services: Services,
         *,
         send: Callable[[bytes], Awaitable[None]],
+        queue: Callable[[bytes], bool],
         remote_ip: str,
         tls: bool,
         trusted: bool,
@@ -87,6 +88,8 @@ class Session:
     ) -> None:
         self.services = services
         self.send = send
+        self.queue = queue
+        """``send`` without the wait; True when the caller must ``await send(b"")``."""
         self.remote_ip = remote_ip
         self.tls = tls
         self.trusted = trusted
@@ -235,7 +238,13 @@ class Session:
                 self.subscription.drain()
             self.last_read = time.monotonic()
             changed, vanished, highest = await index.changes_since(view.highestmodseq)
-            await self.announce(view.apply(changed, vanished, highest, allow_expunge=allow_expunge))
+            update = None
+            if highest == index.state.highestmodseq:
+                # The index's state is the view's plus these changes: adopt it.
+                update = view.follow(index.state, changed, vanished, allow_expunge=allow_expunge)
+            if update is None:
+                update = view.apply(changed, vanished, highest, allow_expunge=allow_expunge)
+            await self.announce(update)
         if not view.shared:
             state = await index.latest() if allow_expunge else index.state
             view.share(state)
@@ -260,7 +269,8 @@ class Session:
             ]
             if view.condstore:
                 items.append(("MODSEQ", [view.modseqs[uid]]))
-            await self.send(encode.fetch_response(seq, items, utf8=self.utf8))
+            if self.queue(encode.fetch_response(seq, items, utf8=self.utf8)):
+                await self.send(b"")
 
     def leave_folder(self) -> None:
         self.view = None

@@ -292,6 +292,57 @@ class SelectedView:
             self._codes.codes[seq - 1] = self._codes.number(flags)
             self._codes = renumbered(self._codes, self._flags)
 
+    def follow(
+        self,
+        state: FolderState,
+        changed: Sequence[FlagRow],
+        vanished: Sequence[int],
+        *,
+        allow_expunge: bool,
+    ) -> ViewUpdate | None:
+        """:meth:`apply` for a view that shares a state and catches up with the
+        index's newer ``state``, which is that state plus these changes (the
+        index answered them from its own history): the view adopts ``state``
+        without copying its arrays. None when it cannot (the view holds its own
+        arrays, or must keep expunged messages it may not announce yet); then
+        the caller applies the changes the ordinary way."""
+        old = self._shared
+        if (
+            old is None
+            or self.highestmodseq != old.highestmodseq
+            or self.uidvalidity != state.uidvalidity
+            or (vanished and not allow_expunge)
+        ):
+            return None
+        # Highest first, each number valid when told: deleting a higher message
+        # leaves the lower ones where they were.
+        expunged: list[int] = []
+        expunged_uids: list[int] = []
+        for uid in sorted(set(vanished), reverse=True):
+            index = bisect.bisect_left(old.uids, uid)
+            if index < len(old.uids) and old.uids[index] == uid:
+                expunged.append(index + 1)
+                expunged_uids.append(uid)
+        kept = len(old.uids) - len(expunged)
+        flag_changes: list[int] = []
+        for row in sorted(changed, key=lambda r: r.uid):
+            index = bisect.bisect_left(state.uids, row.uid)
+            if index < kept and state.uids[index] == row.uid:
+                flag_changes.append(index + 1)
+        self._uids, self._flags, self._modseqs = state.uids, state.flags, state.modseqs
+        self._codes = state.codes
+        self._shared = state
+        self.highestmodseq = max(self.highestmodseq, state.highestmodseq)
+        self.expunges_withheld = False
+        self.uidnext = max(self.uidnext, state.uidnext)
+        grew = len(state.uids) != len(old.uids)
+        return ViewUpdate(
+            expunged=tuple(expunged),
+            expunged_uids=tuple(sorted(expunged_uids)),
+            exists=len(state.uids) if grew or expunged else None,
+            flags=tuple(flag_changes),
+        )
+
     def apply(
         self,
         changed: Sequence[FlagRow],

@@ -15,6 +15,7 @@ sleeps up to 100 ms between tries however soon the database is free again.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import contextlib
 import fcntl
@@ -183,11 +184,13 @@ class WriterLock:
     another process holds it, a thread waits for it. A task cancelled while
     that thread waits leaves this process's lock held until the thread returns,
     and the file lock released then: no other task may write while a thread of
-    this process may still obtain the file lock behind its back. A transaction
-    that runs in a thread anyway (:class:`_WriteBatches`) takes only this
-    process's turn on the loop (:meth:`acquire_turn`) and the file lock in its
-    thread (:meth:`file_held`), from before BEGIN to after COMMIT, so that no
-    other process waits for this one's event loop to see the COMMIT.
+    this process may still obtain the file lock behind its back. The group
+    committer (:class:`_WriteBatches`) takes this process's turn on the loop
+    (:meth:`acquire_turn`), then the file lock either on the loop, when it is
+    free and the batch runs there (:meth:`try_file`), or in the writer thread,
+    which waits for it (:meth:`file_held`), from before BEGIN to right after
+    COMMIT: no other process waits for this one's event loop to see the
+    COMMIT, and a contended lock costs no extra hand-over between threads.
     Processes that do not take it (the ``sqlite3`` shell) still meet the busy
     handler, as they should."""
 
@@ -221,6 +224,17 @@ class WriterLock:
         except BaseException:
             self._local.release()
             raise
+
+    def try_file(self) -> bool:
+        """During :meth:`acquire_turn`, on the event loop: the file lock if no
+        other process holds it (then :meth:`release` gives both back)."""
+        if self._fd is None:
+            return True
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        return True
 
     @contextlib.contextmanager
     def file_held(self) -> Iterator[None]:
@@ -465,17 +479,40 @@ async def dispose(engine: AsyncEngine) -> None:
     await engine.dispose()
 
 
-async def run_write(engine: AsyncEngine, work: Callable[[Connection], T]) -> T:
+SMALL_WRITE_ROWS = 64
+SMALL_WRITE_OCTETS = 256 * 1024
+"""What callers of :func:`run_write` count as ``small``: at most this many
+messages, of at most this many octets in all."""
+INLINE_SLOW = 0.002
+"""Seconds: when :data:`INLINE_SLOW_COUNT` of the last :data:`INLINE_WINDOW`
+write transactions run on the event loop took longer than this (a slow
+disk's ``fsync``; one WAL checkpoint now and then does not count), the next
+ones go to the writer thread..."""
+INLINE_SLOW_COUNT = 3
+INLINE_WINDOW = 8
+INLINE_BACKOFF = 10.0
+"""...for this many seconds, after which they are tried on the loop again."""
+
+
+async def run_write(
+    engine: AsyncEngine, work: Callable[[Connection], T], *, small: bool = False
+) -> T:
     """Run ``work`` as one write transaction on a synchronous connection:
     committed when it returns, rolled back when it raises.
 
-    On a SQLite file it runs on a thread of its own (stdlib ``sqlite3``, same
-    PRAGMAs, ``BEGIN IMMEDIATE``), in turn with this process's other writers
-    (:func:`writer_lock`), and the works that arrive while one transaction
-    runs share the next one (:class:`_WriteBatches`): one hand-over between
-    threads and one ``fsync`` for all of them, each in a savepoint of its own
-    so that one failing leaves the others as they were. Elsewhere it runs
-    through ``AsyncConnection.run_sync`` in :func:`write_transaction`."""
+    On a SQLite file it runs on the store's writer connection (stdlib
+    ``sqlite3``, same PRAGMAs, ``BEGIN IMMEDIATE``), in turn with this
+    process's other writers (:func:`writer_lock`), and the works that arrive
+    while one transaction runs share the next one (:class:`_WriteBatches`):
+    one ``fsync`` for all of them, each in a savepoint of its own so that one
+    failing leaves the others as they were. A batch of ``small`` works (a few
+    rows: flags of a few messages, an audit record; the caller knows) runs
+    right on the event loop, as small reads do: the hand-over to the writer
+    thread and back, and the two threads taking turns on the GIL, cost more
+    CPU than such a transaction (bench/README.md); the others, and every batch
+    while the disk is slow to sync (:data:`INLINE_SLOW`), run on the writer's
+    thread. Elsewhere it runs through ``AsyncConnection.run_sync`` in
+    :func:`write_transaction`."""
     writer = _sqlite_writer(engine)
     if writer is None:
         async with write_transaction(engine) as conn:
@@ -485,21 +522,25 @@ async def run_write(engine: AsyncEngine, work: Callable[[Connection], T]) -> T:
     if batches is None or batches.loop is not loop:
         batches = _WriteBatches(engine, *writer)
         engine.sync_engine._mssd_write_batches = batches  # type: ignore[attr-defined]
-    return await batches.submit(work)
+    return await batches.submit(work, small)
 
 
-_Pending = tuple[Callable[[Connection], Any], "asyncio.Future[Any]"]
+_Pending = tuple[Callable[[Connection], Any], "asyncio.Future[Any]", bool]
+"""A work, its caller's future, and whether it is ``small``."""
 
 
 class _WriteBatches:
-    """Group commit for :func:`run_write` on SQLite: while a transaction runs on
-    the writer thread, the works submitted meanwhile wait, and then run
-    together in the next one. An idle store adds no delay: a work submitted
-    while nothing runs starts at once.
+    """Group commit for :func:`run_write` on SQLite: while a transaction runs,
+    the works submitted meanwhile wait, and then run together in the next one.
+    An idle store adds no delay: a work submitted while nothing runs starts at
+    once.
 
-    The writer thread takes the works waiting when it holds the file lock
-    (:meth:`WriterLock.file_held`), not before: those that arrive while another
-    process writes join the batch rather than wait for the next one."""
+    A batch of small works runs on the event loop when the file lock is free
+    (:meth:`WriterLock.try_file`: no other process writes); otherwise the
+    writer thread waits for the file lock and takes the works waiting when it
+    holds it (:meth:`WriterLock.file_held`), not before: those that arrive
+    while another process writes join the batch rather than wait for the next
+    one."""
 
     def __init__(
         self, engine: AsyncEngine, writer: Engine, executor: concurrent.futures.ThreadPoolExecutor
@@ -512,6 +553,9 @@ class _WriteBatches:
         self._pending_lock = threading.Lock()
         """Between the loop, which appends, and the writer thread, which takes."""
         self._running: asyncio.Task[None] | None = None
+        self._threaded_until = 0.0
+        """Until this loop time, small batches too run on the writer thread."""
+        self._slow: collections.deque[bool] = collections.deque(maxlen=INLINE_WINDOW)
         self.transactions = 0
         self.works = 0
         """Transactions committed (or rolled back whole) and the works they carried."""
@@ -524,10 +568,10 @@ class _WriteBatches:
             for clause in (SavepointClause, ReleaseSavepointClause, RollbackToSavepointClause)
         )
 
-    async def submit(self, work: Callable[[Connection], T]) -> T:
+    async def submit(self, work: Callable[[Connection], T], small: bool = False) -> T:
         future: asyncio.Future[T] = self.loop.create_future()
         with self._pending_lock:
-            self._pending.append((work, future))
+            self._pending.append((work, future, small))
         if self._running is None:
             self._running = self.loop.create_task(self._drain(), name="mssd-sqlite-writes")
         return await future
@@ -537,28 +581,61 @@ class _WriteBatches:
             batch, self._pending = self._pending, []
         return batch
 
+    def inline(self, batch: list[_Pending]) -> bool:
+        """Whether the batch runs on the event loop (see :func:`run_write`)."""
+        return self.loop.time() >= self._threaded_until and all(small for *_, small in batch)
+
+    def _run_inline(self, works: list[Callable[[Connection], Any]]) -> list[tuple[bool, Any]]:
+        started = time.perf_counter()
+        try:
+            return self._run(works)
+        finally:
+            self._slow.append(time.perf_counter() - started > INLINE_SLOW)
+            if sum(self._slow) >= INLINE_SLOW_COUNT:
+                self._slow.clear()
+                self._threaded_until = self.loop.time() + INLINE_BACKOFF
+
     async def _drain(self) -> None:
         try:
             # (Only this loop appends: what it sees empty here stays empty
             # until this task has ended.)
             while self._pending:
+                if self._pending[-1][2]:
+                    # Small works come in bursts (every session's STORE of one
+                    # round of client commands): one turn of the loop gathers them.
+                    await asyncio.sleep(0)
                 lock = _sqlite_writer_lock(self._engine)
                 try:
                     await lock.acquire_turn()
                 except BaseException as error:
                     self._settle(self._take(), error)
                     raise
-                try:
-                    transaction = self.loop.run_in_executor(self._executor, self._transaction, lock)
-                except BaseException as error:
-                    lock.release_turn()
-                    self._settle(self._take(), error)
-                    raise
-                # The turn ends, and the works' callers hear, when the thread is
-                # out of its transaction, even if this task is cancelled meanwhile.
-                lock.release_turn_after(transaction)
-                transaction.add_done_callback(self._done)
-                _, outcome = await asyncio.shield(transaction)
+                if self.inline(self._pending) and lock.try_file():
+                    batch = self._take()
+                    try:
+                        outcome: list[tuple[bool, Any]] | BaseException = self._run_inline(
+                            [work for work, _, _ in batch]
+                        )
+                    except BaseException as error:  # nothing of the batch stays
+                        outcome = error
+                    finally:
+                        lock.release()
+                    self._settle(batch, outcome)
+                else:
+                    try:
+                        transaction = self.loop.run_in_executor(
+                            self._executor, self._transaction, lock
+                        )
+                    except BaseException as error:
+                        lock.release_turn()
+                        self._settle(self._take(), error)
+                        raise
+                    # The turn ends, and the works' callers hear, when the thread
+                    # is out of its transaction, even if this task is cancelled
+                    # meanwhile.
+                    lock.release_turn_after(transaction)
+                    transaction.add_done_callback(self._done)
+                    _, outcome = await asyncio.shield(transaction)
                 if isinstance(outcome, BaseException) and not isinstance(outcome, Exception):
                     raise outcome
         finally:
@@ -576,7 +653,7 @@ class _WriteBatches:
         if batch:
             self.transactions += 1
             self.works += len(batch)
-        for index, (_, future) in enumerate(batch):
+        for index, (_, future, _) in enumerate(batch):
             if future.done():
                 continue
             if isinstance(outcome, BaseException):
@@ -597,7 +674,7 @@ class _WriteBatches:
             if not batch:
                 return batch, []
             try:
-                return batch, self._run([work for work, _ in batch])
+                return batch, self._run([work for work, _, _ in batch])
             except BaseException as error:  # nothing of the batch stays
                 return batch, error
 

@@ -51,7 +51,13 @@ from mssd.store import quota as quotas
 from mssd.store.audit import insert_audit
 from mssd.store.changes import FlagState, FolderChange, FolderDelta
 from mssd.store.delivery import INSERT_BLOB
-from mssd.store.engine import run_read, run_write, write_transaction
+from mssd.store.engine import (
+    SMALL_WRITE_OCTETS,
+    SMALL_WRITE_ROWS,
+    run_read,
+    run_write,
+    write_transaction,
+)
 from mssd.store.fastpath import FastInsert, FastStatement
 from mssd.store.messages import as_utc
 from mssd.store.quota import OverQuota, QuotaInfo
@@ -954,7 +960,7 @@ class MailStore:
             )
             return result, change
 
-        result, change = await run_write(self._engine, work)
+        result, change = await run_write(self._engine, work, small=len(uids) <= SMALL_WRITE_ROWS)
         if result.updated:
             self._emit([change])
         return result
@@ -981,7 +987,8 @@ class MailStore:
                 quotas.release(conn, folder_id, sum(sizes.values()))
             return doomed, since, counters[folder_id].highestmodseq
 
-        doomed, since, highest = await run_write(self._engine, work)
+        small = uids is not None and len(uids) <= SMALL_WRITE_ROWS
+        doomed, since, highest = await run_write(self._engine, work, small=small)
         if doomed:
             delta = FolderDelta(since, vanished=tuple(doomed))
             self._emit([FolderChange(folder_id, highest, "expunge", delta)])
@@ -1129,7 +1136,11 @@ class MailStore:
             return uids, FolderChange(folder_id, folder.highestmodseq, "exists", delta)
 
         try:
-            uids, change = await run_write(self._engine, work)
+            small = (
+                len(messages) <= SMALL_WRITE_ROWS
+                and sum(len(content) for content, _, _ in messages) <= SMALL_WRITE_OCTETS
+            )
+            uids, change = await run_write(self._engine, work, small=small)
         except OverQuota as refused:
             raise MailStoreError("OVERQUOTA", refused.text) from None
         self._emit([change])
