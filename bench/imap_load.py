@@ -855,7 +855,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--imap-workers",
         type=int,
         default=1,
-        help="imap.workers: IMAP processes (PostgreSQL only; CPU and memory are summed over them)",
+        help="imap.workers: IMAP processes (CPU and memory are summed over them)",
     )
     p.add_argument("--timeout", type=float, default=600.0, help="time limit of the idle set-up")
     p.add_argument(

@@ -11,6 +11,7 @@ import functools
 import json
 import logging
 import signal
+import socket
 import ssl
 import sys
 from collections.abc import Callable, Sequence
@@ -234,7 +235,8 @@ async def build_services(settings: Settings) -> Services:
     # One writer per process: concurrent writers would queue on the same INBOX row
     # locks and pay one commit each; one writer batches them (bench/README.md:
     # PostgreSQL 855 -> 1170 msg/s). Several processes still write concurrently.
-    bus = ChangeBus(engine)
+    # With IMAP workers on SQLite, this process links them (mssd.workers).
+    bus = ChangeBus(engine, hub=settings.imap.workers > 1)
     await bus.start()
     services_holder: list[Services] = []
     committer = GroupCommitter(
@@ -313,7 +315,8 @@ async def serve(
             }
         imap_listeners = await start_imap(settings, imap_services, services.tls, sockets=sockets)
         if sockets:
-            workers = Workers(worker_command, sockets, settings.imap.workers - 1)
+            hub = services.bus if services.bus.hub else None
+            workers = Workers(worker_command, sockets, settings.imap.workers - 1, hub=hub)
             await workers.start()
         stop = asyncio.Event()
         _stop_on_signals(stop)
@@ -334,12 +337,16 @@ async def serve(
         await services.close()
 
 
-async def serve_imap_worker(settings: Settings, sockets: str, parent_fd: int) -> None:
+async def serve_imap_worker(
+    settings: Settings, sockets: str, parent_fd: int, changes_fd: int | None = None
+) -> None:
     """One of the other IMAP processes (``mssd.workers``): IMAP only, on the
     addresses the parent bound (``imap=host:port,imaps=host:port``), until
-    SIGTERM or the parent's exit."""
+    SIGTERM or the parent's exit. On SQLite, ``changes_fd`` is its end of the
+    socket pair linking its change bus to the parent's."""
     engine, tls = await open_store(settings)
-    bus = ChangeBus(engine)
+    uplink = None if changes_fd is None else socket.socket(fileno=changes_fd)
+    bus = ChangeBus(engine, uplink=uplink)
     await bus.start()
     committer = GroupCommitter(
         engine, max_batch=settings.store.group_commit_max_batch, on_commit=bus.notify_stored

@@ -120,7 +120,7 @@ async def cmd_serve(settings: Settings, args: argparse.Namespace) -> None:
     from mssd.app import serve, serve_imap_worker
 
     if args.imap_worker:
-        await serve_imap_worker(settings, args.imap_worker, args.parent_fd)
+        await serve_imap_worker(settings, args.imap_worker, args.parent_fd, args.changes_fd)
         return
 
     def announce(line: str) -> None:
@@ -514,6 +514,7 @@ def parser() -> argparse.ArgumentParser:
     # Internal: how `serve` starts its other IMAP processes (mssd.workers).
     serve.add_argument("--imap-worker", help=argparse.SUPPRESS)
     serve.add_argument("--parent-fd", type=int, help=argparse.SUPPRESS)
+    serve.add_argument("--changes-fd", type=int, help=argparse.SUPPRESS)
 
     db = sub.add_parser("db", help="database schema")
     db.add_argument("db_command", choices=("upgrade", "status"))

@@ -8,16 +8,23 @@ sockets to the same addresses: the kernel spreads new connections over the
 processes (by a hash of their addresses), where one socket shared by all
 would hand most of them to whichever process wakes first. Each child
 runs only IMAP, with its own connection pool, change bus and audit writer, on
-the same PostgreSQL: DESIGN.md "Scale-out", where LISTEN/NOTIFY carries every
-change between processes. SQLite deployments are one process by design
-(``config.validate`` refuses more than one worker there).
+the same store. On PostgreSQL, LISTEN/NOTIFY carries every change between
+processes (DESIGN.md "Scale-out"). On a SQLite file, the parent is the hub of
+the change bus (``mssd.store.change_links``): each child gets its end of a
+socket pair of its own (``--changes-fd``), and the parent forwards what one
+child sends to the others; the writers of all processes take turns on the
+database's writer lock (``mssd.store.engine.WriterLock``). An in-memory SQLite
+store cannot be shared: ``config.validate`` refuses workers there.
 
 Invariants:
 - a child never outlives the parent: it watches a pipe whose other end only
   the parent holds, and stops when it reads end-of-file (the parent exited,
   whatever the way);
 - a child that dies while the parent runs is started again, at most once per
-  :data:`_RESTART_DELAY` seconds, and the parent says so in its log;
+  :data:`_RESTART_DELAY` seconds, and the parent says so in its log; on
+  SQLite it gets a new socket pair, and the old link is closed once the child
+  has exited (whereupon the other processes re-read every folder: the child
+  may have committed changes it had not sent);
 - at stop, children get SIGTERM (they finish their commits as ``serve``
   does) and are killed after :data:`_STOP_GRACE` seconds.
 """
@@ -33,6 +40,8 @@ import socket
 from collections.abc import Sequence
 
 from mssd import background
+from mssd.store.change_links import Link
+from mssd.store.changes import ChangeBus
 
 log = logging.getLogger(__name__)
 
@@ -86,19 +95,27 @@ class Workers:
     """The parent's side: starts, watches and stops the child processes."""
 
     def __init__(
-        self, command: Sequence[str], sockets: dict[str, socket.socket], count: int
+        self,
+        command: Sequence[str],
+        sockets: dict[str, socket.socket],
+        count: int,
+        *,
+        hub: ChangeBus | None = None,
     ) -> None:
         self._command = list(command)
         self._sockets = sockets
         self._count = count
+        self._hub = hub
+        """The parent's change bus when it links the children (SQLite)."""
         self._processes: dict[int, asyncio.subprocess.Process] = {}
+        self._links: dict[int, Link] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
         self._pipe_read, self._pipe_write = os.pipe()
         os.set_inheritable(self._pipe_read, True)
         self.restarts = 0
 
-    def _args(self) -> list[str]:
+    def _args(self, changes_fd: int | None) -> list[str]:
         addresses = ",".join(f"{name}={bound_address(s)}" for name, s in self._sockets.items())
         return [
             *self._command,
@@ -107,17 +124,28 @@ class Workers:
             addresses,
             "--parent-fd",
             str(self._pipe_read),
+            *(["--changes-fd", str(changes_fd)] if changes_fd is not None else []),
         ]
 
     async def _spawn(self, number: int) -> asyncio.subprocess.Process:
-        process = await asyncio.create_subprocess_exec(
-            *self._args(),
-            pass_fds=[self._pipe_read],
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            # Terminal signals reach the parent only; it stops the children itself.
-            start_new_session=True,
-        )
+        theirs = None
+        if self._hub is not None:
+            # Linked before the child starts: what the parent publishes meanwhile
+            # waits in the socket for the child to read it.
+            ours, theirs = socket.socketpair()
+            self._links[number] = await self._hub.attach(ours, f"to IMAP worker {number}")
+        try:
+            process = await asyncio.create_subprocess_exec(
+                *self._args(None if theirs is None else theirs.fileno()),
+                pass_fds=[self._pipe_read, *([] if theirs is None else [theirs.fileno()])],
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                # Terminal signals reach the parent only; it stops the children itself.
+                start_new_session=True,
+            )
+        finally:
+            if theirs is not None:
+                theirs.close()  # the child's now; a restarted child gets a new pair
         self._processes[number] = process
         assert process.stdout is not None
         try:
@@ -136,6 +164,9 @@ class Workers:
             if not started.done():
                 started.set_result(None)
             status = await process.wait()
+            link = self._links.pop(number, None)
+            if link is not None:
+                link.close()
             if self._stopping:
                 return
             self.restarts += 1
@@ -171,5 +202,7 @@ class Workers:
                     process.kill()
                 await process.wait()
         await background.cancel(*self._tasks)
+        for link in self._links.values():
+            link.close()
         os.close(self._pipe_write)
         os.close(self._pipe_read)

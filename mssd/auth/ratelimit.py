@@ -8,12 +8,14 @@ entries older than the window are pruned, and past ``max_keys`` tracked keys
 the least recently failed ones are dropped.
 
 Several processes on one PostgreSQL (``imap.workers``, several hosts: DESIGN.md
-"Scale-out") count together: every failure a process records, and every reset
-that forgot an account's failures (a success), is published on the channel
-:data:`CHANNEL` through the change bus (``mssd.store.changes``: its LISTEN
-connection and reconnects, a batched NOTIFY sender), and every other process
-adds it to its own windows. So the configured limits hold across processes,
-within what is in flight:
+"Scale-out"), or the processes of one ``mssd serve`` on a SQLite file
+(``imap.workers``), count together: every failure a process records, and every
+reset that forgot an account's failures (a success), is published on the
+channel :data:`CHANNEL` through the change bus (``mssd.store.changes``: its
+LISTEN connection and reconnects and a batched NOTIFY sender, or its links
+through ``mssd serve`` on SQLite), and every other process adds it to its own
+windows. So the configured limits hold across processes, within what is in
+flight:
 
 - a failure heard from another process is stamped with the receiver's clock
   when it arrives (hosts' clocks are never compared), so it expires there
@@ -23,12 +25,13 @@ within what is in flight:
   still in transit, a few milliseconds' worth;
 - sharing is best effort and nothing waits on it: an authentication is never
   delayed or failed by it. A NOTIFY that cannot be sent is dropped with a
-  warning, and a process hears nothing while its LISTEN connection is down or
-  before it starts; limits are then looser (a lost failure) or an account stays
-  counted where a success was not heard (a lost reset), for one window at most.
+  warning (as is a frame a link had to drop), and a process hears nothing
+  while its LISTEN connection (or its link) is down or before it starts;
+  limits are then looser (a lost failure) or an account stays counted where a
+  success was not heard (a lost reset), for one window at most.
   Correctness never depends on this state (DESIGN.md, Scale-out).
 
-SQLite deployments are one process: nothing is published there.
+A process alone on its SQLite store publishes nothing.
 """
 
 from __future__ import annotations

@@ -25,6 +25,16 @@ def _check_listen(key: str, value: str) -> None:
         )
 
 
+def _sqlite_in_memory(url: str) -> bool:
+    """Whether ``url`` names an in-memory SQLite database (no path, ``:memory:``,
+    or an SQLite URI with ``mode=memory``: https://sqlite.org/inmemorydb.html)."""
+    prefix = "sqlite+aiosqlite://"
+    if not url.startswith(prefix):
+        return False
+    path, _, query = url[len(prefix) :].partition("?")
+    return path in ("", "/", "/:memory:") or "mode=memory" in f"{path}&{query}"
+
+
 def validate(settings: Settings) -> Settings:
     """Check values that types alone cannot; raise ConfigError naming the key."""
     for key in ("mta_listen", "submission_listen", "submissions_listen"):
@@ -98,10 +108,11 @@ def validate(settings: Settings) -> Settings:
         raise ConfigError(f"pki.operator_structure: {error}") from None
     if settings.imap.workers < 1:
         raise ConfigError(f"imap.workers: must be 1 or more, got {settings.imap.workers}")
-    if settings.imap.workers > 1 and not settings.store.url.startswith("postgresql"):
+    if settings.imap.workers > 1 and _sqlite_in_memory(settings.store.url):
         raise ConfigError(
-            "imap.workers: more than one IMAP process needs the PostgreSQL store "
-            "(store.url); with SQLite mssd runs as one process"
+            "imap.workers: more than one IMAP process needs a store they can share: "
+            f"store.url {settings.store.url!r} is an in-memory SQLite database, which only "
+            "the process that opens it sees; use a SQLite file or PostgreSQL"
         )
     _validate_whitelist(settings.whitelist)
     _validate_relay(settings.relay)

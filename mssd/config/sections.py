@@ -68,7 +68,8 @@ class ImapSettings:
     fact_cache_entries: int = 20_000
     """Messages whose internal date, size and digest are kept in memory (0: none)."""
     workers: int = 1
-    """Processes serving IMAP (``mssd.workers``); more than one needs PostgreSQL."""
+    """Processes serving IMAP (``mssd.workers``); more than one needs a store they
+    can share: PostgreSQL or a SQLite file (not an in-memory SQLite database)."""
     proxy_protocol: bool = False
     """Every connection starts with a PROXY header (v1 or v2) naming the client."""
     proxy_protocol_networks: tuple[str, ...] = ()

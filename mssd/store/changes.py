@@ -2,9 +2,21 @@
 
 A writer (the mail store, the group committer) publishes a :class:`FolderChange`
 after its transaction committed; every :class:`Subscription` on that folder in
-this process wakes up at once, and on PostgreSQL the change also travels to the
-other mssd processes over ``LISTEN/NOTIFY`` on the channel ``mssd_changes``
-(DESIGN.md, "One message", step 6; "Scale-out").
+this process wakes up at once, and the change also travels to the other mssd
+processes sharing the store (DESIGN.md, "One message", step 6; "Scale-out"):
+
+- on PostgreSQL, over ``LISTEN/NOTIFY`` on the channel ``mssd_changes``;
+- on a SQLite file with ``imap.workers`` > 1, over the links of
+  ``mssd.store.change_links``: ``mssd serve`` is the hub, linked to each IMAP
+  process it starts by a socket pair; it delivers a child's frames to its own
+  subscribers and forwards them to every other child, and sends its own
+  changes to all of them; a child sends its changes to the hub only. Frames
+  carry the NOTIFY payloads below, channel included. A link that had to drop
+  frames (its peer too far behind) sends a reset once it can: the receiver
+  (and, on the hub, every other child) tells every subscriber to ``resync``;
+  so does a child whose link to the hub closed (it then trusts no silence),
+  and the hub when a child's link closes (the child may have committed
+  changes it could not send).
 
 Invariants:
 - publish after COMMIT, never before: a session woken by a change must find it
@@ -15,8 +27,9 @@ Invariants:
   exactly what the store would answer). So a subscriber's queue is bounded by
   coalescing (one pending change per kind, carrying the highest modseq seen),
   and a lost notification is repaired by a synthetic ``resync`` change: after
-  the listening connection to PostgreSQL was lost and re-established, every
-  subscribed folder gets one;
+  the listening connection to PostgreSQL was lost and re-established, or a
+  link reset or lost (above), every subscribed folder gets one; and with
+  several processes, silence is trusted for :data:`SILENCE_TRUST_SECONDS` only;
 - no state here is needed for correctness: a process that restarts loses only
   wake-ups, which sessions recover by re-reading the store;
 - payloads are ``folder_id:modseq:kind:origin[:delta]``; ``origin`` names the
@@ -29,23 +42,23 @@ Invariants:
 
 Other owners share the machinery on their own channels (:meth:`ChangeBus.listen`,
 :meth:`ChangeBus.post`: the authentication rate limiter, ``mssd.auth.ratelimit``):
-the same LISTEN connection and reconnects, a batched sender that never makes
-the poster wait. Their payloads are opaque here, and best effort: nothing is
-resent after a failed NOTIFY nor replayed after a reconnect.
+the same LISTEN connection and reconnects (or the same links), a batched sender
+that never makes the poster wait. Their payloads are opaque here, and best
+effort: nothing is resent after a failed NOTIFY or a dropped frame, nor
+replayed after a reconnect.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import secrets
+import socket
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Literal, Protocol, get_args
+from typing import Any
 
 import asyncpg  # type: ignore[import-untyped]
 from sqlalchemy import text
@@ -53,7 +66,35 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from mssd import background
+from mssd.store.change_links import RESET, Link, encode_frame, open_link
+from mssd.store.change_payloads import (
+    ChangeKind,
+    FlagRow,
+    FlagState,
+    FolderChange,
+    FolderDelta,
+    changes_from_stored,
+    decode_payload,
+    encode_payload,
+)
 from mssd.store.delivery import StoredMessage
+
+__all__ = [
+    "APPLICATION_NAME",
+    "CHANNEL",
+    "SILENCE_TRUST_SECONDS",
+    "ChangeBus",
+    "ChangeKind",
+    "FlagRow",
+    "FlagState",
+    "FolderChange",
+    "FolderDelta",
+    "Subscription",
+    "SubscriptionClosed",
+    "changes_from_stored",
+    "decode_payload",
+    "encode_payload",
+]
 
 log = logging.getLogger(__name__)
 
@@ -61,12 +102,6 @@ CHANNEL = "mssd_changes"
 APPLICATION_NAME = "mssd-changes"
 """``application_name`` of the listening connection (visible in pg_stat_activity)."""
 
-ChangeKind = Literal["exists", "flags", "expunge", "resync"]
-"""``exists``: messages were added; ``flags``: flags changed; ``expunge``: messages
-were removed; ``resync``: anything may have changed (folder deleted or renamed,
-notifications possibly lost); re-read everything."""
-
-_KINDS: frozenset[str] = frozenset(get_args(ChangeKind))
 SILENCE_TRUST_SECONDS = 1.0
 """With several processes, how long the absence of a notification is trusted
 before a reader re-reads the store anyway (a NOTIFY that could not be sent is
@@ -80,124 +115,6 @@ _BACKOFF_MAX = 5.0
 _MAX_POSTS = 10_000
 """Payloads :meth:`ChangeBus.post` queues at most while the sender is busy or
 the database unreachable; past that, new ones are dropped."""
-
-
-class FlagRow(Protocol):
-    """A message's UID, flags and modseq (``FlagState``, ``MessageRow``)."""
-
-    @property
-    def uid(self) -> int: ...
-    @property
-    def flags(self) -> frozenset[str]: ...
-    @property
-    def modseq(self) -> int: ...
-
-
-@dataclass(frozen=True)
-class FlagState:
-    uid: int
-    flags: frozenset[str]
-    modseq: int
-
-
-@dataclass(frozen=True)
-class FolderDelta:
-    """Exactly what one committed transaction changed in a folder, taking it
-    from HIGHESTMODSEQ ``since`` to the change's ``modseq``: the messages it
-    added or whose flags it changed (with their whole new flags), and the UIDs
-    it expunged. The folder's modseqs are allocated under its lock, so nothing
-    else changed the folder between ``since`` and ``modseq``. NOTIFY carries it
-    to the other processes when it fits in a payload (:func:`encode_payload`)."""
-
-    since: int
-    changed: tuple[FlagState, ...] = ()
-    vanished: tuple[int, ...] = ()
-
-
-@dataclass(frozen=True)
-class FolderChange:
-    folder_id: int
-    modseq: int
-    """The folder's HIGHESTMODSEQ after the change (0 when unknown: ``resync``)."""
-    kind: ChangeKind
-    delta: FolderDelta | None = field(default=None, compare=False, repr=False)
-    """What the change was (``FolderDelta``), when the writer said so: always in
-    the writer's process, over NOTIFY when it fitted in the payload."""
-
-
-def changes_from_stored(results: Sequence[StoredMessage]) -> list[FolderChange]:
-    """What a group-committed batch of deliveries changed: one ``exists`` per
-    INBOX, at the highest modseq the batch gave it. For ``GroupCommitter(on_commit=...)``."""
-    added: dict[int, list[FlagState]] = {}
-    for stored in results:
-        for placement in stored.placements:
-            state = FlagState(placement.uid, frozenset(), placement.modseq)
-            added.setdefault(placement.folder_id, []).append(state)
-    changes = []
-    for folder, states in sorted(added.items()):
-        # One transaction gave the folder consecutive modseqs (delivery.py).
-        states.sort(key=lambda s: s.modseq)
-        delta = FolderDelta(states[0].modseq - 1, tuple(states))
-        changes.append(FolderChange(folder, states[-1].modseq, "exists", delta))
-    return changes
-
-
-_MAX_PAYLOAD = 7900
-"""Octets of a NOTIFY payload at most (PostgreSQL refuses 8000 or more): a
-longer delta is left out, and the receivers read the store instead."""
-
-
-def encode_payload(change: FolderChange, origin: str) -> str:
-    """``folder_id:modseq:kind:origin``, then ``:`` and the change's delta as
-    JSON ``[since, [[uid, "flags", modseq], ...], [vanished uid, ...]]`` when it
-    has one that fits (flags are IMAP atoms: no spaces, RFC 9051 §9 ``flag``)."""
-    head = f"{change.folder_id}:{change.modseq}:{change.kind}:{origin}"
-    delta = change.delta
-    if delta is None:
-        return head
-    body = json.dumps(
-        [
-            delta.since,
-            [[row.uid, " ".join(sorted(row.flags)), row.modseq] for row in delta.changed],
-            list(delta.vanished),
-        ],
-        separators=(",", ":"),
-    )
-    payload = f"{head}:{body}"
-    return payload if len(payload.encode()) <= _MAX_PAYLOAD else head
-
-
-def _decode_delta(body: str) -> FolderDelta | None:
-    """The delta of a payload; None if it is not exactly the shape written."""
-    try:
-        since, changed, vanished = json.loads(body)
-        rows = tuple(
-            FlagState(uid, frozenset(flags.split()), modseq) for uid, flags, modseq in changed
-        )
-    except (ValueError, TypeError, AttributeError):
-        return None
-    numbers = [since, *vanished, *(n for row in rows for n in (row.uid, row.modseq))]
-    if not all(type(n) is int and n >= 0 for n in numbers):
-        return None
-    return FolderDelta(since, rows, tuple(vanished))
-
-
-def decode_payload(payload: str) -> tuple[FolderChange, str | None] | None:
-    """The change and its origin, or None for a payload that is not ours. A
-    delta that cannot be read leaves the change without one (still a hint)."""
-    parts = payload.split(":", 4)
-    if len(parts) not in (3, 4, 5) or parts[2] not in _KINDS:
-        return None
-    try:
-        folder_id, modseq = int(parts[0]), int(parts[1])
-    except ValueError:
-        return None
-    kind: ChangeKind = parts[2]  # type: ignore[assignment]
-    delta = _decode_delta(parts[4]) if len(parts) == 5 else None
-    if len(parts) == 5 and delta is None:
-        log.warning("change notification with an unreadable delta: %r", payload[:200])
-    origin = parts[3] if len(parts) >= 4 else None
-    return FolderChange(folder_id, modseq, kind, delta), origin
 
 
 class SubscriptionClosed(Exception):
@@ -318,14 +235,24 @@ class Subscription:
 
 
 class ChangeBus:
-    """Fans changes out to subscribers, across processes on PostgreSQL.
-
-    SQLite deployments are one process by design: only the local fan-out runs.
+    """Fans changes out to subscribers, across processes on PostgreSQL, and on
+    SQLite between the processes of one ``mssd serve`` (``imap.workers``):
+    ``hub`` in ``mssd serve`` (children are :meth:`attach`-ed as they start),
+    ``uplink`` (its end of the socket pair) in each child. Without either, a
+    SQLite process is alone: only the local fan-out runs. Both are ignored on
+    PostgreSQL, where every process LISTENs.
     """
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(
+        self, engine: AsyncEngine, *, hub: bool = False, uplink: socket.socket | None = None
+    ) -> None:
         self._engine = engine
         self._postgres = engine.dialect.name == "postgresql"
+        self._hub = hub and not self._postgres
+        self._uplink_socket = None if self._postgres else uplink
+        self._links: set[Link] = set()
+        self._uplink: Link | None = None
+        self._stopping = False
         self._subscribers: dict[int, set[Subscription]] = {}
         self._origin = secrets.token_hex(8)
         self._listener: Any = None
@@ -345,18 +272,27 @@ class ChangeBus:
 
     @property
     def crosses_processes(self) -> bool:
-        """Whether other processes may share the store (PostgreSQL): only then
-        does :meth:`post` send anything or :meth:`listen` hear anything."""
-        return self._postgres
+        """Whether other processes may share the store (PostgreSQL, or a SQLite
+        hub or child): only then does :meth:`post` send anything or
+        :meth:`listen` hear anything."""
+        return self._postgres or self._hub or self._uplink_socket is not None
+
+    @property
+    def hub(self) -> bool:
+        """Whether the other processes on this SQLite file link to this one (:meth:`attach`)."""
+        return self._hub
 
     @property
     def reliable(self) -> bool:
         """Whether every committed change reaches this process's subscribers:
-        always with SQLite (one process), with PostgreSQL only while the LISTEN
+        always for a process alone on SQLite and for the hub; for a SQLite
+        child while its link to the hub is up; on PostgreSQL while the LISTEN
         connection is up (after it comes back, every subscriber gets ``resync``)."""
-        if not self._postgres:
-            return True
-        return self._listener is not None and not self._listener.is_closed()
+        if self._postgres:
+            return self._listener is not None and not self._listener.is_closed()
+        if self._uplink_socket is not None:
+            return self._uplink is not None and self._uplink.up
+        return True
 
     def silence_proves_nothing_changed(self, last_read: float) -> bool:
         """Whether a subscriber that read the store at ``last_read``
@@ -366,7 +302,7 @@ class ChangeBus:
         :data:`SILENCE_TRUST_SECONDS` at most."""
         if not self.reliable:
             return False
-        return not self._postgres or time.monotonic() - last_read < SILENCE_TRUST_SECONDS
+        return not self.crosses_processes or time.monotonic() - last_read < SILENCE_TRUST_SECONDS
 
     # -- subscribers -------------------------------------------------------------
 
@@ -390,19 +326,24 @@ class ChangeBus:
             subscription.offer(change)
 
     async def publish(self, changes: Sequence[FolderChange]) -> None:
-        """Local fan-out, then NOTIFY the other processes (call after COMMIT)."""
+        """Local fan-out, then tell the other processes (call after COMMIT)."""
         for change in changes:
             self.publish_local(change)
+            if self._links:
+                self._send(CHANNEL, encode_payload(change, self._origin))
         if self._postgres and changes:
             await self._notify(changes)
 
     def notify(self, change: FolderChange) -> None:
         """Synchronous :meth:`publish`, for callbacks that cannot await
-        (``MailStore(on_change=bus.notify)``): the local fan-out happens now, the
-        NOTIFY is sent by a background task, batched with its neighbours (only
-        between ``start`` and ``stop``: before, the change stays in this process)."""
+        (``MailStore(on_change=bus.notify)``): the local fan-out happens now;
+        the NOTIFY is sent by a background task, batched with its neighbours,
+        and frames at the end of this turn of the loop, together (only between
+        ``start`` and ``stop``: before, the change stays in this process)."""
         self.publish_local(change)
-        if self._postgres and self._sender is not None:
+        if self._links:
+            self._send(CHANNEL, encode_payload(change, self._origin))
+        elif self._postgres and self._sender is not None:
             self._outbox.append(change)
             self._outbox_ready.set()
 
@@ -425,7 +366,11 @@ class ChangeBus:
 
     async def start(self) -> None:
         """On PostgreSQL, LISTEN before returning: changes published by other
-        processes after ``start`` returns are heard."""
+        processes after ``start`` returns are heard; a SQLite child opens its
+        link to the hub."""
+        if self._uplink_socket is not None and self._uplink is None:
+            self._uplink = await open_link("to mssd serve", self._uplink_socket, *self._handlers())
+            self._links.add(self._uplink)
         if not self._postgres or self._supervisor is not None:
             return
         connection, lost = await self._connect()
@@ -434,6 +379,9 @@ class ChangeBus:
         self._poster = asyncio.create_task(self._send_posts(), name="changes-post")
 
     async def stop(self) -> None:
+        self._stopping = True
+        for link in tuple(self._links):
+            link.close()  # after what is queued
         await background.cancel(self._supervisor, self._sender, self._poster)
         self._supervisor = self._sender = self._poster = None
         if self._posts:
@@ -475,16 +423,24 @@ class ChangeBus:
         return connection, lost
 
     def _on_notification(self, _connection: Any, _pid: int, _channel: str, payload: str) -> None:
+        self._heard(payload)
+
+    def _heard(self, payload: str) -> None:
+        """A change another process published."""
         parts = payload.split(":", 4)
         if len(parts) >= 4 and parts[3] == self._origin:
             return  # this process's own change, delivered locally already: no delta to read
+        if parts[0].isdigit() and int(parts[0]) not in self._subscribers:
+            return  # nobody here reads the folder: no delta to read either
         decoded = decode_payload(payload)
         if decoded is None:
             log.warning("ignoring malformed change notification %r", payload)
             return
-        change, origin = decoded
-        if origin != self._origin:
-            self.publish_local(change)
+        self.publish_local(decoded[0])
+
+    def _resync_all(self) -> None:
+        for folder_id in tuple(self._subscribers):
+            self.publish_local(FolderChange(folder_id, 0, "resync"))
 
     async def _supervise(self, connection: Any, lost: asyncio.Event) -> None:
         """Keep LISTEN alive: detect a dropped or silent connection, reconnect
@@ -504,8 +460,7 @@ class ChangeBus:
                     delay = min(delay * 2, _BACKOFF_MAX)
             self.reconnects += 1
             # Notifications sent while we were away are gone: everyone re-checks.
-            for folder_id in tuple(self._subscribers):
-                self.publish_local(FolderChange(folder_id, 0, "resync"))
+            self._resync_all()
 
     async def _watch(self, connection: Any, lost: asyncio.Event) -> None:
         """Returns when the connection is gone (closed, or no answer to a ping)."""
@@ -537,8 +492,9 @@ class ChangeBus:
     async def listen(self, channel: str, on_payload: Callable[[str], None]) -> None:
         """Call ``on_payload`` with every payload NOTIFYed on ``channel``,
         whichever process sent it (this one too), on the listening connection
-        from now on and again after each reconnect (PostgreSQL only; what was
-        sent while the connection was down is lost)."""
+        from now on and again after each reconnect (what was sent while the
+        connection was down is lost); on SQLite, every payload another linked
+        process posts on ``channel`` (not this one's)."""
         self._channels[channel] = on_payload
         listener = self._listener
         if listener is not None and not listener.is_closed():
@@ -546,9 +502,13 @@ class ChangeBus:
 
     def post(self, channel: str, payload: str) -> None:
         """Queue a NOTIFY of ``payload`` (under 8000 bytes) on ``channel`` for a
-        background task that sends what accumulated in one transaction. Never
+        background task that sends what accumulated in one transaction (or a
+        frame to the linked processes: they hear it, this one does not). Never
         waits and never raises: a payload that cannot be sent is dropped with
-        a warning. Only on PostgreSQL between ``start`` and ``stop``."""
+        a warning. Only between ``start`` and ``stop``."""
+        if self._links:
+            self._send(channel, payload)
+            return
         if not self._postgres or self._poster is None:
             return
         if len(self._posts) >= _MAX_POSTS:
@@ -588,3 +548,51 @@ class ChangeBus:
         except (OSError, SQLAlchemyError) as error:
             self.posts_dropped += len(posts)
             log.warning("could not send %d notifications (%s)", len(posts), error)
+
+    # -- links between the processes of one SQLite file (mssd.store.change_links) --------
+
+    async def attach(self, sock: socket.socket, name: str) -> Link:
+        """The hub's link to a child over ``sock`` (its end of their socket
+        pair); close it when the child has exited."""
+        assert self._hub, "only the hub attaches links"
+        link = await open_link(name, sock, *self._handlers())
+        self._links.add(link)
+        return link
+
+    def _handlers(self) -> tuple[Callable[[Link, str, str, bytes], None], Callable[[Link], None]]:
+        return self._on_frame, self._on_link_lost
+
+    def _send(self, channel: str, payload: str) -> None:
+        try:
+            frame = encode_frame(channel, payload)
+        except ValueError as error:
+            self.posts_dropped += 1
+            log.warning("could not send a notification (%s)", error)
+            return
+        for link in self._links:
+            link.send(frame)
+
+    def _on_frame(self, link: Link, channel: str, payload: str, frame: bytes) -> None:
+        if self._hub:
+            for other in self._links:
+                if other is not link:
+                    other.send(frame)
+        if channel == CHANNEL:
+            self._heard(payload)
+        elif channel == RESET:
+            log.warning("change link %s was reset: every folder is re-read", link.name)
+            self._resync_all()
+        elif (on_payload := self._channels.get(channel)) is not None:
+            on_payload(payload)
+
+    def _on_link_lost(self, link: Link) -> None:
+        self._links.discard(link)
+        if self._stopping:
+            return
+        if link is self._uplink:
+            log.error("change link %s lost: sessions now re-read the store", link.name)
+        else:
+            # The child may have committed changes it did not get to send.
+            for other in self._links:
+                other.send(encode_frame(RESET, ""))
+        self._resync_all()

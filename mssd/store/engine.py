@@ -5,6 +5,11 @@ commit is on disk when it returns. Write transactions on SQLite start with
 ``BEGIN IMMEDIATE`` so two writers queue on the database lock instead of
 failing half-way when a reader upgrades to a writer. PostgreSQL runs at READ
 COMMITTED and writers lock the rows they change (``SELECT ... FOR UPDATE``).
+
+On a SQLite file, the writers of every mssd process sharing it (``imap.workers``)
+take turns on :class:`WriterLock` before ``BEGIN IMMEDIATE`` and until after
+COMMIT or ROLLBACK, so that none of them meets SQLite's busy handler, which
+sleeps up to 100 ms between tries however soon the database is free again.
 """
 
 from __future__ import annotations
@@ -13,9 +18,13 @@ import asyncio
 import collections
 import concurrent.futures
 import contextlib
+import fcntl
+import logging
+import os
+import threading
 import time
 import weakref
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -39,6 +48,7 @@ from sqlalchemy.sql.elements import (
 from mssd.store.fastpath import run_driver_sql
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+log = logging.getLogger(__name__)
 
 
 class SchemaError(Exception):
@@ -154,22 +164,187 @@ def sqlite_writer_engine(engine: AsyncEngine, *, connections: int = 1) -> Engine
     return writer
 
 
-def writer_lock(engine: AsyncEngine) -> asyncio.Lock | contextlib.nullcontext[None]:
-    """On SQLite, this process's writers take turns here rather than in SQLite's
-    busy handler, which sleeps up to 100 ms between tries while the database is
-    free again. PostgreSQL writers lock rows instead: no lock. (Another process
-    writing the same SQLite file still meets the busy handler, as it should.)"""
-    if engine.dialect.name != "sqlite":
-        return contextlib.nullcontext()
+def lock_file(database: Path) -> Path:
+    """The file whose ``flock`` the writers of every process on ``database`` take
+    turns on: next to it, never the database itself (SQLite's own POSIX locks are
+    on that one, and a process that closes any descriptor of a file loses all
+    its POSIX locks on it)."""
+    return database.with_name(database.name + "-lock")
+
+
+class WriterLock:
+    """This process's writers, and those of the other processes on the same
+    SQLite file, take turns here: an :class:`asyncio.Lock` for this process's
+    tasks, then an exclusive ``flock`` (flock(2)) on :func:`lock_file` for the
+    other processes (none for an in-memory database, which no other process
+    opens).
+
+    :meth:`acquire` (for :func:`write_transaction`) tries the file lock without
+    blocking on the event loop first (a system call when nobody holds it); when
+    another process holds it, a thread waits for it. A task cancelled while
+    that thread waits leaves this process's lock held until the thread returns,
+    and the file lock released then: no other task may write while a thread of
+    this process may still obtain the file lock behind its back. The group
+    committer (:class:`_WriteBatches`) takes this process's turn on the loop
+    (:meth:`acquire_turn`), then the file lock either on the loop, when it is
+    free and the batch runs there (:meth:`try_file`), or in the writer thread,
+    which waits for it (:meth:`file_held`), from before BEGIN to right after
+    COMMIT: no other process waits for this one's event loop to see the
+    COMMIT, and a contended lock costs no extra hand-over between threads.
+    Processes that do not take it (the ``sqlite3`` shell) still meet the busy
+    handler, as they should."""
+
+    def __init__(self, path: Path | None) -> None:
+        self._local = asyncio.Lock()
+        self._path = path
+        self._fd: int | None = None
+        self._closer: weakref.finalize[[int], WriterLock] | None = None
+        self._waiter: concurrent.futures.ThreadPoolExecutor | None = None
+        self.waits = 0
+        """Turns that had to wait for another process (for the log, tests)."""
+
+    def locked(self) -> bool:
+        """Whether a task of this process holds the lock (or a cancelled one's
+        thread may still obtain it)."""
+        return self._local.locked()
+
+    def _file(self) -> int | None:
+        if self._fd is None and self._path is not None:
+            # O_CLOEXEC: a child process must not inherit (and keep) our lock.
+            flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
+            self._fd = os.open(self._path, flags, 0o600)
+            self._closer = weakref.finalize(self, os.close, self._fd)
+        return self._fd
+
+    async def acquire_turn(self) -> None:
+        """This process's turn only (the file lock is then :meth:`file_held`)."""
+        await self._local.acquire()
+        try:
+            self._file()
+        except BaseException:
+            self._local.release()
+            raise
+
+    def try_file(self) -> bool:
+        """During :meth:`acquire_turn`, on the event loop: the file lock if no
+        other process holds it (then :meth:`release` gives both back)."""
+        if self._fd is None:
+            return True
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        return True
+
+    @contextlib.contextmanager
+    def file_held(self) -> Iterator[None]:
+        """The file lock, in the thread that runs the transaction, during
+        :meth:`acquire_turn`; blocks while another process writes."""
+        if self._fd is None:
+            yield
+            return
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.waits += 1  # (only this thread counts, while holding the turn)
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def release_turn(self) -> None:
+        self._local.release()
+
+    def release_turn_after(self, work: asyncio.Future[Any]) -> None:
+        """End this process's turn once ``work`` (a transaction in a thread,
+        which took and gave back the file lock itself) is done, even if its
+        awaiter was cancelled."""
+        if work.done():
+            self._local.release()
+        else:
+            work.add_done_callback(lambda _: self._local.release())
+
+    async def acquire(self) -> None:
+        await self._local.acquire()
+        try:
+            fd = self._file()
+            if fd is None:
+                return
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                self.waits += 1  # another process writes: wait for it in a thread
+            if self._waiter is None:
+                self._waiter = concurrent.futures.ThreadPoolExecutor(
+                    1, thread_name_prefix="mssd-sqlite-lock"
+                )
+            waiting = asyncio.get_running_loop().run_in_executor(
+                self._waiter, fcntl.flock, fd, fcntl.LOCK_EX
+            )
+        except BaseException:
+            self._local.release()
+            raise
+        try:
+            await asyncio.shield(waiting)
+        except asyncio.CancelledError:
+            waiting.add_done_callback(self._abandoned)
+            raise
+        except BaseException:
+            self._local.release()
+            raise
+
+    def _abandoned(self, waiting: asyncio.Future[None]) -> None:
+        """The thread of a cancelled :meth:`acquire` returned."""
+        if not waiting.cancelled() and waiting.exception() is None:
+            self._unlock_file()
+        self._local.release()
+
+    def _unlock_file(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def release(self) -> None:
+        self._unlock_file()
+        self._local.release()
+
+    def close(self) -> None:
+        """Close the lock file (when the engine is disposed)."""
+        if self._waiter is not None:
+            self._waiter.shutdown(wait=False)
+        if self._closer is not None and not self._local.locked():
+            # (A lock still held is closed by its finalizer, with the last reference.)
+            self._fd = None
+            self._closer()
+
+    async def __aenter__(self) -> None:
+        await self.acquire()
+
+    async def __aexit__(self, *_: object) -> None:
+        self.release()
+
+
+def _sqlite_writer_lock(engine: AsyncEngine) -> WriterLock:
     loop = asyncio.get_running_loop()
-    held: tuple[asyncio.AbstractEventLoop, asyncio.Lock] | None = getattr(
+    held: tuple[asyncio.AbstractEventLoop, WriterLock] | None = getattr(
         engine.sync_engine, "_mssd_writer_lock", None
     )
     if held is None or held[0] is not loop:
         # A lock belongs to one event loop; an engine may outlive a loop in tests.
-        held = (loop, asyncio.Lock())
+        database = _sqlite_file(str(engine.url))
+        held = (loop, WriterLock(None if database is None else lock_file(database)))
         engine.sync_engine._mssd_writer_lock = held  # type: ignore[attr-defined]
     return held[1]
+
+
+def writer_lock(engine: AsyncEngine) -> WriterLock | contextlib.nullcontext[None]:
+    """On SQLite, where writers take turns (:class:`WriterLock`): hold it from
+    before ``BEGIN IMMEDIATE`` to after COMMIT or ROLLBACK. PostgreSQL writers
+    lock rows instead: no lock."""
+    if engine.dialect.name != "sqlite":
+        return contextlib.nullcontext()
+    return _sqlite_writer_lock(engine)
 
 
 @asynccontextmanager
@@ -288,6 +463,19 @@ async def dispose(engine: AsyncEngine) -> None:
             sync_engine, executor = held
             await asyncio.get_running_loop().run_in_executor(executor, sync_engine.dispose)
             executor.shutdown(wait=True)
+    held_lock = getattr(engine.sync_engine, "_mssd_writer_lock", None)
+    batches = getattr(engine.sync_engine, "_mssd_write_batches", None)
+    if batches is not None and batches.transactions and held_lock is not None:
+        log.info(
+            "SQLite writes of this process: %d in %d transactions; %d turns waited for "
+            "another process",
+            batches.works,
+            batches.transactions,
+            held_lock[1].waits,
+        )
+    if held_lock is not None:
+        del engine.sync_engine._mssd_writer_lock  # type: ignore[attr-defined]
+        held_lock[1].close()
     await engine.dispose()
 
 
@@ -337,11 +525,22 @@ async def run_write(
     return await batches.submit(work, small)
 
 
+_Pending = tuple[Callable[[Connection], Any], "asyncio.Future[Any]", bool]
+"""A work, its caller's future, and whether it is ``small``."""
+
+
 class _WriteBatches:
-    """Group commit for :func:`run_write` on SQLite: while a transaction runs on
-    the writer thread, the works submitted meanwhile wait, and then run
-    together in the next one. An idle store adds no delay: a work submitted
-    while nothing runs starts at once."""
+    """Group commit for :func:`run_write` on SQLite: while a transaction runs,
+    the works submitted meanwhile wait, and then run together in the next one.
+    An idle store adds no delay: a work submitted while nothing runs starts at
+    once.
+
+    A batch of small works runs on the event loop when the file lock is free
+    (:meth:`WriterLock.try_file`: no other process writes); otherwise the
+    writer thread waits for the file lock and takes the works waiting when it
+    holds it (:meth:`WriterLock.file_held`), not before: those that arrive
+    while another process writes join the batch rather than wait for the next
+    one."""
 
     def __init__(
         self, engine: AsyncEngine, writer: Engine, executor: concurrent.futures.ThreadPoolExecutor
@@ -350,11 +549,16 @@ class _WriteBatches:
         self._writer = writer
         self._executor = executor
         self.loop = asyncio.get_running_loop()
-        self._pending: list[tuple[Callable[[Connection], Any], asyncio.Future[Any], bool]] = []
+        self._pending: list[_Pending] = []
+        self._pending_lock = threading.Lock()
+        """Between the loop, which appends, and the writer thread, which takes."""
         self._running: asyncio.Task[None] | None = None
         self._threaded_until = 0.0
         """Until this loop time, small batches too run on the writer thread."""
         self._slow: collections.deque[bool] = collections.deque(maxlen=INLINE_WINDOW)
+        self.transactions = 0
+        self.works = 0
+        """Transactions committed (or rolled back whole) and the works they carried."""
         # A work's savepoint, its release and its undoing, as SQLAlchemy writes them
         # for this dialect; run straight on the connection (run_driver_sql) rather
         # than through Connection.begin_nested, which costs two full statement
@@ -366,21 +570,25 @@ class _WriteBatches:
 
     async def submit(self, work: Callable[[Connection], T], small: bool = False) -> T:
         future: asyncio.Future[T] = self.loop.create_future()
-        self._pending.append((work, future, small))
+        with self._pending_lock:
+            self._pending.append((work, future, small))
         if self._running is None:
             self._running = self.loop.create_task(self._drain(), name="mssd-sqlite-writes")
         return await future
 
-    def inline(
-        self, batch: list[tuple[Callable[[Connection], Any], asyncio.Future[Any], bool]]
-    ) -> bool:
+    def _take(self) -> list[_Pending]:
+        with self._pending_lock:
+            batch, self._pending = self._pending, []
+        return batch
+
+    def inline(self, batch: list[_Pending]) -> bool:
         """Whether the batch runs on the event loop (see :func:`run_write`)."""
         return self.loop.time() >= self._threaded_until and all(small for *_, small in batch)
 
     def _run_inline(self, works: list[Callable[[Connection], Any]]) -> list[tuple[bool, Any]]:
         started = time.perf_counter()
         try:
-            return self._transaction(works)
+            return self._run(works)
         finally:
             self._slow.append(time.perf_counter() - started > INLINE_SLOW)
             if sum(self._slow) >= INLINE_SLOW_COUNT:
@@ -389,39 +597,88 @@ class _WriteBatches:
 
     async def _drain(self) -> None:
         try:
+            # (Only this loop appends: what it sees empty here stays empty
+            # until this task has ended.)
             while self._pending:
                 if self._pending[-1][2]:
                     # Small works come in bursts (every session's STORE of one
                     # round of client commands): one turn of the loop gathers them.
                     await asyncio.sleep(0)
-                batch, self._pending = self._pending, []
-                works = [work for work, _, _ in batch]
+                lock = _sqlite_writer_lock(self._engine)
                 try:
-                    async with writer_lock(self._engine):
-                        if self.inline(batch):
-                            outcomes = self._run_inline(works)
-                        else:
-                            outcomes = await self.loop.run_in_executor(
-                                self._executor, self._transaction, works
-                            )
-                except BaseException as error:  # the COMMIT (or BEGIN) failed: nothing stays
-                    for _, future, _ in batch:
-                        if not future.done():
-                            future.set_exception(error)
-                    if not isinstance(error, Exception):
+                    await lock.acquire_turn()
+                except BaseException as error:
+                    self._settle(self._take(), error)
+                    raise
+                if self.inline(self._pending) and lock.try_file():
+                    batch = self._take()
+                    try:
+                        outcome: list[tuple[bool, Any]] | BaseException = self._run_inline(
+                            [work for work, _, _ in batch]
+                        )
+                    except BaseException as error:  # nothing of the batch stays
+                        outcome = error
+                    finally:
+                        lock.release()
+                    self._settle(batch, outcome)
+                else:
+                    try:
+                        transaction = self.loop.run_in_executor(
+                            self._executor, self._transaction, lock
+                        )
+                    except BaseException as error:
+                        lock.release_turn()
+                        self._settle(self._take(), error)
                         raise
-                    continue
-                for (_, future, _), (ok, value) in zip(batch, outcomes, strict=True):
-                    if future.done():
-                        continue
-                    if ok:
-                        future.set_result(value)
-                    else:
-                        future.set_exception(value)
+                    # The turn ends, and the works' callers hear, when the thread
+                    # is out of its transaction, even if this task is cancelled
+                    # meanwhile.
+                    lock.release_turn_after(transaction)
+                    transaction.add_done_callback(self._done)
+                    _, outcome = await asyncio.shield(transaction)
+                if isinstance(outcome, BaseException) and not isinstance(outcome, Exception):
+                    raise outcome
         finally:
             self._running = None
 
-    def _transaction(self, works: list[Callable[[Connection], Any]]) -> list[tuple[bool, Any]]:
+    def _done(
+        self, transaction: asyncio.Future[tuple[list[_Pending], list[Any] | BaseException]]
+    ) -> None:
+        if not transaction.cancelled() and transaction.exception() is None:
+            self._settle(*transaction.result())
+
+    def _settle(self, batch: list[_Pending], outcome: list[Any] | BaseException) -> None:
+        """Answer each work of a batch: its value or its error, or the error
+        that undid the whole transaction (its COMMIT or BEGIN failed)."""
+        if batch:
+            self.transactions += 1
+            self.works += len(batch)
+        for index, (_, future, _) in enumerate(batch):
+            if future.done():
+                continue
+            if isinstance(outcome, BaseException):
+                future.set_exception(outcome)
+                continue
+            ok, value = outcome[index]
+            if ok:
+                future.set_result(value)
+            else:
+                future.set_exception(value)
+
+    def _transaction(
+        self, lock: WriterLock
+    ) -> tuple[list[_Pending], list[tuple[bool, Any]] | BaseException]:
+        """In the writer thread: the works waiting now, in one transaction."""
+        with lock.file_held():
+            batch = self._take()
+            if not batch:
+                return batch, []
+            try:
+                return batch, self._run([work for work, _, _ in batch])
+            except BaseException as error:  # nothing of the batch stays
+                return batch, error
+
+    def _run(self, works: list[Callable[[Connection], Any]]) -> list[tuple[bool, Any]]:
         outcomes: list[tuple[bool, Any]] = []
         with self._writer.connect() as conn:
             conn.execution_options(mssd_write=True)
