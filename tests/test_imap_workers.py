@@ -500,11 +500,11 @@ def test_uids_and_sequence_numbers_stay_right_when_both_processes_append_and_exp
                 pass
 
 
+# On PostgreSQL: test_auth_shared_limits.py.
+@pytest.mark.parametrize("pair", ["sqlite"], indirect=True)
 def test_failed_logins_in_either_process_count_against_the_account_in_both(
     pair: MssdProcess,
 ) -> None:
-    if pair.url.startswith("postgresql"):
-        pytest.skip("on PostgreSQL: test_auth_shared_limits.py")
     parent, child = two_processes(pair)
     refused = "[UNAVAILABLE] too many failed attempts"
     failed = "[AUTHENTICATIONFAILED]"
