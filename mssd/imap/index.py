@@ -176,19 +176,30 @@ class FolderIndex:
             self._remember(step)
 
     def _apply(self, changes: list[FolderChange]) -> bool:
-        """Bring the state forward by this process's own deltas; False when
-        they leave a gap (a change from elsewhere, or one not told yet), for the
-        caller to read the store from where they stopped."""
+        """Bring the state forward by the deltas; False when they leave a gap
+        (a change not told yet, or told without its delta), for the caller to
+        read the store from where they stopped. A run of deltas that follow
+        each other is applied as one step: the folder's arrays are copied once,
+        not once per change."""
+        since = until = self.state.highestmodseq
+        rows: dict[int, FlagRow] = {}
+        gone: set[int] = set()
+        chained = True
         for change in sorted(changes, key=lambda c: c.modseq):
             delta = change.delta
-            if delta is None:
-                return False
-            if change.modseq <= self.state.highestmodseq:
+            if change.modseq <= until:
                 continue  # in the state already (read or applied before)
-            if delta.since != self.state.highestmodseq:
-                return False
-            self._step(delta.changed, delta.vanished, change.modseq)
-        return True
+            if delta is None or delta.since != until:
+                chained = False
+                break
+            gone.update(delta.vanished)
+            for row in delta.changed:
+                rows[row.uid] = row  # a later change of a message replaces an earlier one
+            until = change.modseq
+        if until > since:
+            changed = [row for uid, row in rows.items() if uid not in gone]
+            self._step(changed, sorted(gone), until)
+        return chained
 
     def _remember(self, step: _Step) -> None:
         self._history.append(step)
@@ -208,7 +219,10 @@ class FolderIndex:
                 break
             steps.append(step)
         steps.reverse()
-        if not steps or steps[0].since > modseq:
+        # A step of several writes (``_apply``) that ``modseq`` falls inside
+        # cannot say which of its expunges came after ``modseq``: the store can.
+        inside = bool(steps) and steps[0].since < modseq and bool(steps[0].vanished)
+        if not steps or steps[0].since > modseq or inside:
             changed, vanished, highest = await self._store.changes(self.folder_id, modseq)
             return list(changed), vanished, highest
         latest_rows: dict[int, FlagRow] = {}

@@ -456,15 +456,18 @@ async def dispose(engine: AsyncEngine) -> None:
     if inline is not None:
         del engine.sync_engine._mssd_inline_reader  # type: ignore[attr-defined]
         inline.close()
+    batches = getattr(engine.sync_engine, "_mssd_write_batches", None)
     for attribute in ("_mssd_sqlite_writer", "_mssd_sqlite_reader"):
         held = getattr(engine.sync_engine, attribute, None)
         if held is not None:
             delattr(engine.sync_engine, attribute)
             sync_engine, executor = held
-            await asyncio.get_running_loop().run_in_executor(executor, sync_engine.dispose)
+            loop = asyncio.get_running_loop()
+            if attribute == "_mssd_sqlite_writer" and batches is not None:
+                await loop.run_in_executor(executor, batches.close)
+            await loop.run_in_executor(executor, sync_engine.dispose)
             executor.shutdown(wait=True)
     held_lock = getattr(engine.sync_engine, "_mssd_writer_lock", None)
-    batches = getattr(engine.sync_engine, "_mssd_write_batches", None)
     if batches is not None and batches.transactions and held_lock is not None:
         log.info(
             "SQLite writes of this process: %d in %d transactions; %d turns waited for "
@@ -520,6 +523,8 @@ async def run_write(
     batches: _WriteBatches | None = getattr(engine.sync_engine, "_mssd_write_batches", None)
     loop = asyncio.get_running_loop()
     if batches is None or batches.loop is not loop:
+        if batches is not None:
+            batches.close()  # (an engine may outlive a loop in tests)
         batches = _WriteBatches(engine, *writer)
         engine.sync_engine._mssd_write_batches = batches  # type: ignore[attr-defined]
     return await batches.submit(work, small)
@@ -556,6 +561,7 @@ class _WriteBatches:
         self._threaded_until = 0.0
         """Until this loop time, small batches too run on the writer thread."""
         self._slow: collections.deque[bool] = collections.deque(maxlen=INLINE_WINDOW)
+        self._conn: Connection | None = None
         self.transactions = 0
         self.works = 0
         """Transactions committed (or rolled back whole) and the works they carried."""
@@ -678,28 +684,46 @@ class _WriteBatches:
             except BaseException as error:  # nothing of the batch stays
                 return batch, error
 
+    def connection(self) -> Connection:
+        """The writer's connection, kept open between transactions (a pool
+        check-out and its reset cost more than a small transaction), opened
+        again after an error made SQLAlchemy invalidate it."""
+        conn = self._conn
+        if conn is None or conn.closed or conn.invalidated:
+            if conn is not None:
+                conn.close()
+            conn = self._conn = self._writer.connect()
+            conn.execution_options(mssd_write=True)
+        return conn
+
+    def close(self) -> None:
+        """Close the kept connection (from the writer's thread, after its last
+        transaction: :func:`dispose`)."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+
     def _run(self, works: list[Callable[[Connection], Any]]) -> list[tuple[bool, Any]]:
         outcomes: list[tuple[bool, Any]] = []
-        with self._writer.connect() as conn:
-            conn.execution_options(mssd_write=True)
-            with conn.begin():
-                if len(works) == 1:
-                    return [(True, works[0](conn))]  # as a transaction of its own
-                for work in works:
-                    run_driver_sql(conn, self._savepoint)
-                    try:
-                        value = work(conn)
-                    except Exception as error:
-                        if not conn.connection.driver_connection.in_transaction:  # type: ignore[union-attr]
-                            # SQLite undid the whole transaction (disk full, I/O
-                            # error): every work of the batch fails with it.
-                            raise
-                        run_driver_sql(conn, self._undo)
-                        run_driver_sql(conn, self._release)
-                        outcomes.append((False, error))
-                    else:
-                        run_driver_sql(conn, self._release)
-                        outcomes.append((True, value))
+        conn = self.connection()
+        with conn.begin():
+            if len(works) == 1:
+                return [(True, works[0](conn))]  # as a transaction of its own
+            for work in works:
+                run_driver_sql(conn, self._savepoint)
+                try:
+                    value = work(conn)
+                except Exception as error:
+                    if not conn.connection.driver_connection.in_transaction:  # type: ignore[union-attr]
+                        # SQLite undid the whole transaction (disk full, I/O
+                        # error): every work of the batch fails with it.
+                        raise
+                    run_driver_sql(conn, self._undo)
+                    run_driver_sql(conn, self._release)
+                    outcomes.append((False, error))
+                else:
+                    run_driver_sql(conn, self._release)
+                    outcomes.append((True, value))
         return outcomes
 
 
