@@ -16,7 +16,11 @@ Invariants a newcomer would otherwise break:
 - Every administrative change writes its audit row in the same transaction;
   audit rows are never updated or deleted (the schema enforces it).
 - On SQLite, a transaction that writes starts with BEGIN IMMEDIATE
-  (``engine.write_transaction``); never write inside a read transaction.
+  (``engine.write_transaction``, ``engine.run_write``), holding the writer lock
+  that every process on the file takes turns on (``engine.WriterLock``, an
+  ``flock`` of ``<database>-lock``); never write inside a read transaction. Only
+  a write its caller knows to be small (``run_write(small=True)``) may commit on
+  the event loop.
 - Hot statements run through ``fastpath.py`` (SQLAlchemy compiles them, the DBAPI
   connection runs them, inside SQLAlchemy's transaction); define them there with
   SQLAlchemy Core as any other, never as hand-written SQL.
