@@ -433,9 +433,10 @@ class GroupCommitter:
 
     async def _commit(self, batch: Sequence[_Pending]) -> None:
         items = [item for item, _ in batch]
-        # A whole batch is one transaction; on SQLite it runs in one call on the
-        # store's writer thread (``run_write``), not one event-loop round trip
-        # per statement. Leaving it without an exception means COMMIT returned.
+        # A whole batch is one transaction; on SQLite it runs in one call
+        # (``run_write``: on the event loop when small, else on the store's
+        # writer thread), not one event-loop round trip per statement. Leaving
+        # it without an exception means COMMIT returned.
         messages = [item for item in items if isinstance(item, NewMessage)]
         small = (
             len(items) + sum(len(message.recipients) for message in messages) <= SMALL_WRITE_ROWS
