@@ -248,11 +248,15 @@ class SelectedView:
             or self.uidvalidity != state.uidvalidity
         ):
             return False
+        self._adopt(state)
+        return True
+
+    def _adopt(self, state: FolderState) -> None:
+        """Share ``state``'s arrays from now on (copy on write, :meth:`_own`)."""
         self._uids, self._flags, self._modseqs = state.uids, state.flags, state.modseqs
         self._codes = state.codes
         self._shared = state
         self.uidnext = max(self.uidnext, state.uidnext)
-        return True
 
     @property
     def exists(self) -> int:
@@ -329,12 +333,9 @@ class SelectedView:
             index = bisect.bisect_left(state.uids, row.uid)
             if index < kept and state.uids[index] == row.uid:
                 flag_changes.append(index + 1)
-        self._uids, self._flags, self._modseqs = state.uids, state.flags, state.modseqs
-        self._codes = state.codes
-        self._shared = state
+        self._adopt(state)
         self.highestmodseq = max(self.highestmodseq, state.highestmodseq)
         self.expunges_withheld = False
-        self.uidnext = max(self.uidnext, state.uidnext)
         grew = len(state.uids) != len(old.uids)
         return ViewUpdate(
             expunged=tuple(expunged),

@@ -47,7 +47,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from mssd.store import quota
 from mssd.store.audit import audit_row, write_audit_rows
-from mssd.store.engine import SMALL_WRITE_OCTETS, SMALL_WRITE_ROWS, run_write
+from mssd.store.engine import run_write, small_write
 from mssd.store.fastpath import FastInsert
 from mssd.store.quota import OverQuota, Refusal
 from mssd.store.records import AuditEvent
@@ -438,9 +438,9 @@ class GroupCommitter:
         # writer thread), not one event-loop round trip per statement. Leaving
         # it without an exception means COMMIT returned.
         messages = [item for item in items if isinstance(item, NewMessage)]
-        small = (
-            len(items) + sum(len(message.recipients) for message in messages) <= SMALL_WRITE_ROWS
-            and sum(len(message.content) for message in messages) <= SMALL_WRITE_OCTETS
+        small = small_write(
+            len(items) + sum(len(message.recipients) for message in messages),
+            sum(len(message.content) for message in messages),
         )
         results = await run_write(self._engine, lambda conn: write_batch(conn, items), small=small)
         for (_, future), result in zip(batch, results, strict=True):

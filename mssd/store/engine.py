@@ -484,8 +484,15 @@ async def dispose(engine: AsyncEngine) -> None:
 
 SMALL_WRITE_ROWS = 64
 SMALL_WRITE_OCTETS = 256 * 1024
-"""What callers of :func:`run_write` count as ``small``: at most this many
-messages, of at most this many octets in all."""
+
+
+def small_write(rows: int, octets: int = 0) -> bool:
+    """Whether a write of ``rows`` messages (or records) and ``octets`` of
+    content is ``small`` for :func:`run_write`: at most :data:`SMALL_WRITE_ROWS`
+    and :data:`SMALL_WRITE_OCTETS`."""
+    return rows <= SMALL_WRITE_ROWS and octets <= SMALL_WRITE_OCTETS
+
+
 INLINE_SLOW = 0.002
 """Seconds: when :data:`INLINE_SLOW_COUNT` of the last :data:`INLINE_WINDOW`
 write transactions run on the event loop took longer than this (a slow

@@ -51,13 +51,7 @@ from mssd.store import quota as quotas
 from mssd.store.audit import insert_audit
 from mssd.store.changes import FlagState, FolderChange, FolderDelta
 from mssd.store.delivery import INSERT_BLOB
-from mssd.store.engine import (
-    SMALL_WRITE_OCTETS,
-    SMALL_WRITE_ROWS,
-    run_read,
-    run_write,
-    write_transaction,
-)
+from mssd.store.engine import run_read, run_write, small_write, write_transaction
 from mssd.store.fastpath import FastInsert, FastStatement
 from mssd.store.messages import as_utc
 from mssd.store.quota import OverQuota, QuotaInfo
@@ -960,7 +954,7 @@ class MailStore:
             )
             return result, change
 
-        result, change = await run_write(self._engine, work, small=len(uids) <= SMALL_WRITE_ROWS)
+        result, change = await run_write(self._engine, work, small=small_write(len(uids)))
         if result.updated:
             self._emit([change])
         return result
@@ -987,7 +981,7 @@ class MailStore:
                 quotas.release(conn, folder_id, sum(sizes.values()))
             return doomed, since, counters[folder_id].highestmodseq
 
-        small = uids is not None and len(uids) <= SMALL_WRITE_ROWS
+        small = uids is not None and small_write(len(uids))
         doomed, since, highest = await run_write(self._engine, work, small=small)
         if doomed:
             delta = FolderDelta(since, vanished=tuple(doomed))
@@ -1136,10 +1130,7 @@ class MailStore:
             return uids, FolderChange(folder_id, folder.highestmodseq, "exists", delta)
 
         try:
-            small = (
-                len(messages) <= SMALL_WRITE_ROWS
-                and sum(len(content) for content, _, _ in messages) <= SMALL_WRITE_OCTETS
-            )
+            small = small_write(len(messages), sum(len(content) for content, _, _ in messages))
             uids, change = await run_write(self._engine, work, small=small)
         except OverQuota as refused:
             raise MailStoreError("OVERQUOTA", refused.text) from None
