@@ -244,9 +244,9 @@ class _Responses(asyncio.Protocol):
     """The client's side of the connection: splits what the server sends into
     responses (a line, with the literals it announces skipped, not kept) and
     hands them to the one waiting command. It works on the buffer as it comes,
-    a few operations per line: with 50 clients in two processes, a reader built
-    on ``StreamReader.readline`` took a third of a core from the two the server
-    is measured on (bench/README.md)."""
+    a few operations per line, where ``StreamReader.readline`` and
+    ``readexactly`` cost a coroutine each: the clients share the two cores with
+    the server they measure, and this takes about a tenth off their CPU."""
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
