@@ -39,7 +39,7 @@ from mssd.imap.fetchdata import (
     wire_envelope,
 )
 from mssd.imap.heads import FIELD_LISTS, Loaded
-from mssd.imap.session import Session
+from mssd.imap.session import Session, during_uid_command
 from mssd.imap.view import SelectedView
 from mssd.mime import OFFLOAD_BYTES
 from mssd.mime.structure import Part, header_value, parse
@@ -410,7 +410,7 @@ async def cmd_fetch(session: Session, command: Command) -> None:
         # encode.fetch_response's form, from items already written.
         if session.queue(b"* %d FETCH (%s)\r\n" % (seq, b" ".join(written))):
             await session.send(b"")
-    await session.sync(allow_expunge=False)
+    await session.sync(allow_expunge=during_uid_command(command))
     await session.tagged(command, "OK", "FETCH completed")
 
 
@@ -485,7 +485,7 @@ async def cmd_store(session: Session, command: Command) -> None:
             items.append(("MODSEQ", [state.modseq]))
         if items and (not args.silent or view.condstore):
             await session.send(encode.fetch_response(seq, items, utf8=session.utf8))
-    await session.sync(allow_expunge=False)
+    await session.sync(allow_expunge=during_uid_command(command))
     if result.modified:
         numbers = (
             result.modified

