@@ -34,8 +34,9 @@ from array import array
 from collections import OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import chain
 
-from mssd.imap.view import FolderState, renumbered, shared_flags
+from mssd.imap.view import FolderState, carry, renumbered, shared_flags
 from mssd.store.changes import ChangeBus, FlagRow, FolderChange, Subscription
 from mssd.store.mailstore import MailStore
 
@@ -93,6 +94,8 @@ def _advance(
             if codes is not None:
                 codes.codes.append(codes.number(row.flags))
     last = uids[-1] if uids else 0
+    numbered = renumbered(codes, flags)
+    touched = chain(gone, (row.uid for row in changed))
     return FolderState(
         uids,
         flags,
@@ -100,7 +103,8 @@ def _advance(
         max(state.highestmodseq, highest),
         max(state.uidnext, last + 1),
         state.uidvalidity,
-        renumbered(codes, flags),
+        numbered,
+        carried=carry(state, touched) if codes is not None and numbered is codes else None,
     )
 
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import bisect
 from array import array
-from collections.abc import Callable, Iterator, MutableSequence, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, MutableSequence, Sequence
+from dataclasses import dataclass, field
 from itertools import compress
 from typing import Generic, TypeVar
 
@@ -124,10 +124,17 @@ class FlagCodes:
     def full(self) -> bool:
         return len(self.sets) > _MAX_CODES
 
-    def where(self, uids: Sequence[int], test: Callable[[frozenset[str]], bool]) -> list[int]:
+    def verdicts(self, test: Callable[[frozenset[str]], bool]) -> bytes:
+        """``test`` of each numbered set, one octet (1 or 0) per number."""
         verdicts = bytearray(_MAX_CODES)
         for code, flag_set in enumerate(self.sets):
             verdicts[code] = 1 if test(flag_set) else 0
+        return bytes(verdicts)
+
+    def where(self, uids: Sequence[int], test: Callable[[frozenset[str]], bool]) -> list[int]:
+        return self.passing(uids, self.verdicts(test))
+
+    def passing(self, uids: Sequence[int], verdicts: bytes) -> list[int]:
         return list(compress(uids, self.codes.translate(verdicts)))
 
     def distinct(self) -> set[frozenset[str]]:
@@ -161,10 +168,58 @@ class FolderState:
     uidnext: int
     uidvalidity: int
     codes: FlagCodes | None = None
+    found: dict[bytes, list[int]] = field(default_factory=dict, repr=False)
+    """:meth:`where` answers by verdicts (``FlagCodes.verdicts``), at most
+    :data:`_FOUND_KEPT`: the state never changes, so neither do they."""
+    carried: Carried | None = field(default=None, repr=False)
+    """An earlier state's answers and the UIDs changed since, from which
+    :meth:`where` derives this state's (``mssd.imap.index``)."""
 
     def has(self, uid: int) -> bool:
         index = bisect.bisect_left(self.uids, uid)
         return index < len(self.uids) and self.uids[index] == uid
+
+    def where(self, test: Callable[[frozenset[str]], bool]) -> list[int]:
+        """The UIDs whose flags pass ``test``. A folder searched as often as it
+        changes (``UID SEARCH UNSEEN`` between flag changes on a shared
+        mailbox) would run over every message each time: the answer is kept,
+        and the next state's is made from it by looking again only at the
+        messages that changed in between."""
+        codes = self.codes
+        if codes is None:
+            return _uids_where(self.uids, self.flags, test)
+        verdicts = codes.verdicts(test)
+        found = self.found.get(verdicts)
+        if found is None:
+            found = self._derived(codes, verdicts)
+            if found is None:
+                found = codes.passing(self.uids, verdicts)
+            if len(self.found) >= _FOUND_KEPT:
+                self.found.clear()
+            self.found[verdicts] = found
+        return list(found)
+
+    def _derived(self, codes: FlagCodes, verdicts: bytes) -> list[int] | None:
+        """The answer from the earlier state's, when it has one for the same
+        verdicts. Its numbering is this state's (``carry`` checks), so a message
+        not changed since has the same number, and the same verdict, in both;
+        a number added since is a message changed since."""
+        carried = self.carried
+        earlier = None if carried is None else carried.found.get(verdicts)
+        if carried is None or earlier is None:
+            return None
+        touched = carried.touched
+        found = [uid for uid in earlier if uid not in touched]
+        uids, numbers = self.uids, codes.codes
+        added = False
+        for uid in touched:
+            index = bisect.bisect_left(uids, uid)
+            if index < len(uids) and uids[index] == uid and verdicts[numbers[index]]:
+                found.append(uid)
+                added = True
+        if added:
+            found.sort()
+        return found
 
     @classmethod
     def from_snapshot(cls, snapshot: FolderSnapshot) -> FolderState:
@@ -184,6 +239,34 @@ class FolderState:
             snapshot.uidvalidity,
             FlagCodes.of(flags),
         )
+
+
+_FOUND_KEPT = 8
+"""Answers of :meth:`FolderState.where` kept per state (distinct flag tests)."""
+_TOUCHED_KEPT = 4096
+"""UIDs changed since an earlier state's answers past which they are not used."""
+
+
+@dataclass(frozen=True)
+class Carried:
+    """What a state inherits to answer :meth:`FolderState.where` quickly."""
+
+    found: dict[bytes, list[int]]
+    touched: frozenset[int]
+    """UIDs expunged, added or whose flags changed since ``found``'s state."""
+
+
+def carry(before: FolderState, touched: Iterable[int]) -> Carried | None:
+    """What a state made from ``before`` by changing ``touched`` inherits, its
+    flag sets numbered as in ``before`` (a state numbered afresh inherits
+    nothing: equal verdicts would not mean the same test): the answers of
+    ``before`` or, when it has none yet, what ``before`` inherited."""
+    if before.found:
+        return Carried(before.found, frozenset(touched))
+    if before.carried is None:
+        return None
+    merged = before.carried.touched.union(touched)
+    return None if len(merged) > _TOUCHED_KEPT else Carried(before.carried.found, merged)
 
 
 class SelectedView:
@@ -271,6 +354,8 @@ class SelectedView:
     def uids_where(self, test: Callable[[frozenset[str]], bool]) -> list[int]:
         """The UIDs whose flags pass ``test``, asked once per distinct set of
         flags (a folder holds few), the rest at C speed."""
+        if self._shared is not None:
+            return self._shared.where(test)
         if self._codes is not None:
             return self._codes.where(self._uids, test)
         return _uids_where(self._uids, self._flags, test)
