@@ -203,22 +203,23 @@ class FolderState:
         """The answer from the earlier state's, when it has one for the same
         verdicts. Its numbering is this state's (``carry`` checks), so a message
         not changed since has the same number, and the same verdict, in both;
-        a number added since is a message changed since."""
+        a number added since is a message changed since. Only the changed
+        messages are looked up, in both sorted lists."""
         carried = self.carried
         earlier = None if carried is None else carried.found.get(verdicts)
         if carried is None or earlier is None:
             return None
-        touched = carried.touched
-        found = [uid for uid in earlier if uid not in touched]
+        found = list(earlier)
         uids, numbers = self.uids, codes.codes
-        added = False
-        for uid in touched:
+        for uid in carried.touched:
+            at = bisect.bisect_left(found, uid)
+            listed = at < len(found) and found[at] == uid
             index = bisect.bisect_left(uids, uid)
-            if index < len(uids) and uids[index] == uid and verdicts[numbers[index]]:
-                found.append(uid)
-                added = True
-        if added:
-            found.sort()
+            passes = index < len(uids) and uids[index] == uid and verdicts[numbers[index]]
+            if listed and not passes:
+                del found[at]
+            elif passes and not listed:
+                found.insert(at, uid)
         return found
 
     @classmethod
@@ -243,8 +244,9 @@ class FolderState:
 
 _FOUND_KEPT = 8
 """Answers of :meth:`FolderState.where` kept per state (distinct flag tests)."""
-_TOUCHED_KEPT = 4096
-"""UIDs changed since an earlier state's answers past which they are not used."""
+_TOUCHED_KEPT = 128
+"""UIDs changed since an earlier state's answers past which a scan of every
+message is cheaper than updating them one by one."""
 
 
 @dataclass(frozen=True)
