@@ -10,16 +10,22 @@ import datetime as dt
 import random
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import cast
 
 import pytest
 from conftest import PER, PkiBundle, seed, store_url_for
 from sqlalchemy import update
 
+from mssd.auth import Authenticator
+from mssd.imap.facts import FactCache
+from mssd.imap.heads import HeadCache
 from mssd.imap.index import Indexes, _advance
+from mssd.imap.session import Services, Session
 from mssd.imap.view import FlagCodes, FolderState, SelectedView
 from mssd.store import changes
 from mssd.store.accounts import StoreAccounts
 from mssd.store.changes import ChangeBus, FlagState, FolderChange
+from mssd.store.delivery import GroupCommitter
 from mssd.store.engine import create_engine
 from mssd.store.mailstore import FolderInfo, FolderSnapshot, MailStore, MessageRow
 from mssd.store.schema import folders, placements
@@ -315,3 +321,93 @@ async def test_another_process_writes_reach_the_index_through_notify_deltas(
         await reader_bus.stop()
         await writer_engine.dispose()
         await reader_engine.dispose()
+
+
+async def test_own_writes_leave_the_view_sharing_the_index_state(
+    store_url: str, test_pki: PkiBundle
+) -> None:
+    """A session's own STORE, APPEND and EXPUNGE, proven the only change, bring
+    its view to the index's next state by adopting it (no copy of the folder's
+    arrays): the view then is that state, as a fresh snapshot has it. A write
+    the index has already gone past is left to the caller."""
+    await seed(store_url, test_pki)
+    engine = create_engine(store_url)
+    bus = ChangeBus(engine)
+    store = MailStore(engine, on_change=bus.notify)
+    await bus.start()
+    try:
+        account = await StoreAccounts(engine).by_login(PER)
+        assert account is not None
+        inbox = await store.folder(account.id, "INBOX")
+        assert inbox is not None
+        now = dt.datetime.now(dt.UTC)
+        for n in range(12):
+            await store.append(
+                inbox.id, b"Subject: %d\r\n\r\nbody\r\n" % n, flags=frozenset(), internal_date=now
+            )
+        services = Services(
+            cast(Authenticator, None), store, bus, cast(GroupCommitter, None), 1 << 20,
+            HeadCache(0), FactCache(0),
+        )  # fmt: skip
+        sent: list[bytes] = []
+
+        async def send(data: bytes) -> None:
+            sent.append(data)
+
+        session = Session(
+            services, send=send, queue=lambda data: sent.append(data) is not None,
+            remote_ip="127.0.0.1", tls=True, trusted=False,
+            peer_certificate=lambda: None, starttls_available=False,
+        )  # fmt: skip
+        session.subscription = bus.subscribe(inbox.id)
+        session.index = index = await services.indexes.acquire(inbox.id)
+        session.view = view = SelectedView(inbox, False, index.state)
+
+        async def same_as_store() -> None:
+            assert view.shared and view._shared is index.state
+            fresh = FolderState.from_snapshot(await store.snapshot(inbox.id))
+            assert list(view.uids) == list(fresh.uids)
+            assert [view.flags[u] for u in view.uids] == fresh.flags
+            assert view.highestmodseq == fresh.highestmodseq
+
+        result = await store.store_flags(
+            inbox.id, list(view.uids[:3]), mode="add", flags=frozenset({"\\Seen"})
+        )
+        highest = session.own_change(len(result.updated))
+        assert highest is not None
+        assert await session.own_update(result.updated, [], highest, allow_expunge=False)
+        await same_as_store()
+
+        uids = await store.append_many(inbox.id, [(b"Subject: new\r\n\r\nx\r\n", frozenset(), now)])
+        highest = session.own_change(len(uids))
+        assert highest is not None
+        rows = [MessageRow(uids[0], frozenset(), highest, now, 1, "")]
+        update = await session.own_update(rows, [], highest, allow_expunge=False)
+        assert update is not None and update.exists == 13
+        await same_as_store()
+
+        doomed = list(view.uids[:2])
+        await store.store_flags(inbox.id, doomed, mode="add", flags=frozenset({"\\Deleted"}))
+        await session.sync(allow_expunge=True)
+        gone = await store.expunge(inbox.id, uids=doomed)
+        highest = session.own_change(len(gone))
+        assert highest is not None
+        update = await session.own_update([], gone, highest, allow_expunge=True)
+        assert update is not None and update.expunged == (2, 1)
+        await same_as_store()
+
+        # Two writes before the session looks: the first one's own update finds
+        # the index past it and leaves the view alone.
+        first = await store.store_flags(
+            inbox.id, list(view.uids[:1]), mode="add", flags=frozenset({"$a"})
+        )
+        mark = view.highestmodseq + len(first.updated)
+        await store.store_flags(inbox.id, list(view.uids[1:2]), mode="add", flags=frozenset({"$b"}))
+        await index.latest()
+        assert await session.own_update(first.updated, [], mark, allow_expunge=False) is None
+        assert view.highestmodseq < mark
+        services.indexes.release(index)
+        session.subscription.close()
+    finally:
+        await bus.stop()
+        await engine.dispose()

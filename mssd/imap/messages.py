@@ -460,15 +460,19 @@ async def cmd_store(session: Session, command: Command) -> None:
         flags=flags,
         unchanged_since=args.unchanged_since,
     )
-    for state in (*result.updated, *result.unchanged):
-        if state.uid in view.flags:
-            view.set_state(state.uid, state.flags, state.modseq)
     # view.highestmodseq moves only once every change below it, expunges
     # included, has been told (RFC 9051 §7.5.1): here if this STORE was the
-    # only change, else in Session.sync.
+    # only change, else in Session.sync. (The FETCH responses below tell it.)
     highest = session.own_change(len(result.updated))
-    if highest is not None:
-        view.highestmodseq = highest
+    followed = highest is not None and (
+        await session.own_update(result.updated, [], highest, allow_expunge=False) is not None
+    )
+    if not followed:
+        for state in (*result.updated, *result.unchanged):
+            if state.uid in view.flags:
+                view.set_state(state.uid, state.flags, state.modseq)
+        if highest is not None:
+            view.highestmodseq = highest
     report = sorted(
         result.updated if args.silent else (*result.updated, *result.unchanged), key=lambda s: s.uid
     )
@@ -563,7 +567,10 @@ async def cmd_expunge(session: Session, command: Command) -> None:
     if highest is None:
         await session.sync(allow_expunge=True)
     else:
-        await session.announce(view.apply([], doomed, highest, allow_expunge=True))
+        update = await session.own_update([], doomed, highest, allow_expunge=True)
+        if update is None:
+            update = view.apply([], doomed, highest, allow_expunge=True)
+        await session.announce(update)
     await session.tagged(command, "OK", "EXPUNGE completed")
 
 
@@ -621,7 +628,10 @@ async def cmd_append(session: Session, command: Command) -> None:
                 MessageRow(uid, parse_flags(format_flags(flags)), first + i, moment, len(data), "")
                 for i, (uid, (data, flags, moment)) in enumerate(zip(uids, messages, strict=True))
             ]
-            await session.announce(view.apply(rows, [], highest, allow_expunge=False))
+            update = await session.own_update(rows, [], highest, allow_expunge=False)
+            if update is None:
+                update = view.apply(rows, [], highest, allow_expunge=False)
+            await session.announce(update)
     await session.tagged(
         command, "OK", "APPEND completed", encode.appenduid(target.uidvalidity, uids)
     )

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -39,7 +39,7 @@ from mssd.imap.facts import FactCache
 from mssd.imap.heads import HeadCache
 from mssd.imap.index import FolderIndex, Indexes
 from mssd.imap.view import SelectedView, ViewUpdate
-from mssd.store.changes import ChangeBus, Subscription
+from mssd.store.changes import ChangeBus, FlagRow, Subscription
 from mssd.store.delivery import GroupCommitter
 from mssd.store.mailstore import MailStore
 from mssd.store.records import AuditEvent
@@ -232,6 +232,29 @@ class Session:
             return None  # 0: a "resync", anything may have changed
         subscription.drain()
         return target
+
+    async def own_update(
+        self,
+        changed: Sequence[FlagRow],
+        vanished: Sequence[int],
+        highest: int,
+        *,
+        allow_expunge: bool,
+    ) -> ViewUpdate | None:
+        """Bring the view forward by this session's own write, which
+        :meth:`own_change` proved the only change since the view's state, by
+        adopting the folder index's state after it (``SelectedView.follow``):
+        the write costs the folder's arrays one copy, the index's, not a second
+        one for the view. None when the view holds its own arrays or the index
+        is already past the write; then the caller applies the write to the
+        view."""
+        view, index = self.view, self.index
+        if view is None or index is None or not view.shared:
+            return None
+        state = await index.latest()
+        if state.highestmodseq != highest:
+            return None
+        return view.follow(state, changed, vanished, allow_expunge=allow_expunge)
 
     async def sync(self, *, allow_expunge: bool, force: bool = False) -> None:
         """Tell the client what changed in the selected folder since it last heard.
