@@ -15,6 +15,7 @@ from typing import cast
 import pytest
 from conftest import PER, PkiBundle, seed, store_url_for
 from sqlalchemy import update
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from mssd.auth import Authenticator
 from mssd.imap.facts import FactCache
@@ -51,6 +52,15 @@ _TESTS: list[Callable[[frozenset[str]], bool]] = [
 ]
 
 
+async def _folder_of_per(engine: AsyncEngine, store: MailStore, name: str) -> FolderInfo:
+    """A folder of the seeded PER mailbox."""
+    account = await StoreAccounts(engine).by_login(PER)
+    assert account is not None
+    folder = await store.folder(account.id, name)
+    assert folder is not None
+    return folder
+
+
 def _coded_right(uids: Sequence[int], flags: list[frozenset[str]], codes: FlagCodes | None) -> None:
     """The flag codes (kept up to date step by step) say what the flags say."""
     if codes is None:
@@ -85,11 +95,8 @@ async def test_index_follows_own_writes_without_reading_and_others_by_reading(
     monkeypatch.setattr(changes, "SILENCE_TRUST_SECONDS", 3600.0)
     await bus.start()
     try:
-        account = await StoreAccounts(engine).by_login(PER)
-        assert account is not None
-        inbox = await store.folder(account.id, "INBOX")
-        archive = await store.folder(account.id, "Archive")
-        assert inbox is not None and archive is not None
+        inbox = await _folder_of_per(engine, store, "INBOX")
+        archive = await _folder_of_per(engine, store, "Archive")
         now = dt.datetime.now(dt.UTC)
         for n in range(20):
             await store.append(
@@ -278,10 +285,7 @@ async def test_another_process_writes_reach_the_index_through_notify_deltas(
     await writer_bus.start()
     await reader_bus.start()
     try:
-        account = await StoreAccounts(writer_engine).by_login(PER)
-        assert account is not None
-        inbox = await writer.folder(account.id, "INBOX")
-        assert inbox is not None
+        inbox = await _folder_of_per(writer_engine, writer, "INBOX")
         now = dt.datetime.now(dt.UTC)
         index = await indexes.acquire(inbox.id)
 
@@ -336,10 +340,7 @@ async def test_own_writes_leave_the_view_sharing_the_index_state(
     store = MailStore(engine, on_change=bus.notify)
     await bus.start()
     try:
-        account = await StoreAccounts(engine).by_login(PER)
-        assert account is not None
-        inbox = await store.folder(account.id, "INBOX")
-        assert inbox is not None
+        inbox = await _folder_of_per(engine, store, "INBOX")
         now = dt.datetime.now(dt.UTC)
         for n in range(12):
             await store.append(
