@@ -201,7 +201,8 @@ class FolderState:
 
     def _derived(self, codes: FlagCodes, verdicts: bytes) -> list[int] | None:
         """The answer from the earlier state's, when it has one for the same
-        verdicts. Its numbering is this state's (``carry`` checks), so a message
+        verdicts. Its numbering is this state's (``index._advance`` carries
+        nothing across a fresh numbering), so a message
         not changed since has the same number, and the same verdict, in both;
         a number added since is a message changed since. Only the changed
         messages are looked up, in both sorted lists."""
@@ -264,11 +265,12 @@ def carry(before: FolderState, touched: Iterable[int]) -> Carried | None:
     nothing: equal verdicts would not mean the same test): the answers of
     ``before`` or, when it has none yet, what ``before`` inherited."""
     if before.found:
-        return Carried(before.found, frozenset(touched))
-    if before.carried is None:
+        found, merged = before.found, frozenset(touched)
+    elif before.carried is not None:
+        found, merged = before.carried.found, before.carried.touched.union(touched)
+    else:
         return None
-    merged = before.carried.touched.union(touched)
-    return None if len(merged) > _TOUCHED_KEPT else Carried(before.carried.found, merged)
+    return None if len(merged) > _TOUCHED_KEPT else Carried(found, merged)
 
 
 class SelectedView:
