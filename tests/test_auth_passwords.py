@@ -383,3 +383,46 @@ async def test_a_verified_password_skips_scrypt_until_it_expires_or_changes(
     off = passwords.VerifiedPasswords(0)
     assert await off.verify(PASSWORD, STORED) and await off.verify(PASSWORD, STORED)
     assert len(runs) == 7
+
+
+async def test_logins_with_one_password_at_the_same_moment_share_one_scrypt(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import mssd.auth.passwords as passwords
+
+    runs: list[str] = []
+    real = passwords.verify_password_async
+
+    async def counted(password: str, stored: str) -> bool:
+        runs.append(password)
+        return await real(password, stored)
+
+    monkeypatch.setattr(passwords, "verify_password_async", counted)
+    cache = passwords.VerifiedPasswords(300)
+    # A client opening five connections at once: one scrypt, five answers.
+    assert await asyncio.gather(*(cache.verify(PASSWORD, STORED) for _ in range(5))) == [True] * 5
+    assert runs == [PASSWORD]
+    # The same wrong password at once: one scrypt, every try refused, nothing kept.
+    assert await asyncio.gather(*(cache.verify("wrong", STORED) for _ in range(3))) == [False] * 3
+    assert runs == [PASSWORD, "wrong"]
+    assert not await cache.verify("wrong", STORED)
+    assert runs == [PASSWORD, "wrong", "wrong"]
+    # Different passwords at once each pay their own.
+    assert await asyncio.gather(cache.verify("one", STORED), cache.verify("two", STORED)) == [
+        False,
+        False,
+    ]
+    assert sorted(runs[3:]) == ["one", "two"]
+    # The first login given up (its client gone): the others still get the answer,
+    # which is then kept.
+    fresh = passwords.VerifiedPasswords(300)
+    first = asyncio.create_task(fresh.verify(PASSWORD, STORED))
+    await asyncio.sleep(0)
+    second = asyncio.create_task(fresh.verify(PASSWORD, STORED))
+    await asyncio.sleep(0)
+    first.cancel()
+    assert await second
+    assert first.cancelled()
+    assert len(runs) == 6
+    assert await fresh.verify(PASSWORD, STORED) and len(runs) == 6
+    assert not fresh._running

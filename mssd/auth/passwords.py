@@ -109,11 +109,18 @@ class VerifiedPasswords:
     short-lived connections) pays one scrypt per ``ttl`` seconds rather than one
     per login, as Dovecot's ``auth_cache`` does.
 
-    Only successes are kept: a wrong password always costs the full scrypt. An
+    Only successes are kept: a wrong password costs the full scrypt each time it
+    is tried (tries of one password at the same moment share one, below). An
     entry is the HMAC-SHA-256, under a random key that never leaves this
     process, of the stored hash and the password: no password is kept, and a
     password change (a new stored hash, new salt) misses at once. ``ttl`` 0
-    keeps nothing."""
+    keeps nothing.
+
+    Logins with the same password against the same hash at the same moment
+    (a mail client opening its connections together, Thunderbird up to five,
+    or every connection of a lab system coming back after a restart) share
+    one scrypt: the later ones wait for the first one's answer, which is the
+    answer they would compute. Each distinct password still costs its own."""
 
     def __init__(
         self, ttl: float, *, max_entries: int = 10_000, clock: Callable[[], float] = time.monotonic
@@ -123,16 +130,15 @@ class VerifiedPasswords:
         self._clock = clock
         self._key = secrets.token_bytes(32)
         self._entries: OrderedDict[bytes, float] = OrderedDict()
+        self._running: dict[bytes, asyncio.Future[bool]] = {}
+        """Verifications under way, by digest."""
 
     def _digest(self, password: str, stored: str) -> bytes:
         secret = unicodedata.normalize("NFC", password).encode("utf-8")
         message = stored.encode("ascii", "replace") + b"\0" + secret
         return hmac.new(self._key, message, hashlib.sha256).digest()
 
-    def known(self, password: str, stored: str) -> bool:
-        if self.ttl <= 0:
-            return False
-        digest = self._digest(password, stored)
+    def _known(self, digest: bytes) -> bool:
         expires = self._entries.get(digest)
         if expires is None:
             return False
@@ -141,20 +147,31 @@ class VerifiedPasswords:
             return False
         return True
 
-    def remember(self, password: str, stored: str) -> None:
-        if self.ttl <= 0:
-            return
-        digest = self._digest(password, stored)
+    def _remember(self, digest: bytes) -> None:
         self._entries[digest] = self._clock() + self.ttl
         self._entries.move_to_end(digest)
         while len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)
 
     async def verify(self, password: str, stored: str) -> bool:
-        """:func:`verify_password_async`, skipped for a pair verified within ``ttl``."""
-        if self.known(password, stored):
+        """:func:`verify_password_async`, skipped for a pair verified within
+        ``ttl``, and run once for the same pair asked several times at once."""
+        digest = self._digest(password, stored)
+        if self.ttl > 0 and self._known(digest):
             return True
-        good = await verify_password_async(password, stored)
-        if good:
-            self.remember(password, stored)
-        return good
+        running = self._running.get(digest)
+        if running is None:
+            running = asyncio.ensure_future(verify_password_async(password, stored))
+            self._running[digest] = running
+            running.add_done_callback(lambda done: self._finished(digest, done))
+        # Shielded: a login given up (its client gone) does not cancel the
+        # verification the others wait for.
+        return await asyncio.shield(running)
+
+    def _finished(self, digest: bytes, done: asyncio.Future[bool]) -> None:
+        if self._running.get(digest) is done:
+            del self._running[digest]
+        if done.cancelled() or done.exception() is not None:
+            return  # (exception() also marks it retrieved if nobody waits any more)
+        if done.result() and self.ttl > 0:
+            self._remember(digest)
