@@ -17,6 +17,7 @@ from mssd.auth import (
     Success,
     UnknownMechanism,
     hash_password,
+    passwords,
     totp_code,
 )
 from mssd.auth.model import StepResult
@@ -347,11 +348,9 @@ async def test_success_resets_the_account_count_but_not_the_address_count() -> N
     assert auth.limiter.address_failures("192.0.2.10") == 4
 
 
-async def test_a_verified_password_skips_scrypt_until_it_expires_or_changes(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    import mssd.auth.passwords as passwords
-
+@pytest.fixture
+def scrypt_runs(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The passwords scrypt is run for, in order (the real verification, counted)."""
     runs: list[str] = []
     real = passwords.verify_password_async
 
@@ -360,6 +359,13 @@ async def test_a_verified_password_skips_scrypt_until_it_expires_or_changes(
         return await real(password, stored)
 
     monkeypatch.setattr(passwords, "verify_password_async", counted)
+    return runs
+
+
+async def test_a_verified_password_skips_scrypt_until_it_expires_or_changes(
+    scrypt_runs: list[str],
+) -> None:
+    runs = scrypt_runs
     now = [1000.0]
     cache = passwords.VerifiedPasswords(300, clock=lambda: now[0])
     assert await cache.verify(PASSWORD, STORED)
@@ -386,18 +392,9 @@ async def test_a_verified_password_skips_scrypt_until_it_expires_or_changes(
 
 
 async def test_logins_with_one_password_at_the_same_moment_share_one_scrypt(
-    monkeypatch: pytest.MonkeyPatch,
+    scrypt_runs: list[str],
 ) -> None:
-    import mssd.auth.passwords as passwords
-
-    runs: list[str] = []
-    real = passwords.verify_password_async
-
-    async def counted(password: str, stored: str) -> bool:
-        runs.append(password)
-        return await real(password, stored)
-
-    monkeypatch.setattr(passwords, "verify_password_async", counted)
+    runs = scrypt_runs
     cache = passwords.VerifiedPasswords(300)
     # A client opening five connections at once: one scrypt, five answers.
     assert await asyncio.gather(*(cache.verify(PASSWORD, STORED) for _ in range(5))) == [True] * 5

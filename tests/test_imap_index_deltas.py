@@ -22,7 +22,7 @@ from mssd.imap.facts import FactCache
 from mssd.imap.heads import HeadCache
 from mssd.imap.index import Indexes, _advance
 from mssd.imap.session import Services, Session
-from mssd.imap.view import FlagCodes, FolderState, SelectedView
+from mssd.imap.view import FlagCodes, FolderState, SelectedView, ViewUpdate
 from mssd.store import changes
 from mssd.store.accounts import StoreAccounts
 from mssd.store.changes import ChangeBus, FlagState, FolderChange
@@ -332,8 +332,9 @@ async def test_own_writes_leave_the_view_sharing_the_index_state(
 ) -> None:
     """A session's own STORE, APPEND and EXPUNGE, proven the only change, bring
     its view to the index's next state by adopting it (no copy of the folder's
-    arrays): the view then is that state, as a fresh snapshot has it. A write
-    the index has already gone past is left to the caller."""
+    arrays): the view then is that state, as a fresh snapshot has it, and the
+    client is told what apply() would tell. A view the index has gone past
+    applies the write to its own arrays."""
     await seed(store_url, test_pki)
     engine = create_engine(store_url)
     bus = ChangeBus(engine)
@@ -355,8 +356,12 @@ async def test_own_writes_leave_the_view_sharing_the_index_state(
         async def send(data: bytes) -> None:
             sent.append(data)
 
+        def queue(data: bytes) -> bool:
+            sent.append(data)
+            return False  # never asks for a wait
+
         session = Session(
-            services, send=send, queue=lambda data: sent.append(data) is not None,
+            services, send=send, queue=queue,
             remote_ip="127.0.0.1", tls=True, trusted=False,
             peer_certificate=lambda: None, starttls_available=False,
         )  # fmt: skip
@@ -376,7 +381,8 @@ async def test_own_writes_leave_the_view_sharing_the_index_state(
         )
         highest = session.own_change(len(result.updated))
         assert highest is not None
-        assert await session.own_update(result.updated, [], highest, allow_expunge=False)
+        update = await session.own_update(result.updated, [], highest, allow_expunge=False)
+        assert update == ViewUpdate(flags=(1, 2, 3))
         await same_as_store()
 
         uids = await store.append_many(inbox.id, [(b"Subject: new\r\n\r\nx\r\n", frozenset(), now)])
@@ -384,7 +390,7 @@ async def test_own_writes_leave_the_view_sharing_the_index_state(
         assert highest is not None
         rows = [MessageRow(uids[0], frozenset(), highest, now, 1, "")]
         update = await session.own_update(rows, [], highest, allow_expunge=False)
-        assert update is not None and update.exists == 13
+        assert update == ViewUpdate(exists=13)
         await same_as_store()
 
         doomed = list(view.uids[:2])
@@ -394,19 +400,23 @@ async def test_own_writes_leave_the_view_sharing_the_index_state(
         highest = session.own_change(len(gone))
         assert highest is not None
         update = await session.own_update([], gone, highest, allow_expunge=True)
-        assert update is not None and update.expunged == (2, 1)
+        assert update == ViewUpdate(expunged=(2, 1), expunged_uids=tuple(doomed), exists=11)
         await same_as_store()
 
         # Two writes before the session looks: the first one's own update finds
-        # the index past it and leaves the view alone.
+        # the index past it, and the view applies it to its own arrays.
+        before = view.flags[view.uids[1]]
         first = await store.store_flags(
             inbox.id, list(view.uids[:1]), mode="add", flags=frozenset({"$a"})
         )
         mark = view.highestmodseq + len(first.updated)
         await store.store_flags(inbox.id, list(view.uids[1:2]), mode="add", flags=frozenset({"$b"}))
         await index.latest()
-        assert await session.own_update(first.updated, [], mark, allow_expunge=False) is None
-        assert view.highestmodseq < mark
+        update = await session.own_update(first.updated, [], mark, allow_expunge=False)
+        assert update == ViewUpdate(flags=(1,))
+        assert not view.shared and view.highestmodseq == mark
+        assert view.flags[view.uids[0]] == first.updated[0].flags == {"$a", "\\Seen"}
+        assert view.flags[view.uids[1]] == before  # the second write is not the view's yet
         services.indexes.release(index)
         session.subscription.close()
     finally:

@@ -464,15 +464,12 @@ async def cmd_store(session: Session, command: Command) -> None:
     # included, has been told (RFC 9051 §7.5.1): here if this STORE was the
     # only change, else in Session.sync. (The FETCH responses below tell it.)
     highest = session.own_change(len(result.updated))
-    followed = highest is not None and (
-        await session.own_update(result.updated, [], highest, allow_expunge=False) is not None
-    )
-    if not followed:
+    if highest is not None:
+        await session.own_update(result.updated, [], highest, allow_expunge=False)
+    else:
         for state in (*result.updated, *result.unchanged):
             if state.uid in view.flags:
                 view.set_state(state.uid, state.flags, state.modseq)
-        if highest is not None:
-            view.highestmodseq = highest
     report = sorted(
         result.updated if args.silent else (*result.updated, *result.unchanged), key=lambda s: s.uid
     )
@@ -567,10 +564,7 @@ async def cmd_expunge(session: Session, command: Command) -> None:
     if highest is None:
         await session.sync(allow_expunge=True)
     else:
-        update = await session.own_update([], doomed, highest, allow_expunge=True)
-        if update is None:
-            update = view.apply([], doomed, highest, allow_expunge=True)
-        await session.announce(update)
+        await session.announce(await session.own_update([], doomed, highest, allow_expunge=True))
     await session.tagged(command, "OK", "EXPUNGE completed")
 
 
@@ -628,10 +622,7 @@ async def cmd_append(session: Session, command: Command) -> None:
                 MessageRow(uid, parse_flags(format_flags(flags)), first + i, moment, len(data), "")
                 for i, (uid, (data, flags, moment)) in enumerate(zip(uids, messages, strict=True))
             ]
-            update = await session.own_update(rows, [], highest, allow_expunge=False)
-            if update is None:
-                update = view.apply(rows, [], highest, allow_expunge=False)
-            await session.announce(update)
+            await session.announce(await session.own_update(rows, [], highest, allow_expunge=False))
     await session.tagged(
         command, "OK", "APPEND completed", encode.appenduid(target.uidvalidity, uids)
     )

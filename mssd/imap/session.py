@@ -240,21 +240,17 @@ class Session:
         highest: int,
         *,
         allow_expunge: bool,
-    ) -> ViewUpdate | None:
+    ) -> ViewUpdate:
         """Bring the view forward by this session's own write, which
-        :meth:`own_change` proved the only change since the view's state, by
-        adopting the folder index's state after it (``SelectedView.follow``):
-        the write costs the folder's arrays one copy, the index's, not a second
-        one for the view. None when the view holds its own arrays or the index
-        is already past the write; then the caller applies the write to the
-        view."""
+        :meth:`own_change` proved the only change since the view's state (the
+        folder's HIGHESTMODSEQ after it is ``highest``): through the folder
+        index, whose next state a view that shares its state adopts
+        (``SelectedView.catch_up``), so that the write costs the folder's
+        arrays one copy, the index's, not a second one for the view."""
         view, index = self.view, self.index
-        if view is None or index is None or not view.shared:
-            return None
+        assert view is not None and index is not None
         state = await index.latest()
-        if state.highestmodseq != highest:
-            return None
-        return view.follow(state, changed, vanished, allow_expunge=allow_expunge)
+        return view.catch_up(state, changed, vanished, highest, allow_expunge=allow_expunge)
 
     async def sync(self, *, allow_expunge: bool, force: bool = False) -> None:
         """Tell the client what changed in the selected folder since it last heard.
@@ -272,13 +268,9 @@ class Session:
                 self.subscription.drain()
             self.last_read = time.monotonic()
             changed, vanished, highest = await index.changes_since(view.highestmodseq)
-            update = None
-            if highest == index.state.highestmodseq:
-                # The index's state is the view's plus these changes: adopt it.
-                update = view.follow(index.state, changed, vanished, allow_expunge=allow_expunge)
-            if update is None:
-                update = view.apply(changed, vanished, highest, allow_expunge=allow_expunge)
-            await self.announce(update)
+            await self.announce(
+                view.catch_up(index.state, changed, vanished, highest, allow_expunge=allow_expunge)
+            )
         if not view.shared:
             state = await index.latest() if allow_expunge else index.state
             view.share(state)

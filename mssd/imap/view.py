@@ -433,10 +433,28 @@ class SelectedView:
             flags=tuple(flag_changes),
         )
 
+    def catch_up(
+        self,
+        state: FolderState,
+        changed: Sequence[FlagRow],
+        vanished: Sequence[int],
+        highestmodseq: int,
+        *,
+        allow_expunge: bool,
+    ) -> ViewUpdate:
+        """The view brought to ``highestmodseq`` by the changes: by adopting
+        the folder index's ``state`` when it is the folder at that modseq and
+        :meth:`follow` can (no copy), else by :meth:`apply`."""
+        if state.highestmodseq == highestmodseq:
+            update = self.follow(state, changed, vanished, allow_expunge=allow_expunge)
+            if update is not None:
+                return update
+        return self.apply(changed, vanished, highestmodseq, allow_expunge=allow_expunge)
+
     def apply(
         self,
         changed: Sequence[FlagRow],
-        vanished: list[int],
+        vanished: Sequence[int],
         highestmodseq: int,
         *,
         allow_expunge: bool,
