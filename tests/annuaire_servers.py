@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import shutil
 import socket
 import ssl
 import subprocess
@@ -17,6 +16,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from server_processes import find_program, free_port, listening, stop_process
 
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMA_LDIF = ROOT / "config" / "ldap" / "mssante.ldif"
@@ -28,18 +29,6 @@ ADMIN_PASSWORD = "admin-secret-for-tests"
 READER_DN = f"cn=lecteur,{BASE_DN}"
 READER_PASSWORD = "reader-secret-for-tests"
 PUBLISH_DN = f"ou=publication,{BASE_DN}"
-
-
-def find_program(name: str) -> str | None:
-    return shutil.which(name) or (
-        f"/usr/sbin/{name}" if Path(f"/usr/sbin/{name}").exists() else None
-    )
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def config_ldif(directory: Path, cert: Path, key: Path, ca: Path) -> str:
@@ -146,26 +135,16 @@ class Slapd:
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"slapd exited:\n{self.log.read_text(errors='replace')}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.ldap_port), timeout=0.5):
-                    return self
-            except OSError:
-                time.sleep(0.05)
+        if listening(self.process, self.ldap_port, timeout):
+            return self
+        exited = self.process.poll() is not None
         self.stop()
-        raise RuntimeError(f"slapd did not listen:\n{self.log.read_text(errors='replace')}")
+        what = "exited" if exited else "did not listen"
+        raise RuntimeError(f"slapd {what}:\n{self.log.read_text(errors='replace')}")
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        if self.process is not None:
+            stop_process(self.process)
         self.process = None
 
 

@@ -13,19 +13,20 @@ import hashlib
 import json
 import os
 import secrets
-import shutil
 import signal
 import smtplib
 import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
+from server_processes import find_program
 
 from mssd.auth.passwords import hash_password
 from mssd.config import AuthSettings
@@ -42,6 +43,27 @@ TEST_AUTH = AuthSettings(scrypt_n=1024)
 PASSWORD = "correct horse battery staple"
 
 
+@asynccontextmanager
+async def loop_ticks(interval: float) -> AsyncIterator[list[int]]:
+    """``[n]``: how many times a task sleeping ``interval`` in a loop woke up while
+    the body ran, to show that something the body awaits leaves the event loop
+    free (a body that blocks the loop gives it no turn)."""
+    ticks = [0]
+
+    async def tick() -> None:
+        while True:
+            await asyncio.sleep(interval)
+            ticks[0] += 1
+
+    task = asyncio.create_task(tick())
+    try:
+        yield ticks
+    finally:
+        task.cancel()
+        with suppress(asyncio.CancelledError):
+            await task
+
+
 def unavailable(reason: str) -> None:
     """Skip, or fail when CI requires every test to run."""
     if REQUIRE_ALL:
@@ -50,9 +72,7 @@ def unavailable(reason: str) -> None:
 
 
 def require_program(name: str) -> str:
-    path = shutil.which(name) or (
-        f"/usr/sbin/{name}" if Path(f"/usr/sbin/{name}").exists() else None
-    )
+    path = find_program(name)
     if path is None:
         unavailable(f"{name} is not installed")
     assert path is not None

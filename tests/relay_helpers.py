@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import secrets
 import smtplib
-import socket
 import ssl
 import time
 from collections.abc import Callable, Iterator
@@ -15,17 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from conftest import PASSWORD, TEST_AUTH, MssdProcess, PkiBundle, inbox, run, write_whitelist
+from server_processes import free_port
 
 from mssd.auth.passwords import hash_password
 from mssd.store import admin, queue
 from mssd.store.engine import create_engine, upgrade
 from mssd.trust import pki
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @dataclass

@@ -6,6 +6,7 @@ import asyncio
 
 import pytest
 from auth_fakes import AuditList, Clock, MemoryAccounts
+from conftest import loop_ticks
 
 from mssd.auth import (
     AuthContext,
@@ -221,21 +222,10 @@ async def test_scrypt_does_not_block_the_event_loop() -> None:
         id=9, login="slow@example.fr", status="active", password_hash=hash_password("pw", slow)
     )
     auth = Authenticator(slow, MemoryAccounts(account), AuditList())
-    ticks = 0
-
-    async def ticker() -> None:
-        nonlocal ticks
-        while True:
-            await asyncio.sleep(0.001)
-            ticks += 1
-
-    task = asyncio.create_task(ticker())
-    try:
+    async with loop_ticks(0.001) as ticks:
         result = await plain(auth, "slow@example.fr", "pw")
-    finally:
-        task.cancel()
     assert isinstance(result, Success)
-    assert ticks > 3
+    assert ticks[0] > 3
 
 
 # --- one-time codes -----------------------------------------------------------------------------

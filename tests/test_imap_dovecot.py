@@ -13,20 +13,15 @@ stays true.
 
 from __future__ import annotations
 
-import os
-import pwd
-import shutil
 import socket
 import ssl
-import subprocess
-import tempfile
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from conftest import PASSWORD, PER, MssdProcess, require_program
+from dovecot_server import Dovecot, static_passdb
+from dovecot_server import start_dovecot as start_dovecot_server
 
 CORPUS = Path(__file__).parent / "corpus"
 MESSAGES = sorted(CORPUS.glob("*.eml"))
@@ -189,119 +184,12 @@ class RawImap:
 # -- Dovecot with a throwaway configuration ------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@dataclass
-class Dovecot:
-    directory: Path
-    port: int
-    process: subprocess.Popen[bytes]
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        shutil.rmtree(self.directory, ignore_errors=True)
-
-
-def _dovecot_config(directory: Path, port: int) -> str:
-    """Dovecot 2.3 settings for one unprivileged user, all state under ``directory``.
-
-    As root, Dovecot refuses mail access as UID 0, so mail is owned by the
-    ``dovecot`` user (or ``nobody``); as another user, everything runs as that user."""
-    if os.geteuid() == 0:
-        try:
-            entry = pwd.getpwnam("dovecot")
-        except KeyError:
-            entry = pwd.getpwnam("nobody")
-        internal = entry.pw_name
-        login = "dovenull" if _has_user("dovenull") else internal
-    else:
-        entry = pwd.getpwuid(os.geteuid())
-        internal = login = entry.pw_name
-    home = directory / "home"
-    home.mkdir()
-    if os.geteuid() == 0:
-        os.chown(home, entry.pw_uid, entry.pw_gid)
-    return f"""
-base_dir = {directory}/run
-state_dir = {directory}/state
-log_path = {directory}/dovecot.log
-listen = 127.0.0.1
-protocols = imap
-ssl = no
-disable_plaintext_auth = no
-auth_mechanisms = plain
-default_internal_user = {internal}
-default_login_user = {login}
-first_valid_uid = 1
-mail_location = maildir:~/Maildir
-passdb {{
-  driver = static
-  args = password={DOVECOT_PASSWORD}
-}}
-userdb {{
-  driver = static
-  args = uid={entry.pw_uid} gid={entry.pw_gid} home={home}/%u
-}}
-service imap-login {{
-  chroot =
-  inet_listener imap {{
-    address = 127.0.0.1
-    port = {port}
-  }}
-  inet_listener imaps {{
-    port = 0
-  }}
-}}
-service anvil {{
-  chroot =
-}}
-"""
-
-
-def _has_user(name: str) -> bool:
-    try:
-        pwd.getpwnam(name)
-    except KeyError:
-        return False
-    return True
-
-
 def start_dovecot(extra_config: str = "") -> Dovecot:
-    """Dovecot on a free loopback port; ``extra_config`` is appended to the settings."""
-    binary = require_program("dovecot")
-    # Not under pytest's tmp_path: its parent is 0700 and Dovecot's mail user must reach it.
-    directory = Path(tempfile.mkdtemp(prefix="mssd-dovecot-"))
-    directory.chmod(0o755)
-    port = _free_port()
-    config = directory / "dovecot.conf"
-    config.write_text(_dovecot_config(directory, port) + extra_config)
-    process = subprocess.Popen(
-        [binary, "-F", "-c", str(config)],
-        stdout=subprocess.DEVNULL,
-        stderr=(directory / "stderr").open("wb"),
+    """Dovecot on a free loopback port, without TLS, every user name logging in with
+    DOVECOT_PASSWORD; ``extra_config`` is appended to the settings."""
+    return start_dovecot_server(
+        require_program("dovecot"), static_passdb(DOVECOT_PASSWORD), extra_config=extra_config
     )
-    server = Dovecot(directory, port, process)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            break
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return server
-        except OSError:
-            time.sleep(0.05)
-    log = (directory / "stderr").read_text(errors="replace")
-    server.stop()
-    raise RuntimeError(f"Dovecot did not start:\n{log}")
 
 
 # -- the comparison --------------------------------------------------------------------
