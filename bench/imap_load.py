@@ -19,6 +19,10 @@ processes of asyncio IMAP clients (raw sockets, implicit TLS verified against th
 CA, or ``--plain`` LOGIN from the trusted loopback). Each client loops over a mix of
 commands for ``--duration`` seconds; see ``cycle`` below. Everything it created is
 removed at the end.
+
+With ``--server dovecot`` the same clients measure a real Dovecot instead, on Maildirs
+(or sdbox, mdbox) holding the same messages, with its defaults or its documented
+performance settings (``imap_dovecot.py``), to compare both on the same day.
 """
 
 from __future__ import annotations
@@ -40,12 +44,14 @@ import statistics
 import sys
 import tempfile
 import time
-from contextlib import suppress
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import imap_dovecot
 from smtp_load import (
     PG_ADMIN_URL,
     ROOT,
@@ -137,6 +143,26 @@ def addresses(count: int) -> list[str]:
     return [f"praticien{i}@{DOMAIN}" for i in range(count)]
 
 
+def seed_flags(messages: int) -> list[list[str]]:
+    """Each seeded message's flags: older mail mostly read; ~10 % unread, 3 % flagged,
+    2 % answered (the same on every server and in every mailbox)."""
+    rng = random.Random(1)
+    flags = []
+    for _ in range(messages):
+        roll = rng.random()
+        chosen = [] if roll < 0.10 else ["\\Seen"]
+        if roll > 0.97:
+            chosen.append("\\Flagged")
+        elif 0.95 < roll <= 0.97:
+            chosen.append("\\Answered")
+        flags.append(chosen)
+    return flags
+
+
+def internal_date(index: int) -> dt.datetime:
+    return dt.datetime(2024, 1, 1, tzinfo=dt.UTC) + dt.timedelta(minutes=17 * index)
+
+
 async def seed(url: str, mailbox_addresses: list[str], messages: int, scrypt_ln: int) -> float:
     """Domain, mailboxes (password ``PASSWORD``), and ``messages`` placements in each
     INBOX by bulk SQL; returns the seconds spent filling."""
@@ -165,7 +191,6 @@ async def seed(url: str, mailbox_addresses: list[str], messages: int, scrypt_ln:
             )
         began = time.monotonic()
         stamp = dt.datetime.now(dt.UTC)
-        epoch = dt.datetime(2024, 1, 1, tzinfo=dt.UTC)
         shas: list[tuple[str, int]] = []
         chunk: list[dict[str, Any]] = []
         for index in range(messages):
@@ -177,8 +202,7 @@ async def seed(url: str, mailbox_addresses: list[str], messages: int, scrypt_ln:
                 async with write_transaction(engine) as conn:
                     await conn.execute(insert(blobs), chunk)
                 chunk = []
-        rng = random.Random(1)
-        flag_choices = [rng.random() for _ in range(messages)]
+        flags = seed_flags(messages)
         for address in mailbox_addresses:
             async with write_transaction(engine) as conn:
                 folder_id, mailbox_id, uidnext, modseq = (
@@ -195,21 +219,14 @@ async def seed(url: str, mailbox_addresses: list[str], messages: int, scrypt_ln:
                 ).one()
                 rows = []
                 for index, (sha, size) in enumerate(shas):
-                    # Older mail mostly read; ~10 % unread, 3 % flagged, 2 % answered.
-                    roll = flag_choices[index]
-                    flags = [] if roll < 0.10 else ["\\Seen"]
-                    if roll > 0.97:
-                        flags.append("\\Flagged")
-                    elif 0.95 < roll <= 0.97:
-                        flags.append("\\Answered")
                     rows.append(
                         {
                             "folder_id": folder_id,
                             "uid": uidnext + index,
                             "blob_sha256": sha,
-                            "flags": " ".join(sorted(flags)),
+                            "flags": " ".join(sorted(flags[index])),
                             "modseq": modseq + 1 + index,
-                            "internal_date": epoch + dt.timedelta(minutes=17 * index),
+                            "internal_date": internal_date(index),
                             "size": size,
                         }
                     )
@@ -669,7 +686,8 @@ def _idle_process(
 
 
 def process_tree(pid: int) -> list[int]:
-    """The server and the processes it started (its IMAP workers)."""
+    """The server and the processes it started (its IMAP workers; Dovecot's master,
+    log, config, anvil, auth, stats, login and imap processes)."""
     try:
         children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
     except OSError:
@@ -678,15 +696,24 @@ def process_tree(pid: int) -> list[int]:
 
 
 def tree_cpu_seconds(pid: int) -> float:
-    return sum(cpu_seconds(p) for p in process_tree(pid))
+    """CPU of the processes alive now and of those that ended (Dovecot's login and
+    imap processes of each session): a parent counts its waited-for children's."""
+    return sum(cpu_seconds(p, ended_children=True) for p in process_tree(pid))
 
 
-def rss_kib(pid: int) -> int:
-    total = 0
+def tree_memory_kib(pid: int) -> dict[str, int]:
+    """RSS and PSS summed over the process tree. RSS counts pages shared between
+    processes once per process (with Dovecot's two processes per connection, the
+    sum overstates); PSS divides each shared page between its sharers."""
+    total = {"rss": 0, "pss": 0}
     for p in process_tree(pid):
-        for line in Path(f"/proc/{p}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                total += int(line.split()[1])
+        with suppress(OSError):  # a process that has just ended
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total["rss"] += int(line.split()[1])
+            for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total["pss"] += int(line.split()[1])
     return total
 
 
@@ -699,7 +726,7 @@ def idle_memory(
     context = multiprocessing.get_context("fork")
     release = context.Event()
     queue = context.Queue()
-    before = rss_kib(pid)
+    before = tree_memory_kib(pid)
     began = time.monotonic()
     arguments = [(port, ca_file, share, None, release, queue) for share in shares]
     workers = _start(context, _idle_process, arguments)
@@ -710,16 +737,19 @@ def idle_memory(
         opened = sum(r["opened"] for r in reports)
         setup = time.monotonic() - began
         time.sleep(3.0)
-        after = rss_kib(pid)
+        after = tree_memory_kib(pid)
     finally:
         release.set()
         _stop(workers, 30)
     return {
         "connections": count,
         "opened": opened,
-        "rss_before_kib": before,
-        "rss_after_kib": after,
-        "kib_per_connection": (after - before) / opened if opened else None,
+        "rss_before_kib": before["rss"],
+        "rss_after_kib": after["rss"],
+        "kib_per_connection": (after["rss"] - before["rss"]) / opened if opened else None,
+        "pss_before_kib": before["pss"],
+        "pss_after_kib": after["pss"],
+        "pss_kib_per_connection": (after["pss"] - before["pss"]) / opened if opened else None,
         "setup_seconds": setup,
         "errors": [e for r in reports for e in r["errors"]],
     }
@@ -731,13 +761,18 @@ def idle_memory(
 @dataclass
 class RunResult:
     run: int
+    server: str
+    """``mssd`` or ``dovecot <version>``."""
     backend: str
+    """mssd's store, or Dovecot's mail format (``maildir``, ``sdbox``, ``mdbox``)."""
+    tuned: bool | None
+    """Dovecot with ``--dovecot-tuned``; None for mssd."""
     mode: str
     transport: str
     clients: int
     mailboxes: int
     messages: int
-    fill_seconds: float
+    fill_seconds: float = 0.0
     commands: int = 0
     seconds: float = 0.0
     rate: float = 0.0
@@ -751,11 +786,28 @@ class RunResult:
     errors: list[str] = field(default_factory=list)
 
 
-def one_run(args: argparse.Namespace, number: int, base: Path, pki_dir: Path) -> RunResult:
-    workdir = base / f"run{number}"
-    workdir.mkdir()
-    logins = addresses(args.mailboxes)
-    ca_file = None if args.plain else str(pki_dir / "ca-bundle.pem")
+@dataclass(frozen=True)
+class Target:
+    """The server under load, filled and listening."""
+
+    pid: int
+    """Its main process: the CPU and memory of its whole process tree are counted."""
+    ports: dict[str, int]
+    """Listener name (``imap``, ``imaps``) to loopback port."""
+
+
+def _filled(result: RunResult, seconds: float) -> None:
+    result.fill_seconds = seconds
+    print(f"run {result.run}: filled {result.mailboxes} x {result.messages} in {seconds:.1f} s",
+          file=sys.stderr, flush=True)  # fmt: skip
+
+
+@contextmanager
+def mssd_target(
+    args: argparse.Namespace, workdir: Path, pki_dir: Path, result: RunResult
+) -> Iterator[Target]:
+    """A fresh store filled by bulk SQL, and ``mssd serve``; its log's ERROR lines
+    and tracebacks go to ``result.errors``."""
     with fresh_store(args.backend, workdir, args.pg_admin_url) as url:
         env = mssd_env(url, workdir, pki_dir, True)
         env.update(
@@ -767,54 +819,138 @@ def one_run(args: argparse.Namespace, number: int, base: Path, pki_dir: Path) ->
             }
         )
         run_cli(env, workdir, "db", "upgrade")
-        fill = asyncio.run(seed(url, logins, args.messages, args.scrypt_ln))
-        print(f"run {number}: filled {args.mailboxes} x {args.messages} in {fill:.1f} s",
-              file=sys.stderr, flush=True)  # fmt: skip
-        result = RunResult(
-            run=number,
-            backend=args.backend,
-            mode=args.mode,
-            transport="plain" if args.plain else "tls",
-            clients=args.clients,
-            mailboxes=args.mailboxes,
-            messages=args.messages,
-            fill_seconds=fill,
-        )
+        logins = addresses(args.mailboxes)
+        _filled(result, asyncio.run(seed(url, logins, args.messages, args.scrypt_ln)))
         server = Server(env, workdir, args.serve_script)
         try:
-            pid = server.process.pid
-            port = server.ports["imap" if args.plain else "imaps"]
-            if args.idle_connections and number == 1:
-                result.idle = idle_memory(pid, port, ca_file, logins, args)
-                result.errors += result.idle["errors"][:5]
-            if args.duration > 0:
-                spy_out = None
-                if args.py_spy:
-                    spy_out = Path(args.py_spy).with_stem(f"{Path(args.py_spy).stem}-run{number}")
-                cpu_before = tree_cpu_seconds(pid)
-                with py_spy(pid, spy_out, args.py_spy_gil):
-                    load = drive_load(port, ca_file, logins, args, number)
-                cpu = tree_cpu_seconds(pid) - cpu_before
-                result.errors += load["errors"]
-                result.sessions = load["sessions"]
-                result.commands = sum(len(v) for v in load["latencies"].values())
-                result.seconds = args.duration
-                result.rate = result.commands / args.duration
-                result.server_cpu_ms = cpu * 1000 / result.commands if result.commands else None
-                result.client_cpu_share = load["client_cpu"] / args.duration
-                for name, values in load["latencies"].items():
-                    if values:
-                        values.sort()
-                        result.per_command[name] = {
-                            "count": len(values),
-                            "p50_ms": percentile(values, 0.50) * 1000,
-                            "p99_ms": percentile(values, 0.99) * 1000,
-                        }
+            yield Target(server.process.pid, server.ports)
         finally:
             server.stop()
         log_text = server.log.read_text(errors="replace")
         problems = [line for line in log_text.splitlines() if re.search(r"ERROR|Traceback", line)]
         result.errors += problems[:5]
+
+
+@contextmanager
+def dovecot_target(
+    args: argparse.Namespace, workdir: Path, pki_dir: Path, result: RunResult
+) -> Iterator[Target]:
+    """Maildirs written directly (converted by dsync for sdbox and mdbox), Dovecot
+    started on them, and every INBOX SELECTed once so that the load finds Dovecot's
+    indexes built; its log's Error, Panic and Fatal lines go to ``result.errors``."""
+    # The mail owner (not root) must reach the Maildirs under the run's directory.
+    workdir.parent.chmod(0o711)
+    directory = workdir / "dovecot"
+    directory.mkdir(mode=0o755)
+    logins = addresses(args.mailboxes)
+    began = time.monotonic()
+    imap_dovecot.write_maildirs(
+        directory / "home",
+        logins,
+        args.messages,
+        bench_message,
+        seed_flags(args.messages),
+        [internal_date(index).timestamp() for index in range(args.messages)],
+    )
+    config = imap_dovecot.limits_config(
+        args.clients + args.idle_connections, args.mailboxes, args.dovecot_tuned
+    )
+    if args.dovecot_tuned:
+        cores = len(os.sched_getaffinity(0))
+        config = imap_dovecot.tuned_config(args.dovecot_mail, cores) + config
+    tls = (pki_dir / "server.pem", pki_dir / "server.key")
+    with imap_dovecot.running_dovecot(
+        args.dovecot, directory, logins, PASSWORD, tls, args.dovecot_mail, config
+    ) as server:
+        _filled(result, time.monotonic() - began)
+        port = server.ports["imap" if args.plain else "imaps"]
+        ca_file = None if args.plain else str(pki_dir / "ca-bundle.pem")
+        began = time.monotonic()
+        asyncio.run(select_every_inbox(port, ca_file, logins, args.messages))
+        print(f"run {result.run}: Dovecot indexed the INBOXes in {time.monotonic() - began:.1f} s",
+              file=sys.stderr, flush=True)  # fmt: skip
+        yield Target(server.process.pid, server.ports)
+    result.errors += imap_dovecot.log_problems(server.log)[:5]
+
+
+async def select_every_inbox(
+    port: int, ca_file: str | None, logins: list[str], messages: int
+) -> None:
+    """LOGIN and SELECT INBOX for each user, checking it holds ``messages`` with the
+    seed's \\Seen flags and, for the first and last, its internal dates."""
+    tls = _tls_context(ca_file)
+    seen = sum("\\Seen" in flags for flags in seed_flags(messages))
+    dates = {1: internal_date(0), messages: internal_date(messages - 1)}
+    for login in logins:
+        imap = await Imap.connect(port, tls)
+        await imap.command(b'LOGIN "%s" "%s"' % (login.encode(), PASSWORD.encode()))
+        lines = await imap.command(b"SELECT INBOX")
+        if b"* %d EXISTS" % messages not in lines:
+            raise ImapError(f"{login}: SELECT INBOX did not find {messages} messages: {lines!r}")
+        lines = await imap.command(b"UID SEARCH SEEN")
+        found = len(lines[0].split()) - 2 if lines[0].startswith(b"* SEARCH") else None
+        if found != seen:
+            raise ImapError(f"{login}: {found} messages \\Seen, not {seen}")
+        for uid, date in dates.items():
+            lines = await imap.command(b"UID FETCH %d INTERNALDATE" % uid)
+            found = re.search(rb'INTERNALDATE "([^"]+)"', lines[0])
+            if found is None or _imap_date(found.group(1)) != date:
+                raise ImapError(f"{login}: UID {uid} is not dated {date}: {lines!r}")
+        await imap.command(b"LOGOUT")
+        imap.close()
+
+
+def _imap_date(text: bytes) -> dt.datetime:
+    """An RFC 9051 date-time (``" 1-Jan-2024 00:00:00 +0000"``)."""
+    return dt.datetime.strptime(text.decode().strip(), "%d-%b-%Y %H:%M:%S %z")
+
+
+def one_run(args: argparse.Namespace, number: int, base: Path, pki_dir: Path) -> RunResult:
+    workdir = base / f"run{number}"
+    workdir.mkdir()
+    logins = addresses(args.mailboxes)
+    ca_file = None if args.plain else str(pki_dir / "ca-bundle.pem")
+    result = RunResult(
+        run=number,
+        server=args.server_name,
+        backend=args.backend,
+        tuned=args.dovecot_tuned,
+        mode=args.mode,
+        transport="plain" if args.plain else "tls",
+        clients=args.clients,
+        mailboxes=args.mailboxes,
+        messages=args.messages,
+    )
+    target = dovecot_target if args.server == "dovecot" else mssd_target
+    with target(args, workdir, pki_dir, result) as server:
+        pid = server.pid
+        port = server.ports["imap" if args.plain else "imaps"]
+        if args.idle_connections and number == 1:
+            result.idle = idle_memory(pid, port, ca_file, logins, args)
+            result.errors += result.idle["errors"][:5]
+        if args.duration > 0:
+            spy_out = None
+            if args.py_spy:
+                spy_out = Path(args.py_spy).with_stem(f"{Path(args.py_spy).stem}-run{number}")
+            cpu_before = tree_cpu_seconds(pid)
+            with py_spy(pid, spy_out, args.py_spy_gil):
+                load = drive_load(port, ca_file, logins, args, number)
+            cpu = tree_cpu_seconds(pid) - cpu_before
+            result.errors += load["errors"]
+            result.sessions = load["sessions"]
+            result.commands = sum(len(v) for v in load["latencies"].values())
+            result.seconds = args.duration
+            result.rate = result.commands / args.duration
+            result.server_cpu_ms = cpu * 1000 / result.commands if result.commands else None
+            result.client_cpu_share = load["client_cpu"] / args.duration
+            for name, values in load["latencies"].items():
+                if values:
+                    values.sort()
+                    result.per_command[name] = {
+                        "count": len(values),
+                        "p50_ms": percentile(values, 0.50) * 1000,
+                        "p99_ms": percentile(values, 0.99) * 1000,
+                    }
     return result
 
 
@@ -843,7 +979,7 @@ def summarise(results: list[RunResult]) -> dict[str, Any]:
 def print_report(
     args: argparse.Namespace, results: list[RunResult], summary: dict[str, Any]
 ) -> None:
-    print(f"backend {args.backend}, {args.mode}, {'plain' if args.plain else 'TLS'}, "
+    print(f"{describe_server(args)}, {args.mode}, {'plain' if args.plain else 'TLS'}, "
           f"{args.clients} clients on {args.mailboxes} mailboxes of {args.messages} messages, "
           f"{args.duration:g} s per run")  # fmt: skip
     for r in results:
@@ -862,15 +998,46 @@ def print_report(
     if "idle" in summary:
         idle = summary["idle"]
         per = idle["kib_per_connection"]
+        pss = idle["pss_kib_per_connection"]
         print(f"idle: {idle['opened']}/{idle['connections']} IDLE connections opened in "
               f"{idle['setup_seconds']:.1f} s; server RSS {idle['rss_before_kib'] / 1024:.1f} -> "
               f"{idle['rss_after_kib'] / 1024:.1f} MiB = "
-              f"{'-' if per is None else f'{per:.0f}'} KiB per connection")  # fmt: skip
+              f"{'-' if per is None else f'{per:.0f}'} KiB per connection; PSS "
+              f"{idle['pss_before_kib'] / 1024:.1f} -> {idle['pss_after_kib'] / 1024:.1f} MiB = "
+              f"{'-' if pss is None else f'{pss:.0f}'} KiB per connection")  # fmt: skip
+
+
+def describe_server(args: argparse.Namespace) -> str:
+    if args.server == "dovecot":
+        settings = "tuned" if args.dovecot_tuned else "defaults"
+        return (f"{args.server_name} ({args.dovecot_mail}, {settings}, "
+                f"passwords {imap_dovecot.PASSWORD_SCHEME})")  # fmt: skip
+    workers = f", {args.imap_workers} IMAP processes" if args.imap_workers > 1 else ""
+    return f"mssd, backend {args.backend}{workers}"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--backend", choices=("sqlite", "postgresql"), default="sqlite")
+    p.add_argument(
+        "--server",
+        choices=("mssd", "dovecot"),
+        default="mssd",
+        help="the server measured: mssd, or a Dovecot started for the run on Maildirs "
+        "with the same messages (bench/imap_dovecot.py)",
+    )
+    p.add_argument(
+        "--dovecot-mail",
+        choices=imap_dovecot.MAIL_FORMATS,
+        help="Dovecot's mail storage (maildir); sdbox and mdbox are converted from the "
+        "Maildirs by dsync before the run",
+    )
+    p.add_argument(
+        "--dovecot-tuned",
+        action="store_true",
+        help="Dovecot with its documented performance settings (high-performance login "
+        "processes, imap processes reused, auth cache) instead of its defaults",
+    )
+    p.add_argument("--backend", choices=("sqlite", "postgresql"), help="mssd's store (sqlite)")
     p.add_argument("--clients", type=int, default=10)
     p.add_argument(
         "--mailboxes",
@@ -910,7 +1077,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--scrypt-ln",
         type=int,
-        default=14,
         help="log2 of scrypt N in the stored password hashes (mssd default 14)",
     )
     p.add_argument(
@@ -923,8 +1089,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--imap-workers",
         type=int,
-        default=1,
-        help="imap.workers: IMAP processes (CPU and memory are summed over them)",
+        help="imap.workers: IMAP processes (1; CPU and memory are summed over them)",
     )
     p.add_argument("--timeout", type=float, default=600.0, help="time limit of the idle set-up")
     p.add_argument(
@@ -944,6 +1109,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", action="store_true")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory")
     args = p.parse_args(argv)
+    mssd_only = {
+        "--backend": args.backend, "--imap-workers": args.imap_workers,
+        "--scrypt-ln": args.scrypt_ln, "--serve-script": args.serve_script,
+        "--py-spy": args.py_spy, "--py-spy-gil": args.py_spy_gil or None,
+    }  # fmt: skip
+    given = [name for name, value in mssd_only.items() if value is not None]
+    if args.server == "dovecot" and given:
+        p.error(f"{', '.join(given)}: mssd only, not with --server dovecot")
+    dovecot_only = {"--dovecot-mail": args.dovecot_mail, "--dovecot-tuned": args.dovecot_tuned}
+    given = [name for name, value in dovecot_only.items() if value]
+    if args.server == "mssd" and given:
+        p.error(f"{', '.join(given)}: only with --server dovecot")
+    if args.server == "dovecot":
+        args.dovecot = imap_dovecot.dovecot_binary()
+        args.server_name = f"dovecot {imap_dovecot.version(args.dovecot)}"
+        args.dovecot_mail = args.dovecot_mail or "maildir"
+        args.backend = args.dovecot_mail
+    else:
+        args.server_name = "mssd"
+        args.dovecot_tuned = None
+        args.backend = args.backend or "sqlite"
+        args.imap_workers = args.imap_workers or 1
+        args.scrypt_ln = args.scrypt_ln or 14
     if args.mailboxes is None:
         args.mailboxes = min(args.clients, 5)
     if args.clients < 1 or args.messages < 50 or args.runs < 1 or args.mailboxes < 1:
@@ -998,9 +1186,10 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(base, ignore_errors=True)
     summary = summarise(results)
     summary.update(
-        backend=args.backend, mode=args.mode, clients=args.clients, mailboxes=args.mailboxes,
-        messages=args.messages, transport="plain" if args.plain else "tls",
-        duration=args.duration, runs=len(results),
+        server=args.server_name, backend=args.backend, tuned=args.dovecot_tuned,
+        mode=args.mode, clients=args.clients,
+        mailboxes=args.mailboxes, messages=args.messages,
+        transport="plain" if args.plain else "tls", duration=args.duration, runs=len(results),
     )  # fmt: skip
     if args.json:
         print(json.dumps({"summary": summary, "runs": [asdict(r) for r in results]}, indent=2))

@@ -463,13 +463,15 @@ class Server:
         self._stderr.close()
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process (Linux /proc), 0.0 where unavailable."""
+def cpu_seconds(pid: int, ended_children: bool = False) -> float:
+    """User + system CPU time of a process (Linux /proc), 0.0 where unavailable; with
+    ``ended_children``, plus that of its children that ended and were waited for."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
     except OSError:
         return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    ticks = sum(int(value) for value in fields[11 : 15 if ended_children else 13])
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 @contextmanager
