@@ -431,6 +431,15 @@ def test_malformed_fetch_is_bad(line: bytes) -> None:
     assert error(line + b"\r\n").tag == "a"
 
 
+@pytest.mark.parametrize(
+    "line",
+    [b"a SEARCH OR ", b"a SEARCH NOT ", b"a SEARCH OR SEEN ", b"a UID SORT (DATE) UTF-8 OR "],
+)
+def test_a_search_key_missing_at_the_end_of_the_line_is_bad(line: bytes) -> None:
+    """The line ends where a search key must start (found by the fuzz test below)."""
+    assert error(line + b"\r\n") == ProtocolError("a", "a search key is missing", None, "BAD")
+
+
 def test_store_forms() -> None:
     assert one(b"a STORE 1 FLAGS.SILENT \\Seen $Junk\r\n").args == StoreArgs(
         SequenceSet(((1, 1),)), "replace", True, ("\\Seen", "$Junk")

@@ -242,6 +242,8 @@ class FetchSearchGrammar(Scanner):
             keys: list[SearchKey] = []
             self.list_items(lambda: keys.append(self.search_key()), allow_empty=False)
             return keys[0] if len(keys) == 1 else SearchAnd(tuple(keys))
+        if c == -1:
+            self.fail("a search key is missing")
         if c in b"0123456789*$":
             return SearchSet(self.sequence_set(), uid=False)
         key = self.keyword()
