@@ -5,6 +5,7 @@ store that was quiet while PostgreSQL dropped its connections still answers."""
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -15,7 +16,13 @@ from sqlalchemy import Connection, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from mssd.store.engine import PING_AFTER_IDLE, create_engine, run_read
+from mssd.store.engine import (
+    PING_AFTER_IDLE,
+    create_engine,
+    run_read,
+    run_write,
+    write_transaction,
+)
 
 
 @pytest.fixture
@@ -66,3 +73,32 @@ async def test_a_busy_connection_is_not_pinged(postgres: tuple[str, AsyncEngine]
         await run_read(engine, backend_pid)
     assert failed.value.connection_invalidated
     assert await run_read(engine, backend_pid) != pid
+
+
+def transaction_starts(conn: Connection) -> tuple[dt.datetime, dt.datetime]:
+    """``now()`` twice, 10 ms apart: PostgreSQL's ``now()`` is the start of the
+    current transaction."""
+    first = conn.execute(text("SELECT now()")).scalar_one()
+    conn.execute(text("SELECT pg_sleep(0.01)"))
+    return first, conn.execute(text("SELECT now()")).scalar_one()
+
+
+async def test_reads_without_a_snapshot_pay_no_transaction_round_trips(
+    postgres: tuple[str, AsyncEngine],
+) -> None:
+    """A read that needs no snapshot runs each statement as its own transaction
+    (no BEGIN, no ROLLBACK); a snapshot read and a write transaction still see
+    one transaction on the same pooled connection afterwards."""
+    _, engine = postgres
+    pid = await run_read(engine, backend_pid)
+    first, second = await run_read(engine, transaction_starts)
+    assert first < second
+    first, second = await run_read(engine, transaction_starts, snapshot=True)
+    assert first == second
+    first, second = await run_write(engine, transaction_starts)
+    assert first == second
+    async with write_transaction(engine) as conn:
+        first, second = await conn.run_sync(transaction_starts)
+        assert first == second
+        assert await conn.run_sync(backend_pid) == pid
+    assert await run_write(engine, backend_pid) == pid

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from conftest import loop_ticks
 from sqlalchemy import Connection, event, text
 
 from mssd.store import engine as engine_module
@@ -107,5 +108,65 @@ async def test_small_writes_run_on_the_event_loop_until_the_disk_is_slow(
             return [row[0] for row in conn.execute(text("SELECT x FROM t ORDER BY x"))]
 
         assert await run_write(engine, stored) == [1, 2, 3, 6, 8, 10, 11, 12, 20, 21]
+    finally:
+        await dispose(engine)
+
+
+def insert(n: int) -> Callable[[Connection], int]:
+    """A work that inserts ``n`` into ``t`` and says which thread ran it."""
+
+    def work(conn: Connection) -> int:
+        conn.execute(text("INSERT INTO t (x) VALUES (:x)"), {"x": n})
+        return threading.get_ident()
+
+    return work
+
+
+def stored(conn: Connection) -> list[int]:
+    return [row[0] for row in conn.execute(text("SELECT x FROM t ORDER BY x"))]
+
+
+async def test_the_commit_of_small_writes_waits_for_the_disk_off_the_event_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Small works' statements run on the loop's thread, their COMMIT (the WAL
+    write and its fsync) on the writer thread while the loop goes on serving;
+    the works' callers hear only once it returned, and a COMMIT that fails
+    fails every work of the batch and keeps none of them."""
+    monkeypatch.setattr(engine_module, "INLINE_SLOW", 60.0)
+    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'commit.db'}")
+    try:
+        await run_write(engine, lambda conn: conn.execute(text("CREATE TABLE t (x INTEGER)")))
+        writer = _sqlite_writer(engine)
+        assert writer is not None
+        loop_thread = threading.get_ident()
+        commits: list[int] = []
+        failing: list[Exception] = []
+
+        def on_commit(conn: Connection) -> None:
+            commits.append(threading.get_ident())
+            time.sleep(0.2)  # a disk slow to sync
+            if failing:
+                raise failing.pop()
+
+        event.listen(writer[0], "commit", on_commit)
+
+        async with loop_ticks(0.01) as ticks:
+            threads = await asyncio.gather(
+                *(run_write(engine, insert(n), small=True) for n in (1, 2))
+            )
+        assert threads == [loop_thread, loop_thread]
+        assert len(commits) == 1 and commits[0] != loop_thread
+        assert ticks[0] >= 5, "the event loop waited for the COMMIT"
+
+        failing.append(OSError("disk I/O error"))
+        outcomes = await asyncio.gather(
+            *(run_write(engine, insert(n), small=True) for n in (3, 4)), return_exceptions=True
+        )
+        assert all(isinstance(o, OSError) for o in outcomes), outcomes
+        event.remove(writer[0], "commit", on_commit)
+
+        assert await run_write(engine, insert(5), small=True) == loop_thread
+        assert await run_write(engine, stored) == [1, 2, 5]
     finally:
         await dispose(engine)

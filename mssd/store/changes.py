@@ -78,6 +78,7 @@ from mssd.store.change_payloads import (
     encode_payload,
 )
 from mssd.store.delivery import StoredMessage
+from mssd.store.engine import run_statements
 
 __all__ = [
     "APPLICATION_NAME",
@@ -108,6 +109,10 @@ before a reader re-reads the store anyway (a NOTIFY that could not be sent is
 then noticed within this time)."""
 _MAX_DELTAS = 256
 """Deltas a subscription keeps between drains; past that its reader re-reads."""
+_NOTIFY = text(
+    "SELECT pg_notify(c, p) FROM unnest("
+    "CAST(:channels AS text[]), CAST(:payloads AS text[])) AS t(c, p)"
+)
 _HEALTH_INTERVAL = 10.0
 _HEALTH_TIMEOUT = 5.0
 _BACKOFF_FIRST = 0.1
@@ -353,14 +358,13 @@ class ChangeBus:
             self.notify(change)
 
     async def _notify(self, changes: Sequence[FolderChange]) -> None:
-        payloads = [encode_payload(change, self._origin) for change in changes]
-        async with self._engine.connect() as conn:
-            # NOTIFY is delivered when this (tiny) transaction commits.
-            await conn.execute(
-                text("SELECT pg_notify(:channel, p) FROM unnest(CAST(:payloads AS text[])) AS p"),
-                {"channel": CHANNEL, "payloads": payloads},
-            )
-            await conn.commit()
+        await self._pg_notify([(CHANNEL, encode_payload(c, self._origin)) for c in changes])
+
+    async def _pg_notify(self, pairs: Sequence[tuple[str, str]]) -> None:
+        """NOTIFY each (channel, payload), in one statement that is its own
+        transaction: they are delivered when it returns."""
+        parameters = {"channels": [c for c, _ in pairs], "payloads": [p for _, p in pairs]}
+        await run_statements(self._engine, lambda conn: conn.execute(_NOTIFY, parameters))
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -536,15 +540,7 @@ class ChangeBus:
 
     async def _try_post(self, posts: list[tuple[str, str]]) -> None:
         try:
-            async with self._engine.connect() as conn:
-                await conn.execute(
-                    text(
-                        "SELECT pg_notify(c, p) FROM unnest("
-                        "CAST(:channels AS text[]), CAST(:payloads AS text[])) AS t(c, p)"
-                    ),
-                    {"channels": [c for c, _ in posts], "payloads": [p for _, p in posts]},
-                )
-                await conn.commit()
+            await self._pg_notify(posts)
         except (OSError, SQLAlchemyError) as error:
             self.posts_dropped += len(posts)
             log.warning("could not send %d notifications (%s)", len(posts), error)

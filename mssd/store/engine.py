@@ -26,6 +26,7 @@ import time
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -44,6 +45,7 @@ from sqlalchemy.sql.elements import (
     RollbackToSavepointClause,
     SavepointClause,
 )
+from sqlalchemy.util import greenlet_spawn
 
 from mssd.store.fastpath import run_driver_sql
 
@@ -347,6 +349,40 @@ def writer_lock(engine: AsyncEngine) -> WriterLock | contextlib.nullcontext[None
     return _sqlite_writer_lock(engine)
 
 
+def statement_engine(engine: AsyncEngine) -> AsyncEngine:
+    """``engine``, or on PostgreSQL the same pool in autocommit: every statement
+    is a transaction of its own, atomic and, for a write, durable when it
+    returns (``synchronous_commit``), with no BEGIN and COMMIT or ROLLBACK
+    round trips around it.
+
+    For reads that need no snapshot (at READ COMMITTED, PostgreSQL's default
+    and mssd's, every statement of a transaction takes a fresh snapshot anyway,
+    so wrapping them in one adds two round trips and nothing else) and for
+    writes of a single statement. Not for work that must see or change several
+    rows together: use :func:`write_transaction` or ``run_read(...,
+    snapshot=True)``."""
+    if engine.dialect.name != "postgresql":
+        return engine
+    held: AsyncEngine | None = getattr(engine.sync_engine, "_mssd_statement_engine", None)
+    if held is None:
+        held = engine.execution_options(isolation_level="AUTOCOMMIT")
+        engine.sync_engine._mssd_statement_engine = held  # type: ignore[attr-defined]
+    return held
+
+
+async def run_statements(engine: AsyncEngine, work: Callable[[Connection], T]) -> T:
+    """``work`` on :func:`statement_engine` (on PostgreSQL each statement its
+    own transaction), in one greenlet: the connection's check-out, the work and
+    the check-in, where ``AsyncConnection`` would switch greenlets for each."""
+    sync_engine = statement_engine(engine).sync_engine
+
+    def run() -> T:
+        with sync_engine.connect() as conn:
+            return work(conn)
+
+    return await greenlet_spawn(run)
+
+
 @asynccontextmanager
 async def write_transaction(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
     """A transaction that will write: committed on success, rolled back on error."""
@@ -418,14 +454,22 @@ async def run_read(
     through aiosqlite's thread and the async layer costs some 500 µs of CPU
     (bench/README.md); a read that may be large runs on a reader thread. Both
     see one snapshot (a WAL read transaction) for all their statements.
-    Elsewhere it runs through ``AsyncConnection.run_sync``, in a REPEATABLE READ
-    transaction when ``snapshot`` asks that its statements see one state."""
+    Elsewhere it runs in one greenlet (SQLAlchemy's ``greenlet_spawn``, as
+    ``AsyncConnection.run_sync`` does, but around the connection's check-out and
+    check-in too): in a REPEATABLE READ transaction when ``snapshot`` asks that
+    its statements see one state, else on :func:`statement_engine` (on
+    PostgreSQL each statement in its own implicit transaction)."""
     reader = _sqlite_reader(engine)
     if reader is None:
-        async with engine.connect() as conn:
-            if snapshot:
-                await conn.execution_options(isolation_level="REPEATABLE READ")
-            return await conn.run_sync(work)
+        if not snapshot:
+            return await run_statements(engine, work)
+
+        def read() -> T:
+            with engine.sync_engine.connect() as conn:
+                conn.execution_options(isolation_level="REPEATABLE READ")
+                return work(conn)
+
+        return await greenlet_spawn(read)
     sync_engine, executor = reader
     if small:
         # The event loop keeps one connection: a pool check-out and its reset
@@ -493,11 +537,13 @@ def small_write(rows: int, octets: int = 0) -> bool:
     return rows <= SMALL_WRITE_ROWS and octets <= SMALL_WRITE_OCTETS
 
 
-INLINE_SLOW = 0.002
+INLINE_SLOW = 0.005
 """Seconds: when :data:`INLINE_SLOW_COUNT` of the last :data:`INLINE_WINDOW`
-write transactions run on the event loop took longer than this (a slow
-disk's ``fsync``; one WAL checkpoint now and then does not count), the next
-ones go to the writer thread..."""
+batches of statements run on the event loop took longer than this (pages read
+from a slow disk: their COMMIT, which writes the WAL and waits for its
+``fsync``, is on the writer thread already; one slow batch now and then does
+not count; under load on two shared cores, 1 in 5,000 takes over 5 ms), the
+next batches run wholly on the writer thread..."""
 INLINE_SLOW_COUNT = 3
 INLINE_WINDOW = 8
 INLINE_BACKOFF = 10.0
@@ -515,18 +561,30 @@ async def run_write(
     process's other writers (:func:`writer_lock`), and the works that arrive
     while one transaction runs share the next one (:class:`_WriteBatches`):
     one ``fsync`` for all of them, each in a savepoint of its own so that one
-    failing leaves the others as they were. A batch of ``small`` works (a few
-    rows: flags of a few messages, an audit record; the caller knows) runs
-    right on the event loop, as small reads do: the hand-over to the writer
-    thread and back, and the two threads taking turns on the GIL, cost more
-    CPU than such a transaction (bench/README.md); the others, and every batch
-    while the disk is slow to sync (:data:`INLINE_SLOW`), run on the writer's
-    thread. Elsewhere it runs through ``AsyncConnection.run_sync`` in
-    :func:`write_transaction`."""
+    failing leaves the others as they were. The statements of a batch of
+    ``small`` works (a few rows: flags of a few messages, an audit record; the
+    caller knows) run right on the event loop, as small reads do: the
+    hand-over to the writer thread and back, and the two threads taking turns
+    on the GIL, cost more CPU than such statements (bench/README.md); their
+    COMMIT, which waits for the disk, runs on the writer thread, which holds
+    the GIL only to start and end it, while the loop serves other sessions.
+    The other batches, and every batch while statements on the loop are slow
+    (:data:`INLINE_SLOW`), run wholly on the writer's thread. Elsewhere it
+    runs as :func:`write_transaction` would, in one greenlet: the connection's
+    check-out, BEGIN, the work, COMMIT and check-in, where ``AsyncConnection``
+    would switch greenlets for each (some 100 µs of CPU a transaction on
+    PostgreSQL, bench/README.md)."""
     writer = _sqlite_writer(engine)
     if writer is None:
-        async with write_transaction(engine) as conn:
-            return await conn.run_sync(work)
+
+        def transaction() -> T:
+            with engine.sync_engine.connect() as conn:
+                conn.execution_options(mssd_write=True)
+                with conn.begin():
+                    return work(conn)
+
+        async with writer_lock(engine):
+            return await greenlet_spawn(transaction)
     batches: _WriteBatches | None = getattr(engine.sync_engine, "_mssd_write_batches", None)
     loop = asyncio.get_running_loop()
     if batches is None or batches.loop is not loop:
@@ -598,10 +656,14 @@ class _WriteBatches:
         """Whether the batch runs on the event loop (see :func:`run_write`)."""
         return self.loop.time() >= self._threaded_until and all(small for *_, small in batch)
 
-    def _run_inline(self, works: list[Callable[[Connection], Any]]) -> list[tuple[bool, Any]]:
+    def _run_inline(
+        self, works: list[Callable[[Connection], Any]]
+    ) -> tuple[contextlib.ExitStack, list[tuple[bool, Any]]]:
+        """The batch's statements, on the event loop; its COMMIT is left to the
+        caller (:meth:`_statements`)."""
         started = time.perf_counter()
         try:
-            return self._run(works)
+            return self._statements(works)
         finally:
             self._slow.append(time.perf_counter() - started > INLINE_SLOW)
             if sum(self._slow) >= INLINE_SLOW_COUNT:
@@ -626,14 +688,21 @@ class _WriteBatches:
                 if self.inline(self._pending) and lock.try_file():
                     batch = self._take()
                     try:
-                        outcome: list[tuple[bool, Any]] | BaseException = self._run_inline(
-                            [work for work, _, _ in batch]
-                        )
+                        commit, outcome = self._run_inline([work for work, _, _ in batch])
+                        # The COMMIT waits for the disk (fsync): on the writer
+                        # thread, while the loop serves the other sessions.
+                        committed = self.loop.run_in_executor(self._executor, self._commit, commit)
                     except BaseException as error:  # nothing of the batch stays
-                        outcome = error
-                    finally:
                         lock.release()
-                    self._settle(batch, outcome)
+                        self._settle(batch, error)
+                        if not isinstance(error, Exception):
+                            raise
+                        continue
+                    # The lock is given back, and the works' callers hear, when
+                    # the COMMIT returned, even if this task is cancelled meanwhile.
+                    committed.add_done_callback(partial(self._committed, lock, batch, outcome))
+                    with contextlib.suppress(Exception):
+                        await asyncio.shield(committed)
                 else:
                     try:
                         transaction = self.loop.run_in_executor(
@@ -648,11 +717,22 @@ class _WriteBatches:
                     # meanwhile.
                     lock.release_turn_after(transaction)
                     transaction.add_done_callback(self._done)
-                    _, outcome = await asyncio.shield(transaction)
-                if isinstance(outcome, BaseException) and not isinstance(outcome, Exception):
-                    raise outcome
+                    _, threaded = await asyncio.shield(transaction)
+                    if isinstance(threaded, BaseException) and not isinstance(threaded, Exception):
+                        raise threaded
         finally:
             self._running = None
+
+    def _committed(
+        self,
+        lock: WriterLock,
+        batch: list[_Pending],
+        outcome: list[tuple[bool, Any]],
+        committed: asyncio.Future[None],
+    ) -> None:
+        lock.release()
+        error = None if committed.cancelled() else committed.exception()
+        self._settle(batch, outcome if error is None else error)
 
     def _done(
         self, transaction: asyncio.Future[tuple[list[_Pending], list[Any] | BaseException]]
@@ -711,26 +791,64 @@ class _WriteBatches:
             conn.close()
 
     def _run(self, works: list[Callable[[Connection], Any]]) -> list[tuple[bool, Any]]:
-        outcomes: list[tuple[bool, Any]] = []
+        commit, outcomes = self._statements(works)
+        self._commit(commit)
+        return outcomes
+
+    def _commit(self, commit: contextlib.ExitStack) -> None:
+        """COMMIT what :meth:`_statements` left open. When it fails, the
+        connection is left out of any transaction, or invalidated (opened again
+        for the next batch): SQLite keeps the transaction open after some
+        failed COMMITs (a busy or full disk), where SQLAlchemy only marks it
+        over, and every later BEGIN would fail."""
+        try:
+            commit.close()
+        except BaseException:
+            conn = self._conn
+            if conn is not None and not conn.invalidated:
+                driver = conn.connection.driver_connection
+                if driver is not None and driver.in_transaction:
+                    try:
+                        driver.rollback()
+                    except Exception:
+                        conn.invalidate()
+            raise
+
+    def _statements(
+        self, works: list[Callable[[Connection], Any]]
+    ) -> tuple[contextlib.ExitStack, list[tuple[bool, Any]]]:
+        """BEGIN and the works, each in a savepoint of its own; the transaction
+        is left open in the stack returned, whose ``close`` commits it (rolling
+        back if the COMMIT fails). An exception means it was rolled back."""
         conn = self.connection()
-        with conn.begin():
-            if len(works) == 1:
-                return [(True, works[0](conn))]  # as a transaction of its own
-            for work in works:
-                run_driver_sql(conn, self._savepoint)
-                try:
-                    value = work(conn)
-                except Exception as error:
-                    if not conn.connection.driver_connection.in_transaction:  # type: ignore[union-attr]
-                        # SQLite undid the whole transaction (disk full, I/O
-                        # error): every work of the batch fails with it.
-                        raise
-                    run_driver_sql(conn, self._undo)
-                    run_driver_sql(conn, self._release)
-                    outcomes.append((False, error))
-                else:
-                    run_driver_sql(conn, self._release)
-                    outcomes.append((True, value))
+        stack = contextlib.ExitStack()
+        with stack:
+            stack.enter_context(conn.begin())
+            outcomes = self._works(conn, works)
+            commit = stack.pop_all()
+        return commit, outcomes
+
+    def _works(
+        self, conn: Connection, works: list[Callable[[Connection], Any]]
+    ) -> list[tuple[bool, Any]]:
+        if len(works) == 1:
+            return [(True, works[0](conn))]  # as a transaction of its own
+        outcomes: list[tuple[bool, Any]] = []
+        for work in works:
+            run_driver_sql(conn, self._savepoint)
+            try:
+                value = work(conn)
+            except Exception as error:
+                if not conn.connection.driver_connection.in_transaction:  # type: ignore[union-attr]
+                    # SQLite undid the whole transaction (disk full, I/O
+                    # error): every work of the batch fails with it.
+                    raise
+                run_driver_sql(conn, self._undo)
+                run_driver_sql(conn, self._release)
+                outcomes.append((False, error))
+            else:
+                run_driver_sql(conn, self._release)
+                outcomes.append((True, value))
         return outcomes
 
 
