@@ -5,6 +5,8 @@ savepoint, so one that fails leaves the others committed and itself undone."""
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -15,7 +17,7 @@ from conftest import loop_ticks
 from sqlalchemy import Connection, event, text
 
 from mssd.store import engine as engine_module
-from mssd.store.engine import _sqlite_writer, create_engine, dispose, run_write
+from mssd.store.engine import _sqlite_writer, create_engine, dispose, lock_file, run_write
 
 
 async def test_concurrent_writes_share_a_transaction_and_fail_alone(tmp_path: Path) -> None:
@@ -170,3 +172,57 @@ async def test_the_commit_of_small_writes_waits_for_the_disk_off_the_event_loop(
         assert await run_write(engine, stored) == [1, 2, 5]
     finally:
         await dispose(engine)
+
+
+def test_a_loop_closed_during_a_commit_leaves_the_file_lock_free(tmp_path: Path) -> None:
+    """The file lock taken on the event loop for small works is given back by the
+    writer thread once their COMMIT returned, not by the loop, which may be gone
+    by then (an engine outliving its loop): the other writers on the file, in
+    this process or another, do not wait for it forever."""
+    database = tmp_path / "closed.db"
+    engine = create_engine(f"sqlite+aiosqlite:///{database}")
+    committing = threading.Event()
+
+    def on_commit(conn: Connection) -> None:
+        committing.set()
+        time.sleep(0.3)  # a disk slow to sync
+
+    async def create() -> None:
+        await run_write(engine, lambda conn: conn.execute(text("CREATE TABLE t (x INTEGER)")))
+        writer = _sqlite_writer(engine)
+        assert writer is not None
+        event.listen(writer[0], "commit", on_commit)
+
+    async def write_and_leave() -> None:
+        write = asyncio.ensure_future(run_write(engine, insert(1), small=True))
+        assert await asyncio.to_thread(committing.wait, 10)
+        assert not write.done()
+        # The loop ends here, cancelling what waits for the COMMIT.
+
+    asyncio.run(create())
+    asyncio.run(write_and_leave())
+    fd = os.open(lock_file(database), os.O_RDWR)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                assert time.monotonic() < deadline, "the file lock is still held"
+                time.sleep(0.01)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+    async def write_again() -> list[int]:
+        writer = _sqlite_writer(engine)
+        assert writer is not None
+        event.remove(writer[0], "commit", on_commit)
+        try:
+            await run_write(engine, insert(2), small=True)
+            return await run_write(engine, stored)
+        finally:
+            await dispose(engine)
+
+    assert asyncio.run(write_again()) == [1, 2]

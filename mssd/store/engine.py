@@ -21,6 +21,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import sys
 import threading
 import time
 import weakref
@@ -189,10 +190,12 @@ class WriterLock:
     this process may still obtain the file lock behind its back. The group
     committer (:class:`_WriteBatches`) takes this process's turn on the loop
     (:meth:`acquire_turn`), then the file lock either on the loop, when it is
-    free and the batch runs there (:meth:`try_file`), or in the writer thread,
-    which waits for it (:meth:`file_held`), from before BEGIN to right after
-    COMMIT: no other process waits for this one's event loop to see the
-    COMMIT, and a contended lock costs no extra hand-over between threads.
+    free and the batch's statements run there (:meth:`try_file`), or in the
+    writer thread, which waits for it (:meth:`file_held`), from before BEGIN;
+    either way the writer thread, which runs the COMMIT, gives it back right
+    after (:meth:`unlock_file`): no other process waits for this one's event
+    loop to see the COMMIT, and a contended lock costs no extra hand-over
+    between threads.
     Processes that do not take it (the ``sqlite3`` shell) still meet the busy
     handler, as they should."""
 
@@ -300,15 +303,15 @@ class WriterLock:
     def _abandoned(self, waiting: asyncio.Future[None]) -> None:
         """The thread of a cancelled :meth:`acquire` returned."""
         if not waiting.cancelled() and waiting.exception() is None:
-            self._unlock_file()
+            self.unlock_file()
         self._local.release()
 
-    def _unlock_file(self) -> None:
+    def unlock_file(self) -> None:
         if self._fd is not None:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
 
     def release(self) -> None:
-        self._unlock_file()
+        self.unlock_file()
         self._local.release()
 
     def close(self) -> None:
@@ -689,16 +692,22 @@ class _WriteBatches:
                     batch = self._take()
                     try:
                         commit, outcome = self._run_inline([work for work, _, _ in batch])
-                        # The COMMIT waits for the disk (fsync): on the writer
-                        # thread, while the loop serves the other sessions.
-                        committed = self.loop.run_in_executor(self._executor, self._commit, commit)
+                        try:
+                            # The COMMIT waits for the disk (fsync): on the writer
+                            # thread, while the loop serves the other sessions.
+                            committed = self.loop.run_in_executor(
+                                self._executor, self._commit_inline, commit, lock
+                            )
+                        except BaseException:
+                            commit.__exit__(*sys.exc_info())  # rolls back
+                            raise
                     except BaseException as error:  # nothing of the batch stays
                         lock.release()
                         self._settle(batch, error)
                         if not isinstance(error, Exception):
                             raise
                         continue
-                    # The lock is given back, and the works' callers hear, when
+                    # This process's turn ends, and the works' callers hear, when
                     # the COMMIT returned, even if this task is cancelled meanwhile.
                     committed.add_done_callback(partial(self._committed, lock, batch, outcome))
                     with contextlib.suppress(Exception):
@@ -730,7 +739,7 @@ class _WriteBatches:
         outcome: list[tuple[bool, Any]],
         committed: asyncio.Future[None],
     ) -> None:
-        lock.release()
+        lock.release_turn()
         error = None if committed.cancelled() else committed.exception()
         self._settle(batch, outcome if error is None else error)
 
@@ -794,6 +803,17 @@ class _WriteBatches:
         commit, outcomes = self._statements(works)
         self._commit(commit)
         return outcomes
+
+    def _commit_inline(self, commit: contextlib.ExitStack, lock: WriterLock) -> None:
+        """In the writer thread: the COMMIT of statements run on the event loop,
+        then the file lock given back from here, as :meth:`WriterLock.file_held`
+        does: the other processes never wait for this one's event loop, and a
+        loop closed while the COMMIT runs (an engine outliving its loop, in
+        tests) leaves no lock held behind it."""
+        try:
+            self._commit(commit)
+        finally:
+            lock.unlock_file()
 
     def _commit(self, commit: contextlib.ExitStack) -> None:
         """COMMIT what :meth:`_statements` left open. When it fails, the
