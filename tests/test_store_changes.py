@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import hashlib
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 
 import asyncpg
@@ -14,6 +14,7 @@ import pytest
 from conftest import PER, PER2, PkiBundle, _asyncpg_dsn, seed, store_url_for
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from mssd.store import changes as changes_module
 from mssd.store.accounts import StoreAccounts
 from mssd.store.changes import (
     APPLICATION_NAME,
@@ -220,6 +221,46 @@ async def test_a_change_reaches_another_process_within_a_second(
             await first.publish([FolderChange(42, 11, "flags", delta)])
             heard = await asyncio.wait_for(remote.get(), 1)
             assert heard == FolderChange(42, 11, "flags") and heard.delta == delta
+    finally:
+        await first.stop()
+        await second.stop()
+        await other_engine.dispose()
+
+
+async def test_changes_close_in_time_share_one_notify(
+    postgres_url: str, postgres_engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sender waits NOTIFY_LINGER after a change for the next ones: changes
+    a few milliseconds apart go out in one NOTIFY transaction, and the other
+    process hears each of them."""
+    monkeypatch.setattr(changes_module, "NOTIFY_LINGER", 0.5)
+    other_engine = create_engine(postgres_url)
+    first, second = ChangeBus(postgres_engine), ChangeBus(other_engine)
+    sent: list[int] = []
+    send = first._pg_notify
+
+    async def counted(pairs: Sequence[tuple[str, str]]) -> None:
+        sent.append(len(pairs))
+        await send(pairs)
+
+    monkeypatch.setattr(first, "_pg_notify", counted)
+    await first.start()
+    await second.start()
+    try:
+        with second.subscribe(42) as remote:
+            # (Three kinds: a subscriber keeps one pending change per kind.)
+            sent_changes = [
+                FolderChange(42, 9, "exists"),
+                FolderChange(42, 10, "flags"),
+                FolderChange(42, 11, "expunge"),
+            ]
+            for change in sent_changes:
+                first.notify(change)
+                await asyncio.sleep(0.01)
+            async with asyncio.timeout(2):
+                heard = [await remote.get() for _ in range(3)]
+        assert sorted(heard, key=lambda change: change.modseq) == sent_changes
+        assert sent == [3]
     finally:
         await first.stop()
         await second.stop()

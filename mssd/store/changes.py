@@ -107,6 +107,14 @@ SILENCE_TRUST_SECONDS = 1.0
 """With several processes, how long the absence of a notification is trusted
 before a reader re-reads the store anyway (a NOTIFY that could not be sent is
 then noticed within this time)."""
+NOTIFY_LINGER = 0.02
+"""Seconds the sender of change notifications waits, after the first change
+that needs sending, for others to share its NOTIFY. Each NOTIFY transaction
+costs PostgreSQL far more than its statement (the commit, the notification
+queue, waking every listening backend of the database): with ten IMAP clients
+on two cores, one per write cost some 20 % of the benchmark's throughput; 20 ms
+of batching got back 9 % (bench/README.md). Other processes hear a change that
+much later, well within the second the sessions in IDLE are promised."""
 _MAX_DELTAS = 256
 """Deltas a subscription keeps between drains; past that its reader re-reads."""
 _NOTIFY = text(
@@ -342,9 +350,10 @@ class ChangeBus:
     def notify(self, change: FolderChange) -> None:
         """Synchronous :meth:`publish`, for callbacks that cannot await
         (``MailStore(on_change=bus.notify)``): the local fan-out happens now;
-        the NOTIFY is sent by a background task, batched with its neighbours,
-        and frames at the end of this turn of the loop, together (only between
-        ``start`` and ``stop``: before, the change stays in this process)."""
+        the NOTIFY is sent by a background task, with the changes of the next
+        :data:`NOTIFY_LINGER` seconds, and frames at the end of this turn of the
+        loop, together (only between ``start`` and ``stop``: before, the change
+        stays in this process)."""
         self.publish_local(change)
         if self._links:
             self._send(CHANNEL, encode_payload(change, self._origin))
@@ -480,6 +489,7 @@ class ChangeBus:
     async def _send_outbox(self) -> None:
         while True:
             await self._outbox_ready.wait()
+            await asyncio.sleep(NOTIFY_LINGER)  # (stop() sends what is left)
             self._outbox_ready.clear()
             pending, self._outbox = self._outbox, []
             if not pending:
