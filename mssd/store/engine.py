@@ -21,7 +21,6 @@ import contextlib
 import fcntl
 import logging
 import os
-import sys
 import threading
 import time
 import weakref
@@ -35,7 +34,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Connection, Engine, event
+from sqlalchemy import Connection, Engine, RootTransaction, event
 from sqlalchemy import create_engine as sa_create_engine
 from sqlalchemy.engine.interfaces import DBAPIConnection
 from sqlalchemy.exc import DisconnectionError
@@ -373,17 +372,36 @@ def statement_engine(engine: AsyncEngine) -> AsyncEngine:
     return held
 
 
-async def run_statements(engine: AsyncEngine, work: Callable[[Connection], T]) -> T:
-    """``work`` on :func:`statement_engine` (on PostgreSQL each statement its
-    own transaction), in one greenlet: the connection's check-out, the work and
-    the check-in, where ``AsyncConnection`` would switch greenlets for each."""
-    sync_engine = statement_engine(engine).sync_engine
+async def _connected(
+    engine: AsyncEngine,
+    work: Callable[[Connection], T],
+    *,
+    transaction: bool = False,
+    **options: Any,
+) -> T:
+    """``work`` on a connection of ``engine`` with execution ``options`` (in a
+    transaction of its own if asked), in one greenlet: the connection's
+    check-out, BEGIN, the work, COMMIT (ROLLBACK on error) and the check-in,
+    where ``AsyncConnection`` would switch greenlets for each (some 100 µs of
+    CPU a transaction on PostgreSQL, bench/README.md)."""
+    sync_engine = engine.sync_engine
 
     def run() -> T:
         with sync_engine.connect() as conn:
-            return work(conn)
+            if options:
+                conn.execution_options(**options)
+            if not transaction:
+                return work(conn)
+            with conn.begin():
+                return work(conn)
 
     return await greenlet_spawn(run)
+
+
+async def run_statements(engine: AsyncEngine, work: Callable[[Connection], T]) -> T:
+    """``work`` on :func:`statement_engine` (on PostgreSQL each statement its
+    own transaction), in one greenlet (:func:`_connected`)."""
+    return await _connected(statement_engine(engine), work)
 
 
 @asynccontextmanager
@@ -466,13 +484,7 @@ async def run_read(
     if reader is None:
         if not snapshot:
             return await run_statements(engine, work)
-
-        def read() -> T:
-            with engine.sync_engine.connect() as conn:
-                conn.execution_options(isolation_level="REPEATABLE READ")
-                return work(conn)
-
-        return await greenlet_spawn(read)
+        return await _connected(engine, work, isolation_level="REPEATABLE READ")
     sync_engine, executor = reader
     if small:
         # The event loop keeps one connection: a pool check-out and its reset
@@ -573,21 +585,12 @@ async def run_write(
     the GIL only to start and end it, while the loop serves other sessions.
     The other batches, and every batch while statements on the loop are slow
     (:data:`INLINE_SLOW`), run wholly on the writer's thread. Elsewhere it
-    runs as :func:`write_transaction` would, in one greenlet: the connection's
-    check-out, BEGIN, the work, COMMIT and check-in, where ``AsyncConnection``
-    would switch greenlets for each (some 100 µs of CPU a transaction on
-    PostgreSQL, bench/README.md)."""
+    runs as :func:`write_transaction` would, in one greenlet
+    (:func:`_connected`)."""
     writer = _sqlite_writer(engine)
     if writer is None:
-
-        def transaction() -> T:
-            with engine.sync_engine.connect() as conn:
-                conn.execution_options(mssd_write=True)
-                with conn.begin():
-                    return work(conn)
-
         async with writer_lock(engine):
-            return await greenlet_spawn(transaction)
+            return await _connected(engine, work, transaction=True, mssd_write=True)
     batches: _WriteBatches | None = getattr(engine.sync_engine, "_mssd_write_batches", None)
     loop = asyncio.get_running_loop()
     if batches is None or batches.loop is not loop:
@@ -661,7 +664,7 @@ class _WriteBatches:
 
     def _run_inline(
         self, works: list[Callable[[Connection], Any]]
-    ) -> tuple[contextlib.ExitStack, list[tuple[bool, Any]]]:
+    ) -> tuple[RootTransaction, list[tuple[bool, Any]]]:
         """The batch's statements, on the event loop; its COMMIT is left to the
         caller (:meth:`_statements`)."""
         started = time.perf_counter()
@@ -691,15 +694,15 @@ class _WriteBatches:
                 if self.inline(self._pending) and lock.try_file():
                     batch = self._take()
                     try:
-                        commit, outcome = self._run_inline([work for work, _, _ in batch])
+                        begun, outcome = self._run_inline([work for work, _, _ in batch])
                         try:
                             # The COMMIT waits for the disk (fsync): on the writer
                             # thread, while the loop serves the other sessions.
                             committed = self.loop.run_in_executor(
-                                self._executor, self._commit_inline, commit, lock
+                                self._executor, self._commit_inline, begun, lock
                             )
                         except BaseException:
-                            commit.__exit__(*sys.exc_info())  # rolls back
+                            begun.rollback()
                             raise
                     except BaseException as error:  # nothing of the batch stays
                         lock.release()
@@ -800,30 +803,32 @@ class _WriteBatches:
             conn.close()
 
     def _run(self, works: list[Callable[[Connection], Any]]) -> list[tuple[bool, Any]]:
-        commit, outcomes = self._statements(works)
-        self._commit(commit)
+        transaction, outcomes = self._statements(works)
+        self._commit(transaction)
         return outcomes
 
-    def _commit_inline(self, commit: contextlib.ExitStack, lock: WriterLock) -> None:
+    def _commit_inline(self, transaction: RootTransaction, lock: WriterLock) -> None:
         """In the writer thread: the COMMIT of statements run on the event loop,
         then the file lock given back from here, as :meth:`WriterLock.file_held`
         does: the other processes never wait for this one's event loop, and a
         loop closed while the COMMIT runs (an engine outliving its loop, in
         tests) leaves no lock held behind it."""
         try:
-            self._commit(commit)
+            self._commit(transaction)
         finally:
             lock.unlock_file()
 
-    def _commit(self, commit: contextlib.ExitStack) -> None:
+    def _commit(self, transaction: RootTransaction) -> None:
         """COMMIT what :meth:`_statements` left open. When it fails, the
         connection is left out of any transaction, or invalidated (opened again
         for the next batch): SQLite keeps the transaction open after some
         failed COMMITs (a busy or full disk), where SQLAlchemy only marks it
         over, and every later BEGIN would fail."""
         try:
-            commit.close()
+            transaction.commit()
         except BaseException:
+            with contextlib.suppress(Exception):  # (as ``with conn.begin()`` would)
+                transaction.rollback()
             conn = self._conn
             if conn is not None and not conn.invalidated:
                 driver = conn.connection.driver_connection
@@ -836,17 +841,17 @@ class _WriteBatches:
 
     def _statements(
         self, works: list[Callable[[Connection], Any]]
-    ) -> tuple[contextlib.ExitStack, list[tuple[bool, Any]]]:
+    ) -> tuple[RootTransaction, list[tuple[bool, Any]]]:
         """BEGIN and the works, each in a savepoint of its own; the transaction
-        is left open in the stack returned, whose ``close`` commits it (rolling
-        back if the COMMIT fails). An exception means it was rolled back."""
+        is returned open, for :meth:`_commit`. An exception means it was rolled
+        back."""
         conn = self.connection()
-        stack = contextlib.ExitStack()
-        with stack:
-            stack.enter_context(conn.begin())
-            outcomes = self._works(conn, works)
-            commit = stack.pop_all()
-        return commit, outcomes
+        transaction = conn.begin()
+        try:
+            return transaction, self._works(conn, works)
+        except BaseException:
+            transaction.rollback()
+            raise
 
     def _works(
         self, conn: Connection, works: list[Callable[[Connection], Any]]
