@@ -701,6 +701,23 @@ def tree_cpu_seconds(pid: int) -> float:
     return sum(cpu_seconds(p, ended_children=True) for p in process_tree(pid))
 
 
+def postgres_cpu_seconds() -> float | None:
+    """CPU of every process named ``postgres`` on this machine (the postmaster,
+    its backends, those that ended, its background workers): what the store's
+    server costs, as long as nothing else uses that PostgreSQL during the load.
+    None when none runs here (a PostgreSQL elsewhere is not measured)."""
+    total: float | None = None
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if (entry / "comm").read_text().strip() != "postgres":
+                    continue
+            except OSError:
+                continue
+            total = (total or 0.0) + cpu_seconds(int(entry.name), ended_children=True)
+    return total
+
+
 def tree_memory_kib(pid: int) -> dict[str, int]:
     """RSS and PSS summed over the process tree. RSS counts pages shared between
     processes once per process (with Dovecot's two processes per connection, the
@@ -779,6 +796,8 @@ class RunResult:
     sessions: int = 0
     server_cpu_ms: float | None = None
     """Server CPU (user + system) per command."""
+    database_cpu_ms: float | None = None
+    """PostgreSQL's CPU per command (``--backend postgresql``)."""
     client_cpu_share: float | None = None
     """Client CPU seconds per wall second (out of 2 cores)."""
     per_command: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -932,13 +951,19 @@ def one_run(args: argparse.Namespace, number: int, base: Path, pki_dir: Path) ->
             spy_out = None
             if args.py_spy:
                 spy_out = Path(args.py_spy).with_stem(f"{Path(args.py_spy).stem}-run{number}")
+            postgresql = args.server == "mssd" and args.backend == "postgresql"
             cpu_before = tree_cpu_seconds(pid)
+            database_before = postgres_cpu_seconds() if postgresql else None
             with py_spy(pid, spy_out, args.py_spy_gil):
                 load = drive_load(port, ca_file, logins, args, number)
             cpu = tree_cpu_seconds(pid) - cpu_before
+            database_after = postgres_cpu_seconds() if postgresql else None
             result.errors += load["errors"]
             result.sessions = load["sessions"]
             result.commands = sum(len(v) for v in load["latencies"].values())
+            if database_before is not None and database_after is not None and result.commands:
+                database = database_after - database_before
+                result.database_cpu_ms = database * 1000 / result.commands
             result.seconds = args.duration
             result.rate = result.commands / args.duration
             result.server_cpu_ms = cpu * 1000 / result.commands if result.commands else None
@@ -960,6 +985,9 @@ def summarise(results: list[RunResult]) -> dict[str, Any]:
     if loaded:
         summary["rate"] = statistics.median(r.rate for r in loaded)
         summary["server_cpu_ms"] = statistics.median(r.server_cpu_ms or 0 for r in loaded)
+        database = [r.database_cpu_ms for r in loaded if r.database_cpu_ms is not None]
+        if database:
+            summary["database_cpu_ms"] = statistics.median(database)
         summary["per_command"] = {}
         for name in COMMANDS:
             rows = [r.per_command[name] for r in loaded if name in r.per_command]
@@ -976,6 +1004,10 @@ def summarise(results: list[RunResult]) -> dict[str, Any]:
     return summary
 
 
+def database_cpu(milliseconds: float | None) -> str:
+    return "" if milliseconds is None else f"postgresql cpu {milliseconds:.2f} ms/command, "
+
+
 def print_report(
     args: argparse.Namespace, results: list[RunResult], summary: dict[str, Any]
 ) -> None:
@@ -986,11 +1018,13 @@ def print_report(
         if r.commands:
             print(f"run {r.run}: {r.commands} commands = {r.rate:.1f} commands/s, "
                   f"{r.sessions} sessions, server cpu {r.server_cpu_ms:.2f} ms/command, "
+                  f"{database_cpu(r.database_cpu_ms)}"
                   f"client cpu {r.client_cpu_share:.2f} cores")  # fmt: skip
         for error in r.errors[:8]:
             print(f"  ! {error}")
     if "rate" in summary:
         print(f"median: {summary['rate']:.1f} commands/s, "
+              f"{database_cpu(summary.get('database_cpu_ms'))}"
               f"server cpu {summary['server_cpu_ms']:.2f} ms/command")  # fmt: skip
         print(f"{'command':<15} {'count':>8} {'p50 ms':>8} {'p99 ms':>8}")
         for name, row in summary["per_command"].items():
