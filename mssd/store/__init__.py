@@ -21,6 +21,10 @@ Invariants a newcomer would otherwise break:
   ``flock`` of ``<database>-lock``); never write inside a read transaction. Only
   a write its caller knows to be small (``run_write(small=True)``) may commit on
   the event loop.
+- On PostgreSQL, ``engine.run_read``, ``run_statements`` and ``run_write`` keep a
+  few connections checked out between works (``engine._Held``): a work leaves
+  its connection with no transaction open and its execution options as they
+  were; one that fails gives its connection back to the pool instead.
 - Hot statements run through ``fastpath.py`` (SQLAlchemy compiles them, the DBAPI
   connection runs them, inside SQLAlchemy's transaction); define them there with
   SQLAlchemy Core as any other, never as hand-written SQL.

@@ -106,6 +106,15 @@ def _configure_postgresql(sync_engine: Engine) -> None:
     def _on_checkin(_: DBAPIConnection | None, record: ConnectionPoolEntry) -> None:
         record.info["mssd_idle_since"] = time.monotonic()
 
+    @event.listens_for(sync_engine, "engine_disposed")
+    def _on_dispose(engine: Engine) -> None:
+        # AsyncEngine.dispose() or mssd's dispose(): the connections _connected
+        # keeps are closed with the pool's.
+        held: _Held | None = getattr(engine, "_mssd_held", None)
+        if held is not None:
+            del engine._mssd_held  # type: ignore[attr-defined]
+            held.drop()
+
     @event.listens_for(sync_engine, "checkout")
     def _on_checkout(
         dbapi_connection: DBAPIConnection, record: ConnectionPoolEntry, _: Any
@@ -368,7 +377,98 @@ def statement_engine(engine: AsyncEngine) -> AsyncEngine:
     held: AsyncEngine | None = getattr(engine.sync_engine, "_mssd_statement_engine", None)
     if held is None:
         held = engine.execution_options(isolation_level="AUTOCOMMIT")
+        held.sync_engine._mssd_base_engine = engine.sync_engine  # type: ignore[attr-defined]
         engine.sync_engine._mssd_statement_engine = held  # type: ignore[attr-defined]
+    return held
+
+
+HELD_CONNECTIONS = 6
+"""PostgreSQL connections :func:`_connected` keeps checked out between works, at
+most, over all the execution options of an engine: fewer than the pool's ten, so
+that the pool always has connections for the rest (``write_transaction``...)."""
+
+
+_HeldKey = tuple[int, tuple[tuple[str, Any], ...]]
+"""The engine (its ``id``: the base engine or :func:`statement_engine`) and the
+execution options a kept connection was made with."""
+
+
+class _Held:
+    """Connections :func:`_connected` keeps checked out between works on
+    PostgreSQL, for one event loop: a check-out from SQLAlchemy's pool and the
+    ``Connection`` made around it, then the check-in that resets and returns
+    it, cost some 55 µs of CPU per work, more than the statement itself (raw
+    asyncpg: 46 µs a round trip; bench/README.md). A connection is kept only
+    when its work succeeded, after the transaction SQLAlchemy began for it, if
+    any, is ended (in autocommit there is nothing to undo; a snapshot read's is
+    rolled back, as the check-in would); one that rested
+    :data:`PING_AFTER_IDLE` seconds is pinged before use, as the pool's
+    check-out does; at most :data:`HELD_CONNECTIONS` rest."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.idle: dict[_HeldKey, list[tuple[Connection, float]]] = {}
+        self.count = 0
+
+    def take(self, sync_engine: Engine, key: _HeldKey) -> Connection:
+        idle = self.idle.get(key)
+        while idle:
+            conn, since = idle.pop()
+            self.count -= 1
+            if conn.invalidated or conn.closed:
+                conn.close()
+                continue
+            if time.monotonic() - since >= PING_AFTER_IDLE:
+                dbapi_connection = conn.connection.dbapi_connection
+                try:
+                    assert dbapi_connection is not None
+                    sync_engine.dialect.do_ping(dbapi_connection)
+                except Exception:
+                    conn.invalidate()
+                    conn.close()
+                    continue
+            return conn
+        conn = sync_engine.connect()
+        options = dict(key[1])
+        if options:
+            conn.execution_options(**options)
+        return conn
+
+    def give_back(self, key: _HeldKey, conn: Connection) -> None:
+        if conn.in_transaction():
+            try:
+                conn.rollback()
+            except Exception:
+                # The work's answer stands; the connection is not kept.
+                log.debug("kept connection lost after its work", exc_info=True)
+                conn.invalidate()
+        if self.count >= HELD_CONNECTIONS or conn.invalidated:
+            conn.close()
+            return
+        self.idle.setdefault(key, []).append((conn, time.monotonic()))
+        self.count += 1
+
+    def drop(self) -> None:
+        """Invalidate the kept connections (closed, their places in the pool
+        freed): when the engine is disposed of, after a connection to the
+        server was lost, or when their loop is gone (they cannot be checked in
+        from another loop)."""
+        idle, self.idle, self.count = self.idle, {}, 0
+        for held in idle.values():
+            for conn, _ in held:
+                with contextlib.suppress(Exception):
+                    conn.invalidate()
+
+
+def _held(engine: AsyncEngine) -> _Held:
+    base: Engine = getattr(engine.sync_engine, "_mssd_base_engine", engine.sync_engine)
+    loop = asyncio.get_running_loop()
+    held: _Held | None = getattr(base, "_mssd_held", None)
+    if held is None or held.loop is not loop:
+        if held is not None:
+            held.drop()  # (an engine may outlive a loop in tests)
+        held = _Held(loop)
+        base._mssd_held = held  # type: ignore[attr-defined]
     return held
 
 
@@ -383,7 +483,9 @@ async def _connected(
     transaction of its own if asked), in one greenlet: the connection's
     check-out, BEGIN, the work, COMMIT (ROLLBACK on error) and the check-in,
     where ``AsyncConnection`` would switch greenlets for each (some 100 µs of
-    CPU a transaction on PostgreSQL, bench/README.md)."""
+    CPU a transaction on PostgreSQL, bench/README.md). On PostgreSQL the
+    connection is kept for the next work when this one succeeded
+    (:class:`_Held`)."""
     sync_engine = engine.sync_engine
 
     def run() -> T:
@@ -395,7 +497,30 @@ async def _connected(
             with conn.begin():
                 return work(conn)
 
-    return await greenlet_spawn(run)
+    if engine.dialect.name != "postgresql":
+        return await greenlet_spawn(run)
+    held = _held(engine)
+    key = (id(sync_engine), tuple(sorted(options.items())))
+
+    def run_held() -> T:
+        conn = held.take(sync_engine, key)
+        try:
+            if transaction:
+                with conn.begin():
+                    result = work(conn)
+            else:
+                result = work(conn)
+        except BaseException:
+            if conn.invalidated:
+                # The server went away: those kept are likely gone too (SQLAlchemy
+                # likewise has the pool's older connections replaced).
+                held.drop()
+            conn.close()
+            raise
+        held.give_back(key, conn)
+        return result
+
+    return await greenlet_spawn(run_held)
 
 
 async def run_statements(engine: AsyncEngine, work: Callable[[Connection], T]) -> T:
