@@ -20,6 +20,24 @@ from mssd.store import engine as engine_module
 from mssd.store.engine import _sqlite_writer, create_engine, dispose, lock_file, run_write
 
 
+def insert(n: int, *, pause: float = 0.0) -> Callable[[Connection], int]:
+    """A work that inserts ``n`` into ``t`` and says which thread ran it (after
+    ``pause`` seconds; 7 is refused)."""
+
+    def work(conn: Connection) -> int:
+        conn.execute(text("INSERT INTO t (x) VALUES (:x)"), {"x": n})
+        time.sleep(pause)
+        if n == 7:
+            raise ValueError("seven is refused")
+        return threading.get_ident()
+
+    return work
+
+
+def stored(conn: Connection) -> list[int]:
+    return [row[0] for row in conn.execute(text("SELECT x FROM t ORDER BY x"))]
+
+
 async def test_concurrent_writes_share_a_transaction_and_fail_alone(tmp_path: Path) -> None:
     engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'batches.db'}")
     try:
@@ -29,18 +47,18 @@ async def test_concurrent_writes_share_a_transaction_and_fail_alone(tmp_path: Pa
         begins: list[int] = []
         event.listen(writer[0], "begin", lambda conn: begins.append(1))
 
-        def insert(n: int) -> object:
+        def numbered(n: int) -> Callable[[Connection], int]:
+            """:func:`insert` answering ``n``: each caller gets its own work's answer."""
+            inserting = insert(n)
+
             def work(conn: Connection) -> int:
-                conn.execute(text("INSERT INTO t (x) VALUES (:x)"), {"x": n})
-                if n == 7:
-                    raise ValueError("seven is refused")
+                inserting(conn)
                 return n
 
             return work
 
         outcomes = await asyncio.gather(
-            *(run_write(engine, insert(n)) for n in range(20)),  # type: ignore[arg-type]
-            return_exceptions=True,
+            *(run_write(engine, numbered(n)) for n in range(20)), return_exceptions=True
         )
         assert [o for o in outcomes if not isinstance(o, BaseException)] == [
             n for n in range(20) if n != 7
@@ -48,13 +66,10 @@ async def test_concurrent_writes_share_a_transaction_and_fail_alone(tmp_path: Pa
         assert isinstance(outcomes[7], ValueError) and str(outcomes[7]) == "seven is refused"
         assert len(begins) <= 2, f"{len(begins)} transactions for 20 concurrent writes"
 
-        def stored(conn: Connection) -> list[int]:
-            return [row[0] for row in conn.execute(text("SELECT x FROM t ORDER BY x"))]
-
         assert await run_write(engine, stored) == [n for n in range(20) if n != 7]
         # A lone write that fails is rolled back whole, as before.
         with pytest.raises(ValueError):
-            await run_write(engine, insert(7))  # type: ignore[arg-type]
+            await run_write(engine, insert(7))
         assert 7 not in await run_write(engine, stored)
     finally:
         await dispose(engine)
@@ -73,17 +88,6 @@ async def test_small_writes_run_on_the_event_loop_until_the_disk_is_slow(
     try:
         await run_write(engine, lambda conn: conn.execute(text("CREATE TABLE t (x INTEGER)")))
         loop_thread = threading.get_ident()
-
-        def insert(n: int, *, pause: float = 0.0) -> Callable[[Connection], int]:
-            def work(conn: Connection) -> int:
-                conn.execute(text("INSERT INTO t (x) VALUES (:x)"), {"x": n})
-                time.sleep(pause)
-                if n == 7:
-                    raise ValueError("seven is refused")
-                return threading.get_ident()
-
-            return work
-
         threads = await asyncio.gather(*(run_write(engine, insert(n), small=True) for n in (1, 2)))
         assert threads == [loop_thread, loop_thread]
         assert await run_write(engine, insert(3)) != loop_thread  # not small: the writer thread
@@ -105,27 +109,9 @@ async def test_small_writes_run_on_the_event_loop_until_the_disk_is_slow(
         batches = engine.sync_engine._mssd_write_batches  # type: ignore[attr-defined]
         batches._threaded_until = 0.0
         assert await run_write(engine, insert(21), small=True) == loop_thread
-
-        def stored(conn: Connection) -> list[int]:
-            return [row[0] for row in conn.execute(text("SELECT x FROM t ORDER BY x"))]
-
         assert await run_write(engine, stored) == [1, 2, 3, 6, 8, 10, 11, 12, 20, 21]
     finally:
         await dispose(engine)
-
-
-def insert(n: int) -> Callable[[Connection], int]:
-    """A work that inserts ``n`` into ``t`` and says which thread ran it."""
-
-    def work(conn: Connection) -> int:
-        conn.execute(text("INSERT INTO t (x) VALUES (:x)"), {"x": n})
-        return threading.get_ident()
-
-    return work
-
-
-def stored(conn: Connection) -> list[int]:
-    return [row[0] for row in conn.execute(text("SELECT x FROM t ORDER BY x"))]
 
 
 async def test_the_commit_of_small_writes_waits_for_the_disk_off_the_event_loop(

@@ -388,9 +388,15 @@ most, over all the execution options of an engine: fewer than the pool's ten, so
 that the pool always has connections for the rest (``write_transaction``...)."""
 
 
-_HeldKey = tuple[int, tuple[tuple[str, Any], ...]]
-"""The engine (its ``id``: the base engine or :func:`statement_engine`) and the
-execution options a kept connection was made with."""
+_Options = tuple[tuple[str, Any], ...]
+"""Execution options, sorted, as a key."""
+
+
+def _connect(sync_engine: Engine, options: _Options) -> Connection:
+    conn = sync_engine.connect()
+    if options:
+        conn.execution_options(**dict(options))
+    return conn
 
 
 class _Held:
@@ -407,34 +413,28 @@ class _Held:
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
-        self.idle: dict[_HeldKey, list[tuple[Connection, float]]] = {}
-        self.count = 0
+        self.idle: dict[tuple[Engine, _Options], list[tuple[Connection, float]]] = {}
+        """By the engine (the base one or :func:`statement_engine`) and the
+        execution options each was made with: when it rested from."""
 
-    def take(self, sync_engine: Engine, key: _HeldKey) -> Connection:
-        idle = self.idle.get(key)
+    def take(self, sync_engine: Engine, options: _Options) -> Connection:
+        idle = self.idle.get((sync_engine, options))
         while idle:
             conn, since = idle.pop()
-            self.count -= 1
-            if conn.invalidated or conn.closed:
+            if time.monotonic() - since < PING_AFTER_IDLE:
+                return conn
+            dbapi_connection = conn.connection.dbapi_connection
+            try:
+                assert dbapi_connection is not None
+                sync_engine.dialect.do_ping(dbapi_connection)
+            except Exception:
+                conn.invalidate()
                 conn.close()
                 continue
-            if time.monotonic() - since >= PING_AFTER_IDLE:
-                dbapi_connection = conn.connection.dbapi_connection
-                try:
-                    assert dbapi_connection is not None
-                    sync_engine.dialect.do_ping(dbapi_connection)
-                except Exception:
-                    conn.invalidate()
-                    conn.close()
-                    continue
             return conn
-        conn = sync_engine.connect()
-        options = dict(key[1])
-        if options:
-            conn.execution_options(**options)
-        return conn
+        return _connect(sync_engine, options)
 
-    def give_back(self, key: _HeldKey, conn: Connection) -> None:
+    def give_back(self, sync_engine: Engine, options: _Options, conn: Connection) -> None:
         if conn.in_transaction():
             try:
                 conn.rollback()
@@ -442,18 +442,17 @@ class _Held:
                 # The work's answer stands; the connection is not kept.
                 log.debug("kept connection lost after its work", exc_info=True)
                 conn.invalidate()
-        if self.count >= HELD_CONNECTIONS or conn.invalidated:
+        if conn.invalidated or sum(map(len, self.idle.values())) >= HELD_CONNECTIONS:
             conn.close()
             return
-        self.idle.setdefault(key, []).append((conn, time.monotonic()))
-        self.count += 1
+        self.idle.setdefault((sync_engine, options), []).append((conn, time.monotonic()))
 
     def drop(self) -> None:
         """Invalidate the kept connections (closed, their places in the pool
         freed): when the engine is disposed of, after a connection to the
         server was lost, or when their loop is gone (they cannot be checked in
         from another loop)."""
-        idle, self.idle, self.count = self.idle, {}, 0
+        idle, self.idle = self.idle, {}
         for held in idle.values():
             for conn, _ in held:
                 with contextlib.suppress(Exception):
@@ -487,29 +486,26 @@ async def _connected(
     connection is kept for the next work when this one succeeded
     (:class:`_Held`)."""
     sync_engine = engine.sync_engine
+    key: _Options = tuple(sorted(options.items()))
+
+    def run_work(conn: Connection) -> T:
+        if not transaction:
+            return work(conn)
+        with conn.begin():
+            return work(conn)
 
     def run() -> T:
-        with sync_engine.connect() as conn:
-            if options:
-                conn.execution_options(**options)
-            if not transaction:
-                return work(conn)
-            with conn.begin():
-                return work(conn)
+        with _connect(sync_engine, key) as conn:
+            return run_work(conn)
 
     if engine.dialect.name != "postgresql":
         return await greenlet_spawn(run)
     held = _held(engine)
-    key = (id(sync_engine), tuple(sorted(options.items())))
 
     def run_held() -> T:
         conn = held.take(sync_engine, key)
         try:
-            if transaction:
-                with conn.begin():
-                    result = work(conn)
-            else:
-                result = work(conn)
+            result = run_work(conn)
         except BaseException:
             if conn.invalidated:
                 # The server went away: those kept are likely gone too (SQLAlchemy
@@ -517,7 +513,7 @@ async def _connected(
                 held.drop()
             conn.close()
             raise
-        held.give_back(key, conn)
+        held.give_back(sync_engine, key, conn)
         return result
 
     return await greenlet_spawn(run_held)
